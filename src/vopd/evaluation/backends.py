@@ -1,0 +1,255 @@
+"""Where answers come from: a local Hugging Face model, or any OpenAI-compatible server.
+
+A backend maps a list of :class:`PromptItem` to a list of response strings, in order, with
+greedy decoding. Backends that can fail per item (a server) raise :class:`PartialFailure`
+carrying the answers they did get, so the runner keeps those and retries only the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+from vopd.evaluation.types import PromptItem
+
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "BackendError",
+    "HFBackend",
+    "OpenAIBackend",
+    "PartialFailure",
+    "chat_completion",
+    "image_data_url",
+    "make_backend",
+]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Anything that answers prompts: ``generate(items) -> responses`` (same order)."""
+
+    def generate(self, items: list[PromptItem]) -> list[str]: ...
+
+
+class BackendError(RuntimeError):
+    """A request failed after all retries; the message says which and why."""
+
+
+class PartialFailure(BackendError):
+    """Some items of a batch failed: ``results[i]`` is ``None`` for those, ``errors[i]`` says why."""
+
+    def __init__(self, results: list[str | None], errors: list[str | None]):
+        failed = sum(r is None for r in results)
+        first = next(e for e in errors if e)
+        super().__init__(f"{failed} of {len(results)} requests failed; first error: {first}")
+        self.results = results
+        self.errors = errors
+
+
+@dataclass
+class BackendConfig:
+    """How to reach the model that answers.
+
+    Attributes:
+        kind: ``"hf"`` (a local Hugging Face model; ``model`` is a path or hub id) or
+            ``"openai"`` (an OpenAI-compatible server such as vLLM; ``model`` is its model name).
+        model: checkpoint path / hub id, or the served model name.
+        url: server base URL for ``openai``, e.g. ``http://127.0.0.1:8000/v1``.
+        api_key_env: name of the environment variable holding the API key (never the key).
+        max_new_tokens: generation budget per answer.
+        thinking: chat-template thinking mode (``None`` = the non-thinking default).
+        batch_size: prompts per ``generate`` call for ``hf``; in flight per round for ``openai``.
+        concurrency: parallel requests for ``openai``.
+        timeout_s: per-request timeout for ``openai``.
+        retries: extra attempts per request for ``openai`` (exponential backoff).
+        dtype: weights dtype for ``hf``.
+        device: device for ``hf``.
+    """
+
+    kind: str = "hf"
+    model: str = ""
+    url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_new_tokens: int = 256
+    thinking: bool | None = None
+    batch_size: int = 8
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    retries: int = 3
+    dtype: str = "bfloat16"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hf", "openai"):
+            raise ValueError(f"backend kind must be 'hf' or 'openai', got {self.kind!r}")
+        for name in ("max_new_tokens", "batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.retries < 0 or self.timeout_s <= 0:
+            raise ValueError(f"retries must be >= 0 and timeout_s > 0, got {self.retries}, {self.timeout_s}")
+
+
+def image_data_url(image: Image.Image) -> str:
+    """PNG-encode an image as a ``data:image/png;base64,...`` URL (lossless, any server reads it)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def chat_completion(
+    url: str,
+    body: dict[str, Any],
+    *,
+    api_key: str | None,
+    timeout_s: float,
+    retries: int,
+    backoff_s: float = 0.5,
+) -> str:
+    """POST ``body`` to ``{url}/chat/completions`` and return the first choice's text.
+
+    Retries on connection errors, timeouts, HTTP 429 and 5xx, and replies without a message;
+    other HTTP errors (4xx: a bad request will not improve) raise at once.
+    """
+    endpoint = url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode("utf-8")
+    last = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        request = urllib.request.Request(endpoint, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                reply = json.loads(response.read().decode("utf-8"))
+            content = reply["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise KeyError("content is not a string")
+            return content
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code} from {endpoint}"
+            if err.code != 429 and err.code < 500:
+                raise BackendError(f"{last}: {err.read()[:300]!r} (not retried: fix the request)") from err
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            last = f"{endpoint}: {err}"
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
+            last = f"{endpoint}: malformed reply ({err})"
+    raise BackendError(f"request failed after {retries + 1} attempts: {last}")
+
+
+class OpenAIBackend:
+    """Greedy chat completions from an OpenAI-compatible server, ``concurrency`` requests at a time.
+
+    The image goes inline as a PNG data URL. The API key is read from the environment variable
+    named by ``cfg.api_key_env`` (unset is fine for local servers). ``thinking`` is passed as
+    ``chat_template_kwargs.enable_thinking`` (vLLM / SGLang).
+    """
+
+    def __init__(self, cfg: BackendConfig):
+        if not cfg.model:
+            raise ValueError("the openai backend needs the served model name (BackendConfig.model)")
+        self.cfg = cfg
+        self.api_key = os.environ.get(cfg.api_key_env) or None
+
+    def _body(self, item: PromptItem) -> dict[str, Any]:
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(item.image)}},
+            {"type": "text", "text": item.text},
+        ]
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0.0,
+            "max_tokens": self.cfg.max_new_tokens,
+        }
+        body["chat_template_kwargs"] = {"enable_thinking": bool(self.cfg.thinking)}
+        return body
+
+    def _one(self, item: PromptItem) -> tuple[str | None, str | None]:
+        try:
+            text = chat_completion(
+                self.cfg.url, self._body(item), api_key=self.api_key,
+                timeout_s=self.cfg.timeout_s, retries=self.cfg.retries,
+            )
+            return text, None
+        except BackendError as err:
+            return None, f"item {item.id}: {err}"
+
+    def generate(self, items: list[PromptItem]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            pairs = list(pool.map(self._one, items))
+        results = [r for r, _ in pairs]
+        if any(r is None for r in results):
+            raise PartialFailure(results, [e for _, e in pairs])
+        return [r for r in results if r is not None]
+
+
+class HFBackend:
+    """Greedy batched generation with a local Hugging Face model (``vopd.models``).
+
+    Vision special tokens are suppressed: a random or weak model that emitted an image pad
+    token would break the next decoding step.
+    """
+
+    def __init__(self, model: Any, processor: Any, *, max_new_tokens: int = 256, thinking: bool | None = None):
+        from vopd.models import vision_token_ids
+
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.thinking = thinking
+        self._suppress = vision_token_ids(processor, model)
+
+    @classmethod
+    def from_config(cls, cfg: BackendConfig) -> HFBackend:
+        import torch
+
+        from vopd.models import load_model
+
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = cfg.dtype if device != "cpu" else "float32"
+        model, processor = load_model(cfg.model, dtype=dtype, device=device)
+        return cls(model, processor, max_new_tokens=cfg.max_new_tokens, thinking=cfg.thinking)
+
+    def generate(self, items: list[PromptItem]) -> list[str]:
+        import torch
+
+        from vopd.models import build_prompts
+
+        if not items:
+            return []
+        batch = build_prompts(self.processor, [i.image for i in items], [i.text for i in items], thinking=self.thinking)
+        batch = batch.to(self.model.device)
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                suppress_tokens=self._suppress or None,
+                pad_token_id=pad_id,
+            )
+        new_B_T = out[:, batch["input_ids"].shape[1] :]
+        return [t.strip() for t in tok.batch_decode(new_B_T, skip_special_tokens=True)]
+
+
+def make_backend(cfg: BackendConfig) -> Backend:
+    """Build the backend ``cfg.kind`` names."""
+    if cfg.kind == "openai":
+        return OpenAIBackend(cfg)
+    if not cfg.model:
+        raise ValueError("the hf backend needs a model path or hub id (BackendConfig.model)")
+    return HFBackend.from_config(cfg)

@@ -1,0 +1,68 @@
+"""Benchmark registry: a name -> how to load its published files and how to score them.
+
+Every loader takes a local file or folder (or ``hf:<dataset id>[:split]`` when the optional
+``datasets`` package and internet are available) and returns :class:`EvalItem` objects with
+the benchmark's prompt already applied; every scorer maps graded items to a dict whose
+``overall`` entry is the headline number (a percentage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vopd.evaluation.benchmarks import cvbench, hrbench, mmerw, mmstar, mmvp, pope, visualprobe, vstar, zoombench
+from vopd.evaluation.types import EvalItem, GradedItem
+
+__all__ = ["BENCHMARKS", "PAPER_AVERAGE", "Benchmark", "get_benchmark"]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How to read and score one benchmark.
+
+    Attributes:
+        name: registry key, also the key of predictions in the JSONL store.
+        load: ``load(source, *, seed) -> list[EvalItem]``.
+        score: ``score(graded) -> dict`` with an ``overall`` percentage.
+        description: one line for ``--help`` and reports (what the headline number means).
+        hub_id: where the published files live, for users with internet.
+    """
+
+    name: str
+    load: Callable[..., list[EvalItem]]
+    score: Callable[[list[GradedItem]], dict[str, Any]]
+    description: str
+    hub_id: str | None = None
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark("vstar", vstar.load, vstar.score, "V* Bench accuracy (direct attributes, relative position)", "craigwu/vstar_bench"),
+        Benchmark("zoombench", zoombench.make_load("zoombench", "full"), zoombench.score, "ZoomBench accuracy, full image"),
+        Benchmark("zoombench_crop", zoombench.make_load("zoombench_crop", "crop"), zoombench.score, "ZoomBench accuracy, evidence crop"),
+        Benchmark("hrbench_4k", hrbench.make_load("hrbench_4k"), hrbench.score, "HR-Bench 4K, mean over 4 option rotations", "DreamMr/HR-Bench"),
+        Benchmark("hrbench_8k", hrbench.make_load("hrbench_8k"), hrbench.score, "HR-Bench 8K, mean over 4 option rotations", "DreamMr/HR-Bench"),
+        Benchmark("mme_rw_en", mmerw.make_load("mme_rw_en", "en"), mmerw.score, "MME-RealWorld EN (full), accuracy", "yifanzhang114/MME-RealWorld-lmms-eval"),
+        Benchmark("mme_rw_cn", mmerw.make_load("mme_rw_cn", "cn"), mmerw.score, "MME-RealWorld CN (full), accuracy", "yifanzhang114/MME-RealWorld-CN-lmms-eval"),
+        Benchmark("mme_rw_lite", mmerw.make_load("mme_rw_lite", "en"), mmerw.score, "MME-RealWorld Lite, accuracy", "yifanzhang114/MME-RealWorld-Lite-lmms-eval"),
+        Benchmark("visualprobe", visualprobe.load, visualprobe.score, "VisualProbe, mean over Easy/Medium/Hard (open answers)"),
+        Benchmark("mmvp", mmvp.load, mmvp.score, "MMVP pair accuracy (both questions of a pair right)", "MMVP/MMVP"),
+        Benchmark("cvbench", cvbench.load, cvbench.score, "CV-Bench, mean of 2D and 3D", "nyu-visionx/CV-Bench"),
+        Benchmark("mmstar", mmstar.load, mmstar.score, "MMStar accuracy", "Lin-Chen/MMStar"),
+        Benchmark("pope", pope.load, pope.score, "POPE F1 (accuracy, precision, recall, yes-ratio in the details)", "lmms-lab/POPE"),
+    ]
+}
+
+#: The paper's 6-benchmark average (Table 1). MME-RW EN and CN are the full splits.
+PAPER_AVERAGE = ("vstar", "zoombench", "hrbench_4k", "hrbench_8k", "mme_rw_en", "mme_rw_cn")
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """Look up a benchmark, with the list of valid names in the error."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise KeyError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}") from None

@@ -1,0 +1,142 @@
+"""Argument parsers for ``vopd gap`` and ``vopd eval``; the CLI mounts them as sub-commands.
+
+    sub = parser.add_subparsers(dest="command")
+    add_gap_arguments(sub.add_parser("gap", help="measure the regional-to-global gap"))
+    add_eval_arguments(sub.add_parser("eval", help="evaluate on benchmarks"))
+    ...
+    if args.command == "gap": run_gap(args)
+
+Each ``*_config_from_args`` turns the namespace into the dataclass the library takes, so the
+library never sees argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vopd.evaluation.backends import BackendConfig
+from vopd.evaluation.judge import JudgeConfig
+
+__all__ = [
+    "add_eval_arguments",
+    "add_gap_arguments",
+    "eval_config_from_args",
+    "gap_config_from_args",
+    "run_eval",
+    "run_gap",
+]
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BackendConfig()
+    g = parser.add_argument_group("model / backend")
+    g.add_argument("--model", default="", help="checkpoint path or hub id (hf), or the served model name (openai)")
+    g.add_argument("--backend", choices=("hf", "openai"), default=d.kind, help="local HF model or OpenAI-compatible server")
+    g.add_argument("--url", default=d.url, help="server base URL for --backend openai")
+    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer budget (greedy decoding)")
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat-template thinking mode (default: non-thinking where the template has the switch)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generate call / per round")
+    g.add_argument("--concurrency", type=int, default=d.concurrency, help="parallel server requests")
+    g.add_argument("--timeout", type=float, default=d.timeout_s, help="per-request timeout in seconds (server)")
+    g.add_argument("--retries", type=int, default=d.retries, help="extra attempts per failed request (server)")
+    g.add_argument("--dtype", default=d.dtype, help="weights dtype for hf (float32 on CPU)")
+    g.add_argument("--device", default=d.device, help="device for hf: auto, cpu, cuda, cuda:1, ...")
+    j = parser.add_argument_group("judge (optional, for answers the rules cannot settle)")
+    j.add_argument("--judge-url", default=None, help="OpenAI-compatible judge base URL; no judge if unset")
+    j.add_argument("--judge-model", default=None, help="served judge model name")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable with the judge key")
+
+
+def _backend_config(args: argparse.Namespace) -> BackendConfig:
+    return BackendConfig(kind=args.backend, model=args.model, url=args.url, api_key_env=args.api_key_env,
+                         max_new_tokens=args.max_new_tokens, thinking=args.thinking, batch_size=args.batch_size,
+                         concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries,
+                         dtype=args.dtype, device=args.device)
+
+
+def _judge_config(args: argparse.Namespace) -> JudgeConfig | None:
+    if not args.judge_url:
+        return None
+    if not args.judge_model:
+        raise SystemExit("--judge-url needs --judge-model (the served judge model name)")
+    return JudgeConfig(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env)
+
+
+def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``vopd gap``."""
+    parser.add_argument("data", help="record file/folder with boxes or crops, or benchmark files with --benchmark")
+    parser.add_argument("--out", required=True, help="output folder (predictions, gap.json, gap.png)")
+    parser.add_argument("--benchmark", default=None, help="read data as this benchmark (zoombench, vstar original layout)")
+    parser.add_argument("--student-view", action="store_true",
+                        help="also ask with the full image + red box + hint (the training student's view)")
+    parser.add_argument("--checkpoints", nargs="+", default=[],
+                        help="measure each checkpoint (e.g. run_dir/*) and plot the gap over training")
+    parser.add_argument("--zoom", type=float, default=2.0, help="zoom of the regional crop (teacher view rules)")
+    parser.add_argument("--context", type=float, default=0.5, help="padding around the evidence, fraction of its size")
+    parser.add_argument("--min-side", type=int, default=56, help="minimum crop side in source pixels")
+    parser.add_argument("--no-provided-crop", action="store_true", help="crop from boxes even if the data ships a crop")
+    parser.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the gap interval")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap / option-shuffle seed")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    _add_backend_arguments(parser)
+    return parser
+
+
+def gap_config_from_args(args: argparse.Namespace) -> Any:
+    """``GapConfig`` from parsed ``vopd gap`` arguments."""
+    from vopd.evaluation.gap import GapConfig
+    from vopd.views import ViewConfig
+
+    view = ViewConfig(zoom=args.zoom, context=args.context, min_side=args.min_side,
+                      use_provided_crop=not args.no_provided_crop)
+    views = ("global", "regional", "student") if args.student_view else ("global", "regional")
+    return GapConfig(data=args.data, out_dir=args.out, benchmark=args.benchmark, backend=_backend_config(args),
+                     views=views, view=view, checkpoints=list(args.checkpoints), n_boot=args.n_boot,
+                     level=args.level, seed=args.seed, limit=args.limit, judge=_judge_config(args))
+
+
+def _bench_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. vstar=/data/vstar), got {text!r}")
+    return name.strip(), path.strip()
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``vopd eval``."""
+    from vopd.evaluation.benchmarks import BENCHMARKS
+
+    parser.add_argument("benchmarks", nargs="+", type=_bench_pair, metavar="NAME=PATH",
+                        help=f"benchmark and its local files (or hf:<id>); names: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--out", required=True, help="output folder (predictions.jsonl, summary.md/json/png)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
+    parser.add_argument("--seed", type=int, default=0, help="seed for option shuffles")
+    parser.add_argument("--label", default="", help="model name in tables and plots")
+    _add_backend_arguments(parser)
+    return parser
+
+
+def eval_config_from_args(args: argparse.Namespace) -> Any:
+    """``EvalConfig`` from parsed ``vopd eval`` arguments."""
+    from vopd.evaluation.runner import EvalConfig
+
+    return EvalConfig(benchmarks=dict(args.benchmarks), out_dir=args.out, backend=_backend_config(args),
+                      judge=_judge_config(args), limit=args.limit, seed=args.seed, label=args.label)
+
+
+def run_gap(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.gap.main_gap`."""
+    from vopd.evaluation.gap import main_gap
+
+    return main_gap(gap_config_from_args(args))
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.runner.main_eval`."""
+    from vopd.evaluation.runner import main_eval
+
+    return main_eval(eval_config_from_args(args))

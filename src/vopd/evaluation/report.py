@@ -1,0 +1,138 @@
+"""Summaries and pictures: one table across benchmarks, bar charts, the gap over training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from vopd.evaluation.benchmarks import BENCHMARKS, PAPER_AVERAGE
+
+__all__ = ["plot_bars", "plot_gap_over_training", "summarize", "summary_markdown", "write_summary"]
+
+MME_SPLIT_NOTE = "MME-RW EN and CN are the full splits (not Lite), as in the paper's Table 1"
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row per benchmark plus the paper's 6-benchmark average (when all six were run).
+
+    ``results`` maps a benchmark name to its scorer's dict (with ``overall``).
+    """
+    rows = []
+    for name, scores in results.items():
+        rows.append({
+            "benchmark": name,
+            "overall": scores.get("overall"),
+            "n": scores.get("n", scores.get("questions", {}).get("n")),
+            "unjudged": scores.get("unjudged", scores.get("questions", {}).get("unjudged", 0)),
+            "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
+        })
+    missing = [b for b in PAPER_AVERAGE if results.get(b, {}).get("overall") is None]
+    average = None if missing else sum(results[b]["overall"] for b in PAPER_AVERAGE) / len(PAPER_AVERAGE)
+    return {
+        "model": label,
+        "rows": rows,
+        "paper_average": {"value": average, "benchmarks": list(PAPER_AVERAGE), "missing": missing, "note": MME_SPLIT_NOTE},
+        "details": results,
+        "settings": settings or {},
+    }
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A Markdown table: benchmark, headline score, judged items, unjudged items, metric."""
+    lines = [f"# Evaluation: {summary['model'] or 'model'}", "",
+             "| benchmark | score | n | unjudged | metric |", "|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['n'])} | "
+                     f"{_fmt(row['unjudged'])} | {row['metric']} |")
+    avg = summary["paper_average"]
+    value = _fmt(avg["value"]) if avg["value"] is not None else f"n/a (missing: {', '.join(avg['missing'])})"
+    lines += ["", f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**", "",
+              f"{avg['note']}.", ""]
+    return "\n".join(lines)
+
+
+def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *, title: str = "",
+              ylabel: str = "accuracy (%)", errors: list[tuple[float, float]] | None = None) -> Path:
+    """A bar chart (PNG) with the value on each bar; ``None`` values are drawn empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [v if v is not None else 0.0 for v in values]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
+    yerr = None
+    if errors is not None:
+        yerr = [[h - lo for h, (lo, _) in zip(heights, errors)], [hi - h for h, (_, hi) in zip(heights, errors)]]
+    bars = ax.bar(labels, heights, color="#4C72B0", yerr=yerr, capsize=4)
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), _fmt(v), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(100.0, max(heights, default=0) * 1.1))
+    ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gap_over_training(steps: list[float], curves: dict[str, list[float | None]], path: str | Path, *,
+                           gap: list[float | None] | None = None,
+                           gap_ci: list[tuple[float, float]] | None = None, title: str = "") -> Path:
+    """Accuracy per view across checkpoints (left axis) and the gap with its CI (right panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if gap is not None else 1, figsize=(9 if gap is not None else 5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for name, values in curves.items():
+        ax.plot(steps, [math.nan if v is None else v for v in values], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy per view")
+    if gap is not None:
+        ax2 = axes[0][1]
+        g = [math.nan if v is None else v for v in gap]
+        ax2.plot(steps, g, marker="o", color="#C44E52", label="regional - global")
+        if gap_ci:
+            ax2.fill_between(steps, [lo for lo, _ in gap_ci], [hi for _, hi in gap_ci], color="#C44E52", alpha=0.2)
+        ax2.axhline(0.0, color="grey", lw=0.8)
+        ax2.set_xlabel("training step")
+        ax2.set_ylabel("gap (points)")
+        ax2.set_title("regional-to-global gap (95% CI)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``summary.json``, ``summary.md`` and ``summary.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "summary.json", "markdown": out / "summary.md", "png": out / "summary.png"}
+    paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    paths["markdown"].write_text(summary_markdown(summary), encoding="utf-8")
+    labels = [r["benchmark"] for r in summary["rows"]]
+    values = [r["overall"] for r in summary["rows"]]
+    if summary["paper_average"]["value"] is not None:
+        labels.append("paper avg (6)")
+        values.append(summary["paper_average"]["value"])
+    plot_bars(labels, values, paths["png"], title=summary["model"] or "evaluation")
+    return paths

@@ -1,0 +1,295 @@
+"""On-policy rollouts: the student samples n responses per prompt.
+
+`RolloutEngine` is the interface (a Protocol) any sampler implements; `HFGenerateEngine` is the
+reference implementation on `model.generate`. The sampling distribution is fully controlled
+here, not by the checkpoint's generation_config (whose temperature / top_k / top_p /
+repetition_penalty defaults are neutralised): at each step the logits go through
+
+    BlockTokens (vision / special ids -> -inf)  ->  temperature  ->  top-p
+
+and the next token is drawn from the softmax of the result. `Rollouts.sampler_logp_B_T` holds the
+log-probability of each sampled token under exactly that distribution (the "pi_rollout" of
+METHOD.md 2.4), recorded step by step without keeping [T, B, V] scores in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from vopd.models import vision_token_ids
+
+__all__ = [
+    "RolloutConfig",
+    "Rollouts",
+    "RolloutEngine",
+    "HFGenerateEngine",
+    "BlockTokens",
+    "block_vision_tokens",
+    "eos_token_ids",
+    "response_mask",
+]
+
+# End-of-turn / end-of-text tokens of the supported families; any present in the vocab stops a row.
+_END_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<end_of_utterance>", "<eos>")
+
+# Generation knobs neutralised so a checkpoint's generation_config cannot change the sampler.
+_NEUTRAL_GENERATION = {
+    "top_k": 0,
+    "top_p": 1.0,
+    "temperature": 1.0,
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+}
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples.
+
+    n: responses per prompt (paper: 8).
+    temperature: softmax temperature; 0 means greedy decoding (eval), which ignores top_p.
+    top_p: nucleus sampling mass (1.0 = the full distribution, as in the paper).
+    max_new_tokens: longest response, EOS included (paper: 1024).
+    """
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"RolloutConfig.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"RolloutConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RolloutConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"RolloutConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollouts:
+    """Sampled responses, one row per (prompt, sample), prompt-major (rows i*n..i*n+n-1 = prompt i).
+
+    response_ids_B_T: token ids, padded with the pad id after the end of each response.
+    mask_B_T: True for real response tokens, including the EOS that ended the response.
+    sampler_logp_B_T: log-prob of each sampled token under the distribution actually sampled
+        from (blocked ids, temperature, top-p applied); 0 where the mask is False. For greedy
+        decoding: the log-prob under the blocked, temperature-1 distribution.
+    prompt_index_B: prompt row of each response row.
+    """
+
+    response_ids_B_T: torch.Tensor
+    mask_B_T: torch.Tensor
+    sampler_logp_B_T: torch.Tensor
+    prompt_index_B: torch.Tensor
+
+    @property
+    def lengths_B(self) -> torch.Tensor:
+        """Number of real response tokens per row (EOS included)."""
+        return self.mask_B_T.sum(dim=1)
+
+
+class RolloutEngine(Protocol):
+    """Anything that samples `cfg.n` responses per prompt row of a left-padded prompt batch."""
+
+    def sample(
+        self, model: PreTrainedModel, prompt_batch: Any, cfg: RolloutConfig, *, generator_seed: int | None = None
+    ) -> Rollouts:
+        """Sample responses; rows in prompt-major order."""
+        ...
+
+
+class BlockTokens(LogitsProcessor):
+    """Set the logits of `ids` to -inf so they are never sampled (ids >= vocab width are ignored)."""
+
+    def __init__(self, ids: Iterable[int]):
+        self.ids = sorted({int(i) for i in ids})
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = [i for i in self.ids if i < scores.shape[-1]]
+        if ids:
+            scores = scores.clone()
+            scores[:, ids] = float("-inf")
+        return scores
+
+
+def block_vision_tokens(processor: Any, model: PreTrainedModel | None = None) -> BlockTokens:
+    """A `BlockTokens` for every vision special token of this processor (and model config)."""
+    return BlockTokens(vision_token_ids(processor, model))
+
+
+def eos_token_ids(processor: Any = None, model: PreTrainedModel | None = None) -> list[int]:
+    """All ids that end a response: generation config + tokenizer EOS + end-of-turn tokens in the vocab."""
+    ids: set[int] = set()
+    if model is not None:
+        ids.update(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    tok = getattr(processor, "tokenizer", processor)
+    if tok is not None:
+        ids.update(_as_list(getattr(tok, "eos_token_id", None)))
+        vocab = tok.get_vocab()
+        ids.update(vocab[s] for s in _END_TOKEN_STRINGS if s in vocab)
+    if not ids:
+        raise ValueError("no EOS token id found in the tokenizer or the model's generation_config")
+    return sorted(ids)
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def response_mask(response_ids_B_T: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """True up to and including the first EOS of each row, False after it."""
+    is_eos = torch.isin(response_ids_B_T, torch.tensor(list(eos_ids), device=response_ids_B_T.device))
+    eos_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # EOS strictly before t
+    return eos_before == 0
+
+
+class _SampledLogProbs(LogitsProcessor):
+    """Last in the processor list: records log p(sampled token) of the final sampling distribution.
+
+    At step s it sees the token sampled at step s-1 (the last column of input_ids) and gathers its
+    log-prob from the log-softmax kept from step s-1; `finish` handles the final step. Only one
+    [B, V] log-softmax is alive at a time.
+    """
+
+    def __init__(self) -> None:
+        self.logp_steps: list[torch.Tensor] = []
+        self._prev: torch.Tensor | None = None
+
+    def _gather_prev(self, tokens: torch.Tensor) -> None:
+        if self._prev is not None:
+            self.logp_steps.append(self._prev.gather(1, tokens[:, None]).squeeze(1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._gather_prev(input_ids[:, -1])
+        self._prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self._gather_prev(last_tokens)
+        self._prev = None
+        return torch.stack(self.logp_steps, dim=1)
+
+
+class HFGenerateEngine:
+    """Rollouts with `model.generate` (sampling, `num_return_sequences=n`, KV cache).
+
+    Args:
+        processor_or_blocked_ids: the processor (vision token ids and EOS ids are read from it)
+            or an explicit iterable of token ids to block.
+        eos_ids: ids that end a response (default: `eos_token_ids(processor, model)`).
+        pad_token_id: pad id for finished rows (default: the tokenizer's / generation config's).
+    """
+
+    def __init__(
+        self,
+        processor_or_blocked_ids: Any,
+        *,
+        eos_ids: Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        if hasattr(processor_or_blocked_ids, "tokenizer") or hasattr(processor_or_blocked_ids, "get_vocab"):
+            self.processor = processor_or_blocked_ids
+            self.blocked_ids = vision_token_ids(self.processor)
+        else:
+            self.processor = None
+            self.blocked_ids = sorted({int(i) for i in processor_or_blocked_ids})
+        self.eos_ids = list(eos_ids) if eos_ids is not None else None
+        self.pad_token_id = pad_token_id
+
+    def _eos_and_pad(self, model: PreTrainedModel) -> tuple[list[int], int]:
+        eos = self.eos_ids if self.eos_ids is not None else eos_token_ids(self.processor, model)
+        pad = self.pad_token_id
+        if pad is None:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad is None:
+            pad = getattr(model.generation_config, "pad_token_id", None)
+        return eos, eos[0] if pad is None else int(pad)
+
+    def sample(
+        self, model: PreTrainedModel, prompt_batch: Any, cfg: RolloutConfig, *, generator_seed: int | None = None
+    ) -> Rollouts:
+        """Sample `cfg.n` responses per prompt row (prompt-major); deterministic given the torch seed."""
+        eos, pad = self._eos_and_pad(model)
+        greedy = cfg.temperature == 0
+        blocked = self.blocked_ids if self.processor is None else vision_token_ids(self.processor, model)
+        processors: list[LogitsProcessor] = [BlockTokens(blocked)]
+        if not greedy and cfg.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(cfg.temperature))
+        if not greedy and cfg.top_p < 1.0:
+            processors.append(TopPLogitsWarper(cfg.top_p))
+        recorder = _SampledLogProbs()
+        processors.append(recorder)
+
+        num_prompts = prompt_batch["input_ids"].shape[0]
+        prompt_len = prompt_batch["input_ids"].shape[1]
+        device = getattr(model, "device", None)
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
+                  for k, v in prompt_batch.items()}
+        generate_kwargs = dict(
+            **_NEUTRAL_GENERATION,
+            do_sample=not greedy,
+            num_beams=1,
+            num_return_sequences=cfg.n,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList(processors),
+            return_dict_in_generate=False,
+            use_cache=True,
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), _seeded(generator_seed, device):
+                sequences = model.generate(**inputs, **generate_kwargs)
+        finally:
+            model.train(was_training)
+
+        response = sequences[:, prompt_len:]
+        logp = recorder.finish(response[:, -1])
+        mask = response_mask(response, eos)
+        response = response.masked_fill(~mask, pad)
+        return Rollouts(
+            response_ids_B_T=response,
+            mask_B_T=mask,
+            sampler_logp_B_T=logp.masked_fill(~mask, 0.0),
+            prompt_index_B=torch.arange(num_prompts, device=response.device).repeat_interleave(cfg.n),
+        )
+
+
+class _seeded:
+    """Context manager: if `seed` is given, sample under it without disturbing the global RNG."""
+
+    def __init__(self, seed: int | None, device: Any) -> None:
+        self.seed = seed
+        self.devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+        self._fork = None
+
+    def __enter__(self) -> None:
+        if self.seed is not None:
+            self._fork = torch.random.fork_rng(devices=self.devices)
+            self._fork.__enter__()
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fork is not None:
+            self._fork.__exit__(*exc)

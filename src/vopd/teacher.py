@@ -1,0 +1,208 @@
+"""The teacher: the same model shown the evidence crop, with its own weights policy.
+
+The teacher scores the student's sampled responses under the teacher prompt (crop image, same
+text). It never receives gradients. Its weights are one of:
+
+- ``ema`` (default): theta_T <- (1 - rate) theta_T + rate theta_S after every optimiser step;
+- ``frozen``: the initial weights, forever;
+- ``trust_region``: teacher logits = lerp(initial-model logits, current-student logits, rate);
+- ``live``: the current student itself (no copy). The paper reports collapse; we warn loudly;
+- ``external``: another checkpoint, frozen.
+
+Each teacher returns a *logits function* over the valid response tokens so the loss can pull the
+teacher's logits chunk by chunk and never hold a [tokens, vocab] tensor for the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from vopd.models import output_head, response_hidden_states
+
+LogitsFn = Callable[[slice], Tensor]
+
+
+class Teacher(Protocol):
+    """What the trainer needs from a teacher."""
+
+    kind: str
+
+    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
+        """Score the responses in ``inputs``; return ``f(slice) -> logits[N_slice, V]`` over the
+        valid response tokens (row-major order of ``mask_B_T``)."""
+        ...
+
+    def update(self, student: nn.Module) -> None:
+        """Called after every optimiser step."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+@torch.no_grad()
+def _hidden_N_H(model: nn.Module, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()  # no dropout in the target
+    try:
+        hidden_B_T_H = response_hidden_states(model, inputs, num_response_tokens)
+    finally:
+        model.train(was_training)
+    return hidden_B_T_H[mask_B_T]
+
+
+def _head_fn(model: nn.Module, hidden_N_H: Tensor) -> LogitsFn:
+    head = output_head(model)
+
+    def logits(s: slice) -> Tensor:
+        with torch.no_grad():
+            return head(hidden_N_H[s])
+
+    return logits
+
+
+def matched_parameters(target: nn.Module, source: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Pairs (target_param, source_param) matched by name and shape; raises on any mismatch.
+
+    Never a blind zip: a renamed or reshaped parameter must be an error, not a silent average of
+    unrelated tensors.
+    """
+    tgt = dict(target.named_parameters())
+    src = dict(source.named_parameters())
+    missing = sorted(set(src) - set(tgt))
+    extra = sorted(set(tgt) - set(src))
+    if missing or extra:
+        raise ValueError(
+            f"teacher/student parameter names differ: only in student {missing[:5]}, only in teacher {extra[:5]}"
+        )
+    pairs = []
+    for name, p_src in src.items():
+        p_tgt = tgt[name]
+        if p_tgt.shape != p_src.shape:
+            raise ValueError(f"parameter {name}: teacher shape {tuple(p_tgt.shape)} != student {tuple(p_src.shape)}")
+        pairs.append((p_tgt, p_src))
+    return pairs
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """theta_target <- (1 - rate) theta_target + rate theta_source, in place, matched by name."""
+    for p_tgt, p_src in matched_parameters(target, source):
+        p_tgt.lerp_(p_src.detach().to(p_tgt.dtype), rate)
+
+
+def _frozen_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    clone = copy.deepcopy(model)
+    if dtype is not None:
+        clone.to(dtype)
+    clone.eval()
+    clone.requires_grad_(False)
+    return clone
+
+
+class CopyTeacher:
+    """A separate weight copy: ``frozen``, ``ema`` (rate > 0) or ``external``."""
+
+    def __init__(self, model: nn.Module, *, kind: str, rate: float = 0.0):
+        self.kind = kind
+        self.model = model
+        self.rate = rate
+
+    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
+        return _head_fn(self.model, _hidden_N_H(self.model, inputs, num_response_tokens, mask_B_T))
+
+    def update(self, student: nn.Module) -> None:
+        if self.kind == "ema":
+            ema_update_(self.model, student, self.rate)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state, strict=True)
+
+
+class LiveTeacher:
+    """The current student under the crop view, without gradient. Collapses in the paper."""
+
+    kind = "live"
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+
+    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
+        return _head_fn(self.student, _hidden_N_H(self.student, inputs, num_response_tokens, mask_B_T))
+
+    def update(self, student: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+class TrustRegionTeacher:
+    """Teacher logits = lerp(reference logits, current-student logits, rate), both on the crop."""
+
+    kind = "trust_region"
+
+    def __init__(self, reference: nn.Module, student: nn.Module, rate: float):
+        self.reference = reference
+        self.student = student
+        self.rate = rate
+
+    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
+        ref = _head_fn(self.reference, _hidden_N_H(self.reference, inputs, num_response_tokens, mask_B_T))
+        cur = _head_fn(self.student, _hidden_N_H(self.student, inputs, num_response_tokens, mask_B_T))
+        return lambda s: torch.lerp(ref(s).float(), cur(s).float(), self.rate)
+
+    def update(self, student: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.reference.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.reference.load_state_dict(state, strict=True)
+
+
+def make_teacher(
+    kind: str,
+    student: nn.Module,
+    *,
+    rate: float = 0.05,
+    dtype: torch.dtype | None = None,
+    external: nn.Module | None = None,
+) -> Teacher:
+    """Build the teacher of ``kind`` from the (unwrapped) student at its initial weights.
+
+    ``dtype`` lets the teacher copy live in the training compute dtype (e.g. bf16) since it needs
+    neither gradients nor optimiser state.
+    """
+    if kind == "ema":
+        return CopyTeacher(_frozen_copy(student, dtype), kind="ema", rate=rate)
+    if kind == "frozen":
+        return CopyTeacher(_frozen_copy(student, dtype), kind="frozen")
+    if kind == "trust_region":
+        return TrustRegionTeacher(_frozen_copy(student, dtype), student, rate)
+    if kind == "live":
+        warnings.warn(
+            "teacher.kind=live uses the current student as its own teacher: the paper reports collapse "
+            "to ~0 accuracy and the toy world collapses within 50 steps. Use ema or frozen.",
+            stacklevel=2,
+        )
+        return LiveTeacher(student)
+    if kind == "external":
+        if external is None:
+            raise ValueError("teacher.kind=external needs the external model (teacher.path)")
+        return CopyTeacher(_frozen_copy(external, dtype), kind="external")
+    raise ValueError(f"unknown teacher kind {kind!r}")

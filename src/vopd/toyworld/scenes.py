@@ -1,0 +1,253 @@
+"""Procedural fine-grained scenes with exact evidence boxes (the toy world).
+
+World "M" of the toy-world notes is the default: a 168 x 168 white canvas holding 3-5
+non-overlapping filled shapes of 20-28 px whose centres are at least 36 px apart. Exactly one
+object has the asked shape (the distractors take the other shapes) and that target is drawn with
+a 3-px black outline, a patch-local cue that makes full-image localisation learnable by a ~1 M
+parameter model within a few hundred steps. The question is ``What color is the {shape}?`` and the
+answer is a sentence, ``The {shape} is {colour}.``, so a response has several tokens and sampling
+matters. Red is not an object colour: it is reserved for the student's evidence box.
+
+Every scene is a pure function of its seed: scene ``i`` of ``make_dataset(n, seed)`` depends only
+on ``(seed, i)``, so a longer dataset extends a shorter one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vopd.records import Box, Sample, write_records
+from vopd.views import ViewConfig
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "blue": (30, 90, 230),
+    "green": (40, 170, 60),
+    "yellow": (240, 210, 30),
+    "purple": (140, 60, 190),
+    "orange": (250, 140, 20),
+    "cyan": (30, 200, 220),
+}
+BACKGROUND = (255, 255, 255)
+OUTLINE_COLOUR = (0, 0, 0)
+CATEGORY = "toy/color"
+
+# Teacher/student views that reproduce the toy-world crop: the evidence box (the target bbox,
+# 20-28 px) grows by `context` on each side and to at least `min_side`, giving a 56 x 56 window
+# centred on the target and clamped to the canvas, resized 2x to 112 px (16 image tokens). The
+# student's red box is a 2-px line 3-4 px outside the target bbox (box_margin 2 + width 2).
+TOY_VIEW = ViewConfig(context=0.0, min_side=56, zoom=2.0, box_width=2, box_margin=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneConfig:
+    """Knobs of the scene generator; the defaults are world "M".
+
+    Attributes:
+        size: canvas side in pixels (168 -> 12 x 12 patches of 14 px -> 36 image tokens).
+        min_objects: fewest objects per scene (target included).
+        max_objects: most objects per scene.
+        min_object_size: smallest object side in pixels.
+        max_object_size: largest object side in pixels.
+        min_centre_distance: smallest distance between two object centres in pixels.
+        outline: draw the target with a black outline (world "M"); False gives the harder
+            shape-only world "S", where the target differs from the distractors by shape alone.
+        outline_width: outline thickness in pixels.
+        shapes: the shapes a target or distractor can take (at least two).
+        colours: object colour names, keys of ``COLOURS`` (never red: red is the evidence box).
+    """
+
+    size: int = 168
+    min_objects: int = 3
+    max_objects: int = 5
+    min_object_size: int = 20
+    max_object_size: int = 28
+    min_centre_distance: float = 36.0
+    outline: bool = True
+    outline_width: int = 3
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(COLOURS)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"SceneConfig: need 1 <= min_objects <= max_objects, got "
+                f"{self.min_objects}, {self.max_objects}"
+            )
+        if not 4 <= self.min_object_size <= self.max_object_size < self.size:
+            raise ValueError(
+                f"SceneConfig: need 4 <= min_object_size <= max_object_size < size, got "
+                f"{self.min_object_size}, {self.max_object_size}, {self.size}"
+            )
+        if self.min_centre_distance <= 0:
+            raise ValueError(
+                f"SceneConfig: min_centre_distance must be > 0, got {self.min_centre_distance}"
+            )
+        unknown = [s for s in self.shapes if s not in SHAPES]
+        if unknown or len(set(self.shapes)) < 2:
+            raise ValueError(
+                f"SceneConfig.shapes: need >= 2 distinct shapes from {SHAPES}, got {self.shapes}"
+            )
+        bad = [c for c in self.colours if c not in COLOURS]
+        if bad or not self.colours:
+            raise ValueError(
+                f"SceneConfig.colours: unknown colour(s) {bad}; choose from {tuple(COLOURS)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyObject:
+    """One drawn object: shape, colour name, centre and side in pixels."""
+
+    shape: str
+    colour: str
+    cx: int
+    cy: int
+    side: int
+
+    def corners(self) -> tuple[int, int, int, int]:
+        """Inclusive-exclusive square ``(x0, y0, x1, y1)`` the shape is inscribed in."""
+        half = self.side // 2
+        return self.cx - half, self.cy - half, self.cx - half + self.side, self.cy - half + self.side
+
+
+def question_text(shape: str) -> str:
+    """The toy question for a target shape."""
+    return f"What color is the {shape}?"
+
+
+def answer_text(shape: str, colour: str) -> str:
+    """The toy answer sentence (several tokens: the colour is not the first one)."""
+    return f"The {shape} is {colour}."
+
+
+def _apart(cx: int, cy: int, side: int, x: int, y: int, s: int, cfg: SceneConfig) -> bool:
+    """Centres far enough apart and the two bounding squares separated by >= 2 px."""
+    gap = (side + s) / 2 + 2
+    far = math.hypot(cx - x, cy - y) >= cfg.min_centre_distance
+    return far and (abs(cx - x) >= gap or abs(cy - y) >= gap)
+
+
+def _place_objects(rng: np.random.Generator, cfg: SceneConfig, count: int) -> list[tuple[int, int, int]]:
+    """Rejection-sample ``count`` (cx, cy, side) triples that respect the spacing rule."""
+    for _ in range(200):
+        placed: list[tuple[int, int, int]] = []
+        for _ in range(400):
+            side = int(rng.integers(cfg.min_object_size, cfg.max_object_size + 1))
+            lo, hi = side // 2 + 2, cfg.size - (side - side // 2) - 2
+            cx, cy = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+            if all(_apart(cx, cy, side, x, y, s, cfg) for x, y, s in placed):
+                placed.append((cx, cy, side))
+                if len(placed) == count:
+                    return placed
+    raise ValueError(
+        f"SceneConfig: could not place {count} objects of <= {cfg.max_object_size} px at "
+        f"{cfg.min_centre_distance} px spacing on a {cfg.size} px canvas; lower max_objects"
+    )
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ToyObject, fill: Any, outline: Any, width: int) -> None:
+    """Draw one object; PIL keeps the outline inside the object's square."""
+    x0, y0, x1, y1 = obj.corners()
+    # PIL's ellipse/rectangle boxes are inclusive of the last pixel: x1 - 1 keeps side px exactly.
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill, outline=outline, width=width)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill, outline=outline, width=width)
+    elif obj.shape == "triangle":
+        points = [(obj.cx, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)]
+        draw.polygon(points, fill=fill, outline=outline, width=width)
+    else:  # pragma: no cover - SceneConfig validates shapes
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def render(objects: list[ToyObject], target: int, cfg: SceneConfig) -> tuple[Image.Image, Box]:
+    """Draw the scene and return it with the target's exact pixel bbox (x1, y1 exclusive)."""
+    image = Image.new("RGB", (cfg.size, cfg.size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for i, obj in enumerate(objects):
+        marked = cfg.outline and i == target
+        _draw(
+            draw,
+            obj,
+            fill=COLOURS[obj.colour],
+            outline=OUTLINE_COLOUR if marked else None,
+            width=cfg.outline_width if marked else 0,
+        )
+    # The box comes from the target's own pixels (drawn alone on a mask), not from its nominal
+    # square, so it is exact for every shape.
+    mask = Image.new("L", (cfg.size, cfg.size), 0)
+    _draw(ImageDraw.Draw(mask), objects[target], fill=255, outline=255,
+          width=cfg.outline_width if cfg.outline else 0)
+    x0, y0, x1, y1 = mask.getbbox()
+    return image, Box(float(x0), float(y0), float(x1), float(y1))
+
+
+def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, scene_id: str = "toy-0") -> tuple[Image.Image, Sample]:
+    """Draw one scene from ``rng`` and return the image and its ``Sample``.
+
+    The sample's ``boxes`` hold the target's exact pixel bbox; ``meta`` holds the target shape and
+    colour and every object (shape, colour, box) for diagnostics.
+    """
+    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    target_shape = str(rng.choice(cfg.shapes))
+    others = [s for s in cfg.shapes if s != target_shape]
+    shapes = [target_shape] + [str(rng.choice(others)) for _ in range(count - 1)]
+    colours = [str(rng.choice(cfg.colours)) for _ in range(count)]
+    spots = _place_objects(rng, cfg, count)
+    objects = [ToyObject(s, c, x, y, side) for s, c, (x, y, side) in zip(shapes, colours, spots)]
+    # The target's index in the draw order is random too, so "first drawn" is no cue.
+    order = rng.permutation(count)
+    objects = [objects[i] for i in order]
+    target = int(np.flatnonzero(order == 0)[0])
+    image, box = render(objects, target, cfg)
+    colour = objects[target].colour
+    sample = Sample(
+        id=scene_id,
+        image=image,
+        question=question_text(target_shape),
+        options=[],
+        answer=answer_text(target_shape, colour),
+        boxes=[box],
+        teacher_image=None,
+        category=CATEGORY,
+        meta={
+            "shape": target_shape,
+            "colour": colour,
+            "objects": [
+                {"shape": o.shape, "colour": o.colour, "box": list(o.corners())} for o in objects
+            ],
+            "target_index": target,
+        },
+    )
+    return image, sample
+
+
+def scene_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of scene ``index`` of the dataset with ``seed`` (independent of its size)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def make_dataset(n: int, seed: int, cfg: SceneConfig = SceneConfig()) -> list[Sample]:
+    """``n`` scenes, deterministic from ``seed``; ids are ``toy-{seed}-{i:05d}``."""
+    if n < 0:
+        raise ValueError(f"make_dataset: n must be >= 0, got {n}")
+    return [make_scene(scene_rng(seed, i), cfg, scene_id=f"toy-{seed}-{i:05d}")[1] for i in range(n)]
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, cfg: SceneConfig = SceneConfig()) -> Path:
+    """Write ``n`` scenes to ``out_dir`` in the project's record format; returns the records path.
+
+    Backs ``vopd data toyworld --n 500 --seed 123 --out DIR``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "records.jsonl"
+    write_records(make_dataset(n, seed, cfg), path)
+    return path

@@ -1,0 +1,423 @@
+"""The Vision-OPD training loop (METHOD.md section 2).
+
+One step: the student samples ``n`` responses per prompt on the full image; the teacher (same
+model, crop view, its own weights policy) scores the same tokens without gradient; the loss is a
+token-level divergence between their next-token distributions at every response position,
+averaged over all valid response tokens of the step; one AdamW step; then the teacher update.
+No labels, reward, advantage, KL-to-reference or entropy term: that is the whole method.
+
+Runs through ``accelerate``: one process by default, ``accelerate launch`` for several, no code
+change. Checkpoints are atomic and resumable (model, teacher, optimiser, scheduler, RNG, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vopd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from vopd.config import TrainConfig, config_to_dict
+from vopd.data import PairCollator, PromptPair, StepSampler, ViewDataset, load_train_samples
+from vopd.models import append_responses, output_head, repeat_prompts, response_hidden_states
+from vopd.objectives import aggregate, chunked_token_divergence, rollout_correction
+from vopd.rollout import HFGenerateEngine, RolloutEngine
+from vopd.teacher import Teacher, make_teacher
+
+Callback = Callable[["TrainState"], "dict[str, float] | None"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite losses in a row)."""
+
+
+class ResponseHidden(nn.Module):
+    """Wraps the policy so the student forward goes through ``accelerate``/DDP's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict, num_response_tokens: int) -> Tensor:
+        return response_hidden_states(self.model, inputs, num_response_tokens)
+
+
+@dataclass
+class TrainState:
+    """Everything a step mutates; ``policy`` is the unwrapped student model."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    policy: nn.Module
+    student: nn.Module  # ResponseHidden(policy), prepared by accelerate
+    processor: Any
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: RolloutEngine
+    step: int = 0
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _global_sum(accelerator: Any, value: float) -> float:
+    t = torch.tensor(float(value), device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else float(value)
+
+
+def train_step(state: TrainState, micro_batches: list[PromptPair]) -> dict[str, float]:
+    """One Vision-OPD step over the micro-batches of this process's share of the step's prompts."""
+    cfg, acc, timer = state.cfg, state.accelerator, PhaseTimer()
+    n = cfg.rollout.n
+    # 1. On-policy rollouts from the student's full-image prompts (no gradient).
+    with timer("sample"):
+        rollouts = [state.engine.sample(state.policy, mb.student, cfg.rollout) for mb in micro_batches]
+    # Global counts first, so every micro-batch loss is normalised by the whole step's tokens.
+    world = acc.num_processes
+    num_tokens = _global_sum(acc, sum(int(r.mask_B_T.sum()) for r in rollouts))
+    num_seqs = _global_sum(acc, sum(r.mask_B_T.shape[0] for r in rollouts))
+    sums = {"loss": 0.0, "logp_gap": 0.0, "tail_mass": 0.0, "weight": 0.0}
+    head = output_head(state.policy)
+    for i, (mb, ro) in enumerate(zip(micro_batches, rollouts)):
+        mask_B_T, ids_B_T = ro.mask_B_T.to(acc.device), ro.response_ids_B_T.to(acc.device)
+        T = ids_B_T.shape[1]
+        # 2. The teacher scores the same tokens under its own (crop) prompt.
+        with timer("teacher"):
+            t_inputs = append_responses(repeat_prompts(mb.teacher, n).to(acc.device), ids_B_T, mask_B_T)
+            teacher_logits = state.teacher.logits_fn(t_inputs, T, mask_B_T)
+        # 3. Student forward at response positions only; divergence in vocabulary chunks.
+        with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
+            s_inputs = append_responses(repeat_prompts(mb.student, n).to(acc.device), ids_B_T, mask_B_T)
+            hidden_N_H = state.student(s_inputs, T)[mask_B_T]
+            per_token_N, stats = chunked_token_divergence(
+                hidden_N_H, head, teacher_logits, token_ids_N=ids_B_T[mask_B_T], **_loss_kwargs(cfg)
+            )
+            if cfg.loss.rollout_correction:  # trainer log-probs vs the sampler's (an external engine)
+                w_N = rollout_correction(stats["student_logp_N"], ro.sampler_logp_B_T.to(acc.device)[mask_B_T], clip=cfg.loss.ratio_clip)
+                per_token_N = per_token_N * w_N
+                sums["weight"] += float(w_N.sum())
+            per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype, device=acc.device)
+            per_token_B_T = per_token_B_T.masked_scatter(mask_B_T, per_token_N)
+            loss = aggregate(
+                per_token_B_T, mask_B_T, mode=cfg.loss.aggregation,
+                num_tokens=max(num_tokens, 1.0) / world, num_seqs=num_seqs / world,
+            )
+            acc.backward(loss)
+        sums["loss"] += float(loss.detach())
+        sums["logp_gap"] += float((stats["teacher_logp_N"] - stats["student_logp_N"]).sum())
+        sums["tail_mass"] += float(stats["tail_mass_N"].sum())
+    # 4. Optimiser step unless the loss or gradient is non-finite (decided identically on all ranks).
+    with timer("optim"):
+        metrics = _optimizer_step(state, loss_value=sums["loss"])
+    lengths = torch.cat([r.mask_B_T.sum(1).float() for r in rollouts])
+    step_seconds = sum(timer.seconds.values())
+    metrics.update(
+        divergence=_global_sum(acc, sums["loss"]) / world,
+        logp_gap=_global_sum(acc, sums["logp_gap"]) / max(num_tokens, 1.0),
+        tail_mass=_global_sum(acc, sums["tail_mass"]) / max(num_tokens, 1.0),
+        response_length=float(lengths.mean()),
+        response_tokens=num_tokens,
+        response_tokens_per_sec=num_tokens / max(step_seconds, 1e-9),
+        **{f"time_{k}": v for k, v in timer.seconds.items()},
+        time_step=step_seconds,
+    )
+    if cfg.loss.rollout_correction:
+        metrics["rollout_weight"] = _global_sum(acc, sums["weight"]) / max(num_tokens, 1.0)
+    return metrics
+
+
+def _loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    lc = cfg.loss
+    kw: dict[str, Any] = dict(estimator=lc.estimator, temperature=lc.temperature, chunk_size=lc.chunk_size)
+    if lc.estimator != "sampled":  # the sampled-token estimator is reverse KL on one token: no support
+        kw.update(beta=lc.beta, add_tail=lc.add_tail, support=lc.support)
+    if lc.estimator == "topk":
+        kw["top_k"] = lc.top_k
+    return kw
+
+
+def _maybe_no_sync(acc: Any, module: nn.Module, *, last: bool):
+    # Gradient accumulation under DDP: all-reduce only on the last micro-batch of the step.
+    return nullcontext() if last or acc.num_processes == 1 else acc.no_sync(module)
+
+
+def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]:
+    cfg, acc = state.cfg, state.accelerator
+    params = [p for p in state.policy.parameters() if p.requires_grad]
+    if cfg.optim.grad_clip > 0:
+        grad_norm = float(acc.clip_grad_norm_(params, cfg.optim.grad_clip))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    finite = math.isfinite(grad_norm) and math.isfinite(_global_sum(acc, loss_value))
+    lr = state.scheduler.get_last_lr()[0]
+    if finite:
+        state.optimizer.step()
+        state.scheduler.step()
+        state.teacher.update(state.policy)
+        state.bad_in_a_row = 0
+    else:
+        state.bad_in_a_row += 1
+        state.skipped_steps += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not finite)}
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warm, kind = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def factor(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def resolve_model(cfg: TrainConfig, path: str | None = None) -> tuple[nn.Module, Any]:
+    """Load ``model.path``: a hub id / local dir, ``toy-base`` or ``tiny:<family>`` (random tiny)."""
+    from vopd.models import load_model
+
+    path = path or cfg.model.path
+    if not path:
+        raise ValueError("model.path is empty: give a hub id, a local checkpoint folder, toy-base or tiny:qwen2_vl")
+    if path.startswith("tiny:"):
+        from vopd.tiny_models import build_tiny_model
+
+        return build_tiny_model(path.split(":", 1)[1], seed=cfg.seed)
+    if path == "toy-base":
+        from vopd.toyworld.model import toy_base_path
+
+        path = str(toy_base_path())
+    return load_model(
+        path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+
+
+def _num_steps(cfg: TrainConfig, num_samples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, int(cfg.epochs * num_samples) // cfg.prompts_per_step)
+
+
+def _make_accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    trackers = [r for r in cfg.report_to if r != "jsonl" and _tracker_available(r)]
+    return Accelerator(
+        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None, project_dir=cfg.output_dir,
+    )
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    return importlib.util.find_spec(module) is not None
+
+
+def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSampler, ViewDataset, int]:
+    """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    acc = _make_accelerator(cfg)
+    ckpt = latest_checkpoint(cfg.output_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}")
+    policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
+    policy.to(acc.device)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
+    teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
+    samples = load_train_samples(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
+    total_steps = _num_steps(cfg, len(samples))
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    student = acc.prepare(ResponseHidden(policy))
+    optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
+    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, HFGenerateEngine(processor))
+    if ckpt is not None:
+        saved = load_trainer_state(ckpt)
+        teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
+        state.optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(saved["rng"])
+        state.step = saved["step"]
+        state.skipped_steps = saved.get("skipped_steps", 0)
+        acc.print(f"resumed from {ckpt} at step {state.step}")
+    sampler = StepSampler(
+        len(samples), prompts_per_step=cfg.prompts_per_step, micro_batch=cfg.micro_batch_prompts,
+        seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
+        rank=acc.process_index, world_size=acc.num_processes,
+    )
+    return state, sampler, ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view), total_steps
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoint: Path | None
+    steps: int
+    history: list[dict[str, float]]
+    interrupted: bool = False
+    wall_seconds: float = 0.0
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns at the step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: finishing this step, saving a checkpoint, then exiting", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] | None = None) -> TrainResult:
+    """Run Vision-OPD training as configured; returns where the final checkpoint is."""
+    start = time.perf_counter()
+    state, sampler, dataset, total_steps = setup(cfg, resume=resume)
+    acc = state.accelerator
+    acc.init_trackers("vopd", config=_flat(config_to_dict(cfg)))
+    collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keep the global RNG untouched (exact resume)
+    )
+    per_step = sampler.micro_batches_per_step()
+    out = Path(cfg.output_dir)
+    metrics_file = out / "metrics.jsonl" if "jsonl" in cfg.report_to and acc.is_main_process else None
+    out.mkdir(parents=True, exist_ok=True)
+    last_ckpt, interrupted = None, False
+    bar = tqdm(total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True)
+    with _StopFlag() as stop:
+        batches: list[PromptPair] = []
+        for pair in loader:
+            batches.append(pair)
+            if len(batches) < per_step:
+                continue
+            metrics = train_step(state, batches)
+            batches = []
+            state.step += 1
+            for callback in callbacks or []:
+                metrics.update(callback(state) or {})
+            metrics["step"] = state.step
+            state.history.append(metrics)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                acc.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+                if metrics_file:
+                    with metrics_file.open("a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['divergence']:.4f}", len=f"{metrics['response_length']:.1f}", s=f"{metrics['time_step']:.2f}")
+            if state.bad_in_a_row >= cfg.max_bad_steps:
+                bar.close()
+                raise TrainingError(
+                    f"{state.bad_in_a_row} non-finite losses/gradients in a row at step {state.step}; "
+                    f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or check the data."
+                )
+            final = state.step == total_steps
+            if final or stop.signum is not None or (cfg.save_every and state.step % cfg.save_every == 0):
+                last_ckpt = _save(state)
+            if stop.signum is not None:
+                interrupted = True
+                break
+    bar.close()
+    acc.end_training()
+    result = TrainResult(out, last_ckpt, state.step, state.history, interrupted, time.perf_counter() - start)
+    if acc.is_main_process:
+        print(summary(result))
+    return result
+
+
+def _save(state: TrainState) -> Path | None:
+    acc = state.accelerator
+    acc.wait_for_everyone()
+    path = None
+    if acc.is_main_process:
+        path = save_checkpoint(
+            state.cfg.output_dir, state.step, model=state.policy, processor=state.processor,
+            teacher_state=state.teacher.state_dict(), optimizer=state.optimizer, scheduler=state.scheduler,
+            extra={"skipped_steps": state.skipped_steps, "config": config_to_dict(state.cfg)},
+            keep=state.cfg.keep_checkpoints,
+        )
+    acc.wait_for_everyone()
+    return path
+
+
+def summary(result: TrainResult) -> str:
+    """A short human summary of a finished run."""
+    hist = result.history
+    lines = [f"vopd train: {result.steps} steps in {result.wall_seconds:.1f} s" + (" (interrupted)" if result.interrupted else "")]
+    if hist:
+        times = sorted(h["time_step"] for h in hist)
+        lines.append(
+            f"  divergence {hist[0]['divergence']:.4f} -> {hist[-1]['divergence']:.4f}; "
+            f"median {times[len(times) // 2]:.2f} s/step; skipped steps {int(sum(h['skipped'] for h in hist))}"
+        )
+    lines.append(f"  checkpoint: {result.checkpoint}")
+    return "\n".join(lines)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

@@ -1,0 +1,67 @@
+"""Shared test fixtures: offline mode and tiny models built from configs (no hub access).
+
+Session-scoped models are shared by every test: treat them as read-only (deep-copy before
+changing weights).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before huggingface_hub is imported: otherwise a hub id fails only after ~27 s of retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+class TinyModels:
+    """Builds each tiny family once per session: `tiny_models("gemma3") -> (model, processor)`."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple] = {}
+
+    def __call__(self, family: str) -> tuple:
+        if family not in self._cache:
+            from vopd.tiny_models import build_tiny_model
+
+            self._cache[family] = build_tiny_model(family, seed=0)
+        return self._cache[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> TinyModels:
+    """Factory of session-cached tiny (model, processor) pairs, one per family."""
+    return TinyModels()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tiny_models: TinyModels) -> tuple:
+    """A tiny random Qwen2-VL (hidden 64, 2 layers) and its full image-only processor."""
+    return tiny_models("qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: tuple):
+    """`tiny_qwen2_vl` saved with save_pretrained (safetensors); load with vopd.models.load_model(str(dir))."""
+    from vopd.tiny_models import save_tiny
+
+    model, processor = tiny_qwen2_vl
+    return save_tiny(model, processor, tmp_path_factory.mktemp("tiny_qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_images():
+    """Two small RGB images of different sizes (112x112 and 56x84) with some structure."""
+    from PIL import Image, ImageDraw
+
+    big = Image.new("RGB", (112, 112), "white")
+    ImageDraw.Draw(big).ellipse((20, 30, 44, 54), fill="blue")
+    small = Image.new("RGB", (84, 56), "white")
+    ImageDraw.Draw(small).rectangle((10, 10, 30, 30), fill="green")
+    return big, small

@@ -1,0 +1,163 @@
+"""End-to-end training on a tiny random Qwen2-VL: resume equivalence, accumulation, bad steps,
+signals, checkpoints that reload with the transformers Auto classes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vopd.trainer as trainer_mod
+from vopd.checkpoint import latest_checkpoint
+from vopd.cli import main as cli_main
+from vopd.config import load_config
+from vopd.trainer import TrainingError, train
+
+BASE = [
+    "model.path=tiny:qwen2_vl",
+    "data.train=toyworld:16:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "loss.top_k=16",
+    "loss.chunk_size=7",  # several vocabulary chunks per micro-batch
+    "optim.lr=1e-3",
+    "optim.warmup_steps=1",
+    "optim.weight_decay=0.0",
+    "prompts_per_step=4",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [*BASE, f"output_dir={tmp_path}", *extra])
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_plus_two_steps_equal_four(tmp_path):
+    train(_cfg(tmp_path / "a", "max_steps=4", "save_every=2"))
+    train(_cfg(tmp_path / "b", "max_steps=2", "save_every=2"))
+    res = train(_cfg(tmp_path / "b", "max_steps=4", "save_every=2"), resume=True)
+    assert res.steps == 4 and res.checkpoint == tmp_path / "b" / "checkpoint-4"
+    a, b = _weights(tmp_path / "a" / "checkpoint-4"), _weights(tmp_path / "b" / "checkpoint-4")
+    start = _weights(tmp_path / "b" / "checkpoint-2")
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-4, "training did not change the weights, the comparison would be vacuous"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    ta = load_file(tmp_path / "a" / "checkpoint-4" / "trainer_state" / "teacher.safetensors")
+    tb = load_file(tmp_path / "b" / "checkpoint-4" / "trainer_state" / "teacher.safetensors")
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], atol=1e-6, rtol=1e-5, msg=key)
+    hist_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist_b] == [1, 2, 3, 4]
+    for ha, hb in zip(hist_a, hist_b):
+        assert ha["divergence"] == pytest.approx(hb["divergence"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_uses_global_token_count(tmp_path):
+    """One step over 4 prompts gives the same update whether it runs as 1 or 2 micro-batches.
+
+    Greedy rollouts make both runs score the same responses; the loss must be normalised by the
+    step's total token count (not per micro-batch) for the updates to agree.
+    """
+    common = ("max_steps=1", "rollout.temperature=0", "rollout.n=1", "optim.warmup_steps=0", "teacher.kind=frozen", "loss.estimator=full")
+    train(_cfg(tmp_path / "one", "micro_batch_prompts=4", *common))
+    train(_cfg(tmp_path / "two", "micro_batch_prompts=2", *common))
+    one, two = _weights(tmp_path / "one" / "checkpoint-1"), _weights(tmp_path / "two" / "checkpoint-1")
+    hist = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert hist[0]["divergence"] > 0
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=2e-6, rtol=1e-4, msg=key)
+
+
+def test_ema_teacher_moves_towards_student_frozen_does_not(tmp_path):
+    res_e = train(_cfg(tmp_path / "e", "max_steps=1", "teacher.kind=ema", "teacher.rate=0.5"))
+    res_f = train(_cfg(tmp_path / "f", "max_steps=1", "teacher.kind=frozen"))
+    for res in (res_e, res_f):
+        assert res.history[0]["skipped"] == 0.0
+    student = _weights(res_e.checkpoint)
+    ema = load_file(res_e.checkpoint / "trainer_state" / "teacher.safetensors")
+    frozen = load_file(res_f.checkpoint / "trainer_state" / "teacher.safetensors")
+    key = next(k for k in student if "lm_head" in k or "embed_tokens" in k)
+    # Same seed -> same initial weights; the frozen teacher is exactly them, EMA is halfway to the student.
+    init = frozen[key]
+    torch.testing.assert_close(ema[key], 0.5 * init + 0.5 * student[key], atol=1e-6, rtol=1e-5)
+    assert float((student[key] - init).abs().max()) > 0
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
+    real = trainer_mod.chunked_token_divergence
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(trainer_mod, "chunked_token_divergence", poisoned)
+    with pytest.raises(TrainingError, match="2 non-finite"):
+        train(_cfg(tmp_path, "max_steps=5", "max_bad_steps=2", "save_every=1"))
+    assert calls["n"] == 4  # 2 steps x 2 micro-batches, then the run stopped
+    # Skipped steps never write NaN weights: the checkpoint of step 1 still holds finite weights.
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None
+    assert all(torch.isfinite(v).all() for v in _weights(ckpt).values())
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    def send_term(state):
+        if state.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    res = train(_cfg(tmp_path, "max_steps=5"), callbacks=[send_term])
+    assert res.interrupted and res.steps == 1
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_cfg(tmp_path / "empty", "max_steps=1"), resume=True)
+
+
+@pytest.mark.slow
+def test_cli_train_and_checkpoint_reloads_offline_in_fresh_process(tmp_path, capsys):
+    out = tmp_path / "x"
+    rc = cli_main(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"),
+                   f"output_dir={out}", "max_steps=2", "save_every=1", "seed=7", "report_to=[jsonl]"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "vopd train: 2 steps" in printed
+    ckpt = out / "checkpoint-2"
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1])\n"
+        # Without torchvision the stock Qwen2-VL processor cannot build its video processor;
+        # importing vopd registers the image-only processor the checkpoint names.
+        "import vopd.models\n"
+        "p = AutoProcessor.from_pretrained(sys.argv[1])\n"
+        "assert hasattr(p, 'image_processor'), type(p)\n"
+        "print(type(m).__name__, sum(x.numel() for x in m.parameters()))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Qwen2VLForConditionalGeneration" in done.stdout
+    # keep_checkpoints=2 prunes older ones
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
