@@ -81,3 +81,12 @@ def test_describe_config_lists_every_knob_with_help():
     assert {"optim.lr", "loss.beta", "teacher.kind", "rollout.n", "views.zoom", "output_dir"} <= keys
     helps = dict((k, h) for k, _, h in rows)
     assert "JSD" in helps["loss.beta"] or "KL" in helps["loss.beta"]
+
+
+def test_docs_config_reference_is_up_to_date():
+    from vopd.config import config_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), "regenerate with: vopd config --markdown > docs/config.md"
+    missing = [key for key, _, help_text in describe_config() if not help_text]
+    assert not missing, f"knobs without help text: {missing}"

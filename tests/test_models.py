@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vopd import models
+from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 from vopd.models import (
     append_responses,
     build_prompts,
@@ -22,7 +23,7 @@ from vopd.models import (
     vision_token_ids,
 )
 
-FAMILIES = ["qwen2_vl"]
+FAMILIES = list(ALL_FAMILIES)
 
 TEXTS = ["What color is the circle?", "Hi"]
 
@@ -30,10 +31,9 @@ TEXTS = ["What color is the circle?", "Hi"]
 def _responses(processor, batch_size: int, length: int, seed: int = 0):
     """Random ordinary-text response ids and a mask with one early-ending row."""
     g = torch.Generator().manual_seed(seed)
-    blocked = set(vision_token_ids(processor))
-    vocab = len(processor.tokenizer)
-    ids = torch.randint(30, vocab, (batch_size, length), generator=g)
-    assert not any(int(i) in blocked for i in ids.flatten())
+    special = set(vision_token_ids(processor)) | set(processor.tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in special])
+    ids = allowed[torch.randint(len(allowed), (batch_size, length), generator=g)]
     mask = torch.ones(batch_size, length, dtype=torch.bool)
     mask[0, length - 2 :] = False
     return ids, mask

@@ -154,3 +154,20 @@ def test_save_tiny_returns_directory(tmp_path, tiny_qwen2_vl):
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)  # safetensors only
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_saves_and_reloads_with_full_processor(tiny_models, tiny_images, family, tmp_path):
+    model, processor = tiny_models(family)
+    path = save_tiny(model, processor, tmp_path / family)
+    model2, processor2 = models.load_model(str(path))
+    assert type(processor2) is type(processor)
+    assert type(processor2.image_processor).__name__.endswith("ImageProcessorPil")
+    assert type(model2) is type(model)
+    texts = ["What color is the circle?", "Hi"]
+    batch = models.build_prompts(processor, list(tiny_images), texts)
+    batch2 = models.build_prompts(processor2, list(tiny_images), texts)
+    for key in batch:
+        assert torch.equal(torch.as_tensor(batch[key]), torch.as_tensor(batch2[key])), key
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model2(**batch2).logits)

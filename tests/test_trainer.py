@@ -161,3 +161,18 @@ def test_cli_train_and_checkpoint_reloads_offline_in_fresh_process(tmp_path, cap
     assert "Qwen2VLForConditionalGeneration" in done.stdout
     # keep_checkpoints=2 prunes older ones
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_teacher_health_probe_reports_drift_and_accuracy(tmp_path):
+    """Frozen teacher: zero drift. Live teacher: the drift grows as the student trains."""
+    common = ("max_steps=2", "health.every=1", "health.probe_size=4", "health.max_new_tokens=4",
+              "health.probe_data=toyworld:4:9", "optim.lr=3e-3")
+    frozen = train(_cfg(tmp_path / "f", "teacher.kind=frozen", *common))
+    with pytest.warns(UserWarning, match="collapse"):
+        live = train(_cfg(tmp_path / "l", "teacher.kind=live", *common))
+    for res in (frozen, live):
+        for h in res.history:
+            assert {"health/teacher_drift", "health/teacher_acc", "health/student_acc"} <= set(h)
+            assert 0.0 <= h["health/teacher_acc"] <= 1.0
+    assert [h["health/teacher_drift"] for h in frozen.history] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert live.history[-1]["health/teacher_drift"] > 1e-4

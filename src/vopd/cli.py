@@ -28,8 +28,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from vopd.config import describe_config
+    from vopd.config import config_markdown, describe_config
 
+    if args.markdown:
+        print(config_markdown(), end="")
+        return 0
     for key, default, help_text in describe_config():
         print(f"{key:32s} {default:24s} {help_text}")
     return 0
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"])
+    p.add_argument("--markdown", action="store_true", help="print docs/config.md (a Markdown table)")
     p.set_defaults(func=_config)
 
     p = sub.add_parser("data", help=COMMANDS["data"], description=COMMANDS["data"])

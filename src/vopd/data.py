@@ -18,7 +18,7 @@ from PIL import Image
 from vopd.images import load_image
 from vopd.models import build_prompts
 from vopd.records import Sample, load_records
-from vopd.views import ViewConfig, prompt_text, student_view, teacher_view
+from vopd.views import ViewConfig, make_views, prompt_text, student_view
 
 
 @dataclass
@@ -58,16 +58,13 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, Image.Image, Image.Image, str]:
         sample = self.samples[i]
+        if self.teacher_sees == "crop":
+            student, teacher, text = make_views(sample, self.views)
+            return sample.id, student, teacher, text
+        # Control: no privileged view. The teacher sees exactly what the student sees.
         image = load_image(sample.image, where=f"sample {sample.id}")
         student = student_view(image, sample.boxes, self.views)
-        if self.teacher_sees == "full":
-            # Control: no privileged view. The teacher sees exactly what the student sees.
-            teacher = student
-        elif sample.teacher_image is not None and self.views.use_provided_crop:
-            teacher = load_image(sample.teacher_image, where=f"sample {sample.id} teacher_image")
-        else:
-            teacher = teacher_view(image, sample.boxes, self.views)
-        return sample.id, student, teacher, prompt_text(sample, hint=self.views.hint)
+        return sample.id, student, student, prompt_text(sample, hint=self.views.hint)
 
 
 class PairCollator:

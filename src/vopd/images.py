@@ -208,7 +208,11 @@ def load_image(
     label = _label(src, where)
     if isinstance(src, Image.Image):
         _check_pixels(src.size, max_pixels, label)
-        return to_rgb(ImageOps.exif_transpose(src), label=label)
+        try:  # a lazily opened PIL image decodes here
+            upright = ImageOps.exif_transpose(src)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{label}: pixel data cannot be decoded ({err})") from err
+        return to_rgb(upright, label=label)
     if not isinstance(src, (str, Path, bytes, bytearray)):
         raise ImageError(
             f"{label}: unsupported image source of type {type(src).__name__}; pass a path, "

@@ -248,7 +248,8 @@ class HFGenerateEngine:
             **_NEUTRAL_GENERATION,
             do_sample=not greedy,
             num_beams=1,
-            num_return_sequences=cfg.n,
+            # Greedy rows of one prompt are identical: decode once and repeat below.
+            num_return_sequences=1 if greedy else cfg.n,
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=eos,
             pad_token_id=pad,
@@ -266,6 +267,8 @@ class HFGenerateEngine:
 
         response = sequences[:, prompt_len:]
         logp = recorder.finish(response[:, -1])
+        if greedy and cfg.n > 1:
+            response, logp = response.repeat_interleave(cfg.n, dim=0), logp.repeat_interleave(cfg.n, dim=0)
         mask = response_mask(response, eos)
         response = response.masked_fill(~mask, pad)
         return Rollouts(

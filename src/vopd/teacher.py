@@ -52,7 +52,10 @@ def _hidden_N_H(model: nn.Module, inputs: dict, num_response_tokens: int, mask_B
     was_training = model.training
     model.eval()  # no dropout in the target
     try:
-        hidden_B_T_H = response_hidden_states(model, inputs, num_response_tokens)
+        if hasattr(inputs, "response_hidden_states"):  # vopd.fastpath: prompt computed once for its n rollouts
+            hidden_B_T_H = inputs.response_hidden_states(model)
+        else:
+            hidden_B_T_H = response_hidden_states(model, inputs, num_response_tokens)
     finally:
         model.train(was_training)
     return hidden_B_T_H[mask_B_T]

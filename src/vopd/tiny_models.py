@@ -14,7 +14,6 @@ processor class in `processor_config.json`, while real checkpoints keep loading 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,15 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoProcessor, PreTrainedTokenizerFast
+from transformers import (
+    AutoProcessor,
+    LlavaOnevisionProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+    Qwen3VLProcessor,
+    SmolVLMProcessor,
+)
 from transformers.processing_utils import ProcessorMixin
 
 __all__ = [
@@ -233,28 +240,57 @@ def _family_tokenizer_spec(family: str) -> _TokenizerSpec:
 # Image-only processors (no video processor, hence no torchvision).
 
 
-def _image_only_processors() -> dict[str, type[ProcessorMixin]]:
-    """Create the image-only processor subclasses (once), keyed by family."""
-    from transformers import (
-        LlavaOnevisionProcessor,
-        Qwen2_5_VLProcessor,
-        Qwen2VLProcessor,
-        Qwen3VLProcessor,
-        SmolVLMProcessor,
-    )
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without a video processor (which needs torchvision); images only."""
 
-    def _drop_video(base: type[ProcessorMixin], name: str) -> type[ProcessorMixin]:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            # Positional `None` for the video processor: ProcessorMixin zips positional args with
-            # the attributes found in *this* signature, which no longer lists video_processor.
-            base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    # ProcessorMixin finds sub-processors and the settings to save in this signature (and in
+    # __code__.co_varnames), so the parameters are spelled out rather than taken as *args.
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-        doc = f"{base.__name__} without a video processor (which needs torchvision); images only."
-        return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
-    def _smolvlm_init(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None,
-                      **kwargs):
-        # SmolVLMProcessor.__init__ requires `num2words`, used only to caption video frames.
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without a video processor (which needs torchvision); images only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor (Qwen3-VL, Qwen3.5) without a video processor; images only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without a video processor (which needs torchvision); images only."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+            image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+        )
+
+
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """SmolVLMProcessor without a video processor (torchvision) or num2words; images only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None,
+                 **kwargs):
+        # SmolVLMProcessor.__init__ insists on num2words, used only to caption video frames.
         self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
         self.image_token = getattr(tokenizer, "image_token", "<image>")
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -264,18 +300,18 @@ def _image_only_processors() -> dict[str, type[ProcessorMixin]]:
         self.video_token = getattr(tokenizer, "video_token", "<video>")
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    smol = type(
-        "ImageOnlySmolVLMProcessor",
-        (SmolVLMProcessor,),
-        {"__init__": _smolvlm_init, "__module__": __name__,
-         "__doc__": "SmolVLMProcessor without a video processor (torchvision) or num2words; images only."},
-    )
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # The parent reads video defaults (num_frames, fps) off the video processor.
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+
+def _image_only_processors() -> dict[str, type[ProcessorMixin]]:
     return {
-        "qwen2_vl": _drop_video(Qwen2VLProcessor, "ImageOnlyQwen2VLProcessor"),
-        "qwen2_5_vl": _drop_video(Qwen2_5_VLProcessor, "ImageOnlyQwen2_5_VLProcessor"),
-        "qwen3_vl": _drop_video(Qwen3VLProcessor, "ImageOnlyQwen3VLProcessor"),
-        "llava_onevision": _drop_video(LlavaOnevisionProcessor, "ImageOnlyLlavaOnevisionProcessor"),
-        "smolvlm": smol,
+        "qwen2_vl": ImageOnlyQwen2VLProcessor,
+        "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+        "qwen3_vl": ImageOnlyQwen3VLProcessor,
+        "llava_onevision": ImageOnlyLlavaOnevisionProcessor,
+        "smolvlm": ImageOnlySmolVLMProcessor,
     }
 
 
@@ -384,11 +420,108 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
     return config, processor
 
 
+def _llama_text(tok, hidden: int, text: dict | None) -> dict[str, Any]:
+    return _merge({
+        "model_type": "llama", "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **_token_ids(tok),
+    }, text)
+
+
+def _build_idefics3(family: str, tok, text: dict | None, vision: dict | None):
+    """Idefics3 / SmolVLM: SigLIP-style tower, pixel-shuffle connector, Llama text model.
+
+    Images are resized to a 112 px longest edge and split into 56 px tiles (+ a global view);
+    each tile is 4x4 patches of 14 px -> 4 tokens after the 2x pixel shuffle.
+    """
+    from transformers import AutoConfig, Idefics3ImageProcessorPil, Idefics3Processor, SmolVLMImageProcessorPil
+
+    hidden = (text or {}).get("hidden_size", 64)
+    vision_cfg = _merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "image_size": 56, "patch_size": 14}, vision)
+    scale = 2
+    config = AutoConfig.for_model(family, text_config=_llama_text(tok, hidden, text), vision_config=vision_cfg,
+                                  scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  tie_word_embeddings=False)
+    tile = vision_cfg["image_size"]
+    seq_len = (tile // vision_cfg["patch_size"]) ** 2 // scale**2
+    image_kwargs = {"size": {"longest_edge": 2 * tile}, "max_image_size": {"longest_edge": tile}}
+    if family == "smolvlm":
+        image_processor = SmolVLMImageProcessorPil(**image_kwargs)
+        proc_cls = register_image_only_processors()["smolvlm"]
+    else:
+        image_processor = Idefics3ImageProcessorPil(**image_kwargs)
+        proc_cls = Idefics3Processor
+    processor = proc_cls(image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len,
+                         chat_template=tok.chat_template)
+    return config, processor
+
+
+def _build_llava_onevision(family: str, tok, text: dict | None, vision: dict | None):
+    """LLaVA-OneVision: SigLIP tower, anyres tiling (28 px tiles, up to 2x2), Qwen2 text model."""
+    from transformers import AutoConfig, LlavaOnevisionImageProcessorPil
+
+    hidden = (text or {}).get("hidden_size", 64)
+    vision_cfg = _merge({"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+                        vision)
+    text_cfg = _merge({
+        "model_type": "qwen2", "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        **_token_ids(tok),
+    }, text)
+    tile = vision_cfg["image_size"]
+    pinpoints = [[tile * i, tile * j] for i in (1, 2) for j in (1, 2)]
+    config = AutoConfig.for_model(
+        family, text_config=text_cfg, vision_config=vision_cfg, image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
+                                                      image_grid_pinpoints=pinpoints)
+    proc_cls = register_image_only_processors()["llava_onevision"]
+    processor = proc_cls(image_processor=image_processor, tokenizer=tok,
+                         num_image_tokens=(tile // vision_cfg["patch_size"]) ** 2,
+                         vision_feature_select_strategy="full", chat_template=tok.chat_template)
+    return config, processor
+
+
+def _build_gemma3(family: str, tok, text: dict | None, vision: dict | None):
+    """Gemma 3: SigLIP tower (56 px, 4x4 patches) avg-pooled to 4 soft tokens, Gemma 3 text model."""
+    from transformers import AutoConfig, Gemma3ImageProcessorPil, Gemma3Processor
+
+    hidden = (text or {}).get("hidden_size", 64)
+    text_cfg = _merge({
+        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 64, "max_position_embeddings": 4096, **_token_ids(tok),
+    }, text)
+    vision_cfg = _merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "image_size": 56, "patch_size": 14}, vision)
+    tokens = 4
+    config = AutoConfig.for_model(
+        family, text_config=text_cfg, vision_config=vision_cfg, mm_tokens_per_image=tokens,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    size = vision_cfg["image_size"]
+    image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens,
+                                chat_template=tok.chat_template)
+    return config, processor
+
+
 _BUILDERS = {
     "qwen2_vl": _build_qwen,
     "qwen2_5_vl": _build_qwen,
     "qwen3_vl": _build_qwen,
     "qwen3_5": _build_qwen,
+    "idefics3": _build_idefics3,
+    "smolvlm": _build_idefics3,
+    "llava_onevision": _build_llava_onevision,
+    "gemma3": _build_gemma3,
 }
 
 
@@ -422,6 +555,11 @@ def build_tiny_model(
     config, processor = _BUILDERS[family](family, tok, text, vision)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    if family == "gemma3":
+        # Gemma 3 zero-initialises its vision projection (so images would not matter at all).
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            proj.normal_(0.0, proj.shape[0] ** -0.5)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     if tok.bos_token_id is not None:

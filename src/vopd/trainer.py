@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from vopd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, StepSampler, ViewDataset, load_train_samples
-from vopd.models import append_responses, output_head, repeat_prompts, response_hidden_states
+from vopd.fastpath import NaiveInputs, SharedPrompts
+from vopd.models import output_head, response_hidden_states
 from vopd.objectives import aggregate, chunked_token_divergence, rollout_correction
-from vopd.rollout import HFGenerateEngine, RolloutEngine
+from vopd.rollout import HFGenerateEngine, RolloutEngine, Rollouts
 from vopd.teacher import Teacher, make_teacher
 
 Callback = Callable[["TrainState"], "dict[str, float] | None"]
@@ -48,7 +49,12 @@ class ResponseHidden(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: dict, num_response_tokens: int) -> Tensor:
+    def forward(self, inputs: dict | SharedPrompts, num_response_tokens: int, *, all_logits: bool = False) -> Tensor:
+        if all_logits:  # naive mode: vocabulary logits at every position, as the released code does
+            start = inputs["input_ids"].shape[1] - num_response_tokens - 1
+            return self.model(**inputs, use_cache=False).logits[:, start : start + num_response_tokens]
+        if isinstance(inputs, SharedPrompts):
+            return inputs.response_hidden_states(self.model)
         return response_hidden_states(self.model, inputs, num_response_tokens)
 
 
@@ -89,10 +95,15 @@ def _global_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else float(value)
 
 
-def train_step(state: TrainState, micro_batches: list[PromptPair]) -> dict[str, float]:
-    """One Vision-OPD step over the micro-batches of this process's share of the step's prompts."""
+def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: str | None = None) -> dict[str, float]:
+    """One Vision-OPD step over the micro-batches of this process's share of the step's prompts.
+
+    ``sharing`` ("prefix" | "image" | "none", see `vopd.fastpath`) defaults to "prefix", or to the
+    straightforward path everywhere when ``cfg.naive`` (which also computes full-vocabulary logits
+    at every position and the loss in one piece, to measure what the optimisations buy).
+    """
     cfg, acc, timer = state.cfg, state.accelerator, PhaseTimer()
-    n = cfg.rollout.n
+    sharing = sharing or ("none" if cfg.naive else "prefix")
     # 1. On-policy rollouts from the student's full-image prompts (no gradient).
     with timer("sample"):
         rollouts = [state.engine.sample(state.policy, mb.student, cfg.rollout) for mb in micro_batches]
@@ -101,21 +112,14 @@ def train_step(state: TrainState, micro_batches: list[PromptPair]) -> dict[str, 
     num_tokens = _global_sum(acc, sum(int(r.mask_B_T.sum()) for r in rollouts))
     num_seqs = _global_sum(acc, sum(r.mask_B_T.shape[0] for r in rollouts))
     sums = {"loss": 0.0, "logp_gap": 0.0, "tail_mass": 0.0, "weight": 0.0}
-    head = output_head(state.policy)
     for i, (mb, ro) in enumerate(zip(micro_batches, rollouts)):
         mask_B_T, ids_B_T = ro.mask_B_T.to(acc.device), ro.response_ids_B_T.to(acc.device)
-        T = ids_B_T.shape[1]
-        # 2. The teacher scores the same tokens under its own (crop) prompt.
+        # 2. The teacher scores the same tokens under its own (crop) prompt, prompt computed once.
         with timer("teacher"):
-            t_inputs = append_responses(repeat_prompts(mb.teacher, n).to(acc.device), ids_B_T, mask_B_T)
-            teacher_logits = state.teacher.logits_fn(t_inputs, T, mask_B_T)
+            teacher_logits = state.teacher.logits_fn(_scored(state, mb.teacher, ro, sharing), ids_B_T.shape[1], mask_B_T)
         # 3. Student forward at response positions only; divergence in vocabulary chunks.
         with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
-            s_inputs = append_responses(repeat_prompts(mb.student, n).to(acc.device), ids_B_T, mask_B_T)
-            hidden_N_H = state.student(s_inputs, T)[mask_B_T]
-            per_token_N, stats = chunked_token_divergence(
-                hidden_N_H, head, teacher_logits, token_ids_N=ids_B_T[mask_B_T], **_loss_kwargs(cfg)
-            )
+            per_token_N, stats = _student_divergence(state, _scored(state, mb.student, ro, sharing), ro, teacher_logits)
             if cfg.loss.rollout_correction:  # trainer log-probs vs the sampler's (an external engine)
                 w_N = rollout_correction(stats["student_logp_N"], ro.sampler_logp_B_T.to(acc.device)[mask_B_T], clip=cfg.loss.ratio_clip)
                 per_token_N = per_token_N * w_N
@@ -148,6 +152,33 @@ def train_step(state: TrainState, micro_batches: list[PromptPair]) -> dict[str, 
     if cfg.loss.rollout_correction:
         metrics["rollout_weight"] = _global_sum(acc, sums["weight"]) / max(num_tokens, 1.0)
     return metrics
+
+
+def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> SharedPrompts | NaiveInputs:
+    """What a model scores: the prompts (on the device) and the step's responses; never re-sampled."""
+    device = state.accelerator.device
+    shared = SharedPrompts(
+        prompts.to(device), ro.response_ids_B_T.to(device), ro.mask_B_T.to(device), state.cfg.rollout.n, sharing
+    )
+    return NaiveInputs(shared.full_inputs(), shared.num_response_tokens) if state.cfg.naive else shared
+
+
+def _student_divergence(
+    state: TrainState, inputs: SharedPrompts | NaiveInputs, ro: Rollouts, teacher_logits: Callable
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token loss [N] and stats: hidden states at response positions, logits in chunks.
+
+    Naive mode instead takes the model's [B, L+T, V] logits and computes the loss in one piece.
+    """
+    mask_B_T = ro.mask_B_T.to(state.accelerator.device)
+    ids_N = ro.response_ids_B_T.to(mask_B_T.device)[mask_B_T]
+    T, kwargs = mask_B_T.shape[1], _loss_kwargs(state.cfg)
+    if isinstance(inputs, NaiveInputs):
+        logits_N_V = state.student(inputs.inputs, T, all_logits=True)[mask_B_T]
+        kwargs["chunk_size"] = max(1, logits_N_V.shape[0])
+        return chunked_token_divergence(logits_N_V, lambda x: x, teacher_logits, token_ids_N=ids_N, **kwargs)
+    hidden_N_H = state.student(inputs, T)[mask_B_T]
+    return chunked_token_divergence(hidden_N_H, output_head(state.policy), teacher_logits, token_ids_N=ids_N, **kwargs)
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -327,8 +358,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] | None = None) -> TrainResult:
-    """Run Vision-OPD training as configured; returns where the final checkpoint is."""
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: list[Callback] | None = None,
+    grader: Callable[[str, Any], bool] | None = None,
+) -> TrainResult:
+    """Run Vision-OPD training as configured; returns where the final checkpoint is.
+
+    ``callbacks`` run after every step and may return extra metrics; ``grader(text, sample)``
+    scores the teacher-health probe answers (default: rule-based grading).
+    """
     start = time.perf_counter()
     state, sampler, dataset, total_steps = setup(cfg, resume=resume)
     acc = state.accelerator
@@ -339,6 +380,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] |
         generator=torch.Generator().manual_seed(cfg.seed),  # keep the global RNG untouched (exact resume)
     )
     per_step = sampler.micro_batches_per_step()
+    callbacks = list(callbacks or [])
+    health = _make_health(cfg, dataset.samples, grader)
+    if health is not None:
+        # The drift reference is the teacher at the start of this run (or of this resumed segment).
+        acc.log(health.prepare(state), step=state.step)
+        callbacks.append(health)
     out = Path(cfg.output_dir)
     metrics_file = out / "metrics.jsonl" if "jsonl" in cfg.report_to and acc.is_main_process else None
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +400,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] |
             metrics = train_step(state, batches)
             batches = []
             state.step += 1
-            for callback in callbacks or []:
+            for callback in callbacks:
                 metrics.update(callback(state) or {})
             metrics["step"] = state.step
             state.history.append(metrics)
@@ -370,10 +417,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] |
                     f"{state.bad_in_a_row} non-finite losses/gradients in a row at step {state.step}; "
                     f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or check the data."
                 )
+            stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
             final = state.step == total_steps
-            if final or stop.signum is not None or (cfg.save_every and state.step % cfg.save_every == 0):
+            if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
                 last_ckpt = _save(state)
-            if stop.signum is not None:
+            if stop_reason:
+                acc.print(f"stopping at step {state.step}: {stop_reason}")
                 interrupted = True
                 break
     bar.close()
@@ -382,6 +431,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[Callback] |
     if acc.is_main_process:
         print(summary(result))
     return result
+
+
+def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, Any], bool] | None) -> Any:
+    """The teacher-health probe of ``cfg.health`` (None when off)."""
+    if cfg.health.every <= 0:
+        return None
+    from vopd.health import TeacherHealth, default_grader
+
+    probe = train_samples
+    if cfg.health.probe_data:
+        probe = load_train_samples(cfg.health.probe_data, out_of_bounds=cfg.data.out_of_bounds, on_error="skip")
+    return TeacherHealth(cfg.health, probe, views=cfg.views, grader=grader or default_grader, thinking=cfg.model.thinking)
 
 
 def _save(state: TrainState) -> Path | None:

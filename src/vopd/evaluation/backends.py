@@ -73,6 +73,7 @@ class BackendConfig:
         concurrency: parallel requests for ``openai``.
         timeout_s: per-request timeout for ``openai``.
         retries: extra attempts per request for ``openai`` (exponential backoff).
+        backoff_s: first retry delay for ``openai`` (doubles each retry).
         dtype: weights dtype for ``hf``.
         device: device for ``hf``.
     """
@@ -87,6 +88,7 @@ class BackendConfig:
     concurrency: int = 8
     timeout_s: float = 120.0
     retries: int = 3
+    backoff_s: float = 0.5
     dtype: str = "bfloat16"
     device: str = "auto"
 
@@ -181,7 +183,7 @@ class OpenAIBackend:
         try:
             text = chat_completion(
                 self.cfg.url, self._body(item), api_key=self.api_key,
-                timeout_s=self.cfg.timeout_s, retries=self.cfg.retries,
+                timeout_s=self.cfg.timeout_s, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s,
             )
             return text, None
         except BackendError as err:

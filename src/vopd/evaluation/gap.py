@@ -251,7 +251,6 @@ def _plot_views(result: dict[str, Any], path: Path, title: str) -> None:
     names = list(views)
     values = [views[v]["accuracy"] for v in names]
     errors = [tuple(views[v]["ci"]) if views[v]["ci"] else (0.0, 0.0) for v in names]
-    errors = [(lo, hi) for lo, hi in errors]
     gap = result["gap"]["value"]
     sub = f"{title}  gap {gap:+.1f} pts" if gap is not None else title
     plot_bars(names, values, path, title=sub, errors=errors)

@@ -44,6 +44,7 @@ class JudgeConfig:
         retries: extra attempts on transport errors.
         concurrency: parallel judge requests.
         max_tokens: reply budget (a verdict is one word; some models add a sentence).
+        backoff_s: first retry delay (doubles each retry).
     """
 
     url: str
@@ -53,6 +54,7 @@ class JudgeConfig:
     retries: int = 2
     concurrency: int = 8
     max_tokens: int = 16
+    backoff_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,16 @@ class LLMJudge:
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, Any]] = {}
         if self.log_path and self.log_path.is_file():
+            from vopd.evaluation.runner import _end_with_newline
+
+            _end_with_newline(self.log_path)
             for line in self.log_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+                try:
                     rec = json.loads(line)
-                    if rec.get("correct") is not None:  # unjudged ones are asked again
-                        self._cache[rec["key"]] = rec
+                except json.JSONDecodeError:  # blank or half-written line of an interrupted run
+                    continue
+                if rec.get("correct") is not None:  # unjudged ones are asked again
+                    self._cache[rec["key"]] = rec
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.log_path is None:
@@ -131,7 +138,8 @@ class LLMJudge:
         }
         try:
             reply: str | None = chat_completion(
-                self.cfg.url, body, api_key=self.api_key, timeout_s=self.cfg.timeout_s, retries=self.cfg.retries
+                self.cfg.url, body, api_key=self.api_key, timeout_s=self.cfg.timeout_s, retries=self.cfg.retries,
+                backoff_s=self.cfg.backoff_s,
             )
             correct = parse_judge_reply(reply or "")
             error = None if correct is not None else "reply out of format (expected Yes or No first)"

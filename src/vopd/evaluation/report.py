@@ -71,7 +71,9 @@ def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
     yerr = None
     if errors is not None:
-        yerr = [[h - lo for h, (lo, _) in zip(heights, errors)], [hi - h for h, (_, hi) in zip(heights, errors)]]
+        # clamp: float noise can put a bound a hair inside the bar (e.g. Wilson at 100%)
+        yerr = [[max(0.0, h - lo) for h, (lo, _) in zip(heights, errors)],
+                [max(0.0, hi - h) for h, (_, hi) in zip(heights, errors)]]
     bars = ax.bar(labels, heights, color="#4C72B0", yerr=yerr, capsize=4)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), _fmt(v), ha="center", va="bottom", fontsize=8)

@@ -43,6 +43,7 @@ class PredictionStore:
         self.path = Path(path)
         self._records: dict[tuple[str, str, str], dict[str, Any]] = {}
         if self.path.is_file():
+            _end_with_newline(self.path)
             for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
@@ -71,6 +72,17 @@ class PredictionStore:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _end_with_newline(path: Path) -> None:
+    """A run killed mid-write leaves a last line without newline; close it so appends stay separate."""
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
 
 
 def default_prompt(item: EvalItem) -> PromptItem:

@@ -37,6 +37,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUND = (255, 255, 255)
 OUTLINE_COLOUR = (0, 0, 0)
 CATEGORY = "toy/color"
+#: Seed of the held-out evaluation set (the demo's 500 scenes and the base's reported numbers).
+HELDOUT_SEED = 123
+#: Seed of the validation scenes evaluated during base pretraining (never the held-out set).
+VALIDATION_SEED = 7
 
 # Teacher/student views that reproduce the toy-world crop: the evidence box (the target bbox,
 # 20-28 px) grows by `context` on each side and to at least `min_side`, giving a 56 x 56 window
@@ -53,7 +57,7 @@ class SceneConfig:
         size: canvas side in pixels (168 -> 12 x 12 patches of 14 px -> 36 image tokens).
         min_objects: fewest objects per scene (target included).
         max_objects: most objects per scene.
-        min_object_size: smallest object side in pixels.
+        min_object_size: smallest object side in pixels (sides are even: 20, 22, ..., 28).
         max_object_size: largest object side in pixels.
         min_centre_distance: smallest distance between two object centres in pixels.
         outline: draw the target with a black outline (world "M"); False gives the harder
@@ -80,9 +84,11 @@ class SceneConfig:
                 f"SceneConfig: need 1 <= min_objects <= max_objects, got "
                 f"{self.min_objects}, {self.max_objects}"
             )
-        if not 4 <= self.min_object_size <= self.max_object_size < self.size:
+        if not 4 <= self.min_object_size <= self.max_object_size < self.size or \
+                (self.min_object_size + 1) // 2 > self.max_object_size // 2:
             raise ValueError(
-                f"SceneConfig: need 4 <= min_object_size <= max_object_size < size, got "
+                f"SceneConfig: need 4 <= min_object_size <= max_object_size < size with an even "
+                f"size in between, got "
                 f"{self.min_object_size}, {self.max_object_size}, {self.size}"
             )
         if self.min_centre_distance <= 0:
@@ -139,7 +145,9 @@ def _place_objects(rng: np.random.Generator, cfg: SceneConfig, count: int) -> li
     for _ in range(200):
         placed: list[tuple[int, int, int]] = []
         for _ in range(400):
-            side = int(rng.integers(cfg.min_object_size, cfg.max_object_size + 1))
+            # Even sides put the box centre on a whole pixel, so the crop window is exactly
+            # min_side wide (an odd box would round outwards to min_side + 1).
+            side = 2 * int(rng.integers((cfg.min_object_size + 1) // 2, cfg.max_object_size // 2 + 1))
             lo, hi = side // 2 + 2, cfg.size - (side - side // 2) - 2
             cx, cy = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
             if all(_apart(cx, cy, side, x, y, s, cfg) for x, y, s in placed):
@@ -212,7 +220,7 @@ def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, sc
         id=scene_id,
         image=image,
         question=question_text(target_shape),
-        options=[],
+        options=None,
         answer=answer_text(target_shape, colour),
         boxes=[box],
         teacher_image=None,

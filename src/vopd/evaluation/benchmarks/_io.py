@@ -171,13 +171,20 @@ def image_source(value: Any, base_dir: Path, where: str) -> ImageSource:
     if isinstance(value, str):
         if value.startswith("data:image"):
             return value
-        path = Path(value) if len(value) < 4096 else None
-        if path is not None and (_PATHLIKE.match(value.strip()) or (base_dir / path).exists()):
+        if _PATHLIKE.match(value.strip()) or (len(value) < 255 and _exists(base_dir / value)):
+            path = Path(value.strip())
             return path if path.is_absolute() else base_dir / path
         return decode_base64_image(value, where=where)
     if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image from `datasets`
         return value
     raise BenchmarkFormatError(f"{where}: cannot read an image from a {type(value).__name__} cell")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a base64 string too long to be a file name
+        return False
 
 
 def choice_prompt(question: str, options: list[str], *, style: str = "paren", instruction: str = CHOICE_INSTRUCTION) -> str:

@@ -1,0 +1,178 @@
+"""Scoring n responses per prompt without repeating the prompt (METHOD.md section 6, DESIGN.md).
+
+Every prompt of a step is followed by ``n`` sampled responses. The straightforward computation
+(`repeat_prompts` + `append_responses` + `response_hidden_states`) copies each prompt n times: the
+image is encoded n times and the long prompt runs through the decoder n times. Two exact shortcuts:
+
+- ``"image"``: encode each image once (vision tower on P images, not P*n) and hand the features,
+  repeated per rollout, to the decoder through the model's ``mm_encoder_outputs`` argument.
+- ``"prefix"``: run the P prompts through the decoder once (with gradient when the caller wants
+  one), expand their key/value cache to P*n rows, then run only the response tokens against it.
+  The hidden state that predicts response token 0 is the prompt's last one; tokens 1..T-1 come
+  from the response pass. Autograd flows through the repeated cache, so gradients equal the
+  straightforward ones (tests/test_fastpath.py checks loss and gradients).
+
+Both are specific to model families whose forward accepts precomputed per-image features as a
+tuple and whose decoder uses a plain key/value cache (the Qwen-VL families listed below); any
+other model, gradient checkpointing (which drops the cache in training) or ``mode="none"`` takes
+the straightforward path. `SharedPrompts` carries the choice, so the student and the teacher
+score the same responses the same way.
+
+Axis suffixes: P prompts, B = P * n rows, L prompt length, T response tokens, H hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vopd.models import append_responses, repeat_prompts, response_hidden_states
+
+__all__ = ["MODES", "SharedPrompts", "NaiveInputs", "sharing_mode", "PREFIX_FAMILIES", "IMAGE_FAMILIES"]
+
+MODES = ("prefix", "image", "none")
+
+# model_type -> verified by tests/test_fastpath.py (same hidden states and gradients as the
+# straightforward computation). Qwen3.5's hybrid linear-attention cache does not support prefix
+# sharing here; it still gets the image shortcut.
+PREFIX_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+IMAGE_FAMILIES = PREFIX_FAMILIES | {"qwen3_5"}
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", "model"))
+
+
+def sharing_mode(model: nn.Module, requested: str = "prefix") -> str:
+    """The best sharing mode this model supports, at most ``requested`` (prefix > image > none)."""
+    if requested not in MODES:
+        raise ValueError(f"sharing mode must be one of {MODES}, got {requested!r}")
+    model_type = getattr(model.config, "model_type", None)
+    # Gradient checkpointing drops the key/value cache in training forwards (transformers warns and
+    # sets cache=None), which would silently break prefix sharing.
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(model, flag, False))
+    if requested == "prefix" and model_type in PREFIX_FAMILIES and not checkpointing:
+        return "prefix"
+    if requested in ("prefix", "image") and model_type in IMAGE_FAMILIES:
+        return "image"
+    return "none"
+
+
+@dataclass
+class SharedPrompts:
+    """P prompts and their P*n responses (prompt-major), scored with the prompt computed once.
+
+    ``mode`` is the *requested* sharing; each model gets ``sharing_mode(model, mode)``, so a
+    family without support falls back to the straightforward path. Pass the object where a
+    teacher expects ``inputs``: `response_hidden_states(model)` is what it calls.
+    """
+
+    prompts: Any  # BatchFeature, left-padded, one row per prompt
+    response_ids_B_T: Tensor
+    mask_B_T: Tensor
+    n: int
+    mode: str = "prefix"
+
+    @property
+    def num_response_tokens(self) -> int:
+        return self.response_ids_B_T.shape[1]
+
+    def full_inputs(self) -> dict[str, Any]:
+        """The straightforward batch: every prompt repeated n times, responses appended."""
+        return append_responses(repeat_prompts(self.prompts, self.n), self.response_ids_B_T, self.mask_B_T)
+
+    def response_hidden_states(self, model: nn.Module) -> Tensor:
+        """[B, T, H] final hidden states predicting each response token (as `models.response_hidden_states`)."""
+        mode = sharing_mode(model, self.mode)
+        if mode == "prefix":
+            return _prefix_shared_hidden(model, self)
+        if mode == "image":
+            return _image_shared_hidden(model, self)
+        return response_hidden_states(model, self.full_inputs(), self.num_response_tokens)
+
+
+@dataclass
+class NaiveInputs:
+    """The straightforward batch scored the way the released code does: with vocabulary logits at
+    every position (prompt included) from the model's own forward, then cut to the responses.
+
+    Exists only for ``naive=true``, to measure what the shortcuts save; same numbers, more work.
+    """
+
+    inputs: dict[str, Any]
+    num_response_tokens: int
+
+    def response_hidden_states(self, model: nn.Module) -> Tensor:
+        captured: list[Tensor] = []
+        hook = _backbone(model).register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+        try:
+            model(**self.inputs, use_cache=False)  # computes (and drops) [B, L+T, V] logits
+        finally:
+            hook.remove()
+        total, T = self.inputs["input_ids"].shape[1], self.num_response_tokens
+        return captured[-1][:, total - T - 1 : total - 1]
+
+
+def _repeat_per_image(value: Any, n: int) -> Any:
+    """Repeat per-image features n times, image-major: a tuple of per-image tensors, or lists of them."""
+    if isinstance(value, tuple) and all(isinstance(v, Tensor) for v in value):
+        return tuple(v for v in value for _ in range(n))
+    if isinstance(value, list):
+        return [_repeat_per_image(v, n) for v in value]
+    raise TypeError(f"unexpected image-feature layout {type(value).__name__}; use sharing mode 'none'")
+
+
+def _encode_images_once(backbone: nn.Module, prompts: Any, n: int) -> dict[str, Any]:
+    """Vision tower on the P prompt images; features repeated to the P*n rows that use them."""
+    features = backbone.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"], return_dict=True)
+    features.pooler_output = _repeat_per_image(features.pooler_output, n)
+    if getattr(features, "deepstack_features", None) is not None:  # Qwen3-VL: features for inner layers too
+        features.deepstack_features = _repeat_per_image(features.deepstack_features, n)
+    return {"image": features}
+
+
+def _image_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
+    backbone, prompts, n = _backbone(model), shared.prompts, shared.n
+    text_only = {k: v for k, v in prompts.items() if k not in ("pixel_values", "image_grid_thw")}
+    inputs = append_responses(repeat_prompts(text_only, n), shared.response_ids_B_T, shared.mask_B_T)
+    inputs["image_grid_thw"] = prompts["image_grid_thw"].repeat_interleave(n, dim=0)  # for M-RoPE positions
+    inputs["mm_encoder_outputs"] = _encode_images_once(backbone, prompts, n)
+    total, T = inputs["input_ids"].shape[1], shared.num_response_tokens
+    out = backbone(**inputs, use_cache=False, return_dict=True)
+    return out.last_hidden_state[:, total - T - 1 : total - 1]
+
+
+def _prefix_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
+    from transformers import DynamicCache
+
+    backbone, prompts, n = _backbone(model), shared.prompts, shared.n
+    ids_B_T, T = shared.response_ids_B_T, shared.num_response_tokens
+    prompt_mask_P_L = prompts["attention_mask"]
+    # M-RoPE positions of the prompt, from the model's own rule; text after the prompt continues
+    # from the prompt's largest position + 1 on all three axes (left padding keeps columns aligned).
+    pos_3_P_L = backbone.compute_3d_position_ids(
+        input_ids=prompts["input_ids"], inputs_embeds=None, image_grid_thw=prompts.get("image_grid_thw"),
+        video_grid_thw=None, attention_mask=prompt_mask_P_L, cache=None, mm_token_type_ids=prompts.get("mm_token_type_ids"),
+    )
+    cache = DynamicCache(config=backbone.config.get_text_config())
+    out = backbone(**prompts, position_ids=pos_3_P_L, cache=cache, use_cache=True, return_dict=True)
+    first_B_1_H = out.last_hidden_state[:, -1:].repeat_interleave(n, dim=0)
+    if T == 1:
+        return first_B_1_H
+    cache = getattr(out, "cache", None) or cache
+    cache.batch_repeat_interleave(n)  # differentiable: gradients of all n rows sum into the prompt's K/V
+    next_pos_B = (pos_3_P_L.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    steps = torch.arange(T - 1, device=ids_B_T.device)
+    pos_3_B_T = (next_pos_B[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+    mask_B_LT = torch.cat(
+        [prompt_mask_P_L.repeat_interleave(n, dim=0), shared.mask_B_T[:, : T - 1].to(prompt_mask_P_L.dtype)], dim=1
+    )
+    rest = backbone(
+        input_ids=ids_B_T[:, : T - 1].to(prompts["input_ids"].dtype), attention_mask=mask_B_LT,
+        position_ids=pos_3_B_T, cache=cache, use_cache=True, return_dict=True,
+    )
+    return torch.cat([first_B_1_H, rest.last_hidden_state], dim=1)

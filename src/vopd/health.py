@@ -1,0 +1,162 @@
+"""Teacher health: make a degrading teacher visible while the loss keeps falling.
+
+In the toy world the EMA(0.05) teacher drifts with the student (which is never trained on crops)
+and both collapse *while the divergence keeps falling*: the loss is no health signal. This probe
+watches the teacher directly, on a fixed batch of teacher-view prompts:
+
+- ``teacher_drift`` (label-free): KL(p_initial || p_teacher) in nats per token, on the initial
+  model's own greedy answers to the probe prompts, over the initial model's top-k ids + a tail
+  bucket. 0 for a frozen teacher; it grows as the teacher forgets what the crop view knew.
+- ``teacher_acc`` / ``student_acc`` / ``student_crop_acc`` (when the probe samples have answers
+  and a grader is given): greedy accuracy of the teacher on crops and of the student on full images
+  and on crops.
+
+When the drift exceeds ``health.drift_warn`` or the teacher's probe accuracy falls more than
+``health.acc_drop_warn`` below its start, it warns; with ``health.on_degrade=stop`` the run saves a
+checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vopd.data import PairCollator, ViewDataset
+from vopd.models import append_responses
+from vopd.objectives import add_tail_bucket, generalized_jsd
+from vopd.records import Sample
+from vopd.rollout import HFGenerateEngine, RolloutConfig
+
+Grader = Callable[[str, Sample], bool]
+
+
+@dataclass
+class HealthConfig:
+    every: int = 0  # probe the teacher every N steps (0 = off)
+    probe_data: str = ""  # held-out probe samples (JSONL or toyworld:N:SEED); empty = first probe_size training samples
+    probe_size: int = 32  # prompts in the fixed probe batch
+    top_k: int = 20  # support (initial model's top-k + tail) of the drift KL
+    max_new_tokens: int = 32  # length of the greedy probe answers
+    drift_warn: float = 0.5  # warn when teacher_drift (nats/token) exceeds this
+    acc_drop_warn: float = 0.1  # warn when teacher probe accuracy falls this far below its start
+    on_degrade: str = "warn"  # warn | stop (save a checkpoint and end the run)
+
+    def __post_init__(self) -> None:
+        if self.on_degrade not in ("warn", "stop"):
+            raise ValueError(f"health.on_degrade={self.on_degrade!r} is not one of warn, stop")
+        if self.probe_size < 1 or self.top_k < 1 or self.every < 0:
+            raise ValueError("health.probe_size and health.top_k must be >= 1, health.every >= 0")
+
+
+def default_grader(text: str, sample: Sample) -> bool:
+    """Rule-based grading (option letter, yes/no, normalised text) of a probe answer."""
+    from vopd.evaluation.grading import grade
+
+    answer = (sample.answer or "").strip()
+    if sample.options or (len(answer) == 1 and answer.isalpha()):
+        kind = "choice"
+    elif answer.lower() in ("yes", "no"):
+        kind = "yesno"
+    else:
+        kind = "open"
+    return grade(text, answer, kind, sample.options).correct
+
+
+def _generation_model(teacher: Any) -> Any | None:
+    """The module that generates like the teacher (None for mixed-logit teachers)."""
+    if getattr(teacher, "kind", "") == "trust_region":
+        return None
+    return getattr(teacher, "model", None) or getattr(teacher, "student", None)
+
+
+class TeacherHealth:
+    """A trainer callback (``train(cfg, callbacks=[health])``) returning ``health/*`` metrics."""
+
+    def __init__(self, cfg: HealthConfig, samples: list[Sample], *, views: Any, grader: Grader | None = None,
+                 thinking: bool | None = False):
+        self.cfg = cfg
+        self.samples = samples[: cfg.probe_size]
+        self.views = views
+        self.grader = grader if grader is not None and all(s.answer is not None for s in self.samples) else None
+        self.thinking = thinking
+        self._ref: dict[str, Tensor] | None = None
+        self.start_acc: float | None = None
+        self.history: list[dict[str, float]] = []
+        self.stop_reason: str | None = None
+
+    # -- probe set-up, done once with the initial weights --------------------------------------
+
+    def _pairs(self, processor: Any):
+        items = [ViewDataset(self.samples, self.views)[i] for i in range(len(self.samples))]
+        return PairCollator(processor, thinking=self.thinking, max_prompt_tokens=None)(items)
+
+    def prepare(self, state: Any) -> dict[str, float]:
+        """Record the initial model's answers and distributions on the probe (call before step 1)."""
+        self.pairs = self._pairs(state.processor)
+        self.engine = HFGenerateEngine(state.processor)
+        device = state.accelerator.device
+        greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
+        ro = self.engine.sample(state.policy, self.pairs.teacher.to(device), greedy)
+        self.ids_B_T, self.mask_B_T = ro.response_ids_B_T.to(device), ro.mask_B_T.to(device)
+        inputs = append_responses(self.pairs.teacher.to(device), self.ids_B_T, self.mask_B_T)
+        logits_N_V = state.teacher.logits_fn(inputs, self.ids_B_T.shape[1], self.mask_B_T)(slice(None)).float()
+        logp_N_V = torch.log_softmax(logits_N_V, dim=-1)
+        top_logp_N_K, top_ids_N_K = logp_N_V.topk(min(self.cfg.top_k, logp_N_V.shape[-1]), dim=-1)
+        self._ref = {"ids": top_ids_N_K, "logp": add_tail_bucket(top_logp_N_K)}
+        return self(state, force=True)
+
+    # -- the periodic probe ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def drift(self, state: Any) -> float:
+        assert self._ref is not None, "call prepare() first"
+        device = state.accelerator.device
+        inputs = append_responses(self.pairs.teacher.to(device), self.ids_B_T, self.mask_B_T)
+        logits_N_V = state.teacher.logits_fn(inputs, self.ids_B_T.shape[1], self.mask_B_T)(slice(None)).float()
+        logp_N_K = torch.log_softmax(logits_N_V, dim=-1).gather(-1, self._ref["ids"])
+        now = add_tail_bucket(logp_N_K)
+        # generalized_jsd(beta=0) is forward KL(teacher-arg || student-arg) = KL(initial || now).
+        return float(generalized_jsd(now, self._ref["logp"], beta=0.0).mean())
+
+    def _accuracy(self, model: Any, prompts: Any, processor: Any, device: Any) -> float:
+        greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
+        ro = self.engine.sample(model, prompts.to(device), greedy)
+        texts = processor.batch_decode(ro.response_ids_B_T.masked_fill(~ro.mask_B_T, 0), skip_special_tokens=True)
+        return sum(self.grader(t, s) for t, s in zip(texts, self.samples)) / len(self.samples)
+
+    def __call__(self, state: Any, *, force: bool = False) -> dict[str, float]:
+        if not force and (self.cfg.every <= 0 or state.step % self.cfg.every):
+            return {}
+        out = {"health/teacher_drift": self.drift(state)}
+        device = state.accelerator.device
+        if self.grader is not None:
+            teacher_model = _generation_model(state.teacher)
+            if teacher_model is not None:
+                out["health/teacher_acc"] = self._accuracy(teacher_model, self.pairs.teacher, state.processor, device)
+            out["health/student_acc"] = self._accuracy(state.policy, self.pairs.student, state.processor, device)
+            out["health/student_crop_acc"] = self._accuracy(state.policy, self.pairs.teacher, state.processor, device)
+        self._check(state.step, out)
+        self.history.append({"step": float(state.step), **out})
+        return out
+
+    def _check(self, step: int, out: dict[str, float]) -> None:
+        acc = out.get("health/teacher_acc")
+        if step == 0 or self.start_acc is None:
+            self.start_acc = acc
+            return
+        problems = []
+        if out["health/teacher_drift"] > self.cfg.drift_warn:
+            problems.append(f"teacher drift {out['health/teacher_drift']:.3f} nats/token > {self.cfg.drift_warn}")
+        if acc is not None and self.start_acc is not None and acc < self.start_acc - self.cfg.acc_drop_warn:
+            problems.append(f"teacher probe accuracy {acc:.1%} fell from {self.start_acc:.1%}")
+        if problems:
+            message = f"step {step}: teacher degrading: " + "; ".join(problems) + \
+                " (the divergence can keep falling meanwhile). Consider teacher.kind=frozen or a smaller teacher.rate."
+            warnings.warn(message, stacklevel=2)
+            if self.cfg.on_degrade == "stop":
+                self.stop_reason = message
