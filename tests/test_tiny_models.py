@@ -160,6 +160,7 @@ def test_save_tiny_returns_directory(tmp_path, tiny_qwen2_vl):
 def test_every_family_saves_and_reloads_with_full_processor(tiny_models, tiny_images, family, tmp_path):
     model, processor = tiny_models(family)
     path = save_tiny(model, processor, tmp_path / family)
+    assert type(AutoProcessor.from_pretrained(path)) is type(processor)  # the full processor, not a tokenizer
     model2, processor2 = models.load_model(str(path))
     assert type(processor2) is type(processor)
     assert type(processor2.image_processor).__name__.endswith("ImageProcessorPil")
@@ -171,3 +172,16 @@ def test_every_family_saves_and_reloads_with_full_processor(tiny_models, tiny_im
         assert torch.equal(torch.as_tensor(batch[key]), torch.as_tensor(batch2[key])), key
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, model2(**batch2).logits)
+
+
+def test_checkpoint_naming_stock_processor_falls_back_to_image_only(tiny_qwen2_vl, tmp_path):
+    """A real Qwen2-VL checkpoint names Qwen2VLProcessor, whose video processor needs torchvision."""
+    path = save_tiny(*tiny_qwen2_vl, tmp_path / "stock")
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        cfg = json.loads((path / name).read_text())
+        cfg["processor_class"] = "Qwen2VLProcessor"
+        (path / name).write_text(json.dumps(cfg))
+    with pytest.raises(OSError, match="video processor"):
+        AutoProcessor.from_pretrained(path)
+    _, processor = models.load_model(str(path))
+    assert type(processor).__name__ == "ImageOnlyQwen2VLProcessor"

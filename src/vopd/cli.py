@@ -95,21 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mount_optional(sub: argparse._SubParsersAction) -> None:
-    """Sub-commands whose arguments live beside their implementation."""
-    mounts = [
-        ("demo", "vopd.toyworld.demo", "add_demo_args"),
-        ("toyworld", "vopd.toyworld.cli_args", "add_toyworld_args"),
-        ("gap", "vopd.evaluation.cli_args", "add_gap_args"),
-        ("eval", "vopd.evaluation.cli_args", "add_eval_args"),
-    ]
+    """Sub-commands whose arguments live beside their implementation (imported lazily)."""
     import importlib
 
-    for name, module, attr in mounts:
+    mounts = [
+        ("demo", "vopd.toyworld.demo", "add_demo_args", None),
+        ("toyworld", "vopd.toyworld.cli_args", "add_toyworld_args", None),
+        ("gap", "vopd.evaluation.cli_args", "add_gap_arguments", "run_gap"),
+        ("eval", "vopd.evaluation.cli_args", "add_eval_arguments", "run_eval"),
+    ]
+    for name, module, add, run in mounts:
         p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
         try:
-            getattr(importlib.import_module(module), attr)(p)
+            mod = importlib.import_module(module)
+            getattr(mod, add)(p)
         except (ImportError, AttributeError) as err:
             p.set_defaults(func=lambda a, e=err, n=name: _unavailable(n, e))
+            continue
+        if run is not None:
+            p.set_defaults(func=lambda a, f=getattr(mod, run): (f(a), 0)[1])
 
 
 def _unavailable(name: str, err: Exception) -> int:

@@ -18,7 +18,6 @@ response ids, so their [B, T, ...] outputs align position by position.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,8 +53,8 @@ _IMAGE_ONLY_FALLBACK = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl",
-    "qwen3_5": "qwen3_vl",
-    "qwen3_5_moe": "qwen3_vl",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
     "llava_onevision": "llava_onevision",
     "smolvlm": "smolvlm",
 }

@@ -34,6 +34,12 @@ from transformers.processing_utils import ProcessorMixin
 
 __all__ = [
     "FAMILIES",
+    "IMAGE_ONLY_PROCESSORS",
+    "ImageOnlyLlavaOnevisionProcessor",
+    "ImageOnlyQwen2VLProcessor",
+    "ImageOnlyQwen2_5_VLProcessor",
+    "ImageOnlyQwen3VLProcessor",
+    "ImageOnlySmolVLMProcessor",
     "build_tokenizer",
     "build_tiny_model",
     "save_tiny",
@@ -305,32 +311,32 @@ class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
         return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
 
-def _image_only_processors() -> dict[str, type[ProcessorMixin]]:
-    return {
-        "qwen2_vl": ImageOnlyQwen2VLProcessor,
-        "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-        "qwen3_vl": ImageOnlyQwen3VLProcessor,
-        "llava_onevision": ImageOnlyLlavaOnevisionProcessor,
-        "smolvlm": ImageOnlySmolVLMProcessor,
-    }
-
-
-_IMAGE_ONLY: dict[str, type[ProcessorMixin]] = {}
+# family -> image-only processor class (Qwen3.5 checkpoints use Qwen3VLProcessor).
+IMAGE_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+    "qwen3_vl": ImageOnlyQwen3VLProcessor,
+    "qwen3_5": ImageOnlyQwen3VLProcessor,
+    "llava_onevision": ImageOnlyLlavaOnevisionProcessor,
+    "smolvlm": ImageOnlySmolVLMProcessor,
+}
+_registered = False
 
 
 def register_image_only_processors() -> dict[str, type[ProcessorMixin]]:
-    """Register the `ImageOnly*Processor` classes with `AutoProcessor` (idempotent).
+    """Register the `ImageOnly*Processor` classes with `AutoProcessor` (idempotent); return the family map.
 
     Each is registered under a private key of its own, not under the family's config class, so
     `AutoProcessor.from_pretrained` resolves them only for checkpoints whose processor config
     names them (saved tiny models); real checkpoints keep their stock processor classes.
     """
-    if not _IMAGE_ONLY:
-        _IMAGE_ONLY.update(_image_only_processors())
-        for cls in _IMAGE_ONLY.values():
+    global _registered
+    if not _registered:
+        for cls in set(IMAGE_ONLY_PROCESSORS.values()):
             key = type(f"_{cls.__name__}Key", (), {"__module__": __name__})
             AutoProcessor.register(key, cls, exist_ok=True)
-    return _IMAGE_ONLY
+        _registered = True
+    return IMAGE_ONLY_PROCESSORS
 
 
 register_image_only_processors()
@@ -414,7 +420,7 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
                                   tie_word_embeddings=False, **_qwen_vision_ids(tok))
     patch = vision_cfg["patch_size"]
     merge = vision_cfg["spatial_merge_size"]
-    proc_cls = register_image_only_processors()["qwen3_vl" if family == "qwen3_5" else family]
+    proc_cls = IMAGE_ONLY_PROCESSORS[family]
     processor = proc_cls(image_processor=_qwen_image_processor(patch, merge), tokenizer=tok,
                          chat_template=tok.chat_template)
     return config, processor
@@ -448,7 +454,7 @@ def _build_idefics3(family: str, tok, text: dict | None, vision: dict | None):
     image_kwargs = {"size": {"longest_edge": 2 * tile}, "max_image_size": {"longest_edge": tile}}
     if family == "smolvlm":
         image_processor = SmolVLMImageProcessorPil(**image_kwargs)
-        proc_cls = register_image_only_processors()["smolvlm"]
+        proc_cls = IMAGE_ONLY_PROCESSORS["smolvlm"]
     else:
         image_processor = Idefics3ImageProcessorPil(**image_kwargs)
         proc_cls = Idefics3Processor
@@ -480,7 +486,7 @@ def _build_llava_onevision(family: str, tok, text: dict | None, vision: dict | N
     )
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
                                                       image_grid_pinpoints=pinpoints)
-    proc_cls = register_image_only_processors()["llava_onevision"]
+    proc_cls = IMAGE_ONLY_PROCESSORS["llava_onevision"]
     processor = proc_cls(image_processor=image_processor, tokenizer=tok,
                          num_image_tokens=(tile // vision_cfg["patch_size"]) ** 2,
                          vision_feature_select_strategy="full", chat_template=tok.chat_template)

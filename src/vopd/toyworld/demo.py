@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vopd.config import TrainConfig, load_config
-from vopd.records import Sample
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # keep `vopd --help` fast: no torch/transformers import at parse time
+    from vopd.config import TrainConfig
+    from vopd.records import Sample
 
 BASE_VIEWS = ("full", "crop", "boxed_full")
 
@@ -62,6 +65,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "toy_demo.yaml"
 
 def demo_train_config(cfg: DemoConfig) -> TrainConfig:
     """The toy recipe ``configs/toy_demo.yaml`` plus the demo's settings."""
+    from vopd.config import load_config
+
     if not DEMO_CONFIG.is_file():
         raise FileNotFoundError(
             f"{DEMO_CONFIG} not found: `vopd demo` runs from a clone of the repository (pip install -e .)"

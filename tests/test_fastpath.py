@@ -1,0 +1,162 @@
+"""The sharing shortcuts of vopd.fastpath equal the straightforward computation (values and
+gradients), do the work they promise (image encoded once, prompt decoded once), and fall back
+cleanly; the training step gives the same loss and gradients in every mode, naive included."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vopd.trainer as trainer_mod
+from vopd.fastpath import NaiveInputs, SharedPrompts, sharing_mode
+from vopd.models import build_prompts
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+N, T = 3, 5
+
+
+def _batch(processor, images):
+    """Two prompts of different lengths (left padding), n=3 responses each, ragged masks."""
+    prompts = build_prompts(processor, list(images), ["What color is the circle?", "Is it green?"])
+    g = torch.Generator().manual_seed(0)
+    ids_B_T = torch.randint(20, 200, (2 * N, T), generator=g)
+    mask_B_T = torch.ones(2 * N, T, dtype=torch.bool)
+    mask_B_T[1, 3:] = False  # response ended early
+    mask_B_T[4, 1:] = False  # one-token response
+    return prompts, ids_B_T, mask_B_T
+
+
+def _hidden_and_grads(model, shared, weight):
+    model.zero_grad(set_to_none=True)
+    hidden_B_T_H = shared.response_hidden_states(model)
+    ((hidden_B_T_H * weight)[shared.mask_B_T]).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return hidden_B_T_H.detach()[shared.mask_B_T], grads
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_sharing_equals_straightforward_values_and_gradients(tiny_models, tiny_images, family):
+    model, processor = tiny_models(family)
+    model = copy.deepcopy(model).double().train()
+    prompts, ids_B_T, mask_B_T = _batch(processor, tiny_images)
+    assert prompts["attention_mask"].sum(1).unique().numel() == 2, "prompts must differ in length (padding)"
+    weight = torch.randn(2 * N, T, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    ref_h, ref_g = _hidden_and_grads(model, SharedPrompts(prompts, ids_B_T, mask_B_T, N, "none"), weight)
+    assert len(ref_g) > 10 and any("visual" in k for k in ref_g), "gradients must reach the vision tower"
+    for mode in ("image", "prefix"):
+        h, g = _hidden_and_grads(model, SharedPrompts(prompts, ids_B_T, mask_B_T, N, mode), weight)
+        torch.testing.assert_close(h, ref_h, atol=1e-10, rtol=1e-10, msg=f"{family} {mode} hidden")
+        assert g.keys() == ref_g.keys()
+        for key in ref_g:
+            torch.testing.assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-8, msg=f"{family} {mode} {key}")
+
+
+def test_naive_inputs_equal_response_hidden_states(tiny_qwen2_vl, tiny_images):
+    model, processor = tiny_qwen2_vl
+    shared = SharedPrompts(*_batch(processor, tiny_images), N, "none")
+    with torch.no_grad():
+        naive = NaiveInputs(shared.full_inputs(), T).response_hidden_states(model)
+        torch.testing.assert_close(naive, shared.response_hidden_states(model), atol=1e-6, rtol=1e-5)
+
+
+def _count_work(model, shared):
+    """(image patches through the vision tower, token rows through the decoder) for one scoring."""
+    seen = {"patches": 0, "tokens": 0}
+    backbone = model.model
+    h1 = backbone.visual.register_forward_hook(lambda m, a, out: seen.__setitem__("patches", seen["patches"] + a[0].shape[0]))
+    h2 = backbone.language_model.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("tokens", seen["tokens"] + out.last_hidden_state.shape[:2].numel())
+    )
+    try:
+        with torch.no_grad():
+            shared.response_hidden_states(model)
+    finally:
+        h1.remove()
+        h2.remove()
+    return seen["patches"], seen["tokens"]
+
+
+def test_each_image_encoded_once_and_prompt_decoded_once(tiny_qwen2_vl, tiny_images):
+    model, processor = tiny_qwen2_vl
+    prompts, ids_B_T, mask_B_T = _batch(processor, tiny_images)
+    patches_P = prompts["pixel_values"].shape[0]
+    L = prompts["input_ids"].shape[1]
+    work = {m: _count_work(model, SharedPrompts(prompts, ids_B_T, mask_B_T, N, m)) for m in ("none", "image", "prefix")}
+    assert work["none"] == (N * patches_P, 2 * N * (L + T))
+    assert work["image"] == (patches_P, 2 * N * (L + T))
+    assert work["prefix"] == (patches_P, 2 * L + 2 * N * (T - 1))
+
+
+def test_sharing_mode_falls_back(tiny_models):
+    qwen, _ = tiny_models("qwen2_vl")
+    assert sharing_mode(qwen) == "prefix"
+    assert sharing_mode(qwen, "image") == "image"
+    assert sharing_mode(qwen, "none") == "none"
+    assert sharing_mode(tiny_models("qwen3_5")[0]) == "image"  # hybrid linear-attention cache: no prefix
+    assert sharing_mode(tiny_models("gemma3")[0]) == "none"
+    checkpointed = copy.deepcopy(qwen)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert sharing_mode(checkpointed) == "image"  # checkpointing drops the KV cache in training
+    with pytest.raises(ValueError, match="sharing mode"):
+        sharing_mode(qwen, "fast")
+
+
+def test_fallback_family_gives_straightforward_result(tiny_models, tiny_images):
+    model, processor = tiny_models("gemma3")
+    prompts = build_prompts(processor, list(tiny_images), ["What color?", "Is it green?"])
+    ids_B_T = torch.randint(20, 200, (2 * N, T), generator=torch.Generator().manual_seed(0))
+    mask_B_T = torch.ones_like(ids_B_T, dtype=torch.bool)
+    with torch.no_grad():
+        fast = SharedPrompts(prompts, ids_B_T, mask_B_T, N, "prefix").response_hidden_states(model)
+        plain = SharedPrompts(prompts, ids_B_T, mask_B_T, N, "none").response_hidden_states(model)
+    torch.testing.assert_close(fast, plain, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def step_setup(tmp_path_factory):
+    from vopd.config import load_config
+    from vopd.data import PairCollator
+
+    cfg = load_config(None, [
+        "model.path=tiny:qwen2_vl", "data.train=toyworld:4:0", "rollout.n=3", "rollout.max_new_tokens=5",
+        "loss.top_k=16", "loss.chunk_size=7", "prompts_per_step=4", "micro_batch_prompts=2", "report_to=[jsonl]",
+        "threads=1", "teacher.kind=frozen", f"output_dir={tmp_path_factory.mktemp('fastpath_step')}",
+    ])
+    state, sampler, dataset, _ = trainer_mod.setup(cfg)
+    collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
+    batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:2]]
+    return state, batches
+
+
+@pytest.mark.parametrize("estimator", ["topk", "full"])
+def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatch, estimator):
+    """naive (full logits everywhere, loss in one piece) == straightforward == image-once == prefix."""
+    state, batches = step_setup
+    captured = {}
+
+    def capture(st, *, loss_value):
+        captured["grads"] = {k: p.grad.clone() for k, p in st.policy.named_parameters() if p.grad is not None}
+        st.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}
+
+    monkeypatch.setattr(trainer_mod, "_optimizer_step", capture)
+    monkeypatch.setattr(state.cfg.loss, "estimator", estimator)
+    results = {}
+    for name, naive, sharing in [("naive", True, None), ("none", False, "none"), ("image", False, "image"),
+                                 ("prefix", False, "prefix")]:
+        monkeypatch.setattr(state.cfg, "naive", naive)
+        torch.manual_seed(123)  # same rollouts in every mode (the weights never change here)
+        metrics = trainer_mod.train_step(state, batches, sharing=sharing)
+        results[name] = (metrics, captured.pop("grads"))
+    ref_metrics, ref_grads = results["naive"]
+    assert ref_metrics["divergence"] > 0 and ref_metrics["response_tokens"] > 12
+    for name, (metrics, grads) in results.items():
+        assert metrics["response_tokens"] == ref_metrics["response_tokens"], name
+        assert metrics["divergence"] == pytest.approx(ref_metrics["divergence"], rel=1e-4), name
+        assert metrics["logp_gap"] == pytest.approx(ref_metrics["logp_gap"], rel=1e-4, abs=1e-7), name
+        assert grads.keys() == ref_grads.keys(), name
+        for key in ref_grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-7, rtol=2e-3, msg=f"{name} {key}")
