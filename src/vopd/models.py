@@ -179,10 +179,8 @@ def chat_prompt(processor: ProcessorMixin, text: str, *, thinking: bool | None =
     if not template:
         raise ValueError(f"{type(processor).__name__} has no chat template; set processor.chat_template")
     kwargs: dict[str, Any] = {}
-    if thinking is not None:
-        kwargs["enable_thinking"] = thinking
-    elif "enable_thinking" in str(template):
-        kwargs["enable_thinking"] = False
+    if "enable_thinking" in str(template):  # other templates have no such switch: pass nothing
+        kwargs["enable_thinking"] = bool(thinking)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 

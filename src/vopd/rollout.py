@@ -165,21 +165,22 @@ class _SampledLogProbs(LogitsProcessor):
     """Last in the processor list: records log p(sampled token) of the final sampling distribution.
 
     At step s it sees the token sampled at step s-1 (the last column of input_ids) and gathers its
-    log-prob from the log-softmax kept from step s-1; `finish` handles the final step. Only one
-    [B, V] log-softmax is alive at a time.
+    score from step s-1 minus that step's log-sum-exp; `finish` handles the final step. Only a
+    reference to one step's scores and a [B] log-sum-exp are kept (no [B, V] copy).
     """
 
     def __init__(self) -> None:
         self.logp_steps: list[torch.Tensor] = []
-        self._prev: torch.Tensor | None = None
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _gather_prev(self, tokens: torch.Tensor) -> None:
         if self._prev is not None:
-            self.logp_steps.append(self._prev.gather(1, tokens[:, None]).squeeze(1))
+            scores, lse = self._prev
+            self.logp_steps.append(scores.gather(1, tokens[:, None]).squeeze(1).float() - lse)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._gather_prev(input_ids[:, -1])
-        self._prev = torch.log_softmax(scores.float(), dim=-1)
+        self._prev = (scores, torch.logsumexp(scores.float(), dim=-1))
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:

@@ -410,7 +410,7 @@ def train(
                     with metrics_file.open("a") as fh:
                         fh.write(json.dumps(metrics) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['divergence']:.4f}", len=f"{metrics['response_length']:.1f}", s=f"{metrics['time_step']:.2f}")
+            bar.set_postfix(loss=f"{metrics['divergence']:.3g}", len=f"{metrics['response_length']:.1f}", s=f"{metrics['time_step']:.2f}")
             if state.bad_in_a_row >= cfg.max_bad_steps:
                 bar.close()
                 raise TrainingError(
@@ -467,7 +467,7 @@ def summary(result: TrainResult) -> str:
     if hist:
         times = sorted(h["time_step"] for h in hist)
         lines.append(
-            f"  divergence {hist[0]['divergence']:.4f} -> {hist[-1]['divergence']:.4f}; "
+            f"  divergence {hist[0]['divergence']:.3g} -> {hist[-1]['divergence']:.3g}; "
             f"median {times[len(times) // 2]:.2f} s/step; skipped steps {int(sum(h['skipped'] for h in hist))}"
         )
     lines.append(f"  checkpoint: {result.checkpoint}")

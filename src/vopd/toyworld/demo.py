@@ -190,6 +190,8 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--teacher", default=d.teacher, help="frozen (default here: stable in the toy world), ema, live")
     parser.add_argument("--teacher-rate", type=float, default=d.teacher_rate)
+    parser.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
+                        help="run the ablation suite instead (all, or variants whose name contains NAME)")
     parser.add_argument("overrides", nargs="*", help="extra `vopd train` overrides, e.g. optim.lr=2e-4")
     parser.set_defaults(func=_main)
 
@@ -200,5 +202,10 @@ def _main(args: argparse.Namespace) -> int:
         train_seed=args.train_seed, seed=args.seed, threads=args.threads, teacher=args.teacher,
         teacher_rate=args.teacher_rate, overrides=tuple(args.overrides),
     )
+    if args.ablations is not None:
+        from vopd.toyworld.ablations import run_ablations
+
+        run_ablations(cfg, only=args.ablations or None)
+        return 0
     run_demo(cfg)
     return 0

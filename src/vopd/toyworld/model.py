@@ -14,6 +14,7 @@ paper's hint, the chat roles), so every colour and shape word is one token and a
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from vopd.records import Sample
@@ -25,6 +26,8 @@ __all__ = [
     "TOY_TEXT",
     "TOY_VISION",
     "TOY_IMAGE_PIXELS",
+    "TOY_BASE_DIR",
+    "toy_base_path",
     "toy_corpus",
     "build_toy_model",
     "toy_answer_colour",
@@ -51,6 +54,9 @@ TOY_VISION: dict[str, Any] = {
 }
 #: Pixel budget of the image processor: a 168 x 168 scene passes unresized (36 tokens).
 TOY_IMAGE_PIXELS: tuple[int, int] = (28 * 28, 168 * 168)
+
+#: The shipped base checkpoint (inside the package, so an install carries it).
+TOY_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_base"
 
 _COLOUR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
 
@@ -84,6 +90,21 @@ def _set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
         temporal_patch_size=old.temporal_patch_size,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
+
+
+def toy_base_path() -> Path:
+    """Folder of the shipped toy base checkpoint (model, processor, ``toy_base.json``).
+
+    Raises:
+        FileNotFoundError: the checkpoint is missing (rebuild it with
+            ``vopd toyworld pretrain --out src/vopd/assets/toy_base``).
+    """
+    if not (TOY_BASE_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"toy base checkpoint not found in {TOY_BASE_DIR}; rebuild it with "
+            f"`vopd toyworld pretrain --out {TOY_BASE_DIR}` (about 3-5 min on 2 CPU cores)"
+        )
+    return TOY_BASE_DIR
 
 
 def toy_answer_colour(text: str) -> str | None:

@@ -29,7 +29,7 @@ from vopd.models import append_responses, build_prompts, response_logits
 from vopd.records import Sample
 from vopd.tiny_models import save_tiny
 from vopd.toyworld.evaluate import VIEWS, evaluate_views, prepare_views, view_input
-from vopd.toyworld.model import build_toy_model
+from vopd.toyworld.model import TOY_BASE_DIR, build_toy_model
 from vopd.toyworld.scenes import (
     HELDOUT_SEED,
     VALIDATION_SEED,
@@ -42,7 +42,7 @@ from vopd.toyworld.scenes import (
 __all__ = ["DEFAULT_BASE_DIR", "PretrainConfig", "pretrain_base", "answer_batch", "supervised_loss"]
 
 #: Where the shipped base checkpoint lives (inside the package, so `pip install` carries it).
-DEFAULT_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_base"
+DEFAULT_BASE_DIR = TOY_BASE_DIR
 # Training scenes come from their own seed stream, apart from the validation/held-out seeds.
 _TRAIN_STREAM = 1_000_003
 
@@ -65,6 +65,8 @@ class PretrainConfig:
         eval_n: validation scenes for the periodic evaluations.
         final_eval_n: held-out scenes for the final evaluation written to ``toy_base.json``.
         threads: torch CPU threads (set explicitly: results depend on it at the last bits).
+        snapshot_dir: also save the model at every evaluation step to ``snapshot_dir/step-N``
+            (to pick the stop step; the weights at step N do not depend on ``steps``).
         scene: the world.
     """
 
@@ -81,6 +83,7 @@ class PretrainConfig:
     eval_n: int = 200
     final_eval_n: int = 500
     threads: int = 2
+    snapshot_dir: str | None = None
     scene: SceneConfig = dataclasses.field(default_factory=SceneConfig)
 
     def __post_init__(self) -> None:
@@ -162,6 +165,8 @@ def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
                           "wall_s": round(time.perf_counter() - start, 1),
                           **{v: round(a, 4) for v, a in acc.items()}})
             print(json.dumps(curve[-1]), flush=True)
+            if cfg.snapshot_dir is not None:
+                save_tiny(model, processor, Path(cfg.snapshot_dir) / f"step-{step}")
     model.eval()
     final = evaluate_views(model, processor, make_dataset(cfg.final_eval_n, HELDOUT_SEED, cfg.scene),
                            views=VIEWS) if cfg.final_eval_n else None
@@ -176,6 +181,7 @@ def _report(cfg: PretrainConfig, curve: list[dict[str, Any]], final: Any, train_
             wall_s: float) -> dict[str, Any]:
     config = dataclasses.asdict(cfg)
     config.pop("out")
+    config.pop("snapshot_dir")
     return {
         "recipe": "vopd.toyworld.pretrain.pretrain_base",
         "config": config,
