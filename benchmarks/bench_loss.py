@@ -49,6 +49,9 @@ def straightforward(student_h, teacher_h, head, teacher_head) -> float:
     return float(loss)
 
 
+CHUNK = {"quick": 128, "full": 1024}
+
+
 def chunked(student_h, teacher_h, head, teacher_head, chunk: int = 1024) -> float:
     def teacher_logits(rows: slice) -> torch.Tensor:
         return teacher_head(teacher_h[rows])
@@ -77,13 +80,14 @@ def run(quick: bool) -> dict:
                 student_h, teacher_h = _inputs(n, head, teacher_head)
                 head.weight.grad = None
                 gc.collect()
-                value, seconds, peak = timed(fn, student_h, teacher_h, head, teacher_head)
+                kw = {"chunk": CHUNK["quick" if quick else "full"]} if fn is chunked else {}
+                value, seconds, peak = timed(fn, student_h, teacher_h, head, teacher_head, **kw)
                 grad_norm = float(student_h.grad.norm())
                 rows.append({"path": name, "tokens": n, "seconds": seconds, "peak_mb": peak, "loss": value,
                              "hidden_grad_norm": grad_norm})
                 print(f"{name:16s} N={n:5d}  {seconds:7.2f} s  peak +{peak:8.1f} MB  loss {value:.6f}", flush=True)
                 del student_h, teacher_h
-    return {"rows": rows, "sizes": sizes}
+    return {"rows": rows, "sizes": sizes, "chunk_size": CHUNK["quick" if quick else "full"]}
 
 
 def report(result: dict, mach: dict) -> str:

@@ -4,6 +4,7 @@ signals, checkpoints that reload with the transformers Auto classes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -176,3 +177,51 @@ def test_teacher_health_probe_reports_drift_and_accuracy(tmp_path):
             assert 0.0 <= h["health/teacher_acc"] <= 1.0
     assert [h["health/teacher_drift"] for h in frozen.history] == pytest.approx([0.0, 0.0], abs=1e-6)
     assert live.history[-1]["health/teacher_drift"] > 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the weights of the 1-process run.
+
+    Greedy rollouts make the responses identical; each process takes half of every step's prompts,
+    the token count is summed globally, and DDP averages the gradients.
+    """
+    args = [*BASE, "rollout.temperature=0", "optim.warmup_steps=0", "teacher.kind=frozen", "max_steps=2",
+            "micro_batch_prompts=1", "device=cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args,
+                          f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state" / "state.json").read_text())
+    assert state["world_size"] == 2
+    train(load_config(None, [*args, f"output_dir={tmp_path / 'one'}"]))
+    one, two_w = _weights(tmp_path / "one" / "checkpoint-2"), _weights(tmp_path / "two" / "checkpoint-2")
+    for key in one:
+        torch.testing.assert_close(one[key], two_w[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
+    res = train(_cfg(tmp_path / "bf16", "max_steps=1", "mixed_precision=bf16", "model.gradient_checkpointing=true"))
+    h = res.history[0]
+    assert h["skipped"] == 0.0 and math.isfinite(h["divergence"]) and h["grad_norm"] > 0
+
+
+def test_tensorboard_events_written(tmp_path):
+    train(_cfg(tmp_path, "max_steps=1", "report_to=[jsonl,tensorboard]"))
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_trains_on_released_visionopd6k_layout(tmp_path):
+    """The released Vision-OPD-6K folder (train.jsonl + relative image paths) trains as is."""
+    from vopd.datasets.visionopd6k import write_visionopd6k
+    from vopd.toyworld.scenes import make_dataset
+
+    folder = tmp_path / "vopd6k"
+    write_visionopd6k(make_dataset(4, 5), folder)
+    moved = tmp_path / "moved"
+    folder.rename(moved)  # relative paths: the folder can move
+    res = train(_cfg(tmp_path / "run", "max_steps=1", f"data.train={moved / 'train.jsonl'}"))
+    assert res.steps == 1 and res.history[0]["response_tokens"] > 0

@@ -245,8 +245,11 @@ class HFGenerateEngine:
         device = getattr(model, "device", None)
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
                   for k, v in prompt_batch.items()}
+        # Sampling knobs are meaningless (and warned about) for greedy decoding: neutralise them only when sampling.
+        neutral = _NEUTRAL_GENERATION if not greedy else {k: v for k, v in _NEUTRAL_GENERATION.items()
+                                                          if k in ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")}
         generate_kwargs = dict(
-            **_NEUTRAL_GENERATION,
+            **neutral,
             do_sample=not greedy,
             num_beams=1,
             # Greedy rows of one prompt are identical: decode once and repeat below.

@@ -263,7 +263,12 @@ def _num_steps(cfg: TrainConfig, num_samples: int) -> int:
 
 def _make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # accelerate keeps a process-wide singleton; several train() calls in one process (ablations,
+    # tests, notebooks) may use different precisions. The distributed set-up (PartialState) stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     trackers = [r for r in cfg.report_to if r != "jsonl" and _tracker_available(r)]
     return Accelerator(
         cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
@@ -453,7 +458,7 @@ def _save(state: TrainState) -> Path | None:
         path = save_checkpoint(
             state.cfg.output_dir, state.step, model=state.policy, processor=state.processor,
             teacher_state=state.teacher.state_dict(), optimizer=state.optimizer, scheduler=state.scheduler,
-            extra={"skipped_steps": state.skipped_steps, "config": config_to_dict(state.cfg)},
+            extra={"skipped_steps": state.skipped_steps, "world_size": acc.num_processes, "config": config_to_dict(state.cfg)},
             keep=state.cfg.keep_checkpoints,
         )
     acc.wait_for_everyone()

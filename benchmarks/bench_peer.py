@@ -1,0 +1,166 @@
+"""Benchmark 1: vopd vs TRL's DistillationTrainer on equal work, alternating in one process.
+
+Both train the same random Qwen2-VL (built from a config: text 256 x 4 layers, vision 128 x 4,
+vocabulary 8192) on the same 336 px images (144 image tokens each) and question, with P prompts
+per step, n rollouts per prompt, responses of up to T tokens sampled at temperature 1, the
+generalized JSD with the same beta over the full vocabulary, a frozen teacher that sees the same
+image as the student (vopd: teacher.view=full), AdamW, fp32, no gradient checkpointing. TRL's
+trainer draws one completion per prompt row, so its batch holds each prompt n times (the same
+P x n sequences per step as vopd).
+
+Rounds alternate: TRL for W + K steps, then vopd for W + K steps, repeated; the first W steps of
+each block are warm-up and not counted. A step is everything from taking the batch to the
+optimiser step (sampling included). Peak memory = peak RSS above the level at the step start.
+
+    python benchmarks/bench_peer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    QUESTION, PeakRSS, build_workload_model, machine, machine_markdown, scene, summary, timed, write_results,
+)
+
+
+def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: int, warmup: int, out: Path) -> list[dict]:
+    """Run TRL's DistillationTrainer for warmup + steps steps; per-step seconds and peak MB."""
+    import time
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from vopd.models import load_model
+
+    model, processor = load_model(str(model_dir))
+    teacher = copy.deepcopy(model).eval()
+    rows = [{"prompt": [{"role": "user", "content": QUESTION}], "image": scene(i)}
+            for i in range(P * (warmup + steps)) for _ in range(n)]
+    records: list[dict] = []
+
+    class StepMeter(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.meter = PeakRSS()
+            self.ctx = self.meter.measure()
+            self.ctx.__enter__()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            seconds = time.perf_counter() - self.t0
+            self.ctx.__exit__(None, None, None)
+            records.append({"seconds": seconds, "peak_mb": self.meter.peak_mb})
+
+    args = DistillationConfig(
+        output_dir=str(out), per_device_train_batch_size=P * n, gradient_accumulation_steps=1,
+        max_steps=warmup + steps, max_completion_length=T, temperature=1.0, top_p=1.0, beta=beta,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
+        bf16=False, use_cpu=True, logging_steps=10_000, report_to=[], save_strategy="no",
+        dataloader_num_workers=0, shuffle_dataset=False, seed=0, disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=processor, callbacks=[StepMeter()])
+    trainer.train()
+    return records[warmup:]
+
+
+class VopdRunner:
+    """vopd's train_step on prompt batches built the same way (one micro-batch of P prompts)."""
+
+    def __init__(self, model_dir: Path, *, P: int, n: int, T: int, beta: float, out: Path, naive: bool = False,
+                 sharing: str | None = None, image_size: int = 336):
+        from vopd.config import load_config
+        from vopd.trainer import setup
+
+        cfg = load_config(None, [
+            f"model.path={model_dir}", "data.train=toyworld:4:0", f"rollout.n={n}", f"rollout.max_new_tokens={T}",
+            "rollout.temperature=1.0", f"loss.beta={beta}", "loss.estimator=full", "teacher.kind=frozen",
+            "teacher.view=full", f"prompts_per_step={P}", f"micro_batch_prompts={P}", "optim.lr=1e-5",
+            "optim.warmup_steps=0", "report_to=[jsonl]", f"output_dir={out}", f"naive={str(naive).lower()}",
+            "device=cpu",
+        ])
+        self.state, *_ = setup(cfg)
+        self.P, self.sharing, self.image_size, self.count = P, sharing, image_size, 0
+
+    def step(self) -> dict:
+        from vopd.data import PromptPair
+        from vopd.models import build_prompts
+        from vopd.trainer import train_step
+
+        images = [scene(self.count * self.P + i, self.image_size) for i in range(self.P)]
+        self.count += 1
+        prompts = build_prompts(self.state.processor, images, [QUESTION] * self.P)  # collation is not timed (workers)
+        pair = PromptPair(student=prompts, teacher=prompts, sample_ids=[str(i) for i in range(self.P)])
+        metrics, seconds, peak = timed(train_step, self.state, [pair], sharing=self.sharing)
+        return {"seconds": seconds, "peak_mb": peak, "response_tokens": metrics["response_tokens"],
+                **{k: v for k, v in metrics.items() if k.startswith("time_")}}
+
+
+def run(quick: bool) -> dict:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    work = {"P": 2, "n": 4, "T": 16, "beta": 0.5} if quick else {"P": 2, "n": 8, "T": 32, "beta": 0.5}
+    rounds, warmup, steps = (2, 1, 2) if quick else (3, 1, 3)
+    tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_peer_"))
+    model_dir = build_workload_model(tmp / "model")
+    trl, vopd = [], []
+    for r in range(rounds):
+        trl += trl_block(model_dir, steps=steps, warmup=warmup, out=tmp / f"trl{r}", **work)
+        print(f"round {r}: TRL {[round(x['seconds'], 2) for x in trl[-steps:]]}", flush=True)
+        runner = VopdRunner(model_dir, out=tmp / f"vopd{r}", **work)
+        for i in range(warmup + steps):
+            rec = runner.step()
+            if i >= warmup:
+                vopd.append(rec)
+        print(f"round {r}: vopd {[round(x['seconds'], 2) for x in vopd[-steps:]]}", flush=True)
+        del runner
+    return {"workload": work, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, "trl": trl, "vopd": vopd}
+
+
+def report(result: dict, mach: dict) -> str:
+    w = result["workload"]
+    t_trl, t_vopd = (summary([r["seconds"] for r in result[k]]) for k in ("trl", "vopd"))
+    m_trl, m_vopd = (summary([r["peak_mb"] for r in result[k]]) for k in ("trl", "vopd"))
+    phases = {k: summary([r[k] for r in result["vopd"]])["median"] for k in result["vopd"][0] if k.startswith("time_")}
+    lines = [
+        "# Benchmark 1: vopd vs TRL DistillationTrainer, equal work, alternating in one process", "",
+        machine_markdown(mach), "",
+        f"Workload: random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192), 336 px images (144 image "
+        f"tokens, prompt ~166 tokens), P={w['P']} prompts x n={w['n']} rollouts, up to T={w['T']} sampled tokens, "
+        f"JSD beta={w['beta']} over the full vocabulary, frozen teacher on the same image, fp32, AdamW. "
+        f"{result['rounds']} alternating rounds x {result['steps_per_round']} measured steps "
+        f"(+{result['warmup']} warm-up per block).", "",
+        "| trainer | median s/step (min-max) | median peak MB above step start (min-max) |", "|---|---|---|",
+        f"| TRL DistillationTrainer | {t_trl['median']:.2f} ({t_trl['min']:.2f}-{t_trl['max']:.2f}) | "
+        f"{m_trl['median']:.0f} ({m_trl['min']:.0f}-{m_trl['max']:.0f}) |",
+        f"| vopd | {t_vopd['median']:.2f} ({t_vopd['min']:.2f}-{t_vopd['max']:.2f}) | "
+        f"{m_vopd['median']:.0f} ({m_vopd['min']:.0f}-{m_vopd['max']:.0f}) |", "",
+        f"Ratio vopd / TRL: time {t_vopd['median'] / t_trl['median']:.2f} (target <= 0.5), "
+        f"peak memory {m_vopd['median'] / m_trl['median']:.2f} (target <= 1).", "",
+        "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    mach = machine()
+    result = run(args.quick)
+    result |= {"machine": mach, "quick": args.quick}
+    write_results("peer_trl" + ("_quick" if args.quick else ""), result, report(result, mach))
+
+
+if __name__ == "__main__":
+    main()
