@@ -225,3 +225,26 @@ def test_trains_on_released_visionopd6k_layout(tmp_path):
     folder.rename(moved)  # relative paths: the folder can move
     res = train(_cfg(tmp_path / "run", "max_steps=1", f"data.train={moved / 'train.jsonl'}"))
     assert res.steps == 1 and res.history[0]["response_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_paper_recipe_runs_two_steps_at_tiny_scale(tmp_path):
+    """configs/paper_qwen35_4b.yaml with only the sizes shrunk: Qwen3.5 family, bf16 autocast,
+    gradient checkpointing, red box + hint student, data-loader workers, EMA teacher."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_qwen35_4b.yaml"
+    cfg = load_config(recipe, [
+        "model.path=tiny:qwen3_5", "data.train=toyworld:8:3", "data.num_workers=2", "prompts_per_step=2",
+        "micro_batch_prompts=1", "rollout.n=2", "rollout.max_new_tokens=4", "max_steps=2", "save_every=0",
+        f"output_dir={tmp_path}", "report_to=[jsonl]", "threads=1",
+    ])
+    assert cfg.views.draw_box and cfg.views.hint and cfg.mixed_precision == "bf16"
+    res = train(cfg)
+    assert res.steps == 2 and all(h["skipped"] == 0.0 for h in res.history)
+    assert res.checkpoint == tmp_path / "checkpoint-2"
+
+
+def test_toy_demo_recipe_matches_the_toy_views():
+    from vopd.toyworld.scenes import TOY_VIEW
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy_demo.yaml")
+    assert cfg.views == TOY_VIEW
