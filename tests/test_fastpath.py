@@ -101,7 +101,8 @@ def test_sharing_mode_falls_back(tiny_models):
     assert sharing_mode(tiny_models("qwen3_5")[0]) == "image"  # hybrid linear-attention cache: no prefix
     assert sharing_mode(tiny_models("gemma3")[0]) == "none"
     checkpointed = copy.deepcopy(qwen)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert sharing_mode(checkpointed) == "image"  # checkpointing drops the KV cache in training
     with pytest.raises(ValueError, match="sharing mode"):
         sharing_mode(qwen, "fast")

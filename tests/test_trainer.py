@@ -248,3 +248,10 @@ def test_toy_demo_recipe_matches_the_toy_views():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy_demo.yaml")
     assert cfg.views == TOY_VIEW
+
+
+def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
+    train(_cfg(tmp_path, "max_steps=1"))
+    res = train(_cfg(tmp_path, "max_steps=1"), resume=True)
+    assert res.steps == 1 and res.history == [] and res.checkpoint == tmp_path / "checkpoint-1"
+    assert "nothing to do" in capsys.readouterr().out

@@ -36,8 +36,8 @@ __all__ = ["MODES", "SharedPrompts", "NaiveInputs", "sharing_mode", "PREFIX_FAMI
 MODES = ("prefix", "image", "none")
 
 # model_type -> verified by tests/test_fastpath.py (same hidden states and gradients as the
-# straightforward computation). Qwen3.5's hybrid linear-attention cache does not support prefix
-# sharing here; it still gets the image shortcut.
+# straightforward computation). Qwen3.5 (hybrid linear-attention layers, whose recurrent cache is
+# not a key/value cache) is not verified for prefix sharing; it gets the image shortcut.
 PREFIX_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 IMAGE_FAMILIES = PREFIX_FAMILIES | {"qwen3_5"}
 

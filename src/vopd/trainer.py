@@ -295,7 +295,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
     policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
     policy.to(acc.device)
     if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
@@ -378,6 +381,11 @@ def train(
     start = time.perf_counter()
     state, sampler, dataset, total_steps = setup(cfg, resume=resume)
     acc = state.accelerator
+    if state.step >= total_steps:
+        ckpt = latest_checkpoint(cfg.output_dir)
+        acc.print(f"{cfg.output_dir} is already at step {state.step} of {total_steps}: nothing to do "
+                  f"(raise max_steps to continue). Checkpoint: {ckpt}")
+        return TrainResult(Path(cfg.output_dir), ckpt, state.step, [], False, time.perf_counter() - start)
     acc.init_trackers("vopd", config=_flat(config_to_dict(cfg)))
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens)
     loader = torch.utils.data.DataLoader(
