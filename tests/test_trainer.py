@@ -255,3 +255,21 @@ def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
     res = train(_cfg(tmp_path, "max_steps=1"), resume=True)
     assert res.steps == 1 and res.history == [] and res.checkpoint == tmp_path / "checkpoint-1"
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_health_rollback_restores_the_last_healthy_teacher(tmp_path):
+    """An EMA teacher that drifts past the threshold is put back to its last healthy weights."""
+    common = ("max_steps=2", "health.every=1", "health.probe_size=4", "health.max_new_tokens=4",
+              "health.probe_data=toyworld:4:9", "optim.lr=3e-2", "teacher.kind=ema", "teacher.rate=1.0",
+              "health.drift_warn=1e-9", "health.on_degrade=rollback")
+    with pytest.warns(UserWarning, match="teacher degrading"):
+        res = train(_cfg(tmp_path, *common))
+    assert all(h.get("health/rolled_back") == 1.0 for h in res.history)
+    init = load_file(res.checkpoint / "trainer_state" / "teacher.safetensors")
+    # rate 1.0 copies the student into the teacher every step; the rollback undid it each time.
+    student = _weights(res.checkpoint)
+    key = next(k for k in student if "lm_head" in k or "embed_tokens" in k)
+    assert float((student[key] - init[key]).abs().max()) > 0
+    frozen = train(_cfg(tmp_path / "f", "max_steps=1", "teacher.kind=frozen"))
+    frozen_init = load_file(frozen.checkpoint / "trainer_state" / "teacher.safetensors")
+    torch.testing.assert_close(init[key], frozen_init[key])

@@ -13,7 +13,7 @@ watches the teacher directly, on a fixed batch of teacher-view prompts:
 
 When the drift exceeds ``health.drift_warn`` or the teacher's probe accuracy falls more than
 ``health.acc_drop_warn`` below its start, it warns; with ``health.on_degrade=stop`` the run saves a
-checkpoint and stops.
+checkpoint and stops; with ``rollback`` the teacher's weights return to the last healthy probe.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ class HealthConfig:
     max_new_tokens: int = 32  # length of the greedy probe answers
     drift_warn: float = 0.5  # warn when teacher_drift (nats/token) exceeds this
     acc_drop_warn: float = 0.1  # warn when teacher probe accuracy falls this far below its start
-    on_degrade: str = "warn"  # warn | stop (save a checkpoint and end the run)
+    on_degrade: str = "warn"  # warn | stop (save a checkpoint and end the run) | rollback (teacher back to its last healthy probe)
 
     def __post_init__(self) -> None:
-        if self.on_degrade not in ("warn", "stop"):
-            raise ValueError(f"health.on_degrade={self.on_degrade!r} is not one of warn, stop")
+        if self.on_degrade not in ("warn", "stop", "rollback"):
+            raise ValueError(f"health.on_degrade={self.on_degrade!r} is not one of warn, stop, rollback")
         if self.probe_size < 1 or self.top_k < 1 or self.every < 0:
             raise ValueError("health.probe_size and health.top_k must be >= 1, health.every >= 0")
 
@@ -88,6 +88,7 @@ class TeacherHealth:
         self.start_acc: float | None = None
         self.history: list[dict[str, float]] = []
         self.stop_reason: str | None = None
+        self._healthy: dict[str, Tensor] = {}  # teacher weights at the last healthy probe (for rollback)
 
     # -- probe set-up, done once with the initial weights --------------------------------------
 
@@ -140,15 +141,20 @@ class TeacherHealth:
                 out["health/teacher_acc"] = self._accuracy(teacher_model, self.pairs.teacher, state.processor, device)
             out["health/student_acc"] = self._accuracy(state.policy, self.pairs.student, state.processor, device)
             out["health/student_crop_acc"] = self._accuracy(state.policy, self.pairs.teacher, state.processor, device)
-        self._check(state.step, out)
+        if self._check(state.step, out):
+            self._healthy = {k: v.detach().to("cpu", copy=True) for k, v in state.teacher.state_dict().items()}
+        elif self.cfg.on_degrade == "rollback" and self._healthy:
+            state.teacher.load_state_dict({k: v.to(device) for k, v in self._healthy.items()})
+            out["health/rolled_back"] = 1.0
         self.history.append({"step": float(state.step), **out})
         return out
 
-    def _check(self, step: int, out: dict[str, float]) -> None:
+    def _check(self, step: int, out: dict[str, float]) -> bool:
+        """Warn (and flag a stop) when the teacher degrades; True when it looks healthy."""
         acc = out.get("health/teacher_acc")
         if step == 0 or self.start_acc is None:
             self.start_acc = acc
-            return
+            return True
         problems = []
         if out["health/teacher_drift"] > self.cfg.drift_warn:
             problems.append(f"teacher drift {out['health/teacher_drift']:.3f} nats/token > {self.cfg.drift_warn}")
@@ -160,3 +166,5 @@ class TeacherHealth:
             warnings.warn(message, stacklevel=2)
             if self.cfg.on_degrade == "stop":
                 self.stop_reason = message
+            return False
+        return True
