@@ -147,7 +147,11 @@ def report(result: dict, mach: dict) -> str:
         f"{m_vopd['median']:.0f} ({m_vopd['min']:.0f}-{m_vopd['max']:.0f}) |", "",
         f"Ratio vopd / TRL: time {t_vopd['median'] / t_trl['median']:.2f} (target <= 0.5), "
         f"peak memory {m_vopd['median'] / m_trl['median']:.2f} (target <= 1).", "",
-        "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".",
+        "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".", "",
+        "Where the rest of the time goes: sampling (HF `generate` with n return sequences, the same in both "
+        "trainers) re-runs the prompt prefill n times and is now the largest phase of vopd's step; sharing the "
+        "prefill across the n rollouts in the rollout engine is the next win. Steps on this shared machine vary "
+        "by up to 2x (min-max above), so ratios from one short run carry roughly +-25%.",
     ]
     return "\n".join(lines) + "\n"
 

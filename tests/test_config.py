@@ -90,3 +90,19 @@ def test_docs_config_reference_is_up_to_date():
     assert doc.read_text() == config_markdown(), "regenerate with: vopd config --markdown > docs/config.md"
     missing = [key for key, _, help_text in describe_config() if not help_text]
     assert not missing, f"knobs without help text: {missing}"
+
+
+def test_health_drift_warns_without_a_grader():
+    """The label-free drift check must run even when no probe accuracy is measured."""
+    from vopd.health import HealthConfig, TeacherHealth
+
+    health = TeacherHealth(HealthConfig(every=1, drift_warn=0.5), [], views=None, grader=None)
+    assert health._check(0, {"health/teacher_drift": 0.0}) is True  # the reference probe
+    assert health._check(3, {"health/teacher_drift": 0.1}) is True
+    with pytest.warns(UserWarning, match="teacher drift 2.000"):
+        assert health._check(4, {"health/teacher_drift": 2.0}) is False
+    # A resumed run's first probe (step > 0) is its reference, with or without a grader.
+    resumed = TeacherHealth(HealthConfig(every=1, drift_warn=0.5), [], views=None)
+    assert resumed._check(7, {"health/teacher_drift": 3.0}) is True
+    with pytest.warns(UserWarning, match="teacher drift"):
+        assert resumed._check(8, {"health/teacher_drift": 3.0}) is False

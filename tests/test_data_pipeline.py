@@ -63,3 +63,67 @@ def test_rng_state_round_trips_through_plain_types():
     got = (torch.rand(3), random.random(), np.random.rand())
     torch.testing.assert_close(got[0], want[0])
     assert got[1:] == want[1:]
+
+
+def test_checkpoint_left_aside_by_a_crash_mid_resave_is_restored(tmp_path):
+    """A crash between moving checkpoint-N aside and renaming its replacement in must not lose it."""
+    from vopd.checkpoint import STATE_DIR, latest_checkpoint
+
+    (tmp_path / "checkpoint-1" / STATE_DIR).mkdir(parents=True)
+    (tmp_path / "checkpoint-1" / STATE_DIR / "state.json").write_text('{"step": 1}')
+    aside = tmp_path / ".checkpoint-2.old-4242"
+    (aside / STATE_DIR).mkdir(parents=True)
+    (aside / STATE_DIR / "state.json").write_text('{"step": 2}')
+    (tmp_path / ".checkpoint-2.tmp-4242").mkdir()  # the half-written replacement stays ignored
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert (tmp_path / "checkpoint-2" / STATE_DIR / "state.json").read_text() == '{"step": 2}'
+    assert not aside.exists()
+
+
+def test_aside_copy_is_dropped_when_its_replacement_landed(tmp_path):
+    from vopd.checkpoint import STATE_DIR, latest_checkpoint
+
+    for name, text in (("checkpoint-2", "new"), (".checkpoint-2.old-7", "old")):
+        (tmp_path / name / STATE_DIR).mkdir(parents=True)
+        (tmp_path / name / STATE_DIR / "state.json").write_text(text)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert (tmp_path / "checkpoint-2" / STATE_DIR / "state.json").read_text() == "new"
+    assert not (tmp_path / ".checkpoint-2.old-7").exists()
+
+
+def _write_rows(tmp_path, rows):
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "ok.png")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_samples_missing_image_is_named_before_training(tmp_path):
+    from vopd.data import load_train_samples
+    from vopd.records import RecordError
+
+    path = _write_rows(tmp_path, [
+        {"id": "a", "image": "ok.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
+        {"id": "b", "image": "missing.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
+    ])
+    with pytest.raises(RecordError, match=r"train\.jsonl:2: field 'image'.*missing\.png"):
+        load_train_samples(str(path))
+    with pytest.warns(UserWarning, match=r"1 rows skipped[\s\S]*train\.jsonl:2"):
+        samples = load_train_samples(str(path), on_error="skip")
+    assert [s.id for s in samples] == ["a"]
+
+
+def test_train_samples_out_of_bounds_box_is_clipped_and_counted_or_rejected(tmp_path):
+    from vopd.data import load_train_samples
+    from vopd.records import RecordError
+
+    path = _write_rows(tmp_path, [{"id": "a", "image": "ok.png", "question": "q?", "boxes": [[20, 10, 60, 25]]}])
+    with pytest.warns(UserWarning, match="1 boxes clipped"):
+        (sample,) = load_train_samples(str(path))
+    assert sample.boxes[0].as_list() == [20.0, 10.0, 40.0, 25.0]
+    with pytest.raises(RecordError, match=r"train\.jsonl:1: field 'boxes\[0\]'.*outside"):
+        load_train_samples(str(path), out_of_bounds="reject")

@@ -72,3 +72,10 @@ def test_grade_open_rules():
 )
 def test_parse_judge_reply(reply, verdict):
     assert parse_judge_reply(reply) is verdict
+
+
+@pytest.mark.parametrize("reference", ["B", "(B)", "B.", " b ", "B)", "**B**"])
+def test_choice_reference_written_with_punctuation_still_matches(reference):
+    verdict = grade("The answer is B.", reference, "choice", OPTIONS)
+    assert verdict.settled and verdict.correct
+    assert not grade("A", reference, "choice", OPTIONS).correct

@@ -5,6 +5,7 @@ cleanly; the training step gives the same loss and gradients in every mode, naiv
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,8 +102,9 @@ def test_sharing_mode_falls_back(tiny_models):
     assert sharing_mode(tiny_models("qwen3_5")[0]) == "image"  # hybrid linear-attention cache: no prefix
     assert sharing_mode(tiny_models("gemma3")[0]) == "none"
     checkpointed = copy.deepcopy(qwen)
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():  # transformers 5.x renames it activation_checkpointing_enable
+        warnings.simplefilter("ignore", FutureWarning)
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert sharing_mode(checkpointed) == "image"  # checkpointing drops the KV cache in training
     with pytest.raises(ValueError, match="sharing mode"):
         sharing_mode(qwen, "fast")

@@ -184,7 +184,7 @@ def test_output_head_applies_softcapping(tiny_qwen2_vl, tiny_images):
     capped = copy.deepcopy(model)
     capped.config.get_text_config().final_logit_softcapping = 0.05
     head = output_head(capped)
-    h = torch.randn(3, model.config.get_text_config().hidden_size)
+    h = torch.randn(3, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
     raw = model.lm_head(h)
     torch.testing.assert_close(head(h), torch.tanh(raw / 0.05) * 0.05)
     assert head(h).abs().max() <= 0.05
@@ -211,3 +211,35 @@ def test_load_model_errors(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "textonly")
     with pytest.raises(ValueError, match="not an image-text-to-text"):
         load_model(str(tmp_path / "textonly"))
+
+
+def test_bf16_ema_teacher_tracks_the_fp32_average():
+    """A bf16 teacher copy must not round EMA updates of size rate * lr away (it would stay frozen)."""
+    from vopd.teacher import make_teacher
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        student.weight.copy_(torch.randn(64, 64, generator=gen) * 0.02)
+    direction = torch.randn(64, 64, generator=gen).sign()
+    teacher = make_teacher("ema", student, rate=0.05, dtype=torch.bfloat16)
+    reference = {k: v.detach().double().clone() for k, v in student.named_parameters()}
+    start = reference["weight"].clone()
+    for _ in range(65):  # the paper's run: 65 steps of ~lr (2e-6) each
+        with torch.no_grad():
+            student.weight.add_(2e-6 * direction)
+        teacher.update(student)
+        for name, p in student.named_parameters():
+            reference[name] += 0.05 * (p.detach().double() - reference[name])
+    assert teacher.model.weight.dtype == torch.bfloat16
+    state = teacher.state_dict()
+    # fp32 accumulation vs a float64 reference: ~1e-7 relative; the bf16-only update is off by ~1e-3.
+    torch.testing.assert_close(state["weight"].double(), reference["weight"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(teacher.model.weight, state["weight"].to(torch.bfloat16), rtol=0, atol=0)
+    moved = ((state["weight"].double() - start) * direction).mean()
+    expected = ((reference["weight"] - start) * direction).mean()
+    assert moved == pytest.approx(float(expected), rel=1e-3) and expected > 5e-5
+    # Resume: a fresh teacher loaded from the state continues from the fp32 average, not its bf16 copy.
+    again = make_teacher("ema", torch.nn.Linear(64, 64), rate=0.05, dtype=torch.bfloat16)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.state_dict()["weight"], state["weight"], rtol=0, atol=0)

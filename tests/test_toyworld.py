@@ -18,6 +18,7 @@ from vopd.toyworld.scenes import (
     make_dataset,
     make_scene,
     scene_rng,
+    view_input,
     write_dataset,
 )
 from vopd.views import evidence_region, student_view, teacher_view
@@ -124,8 +125,6 @@ def test_crop_is_56px_window_zoomed_to_112_around_the_target_and_mostly_alone() 
 
 
 def test_red_box_only_in_the_boxed_student_view() -> None:
-    from vopd.toyworld.evaluate import view_input
-
     sample = make_dataset(1, 9)[0]
     (box,) = sample.boxes
     red = {}

@@ -26,11 +26,36 @@ STATE_DIR = "trainer_state"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+_REPLACED_RE = re.compile(r"^\.checkpoint-(\d+)\.old-\d+$")
+
+
+def _restore_replaced(root: Path) -> None:
+    """Undo a crash in the middle of re-saving a step.
+
+    Re-saving ``checkpoint-N`` moves the finished one aside to ``.checkpoint-N.old-<pid>`` before
+    the new one is renamed in. A crash between the two renames would leave no ``checkpoint-N``
+    at all: put the finished one back. If the new one did land, the aside copy is just removed.
+    """
+    for aside in root.iterdir():
+        m = _REPLACED_RE.match(aside.name)
+        if not m or not (aside / STATE_DIR / "state.json").is_file():
+            continue
+        final = root / f"checkpoint-{m.group(1)}"
+        try:
+            if (final / STATE_DIR / "state.json").is_file():
+                shutil.rmtree(aside)
+            elif not final.exists():
+                aside.rename(final)
+        except OSError:  # another process got there first
+            pass
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints under ``output_dir``, oldest first."""
+    """Finished checkpoints under ``output_dir``, oldest first (restoring one a crash left aside)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
+    _restore_replaced(root)
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 

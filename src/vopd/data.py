@@ -7,6 +7,7 @@ resumed run sees exactly the prompts an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,13 @@ def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str 
         return make_dataset(n, seed)
     if not spec:
         raise ValueError("data.train is empty: give a JSONL file (see docs/data.md) or toyworld:N")
-    loaded = load_records(spec, out_of_bounds=out_of_bounds, on_error=on_error)
-    return list(getattr(loaded, "samples", loaded))
+    # check_images: read every image header now (no pixel decoding), so a missing or unreadable
+    # file and a box outside its image are found before step 1, named by file:row, and skipped
+    # with on_error=skip; without the sizes, out_of_bounds could neither clip-and-count nor reject.
+    loaded = load_records(spec, out_of_bounds=out_of_bounds, on_error=on_error, check_images=True)
+    if loaded.skipped or loaded.clipped:
+        warnings.warn(loaded.report, stacklevel=2)  # skipped rows are counted and reported, never silent
+    return list(loaded.samples)
 
 
 class ViewDataset(torch.utils.data.Dataset):

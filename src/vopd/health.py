@@ -86,6 +86,7 @@ class TeacherHealth:
         self.thinking = thinking
         self._ref: dict[str, Tensor] | None = None
         self.start_acc: float | None = None
+        self._started = False  # set by the first (reference) probe
         self.history: list[dict[str, float]] = []
         self.stop_reason: str | None = None
         self._healthy: dict[str, Tensor] = {}  # teacher weights at the last healthy probe (for rollback)
@@ -127,7 +128,10 @@ class TeacherHealth:
     def _accuracy(self, model: Any, prompts: Any, processor: Any, device: Any) -> float:
         greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
         ro = self.engine.sample(model, prompts.to(device), greedy)
-        texts = processor.batch_decode(ro.response_ids_B_T.masked_fill(~ro.mask_B_T, 0), skip_special_tokens=True)
+        # Decode each row's valid tokens only: filling the rest with id 0 would append real text
+        # (id 0 is "!" in Qwen's vocabulary) to every short answer.
+        texts = [processor.decode(ids_T[mask_T], skip_special_tokens=True)
+                 for ids_T, mask_T in zip(ro.response_ids_B_T, ro.mask_B_T)]
         return sum(self.grader(t, s) for t, s in zip(texts, self.samples)) / len(self.samples)
 
     def __call__(self, state: Any, *, force: bool = False) -> dict[str, float]:
@@ -152,7 +156,10 @@ class TeacherHealth:
     def _check(self, step: int, out: dict[str, float]) -> bool:
         """Warn (and flag a stop) when the teacher degrades; True when it looks healthy."""
         acc = out.get("health/teacher_acc")
-        if step == 0 or self.start_acc is None:
+        if not self._started:
+            # The first probe (prepare) is the reference. Judged by a flag, not by start_acc: without
+            # a grader start_acc stays None, and the drift check must still run on later probes.
+            self._started = True
             self.start_acc = acc
             return True
         problems = []

@@ -110,26 +110,67 @@ def _frozen_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return clone
 
 
-class CopyTeacher:
-    """A separate weight copy: ``frozen``, ``ema`` (rate > 0) or ``external``."""
+def _is_low_precision(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
 
-    def __init__(self, model: nn.Module, *, kind: str, rate: float = 0.0):
+
+class CopyTeacher:
+    """A separate weight copy: ``frozen``, ``ema`` (rate > 0) or ``external``.
+
+    An ``ema`` teacher whose copy lives in bf16 / fp16 keeps fp32 master weights for the average:
+    one step moves theta_T by rate * (theta_S - theta_T), about 0.05 * lr, which is far below half
+    a bf16 ulp, so an in-place bf16 lerp rounds nearly every update away and the "EMA" teacher
+    silently stays frozen. The low-precision copy used for scoring is refreshed from the master.
+    """
+
+    def __init__(self, model: nn.Module, *, kind: str, rate: float = 0.0, source: nn.Module | None = None):
+        """``source``: the full-precision model ``model`` was cast from, to start the master copy
+        from its exact weights rather than from their low-precision rounding."""
         self.kind = kind
         self.model = model
         self.rate = rate
+        self.master: dict[str, Tensor] = {}
+        if kind == "ema":
+            origin = dict((source if source is not None else model).named_parameters())
+            self.master = {
+                name: origin[name].detach().to(p.device, torch.float32, copy=True)
+                for name, p in model.named_parameters()
+                if _is_low_precision(p.dtype)
+            }
 
     def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
         return _head_fn(self.model, _hidden_N_H(self.model, inputs, num_response_tokens, mask_B_T))
 
+    @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        if self.kind == "ema":
+        if self.kind != "ema":
+            return
+        if not self.master:
             ema_update_(self.model, student, self.rate)
+            return
+        matched_parameters(self.model, student)  # raises on any name / shape mismatch
+        targets = dict(self.model.named_parameters())
+        for name, p_src in student.named_parameters():
+            p_tgt, master = targets[name], self.master.get(name)
+            if master is None:  # an fp32 parameter: average in place
+                p_tgt.lerp_(p_src.detach().to(p_tgt.dtype), self.rate)
+            else:
+                master.lerp_(p_src.detach().to(master.device, torch.float32), self.rate)
+                p_tgt.copy_(master)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        """The teacher's weights; an EMA teacher's parameters at their fp32 master precision."""
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        for name, master in self.master.items():
+            if name in state:
+                state[name] = master.detach().contiguous()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.model.load_state_dict(state, strict=True)
+        self.model.load_state_dict(state, strict=True)  # casts to the copy's dtype
+        for name, master in self.master.items():
+            if name in state:
+                master.copy_(state[name].to(master.device, torch.float32))
 
 
 class LiveTeacher:
@@ -192,7 +233,7 @@ def make_teacher(
     neither gradients nor optimiser state.
     """
     if kind == "ema":
-        return CopyTeacher(_frozen_copy(student, dtype), kind="ema", rate=rate)
+        return CopyTeacher(_frozen_copy(student, dtype), kind="ema", rate=rate, source=student)
     if kind == "frozen":
         return CopyTeacher(_frozen_copy(student, dtype), kind="frozen")
     if kind == "trust_region":

@@ -152,7 +152,9 @@ def extract_yes_no(text: str) -> str | None:
 def grade_choice(prediction: str, answer: str, options: list[str] | None = None) -> Verdict:
     """Grade a multiple-choice response against the answer letter."""
     letter = extract_choice(prediction, options, n_options=len(options or []))
-    truth = answer.strip().strip("()").upper()
+    # The reference may be written "B", "(B)", "B." or "B)"; a bare strip("()") left "B." unequal
+    # to every prediction, so such items were always graded wrong.
+    truth = answer.strip().strip("()[]*.:：, ").upper()
     if letter is None:
         return Verdict(False, False, None, "no_choice")
     return Verdict(letter == truth, True, letter, "choice")

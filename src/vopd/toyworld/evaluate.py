@@ -24,15 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
-from vopd.images import load_image
 from vopd.models import build_prompts
 from vopd.records import Sample
 from vopd.rollout import HFGenerateEngine, RolloutConfig
 from vopd.toyworld.model import toy_answer_correct
-from vopd.toyworld.scenes import TOY_VIEW
-from vopd.views import ViewConfig, prompt_text, student_view, teacher_view
+from vopd.toyworld.scenes import ALL_VIEWS, TOY_VIEW, VIEWS, view_input
+from vopd.views import ViewConfig
 
 __all__ = [
     "VIEWS",
@@ -44,30 +41,8 @@ __all__ = [
     "evaluate_views",
 ]
 
-#: The views reported by default: clean full, clean crop, boxed full + hint.
-VIEWS: tuple[str, ...] = ("full", "crop", "boxed_full")
-ALL_VIEWS: tuple[str, ...] = ("full", "crop", "boxed_full", "boxed_crop")
 # Longest toy answer is 5 tokens + <|im_end|>; two spare tokens show babbling without cost.
 DEFAULT_MAX_NEW_TOKENS = 8
-
-
-def view_input(sample: Sample, view: str, cfg: ViewConfig = TOY_VIEW) -> tuple[Image.Image, str]:
-    """The (image, prompt text) a model sees for one view of a sample (see the module doc)."""
-    image = load_image(sample.image, where=f"sample {sample.id!r}")
-    boxed_cfg = dataclasses.replace(cfg, draw_box=True)
-    if view == "full":
-        return student_view(image, sample.boxes, dataclasses.replace(cfg, draw_box=False)), \
-            prompt_text(sample, hint=False)
-    if view == "crop":
-        return teacher_view(image, sample.boxes, cfg), prompt_text(sample, hint=False)
-    if view == "boxed_full":
-        return student_view(image, sample.boxes, boxed_cfg), prompt_text(sample, hint=True)
-    if view == "boxed_crop":
-        # The region is computed from the boxes, so this is the clean crop's window with the
-        # red line drawn in (the line sits 3-4 px outside the target, inside the window).
-        boxed = student_view(image, sample.boxes, boxed_cfg)
-        return teacher_view(boxed, sample.boxes, cfg), prompt_text(sample, hint=True)
-    raise ValueError(f"unknown toy view {view!r}; choose from {ALL_VIEWS}")
 
 
 @dataclasses.dataclass

@@ -8,6 +8,9 @@ parameter model within a few hundred steps. The question is ``What color is the 
 answer is a sentence, ``The {shape} is {colour}.``, so a response has several tokens and sampling
 matters. Red is not an object colour: it is reserved for the student's evidence box.
 
+:func:`view_input` gives the four views of a scene (``full``, ``crop``, ``boxed_full``,
+``boxed_crop``), all built by :mod:`vopd.views` with :data:`TOY_VIEW`.
+
 Every scene is a pure function of its seed: scene ``i`` of ``make_dataset(n, seed)`` depends only
 on ``(seed, i)``, so a longer dataset extends a shorter one.
 """
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vopd.images import load_image
 from vopd.records import Box, Sample, write_records
-from vopd.views import ViewConfig
+from vopd.views import ViewConfig, prompt_text, student_view, teacher_view
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -47,6 +51,11 @@ VALIDATION_SEED = 7
 # centred on the target and clamped to the canvas, resized 2x to 112 px (16 image tokens). The
 # student's red box is a 2-px line 3-4 px outside the target bbox (box_margin 2 + width 2).
 TOY_VIEW = ViewConfig(context=0.0, min_side=56, zoom=2.0, box_width=2, box_margin=2)
+
+#: The views reported by default: clean full, clean crop, boxed full + hint.
+VIEWS: tuple[str, ...] = ("full", "crop", "boxed_full")
+#: Every toy view; ``boxed_crop`` is used in base pretraining.
+ALL_VIEWS: tuple[str, ...] = ("full", "crop", "boxed_full", "boxed_crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,3 +268,22 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, cfg: SceneConfig = Sce
     path = out / "records.jsonl"
     write_records(make_dataset(n, seed, cfg), path)
     return path
+
+
+def view_input(sample: Sample, view: str, cfg: ViewConfig = TOY_VIEW) -> tuple[Image.Image, str]:
+    """The (image, prompt text) a model sees for one view of a sample (see the module doc)."""
+    image = load_image(sample.image, where=f"sample {sample.id!r}")
+    boxed_cfg = dataclasses.replace(cfg, draw_box=True)
+    if view == "full":
+        return student_view(image, sample.boxes, dataclasses.replace(cfg, draw_box=False)), \
+            prompt_text(sample, hint=False)
+    if view == "crop":
+        return teacher_view(image, sample.boxes, cfg), prompt_text(sample, hint=False)
+    if view == "boxed_full":
+        return student_view(image, sample.boxes, boxed_cfg), prompt_text(sample, hint=True)
+    if view == "boxed_crop":
+        # The region is computed from the boxes, so this is the clean crop's window with the
+        # red line drawn in (the line sits 3-4 px outside the target, inside the window).
+        boxed = student_view(image, sample.boxes, boxed_cfg)
+        return teacher_view(boxed, sample.boxes, cfg), prompt_text(sample, hint=True)
+    raise ValueError(f"unknown toy view {view!r}; choose from {ALL_VIEWS}")
