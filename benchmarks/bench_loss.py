@@ -1,25 +1,31 @@
 """Benchmark 3: memory and time of the loss at a real vocabulary (Qwen: V = 151,936, H = 2048).
 
 Loss = forward + backward of the top-100 + tail generalized JSD (beta 0.5) from final hidden
-states, with the LM head trained (weight gradient included), teacher logits from its own head
-under no_grad. Two ways:
+states, token mean, with the LM head trained (its weight gradient included), teacher logits from
+its own head under no_grad. Three ways:
 
 - straightforward: student logits [N, V] and teacher logits [N, V] in float32, then
   `token_divergence` on them (what the released code does at response positions);
-- chunked: `chunked_token_divergence` (1024 positions at a time, each chunk checkpointed).
+- chunked: `chunked_token_divergence`, each chunk under torch.utils.checkpoint (the previous default);
+- fused: `fused_chunked_divergence` (loss and gradients in one pass over chunks, one head-gradient
+  buffer, nothing recomputed; the trainer's default with a linear head).
 
-The target workload is N = 8 x 1024 response tokens. The straightforward path needs ~5 GB per
-[N, V] float32 tensor there (about 20 GB in all), more than this shared 24 GB machine can give,
-so it is measured at smaller N and extrapolated linearly (its memory is linear in N: every big
-tensor is [N, V]); the chunked path is measured at N = 8192 itself in the full run.
+Every (path, N) measurement runs in a fresh process (``--worker``), one at a time, so each
+starts from the same memory baseline. The straightforward path at the target N = 8 x 1024 needs
+~15 GB; it runs under an address-space limit (``--limit-gb``) so that if it does not fit it fails
+alone instead of waking the kernel's OOM killer on a shared machine.
 
-    python benchmarks/bench_loss.py [--quick]
+    python benchmarks/bench_loss.py [--quick] [--sizes 512,1024,8192] [--chunk 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,19 +34,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_markdown, summary, timed, write_results  # noqa: E402
 
-from vopd.objectives import chunked_token_divergence, token_divergence  # noqa: E402
+from vopd.objectives import chunked_token_divergence, fused_chunked_divergence, token_divergence  # noqa: E402
 
 H, V, K = 2048, 151_936, 100
+PATHS = ("straightforward", "chunked", "fused")
 
 
-def _inputs(n: int, head: torch.nn.Linear, teacher_head: torch.nn.Linear):
+def _setup(n: int):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    teacher_head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    teacher_head.weight.copy_(head.weight)
     g = torch.Generator().manual_seed(n)
     student_h = (torch.randn(n, H, generator=g) * 0.5).requires_grad_(True)
     teacher_h = student_h.detach() + 0.1 * torch.randn(n, H, generator=g)
-    return student_h, teacher_h
+    return head, teacher_head, student_h, teacher_h
 
 
-def straightforward(student_h, teacher_h, head, teacher_head) -> float:
+def straightforward(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
     student_logits = head(student_h)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_h)
@@ -49,91 +61,117 @@ def straightforward(student_h, teacher_h, head, teacher_head) -> float:
     return float(loss.detach())
 
 
-CHUNK = {"quick": 128, "full": 1024}
-
-
-def chunked(student_h, teacher_h, head, teacher_head, chunk: int = 1024) -> float:
-    def teacher_logits(rows: slice) -> torch.Tensor:
-        return teacher_head(teacher_h[rows])
-
-    per_token, _ = chunked_token_divergence(student_h, head, teacher_logits, chunk_size=chunk, beta=0.5, top_k=K)
+def chunked(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
+    per_token, _ = chunked_token_divergence(
+        student_h, head, lambda rows: teacher_head(teacher_h[rows]), chunk_size=chunk, beta=0.5, top_k=K
+    )
     loss = per_token.mean()
     loss.backward()
     return float(loss.detach())
 
 
-def run(quick: bool) -> dict:
-    torch.manual_seed(0)
-    head = torch.nn.Linear(H, V, bias=False)
-    torch.nn.init.normal_(head.weight, std=0.02)
-    teacher_head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
-    teacher_head.weight.copy_(head.weight)
-    sizes = {"straightforward": [256, 512] if quick else [512, 1024],
-             "chunked": [256, 512] if quick else [512, 1024, 8192]}
-    repeats = 1 if quick else 2
+def fused(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
+    n = student_h.shape[0]
+    weights_N = torch.full((n,), 1.0 / n)
+    loss, _ = fused_chunked_divergence(
+        student_h, head.weight, head.bias, lambda rows: teacher_head(teacher_h[rows]), weights_N,
+        chunk_size=chunk, beta=0.5, top_k=K,
+    )
+    loss.backward()
+    return float(loss.detach())
+
+
+def worker(path: str, n: int, chunk: int) -> dict:
+    """One measurement in this process; the two heads and the inputs are allocated before the meter starts."""
+    head, teacher_head, student_h, teacher_h = _setup(n)
+    gc.collect()
+    value, seconds, peak = timed(globals()[path], student_h, teacher_h, head, teacher_head, chunk)
+    return {"path": path, "tokens": n, "chunk": chunk if path != "straightforward" else None, "seconds": seconds,
+            "peak_mb": peak, "loss": value, "hidden_grad_norm": float(student_h.grad.norm()),
+            "weight_grad_norm": float(head.weight.grad.norm())}
+
+
+def _spawn(path: str, n: int, chunk: int, limit_gb: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", path, str(n), str(chunk), "--limit-gb", str(limit_gb)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        row = {"path": path, "tokens": n, "failed": f"exit {proc.returncode}: {tail[0][:200]}"}
+    else:
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run(sizes: list[int], chunks: dict[str, int], repeats: int, limit_gb: float) -> dict:
     rows = []
-    for n in sorted({x for v in sizes.values() for x in v}):
-        for _ in range(repeats):  # alternate the two paths at each size
-            for name, fn in (("straightforward", straightforward), ("chunked", chunked)):
-                if n not in sizes[name]:
-                    continue
-                student_h, teacher_h = _inputs(n, head, teacher_head)
-                head.weight.grad = None
-                gc.collect()
-                kw = {"chunk": CHUNK["quick" if quick else "full"]} if fn is chunked else {}
-                value, seconds, peak = timed(fn, student_h, teacher_h, head, teacher_head, **kw)
-                grad_norm = float(student_h.grad.norm())
-                rows.append({"path": name, "tokens": n, "seconds": seconds, "peak_mb": peak, "loss": value,
-                             "hidden_grad_norm": grad_norm})
-                print(f"{name:16s} N={n:5d}  {seconds:7.2f} s  peak +{peak:8.1f} MB  loss {value:.6f}", flush=True)
-                del student_h, teacher_h
-    return {"rows": rows, "sizes": sizes, "chunk_size": CHUNK["quick" if quick else "full"]}
+    for n in sizes:
+        for _ in range(repeats):  # alternate the paths at each size
+            for path in PATHS:
+                rows.append(_spawn(path, n, chunks.get(path, 0), limit_gb))
+    return {"rows": rows, "sizes": sizes, "chunks": chunks, "repeats": repeats, "limit_gb": limit_gb}
 
 
 def report(result: dict, mach: dict) -> str:
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "failed" not in r]
+    chunks = result["chunks"]
 
     def agg(path, n, key):
         vals = [r[key] for r in rows if r["path"] == path and r["tokens"] == n]
         return summary(vals)["median"] if vals else None
 
-    common_n = sorted(set(result["sizes"]["straightforward"]) & set(result["sizes"]["chunked"]))
-    lines = ["# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)", "",
-             machine_markdown(mach), "",
-             "| response tokens N | straightforward peak MB | chunked peak MB | memory ratio | straightforward s | chunked s | time ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for n in common_n:
-        sp, cp = agg("straightforward", n, "peak_mb"), agg("chunked", n, "peak_mb")
-        st, ct = agg("straightforward", n, "seconds"), agg("chunked", n, "seconds")
-        lines.append(f"| {n} | {sp:.0f} | {cp:.0f} | {cp / sp:.3f} | {st:.2f} | {ct:.2f} | {ct / st:.2f} |")
-    big = 8192
-    n0, n1 = common_n[0], common_n[-1]
-    s0, s1 = agg("straightforward", n0, "peak_mb"), agg("straightforward", n1, "peak_mb")
-    c0, c1 = agg("chunked", n0, "peak_mb"), agg("chunked", n1, "peak_mb")
-    slope = (s1 - s0) / (n1 - n0)
-    measured_big = agg("chunked", big, "peak_mb")
-    lines += ["", f"Straightforward peak grows {slope:.2f} MB per response token (its [N, V] float32 tensors); "
-              f"linear extrapolation to N = {big}: ~{s1 + slope * (big - n1):.0f} MB. "
-              f"Chunked (chunk {result['chunk_size']}) changes by {c1 - c0:+.0f} MB from N = {n0} to {n1}."
-              + (f" Chunked measured at N = {big}: {measured_big:.0f} MB." if measured_big else
-                 f" Chunked was not run at N = {big} in this run (use the full run)."),
-              "", "Reading: the chunked path's peak is dominated by a constant, the LM-head weight gradient "
-              "(V x H float32 = 1.16 GB) that every chunk's backward materialises and adds to the accumulated "
-              "gradient (two to three such buffers at once), so at small N it is *above* the straightforward path; "
-              "the straightforward path grows with N and the chunked one does not. Its time is higher because "
-              "each chunk is recomputed in backward (student and teacher head again: 6 head matmuls instead of 4).",
+    def cell(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    def ratio(a, b, fmt=".3f"):
+        return "n/a" if a is None or b is None else format(a / b, fmt)
+
+    lines = [
+        "# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)", "",
+        machine_markdown(mach), "",
+        f"Chunk sizes: chunked (checkpointed) {chunks['chunked']}, fused {chunks['fused']}. "
+        f"Median of {result['repeats']} run(s) per cell, each in a fresh process, paths alternating.", "",
+        "| N | straightforward MB | chunked MB | fused MB | fused / straightforward memory | straightforward s | chunked s | fused s | fused / straightforward time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in result["sizes"]:
+        sp, cp, fp = (agg(p, n, "peak_mb") for p in PATHS)
+        st, ct, ft = (agg(p, n, "seconds") for p in PATHS)
+        lines.append(f"| {n} | {cell(sp, '.0f')} | {cell(cp, '.0f')} | {cell(fp, '.0f')} | {ratio(fp, sp)} | "
+                     f"{cell(st, '.2f')} | {cell(ct, '.2f')} | {cell(ft, '.2f')} | {ratio(ft, st, '.2f')} |")
+    failed = [r for r in result["rows"] if "failed" in r]
+    if failed:
+        lines += ["", "Did not complete: " + "; ".join(f"{r['path']} N={r['tokens']} ({r['failed']})" for r in failed)]
+    loads = sorted({tuple(r["load_average"]) for r in result["rows"]})
+    lines += ["", f"Load average (1, 5, 15 min) after each measurement ranged over {loads[0]} .. {loads[-1]}.",
               "", "Peak = resident memory above the level before the call, sampled every 1 ms (see benchmarks/common.py); "
-              "weights of the two heads (2 x 1.16 GB) are allocated before and not counted; the head's weight gradient "
-              "is counted in both paths."]
+              "the weights of the two heads (2 x 1.16 GB) and the inputs are allocated before and not counted; the head's "
+              "weight gradient (1.16 GB float32) is counted in every path, and it is most of the fused path's peak."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", help="comma-separated N (default: quick 256,512; full 512,1024,8192)")
+    parser.add_argument("--chunk", type=int, default=64, help="fused chunk size (default 64)")
+    parser.add_argument("--chunked-chunk", type=int, default=None, help="checkpointed path's chunk (default: quick 128, full 1024)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--limit-gb", type=float, default=19.0, help="address-space limit of each worker")
+    parser.add_argument("--worker", nargs=3, metavar=("PATH", "N", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        limit = int(args.limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        path, n, chunk = args.worker
+        print(json.dumps(worker(path, int(n), int(chunk))))
+        return
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([256, 512] if args.quick else [512, 1024, 8192])
+    chunks = {"chunked": args.chunked_chunk or (128 if args.quick else 1024), "fused": args.chunk}
+    repeats = args.repeats or (1 if args.quick else 2)
     mach = machine()
-    result = run(args.quick)
+    result = run(sizes, chunks, repeats, args.limit_gb)
     result["machine"] = mach
     result["quick"] = args.quick
     write_results("loss_memory" + ("_quick" if args.quick else ""), result, report(result, mach))

@@ -102,15 +102,18 @@ def test_ema_teacher_moves_towards_student_frozen_does_not(tmp_path):
 
 
 def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
-    real = trainer_mod.chunked_token_divergence
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
-        calls["n"] += 1
-        return loss * float("nan"), stats
+    def poison(real):
+        def poisoned(*args, **kwargs):
+            loss, stats = real(*args, **kwargs)
+            calls["n"] += 1
+            return loss * float("nan"), stats
+        return poisoned
 
-    monkeypatch.setattr(trainer_mod, "chunked_token_divergence", poisoned)
+    # The trainer uses the fused loss with a plain linear head, the chunked one otherwise.
+    for name in ("chunked_token_divergence", "fused_chunked_divergence"):
+        monkeypatch.setattr(trainer_mod, name, poison(getattr(trainer_mod, name)))
     with pytest.raises(TrainingError, match="2 non-finite"):
         train(_cfg(tmp_path, "max_steps=5", "max_bad_steps=2", "save_every=1"))
     assert calls["n"] == 4  # 2 steps x 2 micro-batches, then the run stopped
@@ -190,7 +193,7 @@ def test_two_processes_equal_one(tmp_path):
             "micro_batch_prompts=1", "device=cpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args,
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args,
                           f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state" / "state.json").read_text())

@@ -414,3 +414,133 @@ def _estimator_knobs(estimator: str, divergence_kwargs: dict) -> dict:
         knobs |= {"beta": 1.0, "top_k": None}
     _check_knobs(beta=knobs["beta"], top_k=knobs["top_k"], temperature=knobs["temperature"], support=knobs["support"])
     return knobs
+
+
+# --- fused, memory-bounded loss and gradient ----------------------------------------------------
+
+TokenWeights = Tensor | Callable[[slice, dict[str, Tensor]], Tensor]
+
+
+def fused_chunked_divergence(
+    student_hidden_N_H: Tensor,
+    head_weight_V_H: Tensor,
+    head_bias_V: Tensor | None,
+    teacher_logits_fn: Callable[[slice], Tensor],
+    token_weights_N: TokenWeights,
+    *,
+    chunk_size: int = 256,
+    estimator: str = "topk",
+    token_ids_N: Tensor | None = None,
+    softcap: float | None = None,
+    **divergence_kwargs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_n w_n * loss_n`` and its gradients in one pass over chunks, never holding [N, V] logits.
+
+    The same loss as :func:`chunked_token_divergence` followed by a weighted sum (``aggregate`` is
+    one: ``w_n = 1 / num_tokens`` for the token mean, ``1 / (len_b * num_seqs)`` for the sequence
+    mean), for an output head that is a plain linear map ``logits = h W^T + b``, optionally soft-capped
+    ``cap * tanh(logits / cap)``. Because the weights are known before the pass, the forward computes,
+    chunk by chunk, the per-token loss *and* its gradient with respect to the chunk's logits, then
+    turns that into the chunk's hidden-state gradient and adds the chunk's head gradient
+    ``dL/dlogits^T h`` into one preallocated [V, H] buffer. Backward only scales the stored
+    gradients by the incoming one. Compared with checkpointing every chunk this keeps one head
+    gradient alive instead of two or three, and runs 3 head matmuls per chunk (logits, hidden
+    gradient, weight gradient) plus the teacher's, instead of recomputing both heads in backward.
+
+    ``token_weights_N`` is a [N] tensor, or a callable ``(rows, chunk_stats) -> w_C`` for weights
+    that depend on the chunk's detached stats (e.g. a rollout correction from ``student_logp_N``).
+    The weights are treated as constants (no gradient). Other arguments as in
+    :func:`chunked_token_divergence`; ``teacher_logits_fn`` is called once per chunk, under
+    no_grad. Returns ``(loss, stats)``: a scalar in the loss dtype (float32, or float64 for
+    float64 inputs), and the detached [N] stats of :func:`chunked_token_divergence` plus
+    ``weight_N`` (the weights used). Gradients reach ``student_hidden_N_H``, ``head_weight_V_H`` and
+    ``head_bias_V``; it is not twice differentiable.
+    """
+    knobs = _estimator_knobs(estimator, divergence_kwargs)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num = student_hidden_N_H.shape[0]
+    if num == 0:
+        raise ValueError("fused_chunked_divergence got no tokens (student_hidden_N_H has N = 0)")
+    if token_ids_N is not None and token_ids_N.shape != (num,):
+        raise ValueError(
+            f"token_ids_N must have shape ({num},) to match student_hidden_N_H, got {tuple(token_ids_N.shape)}"
+        )
+    if isinstance(token_weights_N, Tensor) and token_weights_N.shape != (num,):
+        raise ValueError(f"token_weights_N must have shape ({num},), got {tuple(token_weights_N.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    tensors = (student_hidden_N_H, head_weight_V_H) + (() if head_bias_V is None else (head_bias_V,))
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    plan = _FusedPlan(teacher_logits_fn, token_weights_N, token_ids_N, chunk_size, estimator, knobs, softcap, want_grad)
+    stats: dict[str, Tensor] = {}
+    loss = _FusedDivergence.apply(plan, stats, student_hidden_N_H, head_weight_V_H, head_bias_V)
+    return loss, stats
+
+
+class _FusedPlan:
+    """The non-tensor arguments of `_FusedDivergence` (autograd.Function.apply is positional)."""
+
+    def __init__(self, teacher_logits_fn, weights, token_ids_N, chunk_size, estimator, knobs, softcap, want_grad):
+        self.teacher_logits_fn, self.weights, self.token_ids_N = teacher_logits_fn, weights, token_ids_N
+        self.chunk_size, self.estimator, self.knobs = chunk_size, estimator, knobs
+        self.softcap, self.want_grad = softcap, want_grad
+
+
+def _chunk_logits(hidden_C_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(hidden_C_H.to(weight_V_H.dtype), weight_V_H, bias_V)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Forward computes the weighted loss and all its gradients chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, plan: _FusedPlan, stats: dict, hidden_N_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None):
+        num, weight, bias = hidden_N_H.shape[0], weight_V_H.detach(), None if bias_V is None else bias_V.detach()
+        need_h = plan.want_grad and hidden_N_H.requires_grad
+        need_w = plan.want_grad and weight_V_H.requires_grad
+        need_b = plan.want_grad and bias_V is not None and bias_V.requires_grad
+        grad_h = torch.zeros_like(hidden_N_H) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        total, chunk_stats = None, []
+        for start in range(0, num, plan.chunk_size):
+            rows = slice(start, min(start + plan.chunk_size, num))
+            hidden_C_H = hidden_N_H[rows].detach()
+            with torch.no_grad():
+                teacher_C_V = plan.teacher_logits_fn(rows)
+            with torch.enable_grad():
+                raw_C_V = _chunk_logits(hidden_C_H, weight, bias).requires_grad_(plan.want_grad)
+                logits_C_V = raw_C_V if plan.softcap is None else torch.tanh(raw_C_V / plan.softcap) * plan.softcap
+                ids_C = None if plan.token_ids_N is None else plan.token_ids_N[rows]
+                loss_C, stats_C = _per_token(logits_C_V, teacher_C_V, ids_C, estimator=plan.estimator, **plan.knobs)
+                stats_C = {k: v.detach() for k, v in stats_C.items()}
+                w = plan.weights
+                w_C = (w(rows, stats_C) if callable(w) else w[rows]).detach().to(loss_C.dtype)
+                stats_C["weight_N"] = w_C
+                part = (loss_C * w_C).sum()
+                grad_C_V = torch.autograd.grad(part, raw_C_V)[0] if plan.want_grad else None
+            del teacher_C_V, logits_C_V, loss_C
+            total = part.detach() if total is None else total + part.detach()
+            chunk_stats.append(stats_C)
+            if grad_C_V is None:
+                continue
+            grad_C_V = grad_C_V.to(weight.dtype)
+            if need_h:
+                grad_h[rows] = (grad_C_V @ weight).to(grad_h.dtype)
+            if need_w:
+                grad_w.addmm_(grad_C_V.T, hidden_C_H.to(weight.dtype))
+            if need_b:
+                grad_b += grad_C_V.sum(0).to(grad_b.dtype)
+            del grad_C_V
+        stats.update({key: torch.cat([s[key] for s in chunk_stats]) for key in chunk_stats[0]})
+        ctx.grads = [grad_h, grad_w, grad_b]
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        grads, ctx.grads = ctx.grads, None  # hand the buffers over (autograd may adopt them as .grad)
+        if not bool(grad_out == 1):
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+        return None, None, *grads

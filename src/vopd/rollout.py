@@ -10,6 +10,15 @@ repetition_penalty defaults are neutralised): at each step the logits go through
 and the next token is drawn from the softmax of the result. `Rollouts.sampler_logp_B_T` holds the
 log-probability of each sampled token under exactly that distribution (the "pi_rollout" of
 METHOD.md 2.4), recorded step by step without keeping [T, B, V] scores in memory.
+
+Prefill sharing: `generate(num_return_sequences=n)` copies every prompt n times before the first
+forward, so the image is encoded and the (long) prompt decoded n times. For the families in
+`SHARED_PREFILL_FAMILIES` the engine instead runs each prompt once, expands its key/value cache
+to the n rows (`DynamicCache.batch_repeat_interleave`) and continues with its own decode loop,
+which mirrors `generate`'s sampling step for step (float32 logits, the same processors, one
+`torch.multinomial` over the [B, V] probabilities per step, finished rows fed the pad id), so
+with the same seed it draws the same tokens (tests/test_rollout_sharing.py). Other families, and
+`share_prefill=False`, use `generate`.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from vopd.models import vision_token_ids
+from vopd.models import output_head, vision_token_ids
 
 __all__ = [
     "RolloutConfig",
@@ -33,7 +42,12 @@ __all__ = [
     "block_vision_tokens",
     "eos_token_ids",
     "response_mask",
+    "SHARED_PREFILL_FAMILIES",
 ]
+
+# model_type -> decoding from one prefill per prompt verified against generate() (same tokens,
+# same log-probs) by tests/test_rollout_sharing.py. Qwen3.5 (recurrent linear-attention cache) is not.
+SHARED_PREFILL_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 # End-of-turn / end-of-text tokens of the supported families; any present in the vocab stops a row.
 _END_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<end_of_utterance>", "<eos>")
@@ -190,13 +204,16 @@ class _SampledLogProbs(LogitsProcessor):
 
 
 class HFGenerateEngine:
-    """Rollouts with `model.generate` (sampling, `num_return_sequences=n`, KV cache).
+    """Rollouts with the model's KV cache: one prefill per prompt shared by its n samples
+    (`SHARED_PREFILL_FAMILIES`), else `model.generate` with `num_return_sequences=n`.
 
     Args:
         processor_or_blocked_ids: the processor (vision token ids and EOS ids are read from it)
             or an explicit iterable of token ids to block.
         eos_ids: ids that end a response (default: `eos_token_ids(processor, model)`).
         pad_token_id: pad id for finished rows (default: the tokenizer's / generation config's).
+        share_prefill: run each prompt's prefill once for its n samples where the family is
+            verified; False always uses `generate` (the straightforward path, `naive=true`).
     """
 
     def __init__(
@@ -205,6 +222,7 @@ class HFGenerateEngine:
         *,
         eos_ids: Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        share_prefill: bool = True,
     ) -> None:
         if hasattr(processor_or_blocked_ids, "tokenizer") or hasattr(processor_or_blocked_ids, "get_vocab"):
             self.processor = processor_or_blocked_ids
@@ -214,6 +232,7 @@ class HFGenerateEngine:
             self.blocked_ids = sorted({int(i) for i in processor_or_blocked_ids})
         self.eos_ids = list(eos_ids) if eos_ids is not None else None
         self.pad_token_id = pad_token_id
+        self.share_prefill = share_prefill
 
     def _eos_and_pad(self, model: PreTrainedModel) -> tuple[list[int], int]:
         eos = self.eos_ids if self.eos_ids is not None else eos_token_ids(self.processor, model)
@@ -261,15 +280,21 @@ class HFGenerateEngine:
             return_dict_in_generate=False,
             use_cache=True,
         )
+        shared = self.share_prefill and getattr(model.config, "model_type", None) in SHARED_PREFILL_FAMILIES
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), _seeded(generator_seed, device):
-                sequences = model.generate(**inputs, **generate_kwargs)
+                if shared:
+                    response = _decode_from_shared_prefill(
+                        model, inputs, LogitsProcessorList(processors), n=1 if greedy else cfg.n,
+                        max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad, greedy=greedy,
+                    )
+                else:
+                    response = model.generate(**inputs, **generate_kwargs)[:, prompt_len:]
         finally:
             model.train(was_training)
 
-        response = sequences[:, prompt_len:]
         logp = recorder.finish(response[:, -1])
         if greedy and cfg.n > 1:
             response, logp = response.repeat_interleave(cfg.n, dim=0), logp.repeat_interleave(cfg.n, dim=0)
@@ -281,6 +306,67 @@ class HFGenerateEngine:
             sampler_logp_B_T=logp.masked_fill(~mask, 0.0),
             prompt_index_B=torch.arange(num_prompts, device=response.device).repeat_interleave(cfg.n),
         )
+
+
+@torch.no_grad()
+def _decode_from_shared_prefill(
+    model: PreTrainedModel,
+    prompts: dict[str, Any],
+    processors: LogitsProcessorList,
+    *,
+    n: int,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    greedy: bool,
+) -> torch.Tensor:
+    """Response ids [P*n, T]: prefill the P prompts once, expand the cache to P*n rows, decode.
+
+    Each step is `generate`'s sampling step: float32 logits of the last position -> processors ->
+    softmax -> one `torch.multinomial` draw per row (argmax when greedy); rows that have emitted an
+    EOS get the pad id; stop when every row is done or after `max_new_tokens`. M-RoPE positions
+    follow `vopd.fastpath`: the prompt's from the model's own rule, then max + 1, + 2, ... on all
+    three axes for the generated tokens.
+    """
+    from transformers import DynamicCache
+
+    backbone, head = getattr(model, model.base_model_prefix), output_head(model)
+    ids_P_L, mask_P_L = prompts["input_ids"], prompts["attention_mask"]
+    pos_3_P_L = backbone.compute_3d_position_ids(
+        input_ids=ids_P_L, inputs_embeds=None, image_grid_thw=prompts.get("image_grid_thw"),
+        video_grid_thw=prompts.get("video_grid_thw"), attention_mask=mask_P_L, cache=None,
+        mm_token_type_ids=prompts.get("mm_token_type_ids"),
+    )
+    cache = DynamicCache(config=backbone.config.get_text_config())
+    out = backbone(**prompts, position_ids=pos_3_P_L, cache=cache, use_cache=True, return_dict=True)
+    cache = getattr(out, "cache", None) or cache
+    logits_B_V = head(out.last_hidden_state[:, -1]).float().repeat_interleave(n, dim=0)
+    del out
+    cache.batch_repeat_interleave(n)
+    next_pos_B = (pos_3_P_L.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    mask_B_S = mask_P_L.repeat_interleave(n, dim=0)
+    seq_B_S = ids_P_L.repeat_interleave(n, dim=0)  # what generate hands the processors
+    eos = torch.tensor(list(eos_ids), device=ids_P_L.device)
+    unfinished_B = torch.ones(seq_B_S.shape[0], dtype=torch.long, device=ids_P_L.device)
+    start = seq_B_S.shape[1]
+    for step in range(max_new_tokens):
+        scores_B_V = processors(seq_B_S, logits_B_V)
+        if greedy:
+            next_B = scores_B_V.argmax(dim=-1)
+        else:
+            next_B = torch.multinomial(torch.softmax(scores_B_V, dim=-1), num_samples=1).squeeze(1)
+        next_B = next_B * unfinished_B + pad_id * (1 - unfinished_B)
+        seq_B_S = torch.cat([seq_B_S, next_B[:, None]], dim=1)
+        unfinished_B = unfinished_B & ~torch.isin(next_B, eos)
+        if step + 1 == max_new_tokens or unfinished_B.max() == 0:
+            break
+        mask_B_S = torch.cat([mask_B_S, mask_B_S.new_ones(mask_B_S.shape[0], 1)], dim=1)
+        pos_3_B_1 = (next_pos_B + step).view(1, -1, 1).expand(3, -1, -1)
+        out = backbone(input_ids=next_B[:, None], attention_mask=mask_B_S, position_ids=pos_3_B_1,
+                       cache=cache, use_cache=True, return_dict=True)
+        cache = getattr(out, "cache", None) or cache
+        logits_B_V = head(out.last_hidden_state[:, -1]).float()
+    return seq_B_S[:, start:]
 
 
 class _seeded:

@@ -31,7 +31,7 @@ from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, StepSampler, ViewDataset, load_train_samples
 from vopd.fastpath import NaiveInputs, SharedPrompts
 from vopd.models import output_head, response_hidden_states
-from vopd.objectives import aggregate, chunked_token_divergence, rollout_correction
+from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence, rollout_correction
 from vopd.rollout import HFGenerateEngine, RolloutEngine, Rollouts
 from vopd.teacher import Teacher, make_teacher
 
@@ -117,20 +117,12 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
         # 2. The teacher scores the same tokens under its own (crop) prompt, prompt computed once.
         with timer("teacher"):
             teacher_logits = state.teacher.logits_fn(_scored(state, mb.teacher, ro, sharing), ids_B_T.shape[1], mask_B_T)
-        # 3. Student forward at response positions only; divergence in vocabulary chunks.
+        # 3. Student forward at response positions only; loss and its gradient in vocabulary chunks.
         with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
-            per_token_N, stats = _student_divergence(state, _scored(state, mb.student, ro, sharing), ro, teacher_logits)
-            if cfg.loss.rollout_correction:  # trainer log-probs vs the sampler's (an external engine)
-                w_N = rollout_correction(stats["student_logp_N"], ro.sampler_logp_B_T.to(acc.device)[mask_B_T], clip=cfg.loss.ratio_clip)
-                per_token_N = per_token_N * w_N
-                sums["weight"] += float(w_N.sum())
-            per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype, device=acc.device)
-            per_token_B_T = per_token_B_T.masked_scatter(mask_B_T, per_token_N)
-            loss = aggregate(
-                per_token_B_T, mask_B_T, mode=cfg.loss.aggregation,
-                num_tokens=max(num_tokens, 1.0) / world, num_seqs=num_seqs / world,
-            )
+            loss, stats = _student_loss(state, _scored(state, mb.student, ro, sharing), ro, teacher_logits, num_tokens, num_seqs)
             acc.backward(loss)
+        if cfg.loss.rollout_correction:  # trainer log-probs vs the sampler's (an external engine)
+            sums["weight"] += float(stats["rollout_weight_N"].sum())
         sums["loss"] += float(loss.detach())
         sums["logp_gap"] += float((stats["teacher_logp_N"] - stats["student_logp_N"]).sum())
         sums["tail_mass"] += float(stats["tail_mass_N"].sum())
@@ -163,22 +155,73 @@ def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> Shar
     return NaiveInputs(shared.full_inputs(), shared.num_response_tokens) if state.cfg.naive else shared
 
 
-def _student_divergence(
-    state: TrainState, inputs: SharedPrompts | NaiveInputs, ro: Rollouts, teacher_logits: Callable
+def _student_loss(
+    state: TrainState, inputs: SharedPrompts | NaiveInputs, ro: Rollouts, teacher_logits: Callable,
+    num_tokens: float, num_seqs: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss [N] and stats: hidden states at response positions, logits in chunks.
+    """This micro-batch's share of the step loss (normalised by the step's global counts) and stats.
 
-    Naive mode instead takes the model's [B, L+T, V] logits and computes the loss in one piece.
+    The loss is a weighted sum of per-token divergences whose weights are known up front, so with
+    a plain linear LM head `fused_chunked_divergence` computes it and its gradient chunk by chunk
+    (one head-gradient buffer, no recompute). Naive mode takes the model's [B, L+T, V] logits and
+    computes the loss in one piece; other heads go through the checkpointed chunked path.
     """
-    mask_B_T = ro.mask_B_T.to(state.accelerator.device)
-    ids_N = ro.response_ids_B_T.to(mask_B_T.device)[mask_B_T]
-    T, kwargs = mask_B_T.shape[1], _loss_kwargs(state.cfg)
-    if isinstance(inputs, NaiveInputs):
-        logits_N_V = state.student(inputs.inputs, T, all_logits=True)[mask_B_T]
-        kwargs["chunk_size"] = max(1, logits_N_V.shape[0])
-        return chunked_token_divergence(logits_N_V, lambda x: x, teacher_logits, token_ids_N=ids_N, **kwargs)
-    hidden_N_H = state.student(inputs, T)[mask_B_T]
-    return chunked_token_divergence(hidden_N_H, output_head(state.policy), teacher_logits, token_ids_N=ids_N, **kwargs)
+    cfg, device, world = state.cfg, state.accelerator.device, state.accelerator.num_processes
+    mask_B_T = ro.mask_B_T.to(device)
+    ids_N = ro.response_ids_B_T.to(device)[mask_B_T]
+    sampler_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T]
+    T, kwargs = mask_B_T.shape[1], _loss_kwargs(cfg)
+    head = None if cfg.naive else _plain_head(state.policy)
+    if head is not None:
+        base_w_N = _token_weights(mask_B_T, cfg.loss.aggregation, num_tokens / world, num_seqs / world)
+
+        def weights(rows: slice, stats_C: dict[str, Tensor]) -> Tensor:
+            if not cfg.loss.rollout_correction:
+                return base_w_N[rows]
+            rc_C = rollout_correction(stats_C["student_logp_N"], sampler_logp_N[rows], clip=cfg.loss.ratio_clip)
+            return base_w_N[rows].to(rc_C.dtype) * rc_C
+
+        weight_V_H, bias_V, softcap = head
+        hidden_N_H = state.student(inputs, T)[mask_B_T]
+        loss, stats = fused_chunked_divergence(
+            hidden_N_H, weight_V_H, bias_V, teacher_logits, weights, token_ids_N=ids_N, softcap=softcap, **kwargs
+        )
+    else:
+        if isinstance(inputs, NaiveInputs):
+            logits_N_V = state.student(inputs.inputs, T, all_logits=True)[mask_B_T]
+            kwargs["chunk_size"] = max(1, logits_N_V.shape[0])
+            per_token_N, stats = chunked_token_divergence(logits_N_V, lambda x: x, teacher_logits, token_ids_N=ids_N, **kwargs)
+        else:
+            hidden_N_H = state.student(inputs, T)[mask_B_T]
+            per_token_N, stats = chunked_token_divergence(
+                hidden_N_H, output_head(state.policy), teacher_logits, token_ids_N=ids_N, **kwargs
+            )
+        if cfg.loss.rollout_correction:
+            per_token_N = per_token_N * rollout_correction(stats["student_logp_N"], sampler_logp_N, clip=cfg.loss.ratio_clip)
+        per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype, device=device).masked_scatter(mask_B_T, per_token_N)
+        loss = aggregate(per_token_B_T, mask_B_T, mode=cfg.loss.aggregation,
+                         num_tokens=max(num_tokens, 1.0) / world, num_seqs=num_seqs / world)
+    if cfg.loss.rollout_correction:
+        stats["rollout_weight_N"] = rollout_correction(stats["student_logp_N"], sampler_logp_N, clip=cfg.loss.ratio_clip)
+    return loss, stats
+
+
+def _plain_head(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None] | None:
+    """(weight, bias, soft-cap) of an LM head that is exactly ``nn.Linear`` (else None: no fused loss)."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return None
+    return head.weight, head.bias, getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def _token_weights(mask_B_T: Tensor, mode: str, num_tokens: float, num_seqs: float) -> Tensor:
+    """w_N such that sum_n w_n * loss_n == `aggregate(loss_B_T, mask_B_T, mode, num_tokens, num_seqs)`."""
+    if mode == "token_mean":
+        return torch.full((int(mask_B_T.sum()),), 1.0 / max(num_tokens, 1.0), dtype=torch.float64, device=mask_B_T.device)
+    if mode == "seq_mean":
+        lengths_B_T = mask_B_T.sum(1, keepdim=True).expand_as(mask_B_T)
+        return 1.0 / (lengths_B_T[mask_B_T].double() * max(num_seqs, 1.0))
+    raise ValueError(f"loss.aggregation must be 'token_mean' or 'seq_mean', got {mode!r}")
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -312,7 +355,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     student = acc.prepare(ResponseHidden(policy))
     optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
-    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, HFGenerateEngine(processor))
+    engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
+    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine)
     if ckpt is not None:
         saved = load_trainer_state(ckpt)
         teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})

@@ -161,7 +161,8 @@ def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
         train_seconds += time.perf_counter() - t0
         if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             acc = evaluate_views(model.eval(), processor, val).accuracy
-            curve.append({"step": step, "loss": round(loss.item(), 4), "grad_norm": round(grad_norm.item(), 3),
+            curve.append({"step": step, "loss": round(loss.item(), 4),
+                          "grad_norm": round(grad_norm.item(), 3),
                           "wall_s": round(time.perf_counter() - start, 1),
                           **{v: round(a, 4) for v, a in acc.items()}})
             print(json.dumps(curve[-1]), flush=True)

@@ -149,7 +149,9 @@ def _apart(cx: int, cy: int, side: int, x: int, y: int, s: int, cfg: SceneConfig
     return far and (abs(cx - x) >= gap or abs(cy - y) >= gap)
 
 
-def _place_objects(rng: np.random.Generator, cfg: SceneConfig, count: int) -> list[tuple[int, int, int]]:
+def _place_objects(
+    rng: np.random.Generator, cfg: SceneConfig, count: int
+) -> list[tuple[int, int, int]]:
     """Rejection-sample ``count`` (cx, cy, side) triples that respect the spacing rule."""
     for _ in range(200):
         placed: list[tuple[int, int, int]] = []
@@ -206,7 +208,9 @@ def render(objects: list[ToyObject], target: int, cfg: SceneConfig) -> tuple[Ima
     return image, Box(float(x0), float(y0), float(x1), float(y1))
 
 
-def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, scene_id: str = "toy-0") -> tuple[Image.Image, Sample]:
+def make_scene(
+    rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), *, scene_id: str = "toy-0"
+) -> tuple[Image.Image, Sample]:
     """Draw one scene from ``rng`` and return the image and its ``Sample``.
 
     The sample's ``boxes`` hold the target's exact pixel bbox; ``meta`` holds the target shape and

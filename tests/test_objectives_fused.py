@@ -1,0 +1,146 @@
+"""`fused_chunked_divergence` equals `chunked_token_divergence` + `aggregate`: loss, stats and the
+gradients of the hidden states, head weight and head bias (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence
+
+H, V, B, T = 6, 37, 3, 5
+ESTIMATORS = {
+    "topk": dict(estimator="topk", beta=0.5, top_k=7, add_tail=True),
+    "topk_renorm_union_temp": dict(estimator="topk", beta=0.3, top_k=5, add_tail=False, support="union", temperature=0.7),
+    "full_forward_kl": dict(estimator="full", beta=0.0),
+    "full_jsd": dict(estimator="full", beta=0.5),
+    "sampled": dict(estimator="sampled"),
+}
+
+
+def _problem(seed: int = 0, *, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    mask_B_T = torch.ones(B, T, dtype=torch.bool)
+    mask_B_T[0, 3:] = False
+    mask_B_T[2, 1:] = False
+    num = int(mask_B_T.sum())
+    hidden_N_H = torch.randn(num, H, generator=g, dtype=torch.float64)
+    weight_V_H = torch.randn(V, H, generator=g, dtype=torch.float64)
+    bias_V = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    teacher_N_V = torch.randn(num, V, generator=g, dtype=torch.float64) * 2
+    ids_N = torch.randint(0, V, (num,), generator=g)
+    return mask_B_T, hidden_N_H, weight_V_H, bias_V, teacher_N_V, ids_N
+
+
+def _weights(mask_B_T: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-token weights that make a weighted sum equal `aggregate(mode)` (local counts)."""
+    if mode == "token_mean":
+        return torch.full((int(mask_B_T.sum()),), 1.0 / int(mask_B_T.sum()), dtype=torch.float64)
+    lengths_B = mask_B_T.sum(1, keepdim=True).expand_as(mask_B_T)
+    return 1.0 / (lengths_B[mask_B_T].double() * int((mask_B_T.sum(1) > 0).sum()))
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+
+
+def _head(weight, bias, softcap):
+    def project(h):
+        logits = torch.nn.functional.linear(h, weight, bias)
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+    return project
+
+
+def _reference(mask_B_T, hidden, weight, bias, teacher_N_V, ids_N, knobs, *, mode, softcap=None, chunk=4):
+    per_token_N, stats = chunked_token_divergence(
+        hidden, _head(weight, bias, softcap), lambda rows: teacher_N_V[rows], chunk_size=chunk, token_ids_N=ids_N, **knobs
+    )
+    per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype).masked_scatter(mask_B_T, per_token_N)
+    return aggregate(per_token_B_T, mask_B_T, mode=mode), stats
+
+
+def _grads(loss, leaves):
+    loss.backward()
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fused_equals_chunked_plus_aggregate(name, mode, softcap):
+    knobs = ESTIMATORS[name]
+    mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem()
+    ref_leaves = _leaves(hidden, weight, bias)
+    ref_loss, ref_stats = _reference(mask_B_T, *ref_leaves, teacher_N_V, ids_N, knobs, mode=mode, softcap=softcap)
+    ref_grads = _grads(ref_loss, ref_leaves)
+    leaves = _leaves(hidden, weight, bias)
+    loss, stats = fused_chunked_divergence(
+        *leaves, lambda rows: teacher_N_V[rows], _weights(mask_B_T, mode),
+        chunk_size=3, token_ids_N=ids_N, softcap=softcap, **knobs,
+    )
+    grads = _grads(loss, leaves)
+    assert loss.dtype == torch.float64 and loss.shape == ()
+    assert float(ref_loss.detach()) != 0.0
+    torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=0)
+    for got, want, what in zip(grads, ref_grads, ("hidden", "weight", "bias")):
+        assert float(want.abs().max()) > 1e-6, what  # the comparison is not between zeros
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=what)
+    for key, value in ref_stats.items():
+        torch.testing.assert_close(stats[key], value, atol=1e-10, rtol=0, msg=key)
+    torch.testing.assert_close(stats["weight_N"], _weights(mask_B_T, mode), atol=0, rtol=0)
+
+
+def test_chunk_size_and_upstream_gradient_scale():
+    """Any chunk size gives the same result; d(c * L) = c * dL (backward scales the stored grads)."""
+    mask_B_T, hidden, weight, _, teacher_N_V, ids_N = _problem(1, bias=False)
+    w_N = _weights(mask_B_T, "token_mean")
+    results = []
+    for chunk, scale in [(1, 1.0), (5, 1.0), (100, 2.5)]:
+        leaves = _leaves(hidden, weight)
+        loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=chunk, top_k=7)
+        (scale * loss).backward()
+        results.append((loss.detach(), leaves[0].grad / scale, leaves[1].grad / scale))
+    for loss, grad_h, grad_w in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(grad_h, results[0][1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(grad_w, results[0][2], atol=1e-12, rtol=0)
+
+
+def test_callable_weights_see_chunk_stats_and_gradients_accumulate():
+    """Weights from the chunk's stats (a rollout correction) equal precomputed ones; grads add to .grad."""
+    mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(2)
+    _, full_stats = chunked_token_divergence(hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], token_ids_N=ids_N, top_k=7)
+    sampler_logp_N = full_stats["student_logp_N"] + 0.3 * torch.randn(len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w_N = (full_stats["student_logp_N"] - sampler_logp_N).exp().clamp(max=2.0) / len(ids_N)
+
+    def weight_fn(rows, stats_C):
+        return (stats_C["student_logp_N"] - sampler_logp_N[rows]).exp().clamp(max=2.0) / len(ids_N)
+
+    outs = []
+    for weights in (w_N, weight_fn):
+        leaves = _leaves(hidden, weight, bias)
+        for _ in range(2):  # second pass accumulates into the existing .grad
+            loss, stats = fused_chunked_divergence(*leaves, lambda r: teacher_N_V[r], weights, chunk_size=4, token_ids_N=ids_N, top_k=7)
+            loss.backward()
+        outs.append((loss.detach(), stats["weight_N"], [t.grad for t in leaves]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs[1][1], w_N, atol=1e-12, rtol=0)
+    for got, want in zip(outs[1][2], outs[0][2]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_no_grad_gives_the_loss_only_and_bad_arguments_raise():
+    mask_B_T, hidden, weight, _, teacher_N_V, ids_N = _problem(3, bias=False)
+    w_N = _weights(mask_B_T, "token_mean")
+    leaves = _leaves(hidden, weight)
+    with torch.no_grad():
+        loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, top_k=7)
+    ref, _ = _reference(mask_B_T, hidden, weight, None, teacher_N_V, ids_N, dict(top_k=7), mode="token_mean")
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="token_weights_N must have shape"):
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N[:-1], top_k=7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=0, top_k=7)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, softcap=0.0, top_k=7)
