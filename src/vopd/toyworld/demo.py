@@ -139,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "full_gain_p_value": mcnemar_exact(table.only_a_right, table.only_b_right),
         "full_paired_table": dataclasses.asdict(table),
         "curve": evaluator.curve,
-        "health": [h for h in result.history if any(k.startswith("health/") for k in h)],
+        "health": result.health,
         "n_eval": cfg.n_eval,
         "eval_seed": cfg.eval_seed,
         "steps": result.steps,
