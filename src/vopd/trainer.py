@@ -382,6 +382,7 @@ class TrainResult:
     history: list[dict[str, float]]
     interrupted: bool = False
     wall_seconds: float = 0.0
+    health: list[dict[str, float]] = field(default_factory=list)  # teacher-health probes, step 0 included
 
 
 class _StopFlag:
@@ -484,7 +485,8 @@ def train(
                 break
     bar.close()
     acc.end_training()
-    result = TrainResult(out, last_ckpt, state.step, state.history, interrupted, time.perf_counter() - start)
+    result = TrainResult(out, last_ckpt, state.step, state.history, interrupted, time.perf_counter() - start,
+                         health=list(health.history) if health is not None else [])
     if acc.is_main_process:
         print(summary(result))
     return result
