@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_markdown, summary, timed, write_results  # noqa: E402
+from common import RESULTS, machine, machine_markdown, summary, timed, write_results  # noqa: E402
 
 from vopd.objectives import chunked_token_divergence, fused_chunked_divergence, token_divergence  # noqa: E402
 
@@ -104,21 +104,24 @@ def _spawn(path: str, n: int, chunk: int, limit_gb: float) -> dict:
     return row
 
 
-def run(sizes: list[int], chunks: dict[str, int], repeats: int, limit_gb: float) -> dict:
+def run(sizes: list[int], chunks: dict[str, list[int]], repeats: int, limit_gb: float, paths: list[str],
+        skip: set[tuple[str, int]]) -> dict:
     rows = []
     for n in sizes:
         for _ in range(repeats):  # alternate the paths at each size
-            for path in PATHS:
-                rows.append(_spawn(path, n, chunks.get(path, 0), limit_gb))
-    return {"rows": rows, "sizes": sizes, "chunks": chunks, "repeats": repeats, "limit_gb": limit_gb}
+            for path in paths:
+                if (path, n) in skip:
+                    continue
+                for chunk in chunks.get(path, [0]):
+                    rows.append(_spawn(path, n, chunk, limit_gb))
+    return {"rows": rows, "sizes": sizes, "chunks": chunks, "repeats": repeats, "limit_gb": limit_gb, "paths": paths}
 
 
 def report(result: dict, mach: dict) -> str:
     rows = [r for r in result["rows"] if "failed" not in r]
-    chunks = result["chunks"]
 
-    def agg(path, n, key):
-        vals = [r[key] for r in rows if r["path"] == path and r["tokens"] == n]
+    def agg(path, n, key, chunk=None):
+        vals = [r[key] for r in rows if r["path"] == path and r["tokens"] == n and (chunk is None or r["chunk"] == chunk)]
         return summary(vals)["median"] if vals else None
 
     def cell(x, fmt):
@@ -130,35 +133,60 @@ def report(result: dict, mach: dict) -> str:
     lines = [
         "# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)", "",
         machine_markdown(mach), "",
-        f"Chunk sizes: chunked (checkpointed) {chunks['chunked']}, fused {chunks['fused']}. "
-        f"Median of {result['repeats']} run(s) per cell, each in a fresh process, paths alternating.", "",
-        "| N | straightforward MB | chunked MB | fused MB | fused / straightforward memory | straightforward s | chunked s | fused s | fused / straightforward time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Median of {result['repeats']} run(s) per cell, each in a fresh process, paths alternating at each N. "
+        "Memory = peak MB above the start; ratios are against the straightforward path at the same N.", "",
+        "| N | path | chunk | peak MB | memory ratio | seconds | time ratio |", "|---|---|---|---|---|---|---|",
     ]
     for n in result["sizes"]:
-        sp, cp, fp = (agg(p, n, "peak_mb") for p in PATHS)
-        st, ct, ft = (agg(p, n, "seconds") for p in PATHS)
-        lines.append(f"| {n} | {cell(sp, '.0f')} | {cell(cp, '.0f')} | {cell(fp, '.0f')} | {ratio(fp, sp)} | "
-                     f"{cell(st, '.2f')} | {cell(ct, '.2f')} | {cell(ft, '.2f')} | {ratio(ft, st, '.2f')} |")
+        sp, st = agg("straightforward", n, "peak_mb"), agg("straightforward", n, "seconds")
+        for path in result["paths"]:
+            for chunk in result["chunks"].get(path, [None]):
+                p, t = agg(path, n, "peak_mb", chunk), agg(path, n, "seconds", chunk)
+                if p is None:
+                    continue
+                lines.append(f"| {n} | {path} | {chunk or '-'} | {p:.0f} | {ratio(p, sp)} | {t:.2f} | {ratio(t, st, '.2f')} |")
+    lines += _extrapolation(result["sizes"], agg, result["chunks"].get("fused", []))
     failed = [r for r in result["rows"] if "failed" in r]
     if failed:
         lines += ["", "Did not complete: " + "; ".join(f"{r['path']} N={r['tokens']} ({r['failed']})" for r in failed)]
-    loads = sorted({tuple(r["load_average"]) for r in result["rows"]})
-    lines += ["", f"Load average (1, 5, 15 min) after each measurement ranged over {loads[0]} .. {loads[-1]}.",
+    loads = [r["load_average"][0] for r in result["rows"]]
+    lines += ["", f"1-minute load average after each measurement: {min(loads):.2f} .. {max(loads):.2f} (2 cores, shared).",
               "", "Peak = resident memory above the level before the call, sampled every 1 ms (see benchmarks/common.py); "
               "the weights of the two heads (2 x 1.16 GB) and the inputs are allocated before and not counted; the head's "
               "weight gradient (1.16 GB float32) is counted in every path, and it is most of the fused path's peak."]
     return "\n".join(lines) + "\n"
 
 
+def _extrapolation(sizes: list[int], agg, fused_chunks: list[int]) -> list[str]:
+    """Sizes where the straightforward path did not run: a linear fit through its two largest measured sizes."""
+    measured = [n for n in sizes if agg("straightforward", n, "peak_mb") is not None]
+    missing = [n for n in sizes if n not in measured]
+    if len(measured) < 2 or not missing:
+        return []
+    n0, n1 = measured[-2], measured[-1]
+    out = [""]
+    for key, unit in (("peak_mb", "MB"), ("seconds", "s")):
+        a, b = agg("straightforward", n0, key), agg("straightforward", n1, key)
+        slope = (b - a) / (n1 - n0)
+        for n in missing:
+            guess = b + slope * (n - n1)
+            parts = [f"fused chunk {c}: {agg('fused', n, key, c) / guess:.3f}" for c in fused_chunks if agg("fused", n, key, c)]
+            out.append(f"- N = {n}: straightforward {key} by a linear fit through N = {n0}, {n1} "
+                       f"({slope:.3f} {unit} per token): ~{guess:.0f} {unit}; ratio " + ", ".join(parts) + ".")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", help="comma-separated N (default: quick 256,512; full 512,1024,8192)")
-    parser.add_argument("--chunk", type=int, default=64, help="fused chunk size (default 64)")
+    parser.add_argument("--chunk", default="64", help="fused chunk size(s), comma-separated (default 64)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
+    parser.add_argument("--skip", default="", help="path:N pairs not to run, e.g. chunked:8192")
     parser.add_argument("--chunked-chunk", type=int, default=None, help="checkpointed path's chunk (default: quick 128, full 1024)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--limit-gb", type=float, default=19.0, help="address-space limit of each worker")
+    parser.add_argument("--append", action="store_true", help="add to the rows of the existing results file")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "N", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -168,13 +196,24 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(path, int(n), int(chunk))))
         return
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([256, 512] if args.quick else [512, 1024, 8192])
-    chunks = {"chunked": args.chunked_chunk or (128 if args.quick else 1024), "fused": args.chunk}
+    chunks = {"chunked": [args.chunked_chunk or (128 if args.quick else 1024)],
+              "fused": [int(x) for x in args.chunk.split(",")]}
     repeats = args.repeats or (1 if args.quick else 2)
+    skip = {(p, int(n)) for p, n in (x.split(":") for x in args.skip.split(",") if x)}
     mach = machine()
-    result = run(sizes, chunks, repeats, args.limit_gb)
+    result = run(sizes, chunks, repeats, args.limit_gb, args.paths.split(","), skip)
+    name = "loss_memory" + ("_quick" if args.quick else "")
+    previous = RESULTS / f"{name}.json"
+    if args.append and previous.exists():  # e.g. one size at a time on a busy machine
+        old = json.loads(previous.read_text())
+        result["rows"] = old["rows"] + result["rows"]
+        result["sizes"] = sorted(set(old["sizes"]) | set(sizes))
+        result["paths"] = [p for p in PATHS if p in set(old["paths"]) | set(result["paths"])]
+        result["chunks"] = {k: sorted(set(old["chunks"].get(k, [])) | set(v)) for k, v in result["chunks"].items()}
+        mach["earlier_runs"] = old["machine"]
     result["machine"] = mach
     result["quick"] = args.quick
-    write_results("loss_memory" + ("_quick" if args.quick else ""), result, report(result, mach))
+    write_results(name, result, report(result, mach))
 
 
 if __name__ == "__main__":

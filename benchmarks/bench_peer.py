@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import sys
 import tempfile
 import warnings
@@ -148,9 +149,10 @@ def report(result: dict, mach: dict) -> str:
         f"Ratio vopd / TRL: time {t_vopd['median'] / t_trl['median']:.2f} (target <= 0.5), "
         f"peak memory {m_vopd['median'] / m_trl['median']:.2f} (target <= 1).", "",
         "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".", "",
-        "Where the rest of the time goes: sampling (HF `generate` with n return sequences, the same in both "
-        "trainers) re-runs the prompt prefill n times and is now the largest phase of vopd's step; sharing the "
-        "prefill across the n rollouts in the rollout engine is the next win. Steps on this shared machine vary "
+        "vopd samples from one prefill per prompt (the KV cache expanded to its n rollouts, "
+        "`rollout.SHARED_PREFILL_FAMILIES`); TRL's `generate` runs each prompt's prefill once per row. "
+        f"Load average (1 min) at start {mach['load_average_at_start'][0]:.2f}, at the end "
+        f"{result.get('load_average_end', [float('nan')])[0]:.2f} (2 shared cores). Steps on this shared machine vary "
         "by up to 2x (min-max above), so ratios from one short run carry roughly +-25%.",
     ]
     return "\n".join(lines) + "\n"
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     mach = machine()
     result = run(args.quick)
-    result |= {"machine": mach, "quick": args.quick}
+    result |= {"machine": mach, "quick": args.quick, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     write_results("peer_trl" + ("_quick" if args.quick else ""), result, report(result, mach))
 
 

@@ -514,13 +514,14 @@ class _FusedDivergence(torch.autograd.Function):
                 logits_C_V = raw_C_V if plan.softcap is None else torch.tanh(raw_C_V / plan.softcap) * plan.softcap
                 ids_C = None if plan.token_ids_N is None else plan.token_ids_N[rows]
                 loss_C, stats_C = _per_token(logits_C_V, teacher_C_V, ids_C, estimator=plan.estimator, **plan.knobs)
+                del teacher_C_V, logits_C_V  # the graph keeps what backward needs; free the rest first
                 stats_C = {k: v.detach() for k, v in stats_C.items()}
                 w = plan.weights
                 w_C = (w(rows, stats_C) if callable(w) else w[rows]).detach().to(loss_C.dtype)
                 stats_C["weight_N"] = w_C
                 part = (loss_C * w_C).sum()
                 grad_C_V = torch.autograd.grad(part, raw_C_V)[0] if plan.want_grad else None
-            del teacher_C_V, logits_C_V, loss_C
+            del loss_C
             total = part.detach() if total is None else total + part.detach()
             chunk_stats.append(stats_C)
             if grad_C_V is None:

@@ -132,11 +132,36 @@ def run_gap(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.gap.main_gap`."""
     from vopd.evaluation.gap import main_gap
 
-    return main_gap(gap_config_from_args(args))
+    result = main_gap(gap_config_from_args(args))
+    print(gap_summary(result, args.out))
+    return result
+
+
+def gap_summary(result: dict[str, Any], out: str) -> str:
+    """A few console lines: accuracy per view, the gap with its interval and the paired test."""
+    if "views" not in result:  # --checkpoints: one result per checkpoint
+        return f"gap over checkpoints written to {out}"
+    lines = [f"{result['n_questions']} questions"]
+    for view, block in result["views"].items():
+        lo, hi = block["ci"]
+        lines.append(f"  {view:9s} {block['accuracy']:5.1f} %  [{lo:.1f}, {hi:.1f}]  ({block['unjudged']} unjudged)")
+    gap = result["gap"]
+    lines.append(
+        f"  gap (regional - global) {gap['value']:+.1f} points, {result['interval']}: "
+        f"[{gap['ci'][0]:+.1f}, {gap['ci'][1]:+.1f}]; exact McNemar p = {gap['mcnemar_p']:.3g}"
+    )
+    lines.append(f"  written: {out}/gap.json, {out}/gap.png")
+    return "\n".join(lines)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.runner.main_eval`."""
+    from pathlib import Path
+
     from vopd.evaluation.runner import main_eval
 
-    return main_eval(eval_config_from_args(args))
+    result = main_eval(eval_config_from_args(args))
+    summary = Path(args.out) / "summary.md"
+    if summary.is_file():
+        print(summary.read_text())
+    return result

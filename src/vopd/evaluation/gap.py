@@ -252,7 +252,8 @@ def _plot_views(result: dict[str, Any], path: Path, title: str) -> None:
     values = [views[v]["accuracy"] for v in names]
     errors = [tuple(views[v]["ci"]) if views[v]["ci"] else (0.0, 0.0) for v in names]
     gap = result["gap"]["value"]
-    sub = f"{title}  gap {gap:+.1f} pts" if gap is not None else title
+    title = Path(title).name or title  # a long local path would overflow the figure
+    sub = f"{title}\ngap {gap:+.1f} pts" if gap is not None else title
     plot_bars(names, values, path, title=sub, errors=errors)
 
 

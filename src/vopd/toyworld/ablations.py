@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
         if name in results:  # resumable: finished variants are kept
             continue
         print(f"\n=== ablation {i + 1}/{len(names)}: {name}", flush=True)
-        sub = out / f"v{i:02d}"
+        sub = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         if name in OPD_VARIANTS:
             run = dataclasses.replace(cfg, out=str(sub), overrides=(*cfg.overrides, *OPD_VARIANTS[name]))
             r = run_demo(run)
