@@ -522,7 +522,9 @@ def _save(state: TrainState) -> Path | None:
 def summary(result: TrainResult) -> str:
     """A short human summary of a finished run."""
     hist = result.history
-    lines = [f"vopd train: {result.steps} steps in {result.wall_seconds:.1f} s" + (" (interrupted)" if result.interrupted else "")]
+    first = int(hist[0]["step"]) - 1 if hist else result.steps
+    resumed = f" (resumed at step {first})" if first > 0 else ""
+    lines = [f"vopd train: {result.steps} steps in {result.wall_seconds:.1f} s{resumed}" + (" (interrupted)" if result.interrupted else "")]
     if hist:
         times = sorted(h["time_step"] for h in hist)
         lines.append(
