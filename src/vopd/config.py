@@ -65,7 +65,7 @@ class LossConfig:
     aggregation: str = "token_mean"  # token_mean (released code) | seq_mean (the paper's 1/|y| formula)
     rollout_correction: bool = False  # weight tokens by min(pi_trainer/pi_sampler, clip); for external samplers
     ratio_clip: float = 2.0  # clip of the rollout-correction weight
-    chunk_size: int = 1024  # response tokens per chunk of the vocabulary projection
+    chunk_size: int = 128  # response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB per tensor)
 
     def __post_init__(self) -> None:
         _choice("loss.estimator", self.estimator, ("topk", "full", "sampled"))
