@@ -26,55 +26,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vopd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from vopd.checkpoint import latest_checkpoint, save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
-from vopd.data import PairCollator, PromptPair, StepSampler, ViewDataset, load_train_samples
+from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, SharedPrompts
-from vopd.models import output_head, response_hidden_states
+from vopd.models import output_head
 from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence, rollout_correction
-from vopd.rollout import HFGenerateEngine, RolloutEngine, Rollouts
-from vopd.teacher import Teacher, make_teacher
+from vopd.rollout import Rollouts
+from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
+
+__all__ = ["ResponseHidden", "TrainResult", "TrainState", "TrainingError", "resolve_model", "setup", "summary",
+           "train", "train_step"]
 
 Callback = Callable[["TrainState"], "dict[str, float] | None"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. too many non-finite losses in a row)."""
-
-
-class ResponseHidden(nn.Module):
-    """Wraps the policy so the student forward goes through ``accelerate``/DDP's forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict | SharedPrompts, num_response_tokens: int, *, all_logits: bool = False) -> Tensor:
-        if all_logits:  # naive mode: vocabulary logits at every position, as the released code does
-            start = inputs["input_ids"].shape[1] - num_response_tokens - 1
-            return self.model(**inputs, use_cache=False).logits[:, start : start + num_response_tokens]
-        if isinstance(inputs, SharedPrompts):
-            return inputs.response_hidden_states(self.model)
-        return response_hidden_states(self.model, inputs, num_response_tokens)
-
-
-@dataclass
-class TrainState:
-    """Everything a step mutates; ``policy`` is the unwrapped student model."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    policy: nn.Module
-    student: nn.Module  # ResponseHidden(policy), prepared by accelerate
-    processor: Any
-    teacher: Teacher
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    engine: RolloutEngine
-    step: int = 0
-    bad_in_a_row: int = 0
-    skipped_steps: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class PhaseTimer:
@@ -258,120 +226,6 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
         state.skipped_steps += 1
     state.optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not finite)}
-
-
-# ---------------------------------------------------------------------------- set-up
-
-
-def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warm, kind = cfg.optim.warmup_steps, cfg.optim.schedule
-
-    def factor(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return factor
-
-
-def resolve_model(cfg: TrainConfig, path: str | None = None) -> tuple[nn.Module, Any]:
-    """Load ``model.path``: a hub id / local dir, ``toy-base`` or ``tiny:<family>`` (random tiny)."""
-    from vopd.models import load_model
-
-    path = path or cfg.model.path
-    if not path:
-        raise ValueError("model.path is empty: give a hub id, a local checkpoint folder, toy-base or tiny:qwen2_vl")
-    if path.startswith("tiny:"):
-        from vopd.tiny_models import build_tiny_model
-
-        return build_tiny_model(path.split(":", 1)[1], seed=cfg.seed)
-    if path == "toy-base":
-        from vopd.toyworld.model import toy_base_path
-
-        path = str(toy_base_path())
-    return load_model(
-        path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
-    )
-
-
-def _num_steps(cfg: TrainConfig, num_samples: int) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, int(cfg.epochs * num_samples) // cfg.prompts_per_step)
-
-
-def _make_accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # accelerate keeps a process-wide singleton; several train() calls in one process (ablations,
-    # tests, notebooks) may use different precisions. The distributed set-up (PartialState) stays.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    trackers = [r for r in cfg.report_to if r != "jsonl" and _tracker_available(r)]
-    return Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
-        log_with=trackers or None, project_dir=cfg.output_dir,
-    )
-
-
-def _tracker_available(name: str) -> bool:
-    import importlib.util
-
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
-    return importlib.util.find_spec(module) is not None
-
-
-def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSampler, ViewDataset, int]:
-    """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    acc = _make_accelerator(cfg)
-    ckpt = latest_checkpoint(cfg.output_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}")
-    policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
-    policy.to(acc.device)
-    if cfg.model.gradient_checkpointing:
-        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.train()
-    teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
-    teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
-    samples = load_train_samples(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
-    total_steps = _num_steps(cfg, len(samples))
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    student = acc.prepare(ResponseHidden(policy))
-    optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
-    engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
-    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine)
-    if ckpt is not None:
-        saved = load_trainer_state(ckpt)
-        teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
-        state.optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved["rng"])
-        state.step = saved["step"]
-        state.skipped_steps = saved.get("skipped_steps", 0)
-        acc.print(f"resumed from {ckpt} at step {state.step}")
-    sampler = StepSampler(
-        len(samples), prompts_per_step=cfg.prompts_per_step, micro_batch=cfg.micro_batch_prompts,
-        seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
-        rank=acc.process_index, world_size=acc.num_processes,
-    )
-    return state, sampler, ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view), total_steps
 
 
 @dataclass
