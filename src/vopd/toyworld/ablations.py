@@ -58,7 +58,9 @@ def run_sft(cfg: Any, labels: str, out: Path) -> dict[str, Any]:
     evaluator.evaluate(model, processor, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.optim.lr, weight_decay=train_cfg.optim.weight_decay)
     model.train()
-    for step in range(1, cfg.steps + 1):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"SFT ({labels} labels)", dynamic_ncols=True):
         batch = scenes[(step - 1) * per_step : step * per_step]
         loss = supervised_loss(model, processor, batch, ["full"] * len(batch))
         loss.backward()
