@@ -106,3 +106,9 @@ def test_health_drift_warns_without_a_grader():
     assert resumed._check(7, {"health/teacher_drift": 3.0}) is True
     with pytest.warns(UserWarning, match="teacher drift"):
         assert resumed._check(8, {"health/teacher_drift": 3.0}) is False
+
+
+def test_sampled_estimator_requires_reverse_kl():
+    with pytest.raises(ConfigError, match="loss.beta=1"):
+        load_config(None, ["loss.estimator=sampled"])
+    assert load_config(None, ["loss.estimator=sampled", "loss.beta=1"]).loss.beta == 1.0

@@ -276,3 +276,10 @@ def test_health_rollback_restores_the_last_healthy_teacher(tmp_path):
     frozen = train(_cfg(tmp_path / "f", "max_steps=1", "teacher.kind=frozen"))
     frozen_init = load_file(frozen.checkpoint / "trainer_state" / "teacher.safetensors")
     torch.testing.assert_close(init[key], frozen_init[key])
+
+
+def test_resume_applies_this_runs_learning_rate(tmp_path, capsys):
+    train(_cfg(tmp_path, "max_steps=1", "optim.warmup_steps=0"))
+    res = train(_cfg(tmp_path, "max_steps=2", "optim.warmup_steps=0", "optim.lr=5e-4"), resume=True)
+    assert res.history[-1]["lr"] == pytest.approx(5e-4)
+    assert "optim.lr 0.001 -> 0.0005" in capsys.readouterr().out

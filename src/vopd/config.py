@@ -73,6 +73,10 @@ class LossConfig:
         _choice("loss.aggregation", self.aggregation, ("token_mean", "seq_mean"))
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"loss.beta must be in [0, 1], got {self.beta}")
+        if self.estimator == "sampled" and self.beta != 1.0:
+            raise ConfigError(
+                f"loss.estimator=sampled estimates reverse KL only: set loss.beta=1 (got {self.beta})"
+            )
         if self.top_k < 1 or self.chunk_size < 1 or self.temperature <= 0:
             raise ConfigError("loss.top_k, loss.chunk_size and loss.temperature must be positive")
 

@@ -158,6 +158,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
         teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
         state.optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        _apply_lr(scheduler, cfg, acc)
         restore_rng(saved["rng"])
         state.step = saved["step"]
         state.skipped_steps = saved.get("skipped_steps", 0)
@@ -168,3 +169,17 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
         rank=acc.process_index, world_size=acc.num_processes,
     )
     return state, sampler, ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view), total_steps
+
+
+def _apply_lr(scheduler: Any, cfg: TrainConfig, acc: Any) -> None:
+    """Make ``optim.lr`` of this run win over the checkpoint's (the schedule shape already does)."""
+    old = scheduler.base_lrs[0]
+    if math.isclose(old, cfg.optim.lr, rel_tol=1e-12):
+        return
+    acc.print(f"resume: optim.lr {old:g} -> {cfg.optim.lr:g} (from this run's config)")
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * factor
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
