@@ -118,10 +118,9 @@ def report(result: dict, mach: dict, png: str) -> str:
                 pts.setdefault((r["image_tokens"], r["n"]), {})[r["mode"]] = r["scoring_seconds"]
         for (tok, k), v in sorted(pts.items()):
             lines.append(f"| {axis} | {tok} | {k} | {v['naive']:.2f} | {v['prefix']:.2f} | {v['prefix'] / v['naive']:.2f} |")
-    lines += ["", "Noise: each point is the median of few steps on 2 cores shared with other jobs (load 4-6); single "
-              "steps vary up to 2x, so read the trend, not single points. In isolation (same model, P=2, n=4, T=16, "
-              "forward + backward of the student hidden states only) the modes measured none 3.4 s, image 2.0 s, "
-              "prefix 1.5 s. Expected growth: naive scoring is linear in n x (prompt + response) tokens; the default "
+    lines += ["", "Noise: each point is the median of few steps (load average at the start is given above); on a "
+              "shared machine single steps vary up to 2x, so read the trend, not single points. "
+              "Expected growth: naive scoring is linear in n x (prompt + response) tokens; the default "
               "is linear in prompt tokens (once per prompt) plus n x response tokens."]
     return "\n".join(lines) + "\n"
 

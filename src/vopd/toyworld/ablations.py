@@ -124,13 +124,13 @@ def plot_ablations(results: dict[str, Any], path: Path) -> None:
     from vopd.toyworld.report import _plt
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for name, r in results.items():
         style = "--" if name in SFT_VARIANTS else "-"
         ax.plot([c["step"] for c in r["curve"]], [100 * c["full"] for c in r["curve"]], style, marker="o", ms=3, label=name)
     ax.set(xlabel="step", ylabel="clean full-image accuracy (%)", ylim=(0, 102), title="Toy-world ablations (held-out)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
