@@ -65,3 +65,22 @@ def tiny_images():
     small = Image.new("RGB", (84, 56), "white")
     ImageDraw.Draw(small).rectangle((10, 10, 30, 30), fill="green")
     return big, small
+
+
+def with_bias(model, token_bias: dict[int, float]):
+    """A copy of `model` whose LM head adds a fixed bias to some token ids (e.g. makes image pads likely)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    biased = copy.deepcopy(model)
+    old = biased.get_output_embeddings()
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        for i, b in token_bias.items():
+            head.bias[i] = b
+    biased.set_output_embeddings(head)
+    return biased

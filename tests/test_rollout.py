@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 from vopd.models import append_responses, build_prompts, repeat_prompts, response_logits, vision_token_ids
@@ -20,22 +19,10 @@ from vopd.rollout import (
     response_mask,
 )
 
+from conftest import with_bias
+
 FAMILIES = list(ALL_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
-
-
-def _with_bias(model, token_bias: dict[int, float]):
-    """A copy of `model` whose LM head adds a fixed bias to some tokens (e.g. makes image pads likely)."""
-    biased = copy.deepcopy(model)
-    old = biased.get_output_embeddings()
-    head = nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        for i, b in token_bias.items():
-            head.bias[i] = b
-    biased.set_output_embeddings(head)
-    return biased
 
 
 def _teacher_forced_logp(model, batch, rollouts: Rollouts, blocked, *, temperature=1.0, top_p=1.0):
@@ -64,7 +51,7 @@ def test_vision_tokens_never_sampled(tiny_models, tiny_images, family):
     blocked = vision_token_ids(processor, model)
     eos = eos_token_ids(processor, model)
     # Vision tokens get +30 on every logit: without the blocker nearly every sample is one.
-    biased = _with_bias(model, {i: 30.0 for i in blocked} | {i: -30.0 for i in eos})
+    biased = with_bias(model, {i: 30.0 for i in blocked} | {i: -30.0 for i in eos})
     batch = build_prompts(processor, list(tiny_images), TEXTS)
     cfg = RolloutConfig(n=4, temperature=1.0, max_new_tokens=40)
     unblocked = HFGenerateEngine([]).sample(biased, batch, cfg, generator_seed=0)
@@ -115,7 +102,7 @@ def test_eos_masks_and_padding(tiny_models, tiny_images, family):
     model, processor = tiny_models(family)
     eos = eos_token_ids(processor, model)
     pad = processor.tokenizer.pad_token_id
-    biased = _with_bias(model, {eos[0]: 4.5})  # ends after a few tokens, at varying lengths
+    biased = with_bias(model, {eos[0]: 4.5})  # ends after a few tokens, at varying lengths
     batch = build_prompts(processor, list(tiny_images), TEXTS)
     r = HFGenerateEngine(processor).sample(biased, batch, RolloutConfig(n=8, max_new_tokens=12), generator_seed=3)
     ids, mask = r.response_ids_B_T, r.mask_B_T
@@ -137,7 +124,7 @@ def test_eos_masks_and_padding(tiny_models, tiny_images, family):
 def test_sampler_logp_matches_processed_distribution(tiny_models, tiny_images, family, temperature, top_p):
     model, processor = tiny_models(family)
     blocked = vision_token_ids(processor, model)
-    biased = _with_bias(model, {i: 3.0 for i in blocked})  # blocking must matter for the normaliser
+    biased = with_bias(model, {i: 3.0 for i in blocked})  # blocking must matter for the normaliser
     batch = build_prompts(processor, list(tiny_images), TEXTS)
     cfg = RolloutConfig(n=3, temperature=temperature, top_p=top_p, max_new_tokens=8)
     r = HFGenerateEngine(processor).sample(biased, batch, cfg, generator_seed=5)

@@ -7,31 +7,17 @@ still blocked, EOS handling and greedy decoding unchanged.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-from torch import nn
 
 from vopd.models import build_prompts, vision_token_ids
 from vopd.rollout import SHARED_PREFILL_FAMILIES, HFGenerateEngine, RolloutConfig, eos_token_ids
 
+from conftest import with_bias
+
 SHARED = sorted(SHARED_PREFILL_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
-
-
-def _with_bias(model, token_bias: dict[int, float]):
-    """A copy of `model` whose LM head adds a fixed bias to some token ids."""
-    biased = copy.deepcopy(model)
-    old = biased.get_output_embeddings()
-    head = nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        for i, b in token_bias.items():
-            head.bias[i] = b
-    biased.set_output_embeddings(head)
-    return biased
 
 
 def _both(model, processor, batch, cfg, seed):
@@ -64,7 +50,7 @@ def test_shared_prefill_eos_and_vision_blocking(tiny_models, tiny_images, family
     """Vision ids made very likely stay blocked; a likely EOS ends rows at different steps."""
     model, processor = tiny_models(family)
     blocked, eos = vision_token_ids(processor, model), eos_token_ids(processor, model)
-    biased = _with_bias(model, {i: 30.0 for i in blocked} | {eos[0]: 2.5})
+    biased = with_bias(model, {i: 30.0 for i in blocked} | {eos[0]: 2.5})
     batch = build_prompts(processor, list(tiny_images), TEXTS)
     cfg = RolloutConfig(n=4, max_new_tokens=15)
     shared, plain = _both(biased, processor, batch, cfg, seed=1)
@@ -73,7 +59,7 @@ def test_shared_prefill_eos_and_vision_blocking(tiny_models, tiny_images, family
     assert lengths.min() < lengths.max()  # rows stop at different steps, finished rows are padded
     assert not torch.isin(shared.response_ids_B_T, torch.tensor(blocked)).any()
     # Everything ended early: both paths stop at the same (shorter) width.
-    short = _with_bias(model, {eos[0]: 8.0})
+    short = with_bias(model, {eos[0]: 8.0})
     shared, plain = _both(short, processor, batch, cfg, seed=2)
     _assert_same(shared, plain)
     assert shared.response_ids_B_T.shape[1] < cfg.max_new_tokens
