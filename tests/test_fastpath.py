@@ -166,3 +166,33 @@ def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatc
         assert grads.keys() == ref_grads.keys(), name
         for key in ref_grads:
             torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-7, rtol=2e-3, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_image_mode_with_several_images_per_prompt(tiny_models, tiny_images, family, monkeypatch):
+    """Two images per prompt: each row must get its own prompt's images in order (not image-major copies)."""
+    from vopd.models import append_responses, response_hidden_states
+
+    model, processor = tiny_models(family)
+    model = copy.deepcopy(model).double()
+    big, small = tiny_images
+    slot = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"<|im_start|>user\n{slot}{slot}Compare them.<|im_end|>\n<|im_start|>assistant\n",
+             f"<|im_start|>user\n{slot}{slot}Which?<|im_end|>\n<|im_start|>assistant\n"]
+    monkeypatch.setattr(processor.tokenizer, "padding_side", "left")
+    prompts = processor(images=[[big, small], [small, big]], text=texts, padding=True, return_tensors="pt")
+    grid = prompts["image_grid_thw"]
+    assert grid.shape[0] == 4
+    ids_B_T = torch.randint(20, 200, (2 * N, T), generator=torch.Generator().manual_seed(0))
+    mask_B_T = torch.ones_like(ids_B_T, dtype=torch.bool)
+    # Independent reference: the rows built by hand, each with its prompt's two images.
+    patches = prompts["pixel_values"].split(grid.prod(dim=1).tolist())
+    rows = [p for p in range(2) for _ in range(N)]
+    full = {k: prompts[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    full["pixel_values"] = torch.cat([patches[2 * p + i] for p in rows for i in range(2)])
+    full["image_grid_thw"] = torch.cat([grid[2 * p : 2 * p + 2] for p in rows])
+    with torch.no_grad():
+        ref = response_hidden_states(model, append_responses(full, ids_B_T, mask_B_T), T)
+        for mode in ("image", "prefix"):
+            got = SharedPrompts(prompts, ids_B_T, mask_B_T, N, mode).response_hidden_states(model)
+            torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10, msg=f"{family} {mode}")

@@ -144,3 +144,19 @@ def test_no_grad_gives_the_loss_only_and_bad_arguments_raise():
         fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=0, top_k=7)
     with pytest.raises(ValueError, match="softcap"):
         fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, softcap=0.0, top_k=7)
+
+
+def test_second_backward_and_misshaped_callable_weights_raise_clearly():
+    """A retained graph cannot be backpropagated twice (the buffers were handed over): clear error,
+    not a TypeError; callable weights of the wrong shape must not broadcast silently."""
+    mask_B_T, hidden, weight, _, teacher_N_V, ids_N = _problem(4, bias=False)
+    w_N = _weights(mask_B_T, "token_mean")
+    leaves = _leaves(hidden, weight)
+    loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=4, top_k=7)
+    (grad_h,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
+    assert float(grad_h.abs().max()) > 0
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+    with pytest.raises(ValueError, match="token weights for rows 0:4"):
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], lambda rows, st: torch.full((1,), 0.1),
+                                 chunk_size=4, top_k=7)

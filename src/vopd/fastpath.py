@@ -117,21 +117,49 @@ class NaiveInputs:
         return captured[-1][:, total - T - 1 : total - 1]
 
 
-def _repeat_per_image(value: Any, n: int) -> Any:
-    """Repeat per-image features n times, image-major: a tuple of per-image tensors, or lists of them."""
+def _image_order(prompts: Any, n: int) -> list[int]:
+    """Source image of each image slot of the P*n rows, prompt-major: rows i*n..i*n+n-1 each take
+    prompt i's images, in order. A prompt may hold several images (repeating image-major would hand
+    row 0 two copies of prompt 0's first image)."""
+    grid = prompts["image_grid_thw"]
+    num_prompts, num_images = prompts["input_ids"].shape[0], grid.shape[0]
+    types_P_L = prompts.get("mm_token_type_ids")
+    if types_P_L is None:
+        if num_images != num_prompts:
+            raise ValueError(f"{num_images} images for {num_prompts} prompts and no mm_token_type_ids to "
+                             "tell which image belongs to which prompt; use sharing mode 'prefix' or 'none'")
+        per_prompt = [1] * num_prompts
+    else:
+        # Each image is one contiguous run of image tokens (type 1) in its prompt row.
+        is_image_P_L = types_P_L == 1
+        starts_P_L = is_image_P_L.clone()
+        starts_P_L[:, 1:] &= ~is_image_P_L[:, :-1]
+        per_prompt = starts_P_L.sum(dim=1).tolist()
+        if sum(per_prompt) != num_images:
+            raise ValueError(f"the prompts hold {sum(per_prompt)} image-token runs but image_grid_thw has "
+                             f"{num_images} rows; use sharing mode 'prefix' or 'none'")
+    order, first = [], 0
+    for count in per_prompt:
+        order += list(range(first, first + count)) * n
+        first += count
+    return order
+
+
+def _repeat_per_image(value: Any, order: list[int]) -> Any:
+    """Per-image features reordered to ``order``: a tuple of per-image tensors, or lists of them."""
     if isinstance(value, tuple) and all(isinstance(v, Tensor) for v in value):
-        return tuple(v for v in value for _ in range(n))
+        return tuple(value[i] for i in order)
     if isinstance(value, list):
-        return [_repeat_per_image(v, n) for v in value]
+        return [_repeat_per_image(v, order) for v in value]
     raise TypeError(f"unexpected image-feature layout {type(value).__name__}; use sharing mode 'none'")
 
 
-def _encode_images_once(backbone: nn.Module, prompts: Any, n: int) -> dict[str, Any]:
-    """Vision tower on the P prompt images; features repeated to the P*n rows that use them."""
+def _encode_images_once(backbone: nn.Module, prompts: Any, order: list[int]) -> dict[str, Any]:
+    """Vision tower on the P prompts' images; features handed to the P*n rows that use them."""
     features = backbone.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"], return_dict=True)
-    features.pooler_output = _repeat_per_image(features.pooler_output, n)
+    features.pooler_output = _repeat_per_image(features.pooler_output, order)
     if getattr(features, "deepstack_features", None) is not None:  # Qwen3-VL: features for inner layers too
-        features.deepstack_features = _repeat_per_image(features.deepstack_features, n)
+        features.deepstack_features = _repeat_per_image(features.deepstack_features, order)
     return {"image": features}
 
 
@@ -139,8 +167,9 @@ def _image_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
     backbone, prompts, n = _backbone(model), shared.prompts, shared.n
     text_only = {k: v for k, v in prompts.items() if k not in ("pixel_values", "image_grid_thw")}
     inputs = append_responses(repeat_prompts(text_only, n), shared.response_ids_B_T, shared.mask_B_T)
-    inputs["image_grid_thw"] = prompts["image_grid_thw"].repeat_interleave(n, dim=0)  # for M-RoPE positions
-    inputs["mm_encoder_outputs"] = _encode_images_once(backbone, prompts, n)
+    order = _image_order(prompts, n)
+    inputs["image_grid_thw"] = prompts["image_grid_thw"][order]  # for M-RoPE positions
+    inputs["mm_encoder_outputs"] = _encode_images_once(backbone, prompts, order)
     total, T = inputs["input_ids"].shape[1], shared.num_response_tokens
     out = backbone(**inputs, use_cache=False, return_dict=True)
     return out.last_hidden_state[:, total - T - 1 : total - 1]

@@ -518,6 +518,9 @@ class _FusedDivergence(torch.autograd.Function):
                 stats_C = {k: v.detach() for k, v in stats_C.items()}
                 w = plan.weights
                 w_C = (w(rows, stats_C) if callable(w) else w[rows]).detach().to(loss_C.dtype)
+                if w_C.shape != loss_C.shape:  # a [1] or [C, 1] weight would broadcast silently
+                    raise ValueError(f"token weights for rows {rows.start}:{rows.stop} have shape "
+                                     f"{tuple(w_C.shape)}, expected {tuple(loss_C.shape)}")
                 stats_C["weight_N"] = w_C
                 part = (loss_C * w_C).sum()
                 grad_C_V = torch.autograd.grad(part, raw_C_V)[0] if plan.want_grad else None
@@ -541,6 +544,9 @@ class _FusedDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("fused_chunked_divergence: backward runs once per loss (its gradient buffers are "
+                               "handed to autograd); recompute the loss instead of using retain_graph=True")
         grads, ctx.grads = ctx.grads, None  # hand the buffers over (autograd may adopt them as .grad)
         if not bool(grad_out == 1):
             grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
