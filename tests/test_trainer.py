@@ -283,3 +283,17 @@ def test_resume_applies_this_runs_learning_rate(tmp_path, capsys):
     res = train(_cfg(tmp_path, "max_steps=2", "optim.warmup_steps=0", "optim.lr=5e-4"), resume=True)
     assert res.history[-1]["lr"] == pytest.approx(5e-4)
     assert "optim.lr 0.001 -> 0.0005" in capsys.readouterr().out
+
+
+def test_external_teacher_with_another_vocabulary_is_refused(tmp_path):
+    """An external teacher must share the student's token ids; a mismatch is an error, not garbage."""
+    from vopd.tiny_models import build_tiny_model, save_tiny
+
+    other, proc = build_tiny_model("qwen2_vl", seed=1, text={"vocab_size": 700})
+    save_tiny(other, proc, tmp_path / "other")
+    with pytest.raises(ValueError, match="vocabulary"):
+        train(_cfg(tmp_path / "run", "max_steps=1", "teacher.kind=external", f"teacher.path={tmp_path / 'other'}"))
+    same, proc2 = build_tiny_model("qwen2_vl", seed=3)
+    save_tiny(same, proc2, tmp_path / "same")
+    res = train(_cfg(tmp_path / "ok", "max_steps=1", "teacher.kind=external", f"teacher.path={tmp_path / 'same'}"))
+    assert res.steps == 1 and res.history[0]["divergence"] > 0
