@@ -81,12 +81,7 @@ def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *
     ax.set_ylim(0, max(100.0, max(heights, default=0) * 1.1))
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_gap_over_training(steps: list[float], curves: dict[str, list[float | None]], path: str | Path, *,
@@ -116,12 +111,7 @@ def plot_gap_over_training(steps: list[float], curves: dict[str, list[float | No
         ax2.set_xlabel("training step")
         ax2.set_ylabel("gap (points)")
         ax2.set_title("regional-to-global gap (95% CI)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -138,3 +128,15 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
         values.append(summary["paper_average"]["value"])
     plot_bars(labels, values, paths["png"], title=summary["model"] or "evaluation")
     return paths
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
