@@ -127,3 +127,11 @@ def test_train_samples_out_of_bounds_box_is_clipped_and_counted_or_rejected(tmp_
     assert sample.boxes[0].as_list() == [20.0, 10.0, 40.0, 25.0]
     with pytest.raises(RecordError, match=r"train\.jsonl:1: field 'boxes\[0\]'.*outside"):
         load_train_samples(str(path), out_of_bounds="reject")
+
+
+def test_malformed_toyworld_spec_is_a_clear_error():
+    from vopd.data import load_train_samples
+
+    with pytest.raises(ValueError, match="toyworld:N"):
+        load_train_samples("toyworld:many")
+    assert len(load_train_samples("toyworld:3:5")) == 3

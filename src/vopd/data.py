@@ -37,8 +37,11 @@ def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str 
         from vopd.toyworld.scenes import make_dataset
 
         parts = spec.split(":")
-        n = int(parts[1])
-        seed = int(parts[2]) if len(parts) > 2 else 0
+        try:
+            n = int(parts[1])
+            seed = int(parts[2]) if len(parts) > 2 else 0
+        except (IndexError, ValueError):
+            raise ValueError(f"data.train={spec!r}: write toyworld:N or toyworld:N:SEED (integers)") from None
         return make_dataset(n, seed)
     if not spec:
         raise ValueError("data.train is empty: give a JSONL file (see docs/data.md) or toyworld:N")
