@@ -81,6 +81,7 @@ class VopdRunner:
                  sharing: str | None = None, image_size: int = 336):
         from vopd.config import load_config
         from vopd.trainer import setup
+        import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 
         cfg = load_config(None, [
             f"model.path={model_dir}", "data.train=toyworld:4:0", f"rollout.n={n}", f"rollout.max_new_tokens={T}",

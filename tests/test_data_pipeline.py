@@ -10,6 +10,7 @@ import torch
 
 from vopd.checkpoint import _to_plain, restore_rng, rng_state
 from vopd.data import StepSampler
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 
 def _sampler(**kw):

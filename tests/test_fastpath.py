@@ -13,6 +13,7 @@ import torch
 import vopd.trainer as trainer_mod
 from vopd.fastpath import NaiveInputs, SharedPrompts, sharing_mode
 from vopd.models import build_prompts
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 N, T = 3, 5

@@ -88,7 +88,7 @@ def test_size_overrides():
 
 
 def test_image_only_processor_registered_by_name_only():
-    assert processor_class_from_name("ImageOnlyQwen2VLProcessor").__module__ == "vopd.tiny_models"
+    assert processor_class_from_name("ImageOnlyQwen2VLProcessor").__module__ == "vopd.processors"
     # Real checkpoints name the stock class and must keep getting it.
     assert processor_class_from_name("Qwen2VLProcessor").__module__.startswith("transformers.")
 

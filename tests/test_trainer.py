@@ -20,6 +20,7 @@ from vopd.checkpoint import latest_checkpoint
 from vopd.cli import main as cli_main
 from vopd.config import load_config
 from vopd.trainer import TrainingError, train
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 BASE = [
     "model.path=tiny:qwen2_vl",

@@ -45,7 +45,7 @@ def _data(args: argparse.Namespace) -> int:
         path = write_dataset(args.out, args.n, args.seed)
         print(f"wrote {args.n} toy scenes to {path}")
         return 0
-    from vopd.records import load_records
+    from vopd.datasets import load_records
 
     loaded = load_records(args.path, on_error="skip")
     samples = getattr(loaded, "samples", loaded)
@@ -123,6 +123,8 @@ def _unavailable(name: str, err: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N with vopd.specs (cheap: no model code)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

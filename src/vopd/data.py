@@ -18,7 +18,9 @@ from PIL import Image
 
 from vopd.images import load_image
 from vopd.models import build_prompts
-from vopd.records import Sample, load_records
+from vopd.datasets import load_records  # every registered layout (our JSONL, Vision-OPD-6K)
+from vopd.records import Sample
+from vopd.specs import data_spec_loader
 from vopd.views import ViewConfig, make_views, prompt_text, student_view
 
 
@@ -32,17 +34,11 @@ class PromptPair:
 
 
 def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise") -> list[Sample]:
-    """Load training samples from a JSONL path, or generate toy scenes for ``toyworld:N[:SEED]``."""
-    if spec.startswith("toyworld:"):
-        from vopd.toyworld.scenes import make_dataset
-
-        parts = spec.split(":")
-        try:
-            n = int(parts[1])
-            seed = int(parts[2]) if len(parts) > 2 else 0
-        except (IndexError, ValueError):
-            raise ValueError(f"data.train={spec!r}: write toyworld:N or toyworld:N:SEED (integers)") from None
-        return make_dataset(n, seed)
+    """Load training samples from a JSONL path or folder, or from a registered data spec such as
+    ``toyworld:N[:SEED]`` (see :mod:`vopd.specs`)."""
+    load = data_spec_loader(spec)
+    if load is not None:
+        return load(spec)
     if not spec:
         raise ValueError("data.train is empty: give a JSONL file (see docs/data.md) or toyworld:N")
     # check_images: read every image header now (no pixel decoding), so a missing or unreadable

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from vopd.data import PairCollator, ViewDataset
+from vopd.grading import grade
 from vopd.models import append_responses
 from vopd.objectives import add_tail_bucket, generalized_jsd
 from vopd.records import Sample
@@ -55,8 +56,6 @@ class HealthConfig:
 
 def default_grader(text: str, sample: Sample) -> bool:
     """Rule-based grading (option letter, yes/no, normalised text) of a probe answer."""
-    from vopd.evaluation.grading import grade
-
     answer = (sample.answer or "").strip()
     if sample.options or (len(answer) == 1 and answer.isalpha()):
         kind = "choice"

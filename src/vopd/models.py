@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import BatchFeature, PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
-from vopd import tiny_models  # noqa: F401  (registers the image-only processors with AutoProcessor)
+from vopd.processors import register_image_only_processors  # importing registers them with AutoProcessor
 
 __all__ = [
     "load_model",
@@ -146,7 +146,7 @@ def _load_processor(path: str, model_type: str | None, trust_remote_code: bool) 
         return processor
     family = _IMAGE_ONLY_FALLBACK.get(model_type or "")
     if family is not None:
-        image_only = tiny_models.register_image_only_processors()[family]
+        image_only = register_image_only_processors()[family]
         processor = image_only.from_pretrained(path)
         if _has_image_processor(processor):
             return processor

@@ -3,7 +3,8 @@
 A sample is an image, a question (with optional multiple-choice options and answer) and the
 evidence boxes that decide the answer. The teacher sees a crop around the boxes; the student
 sees the full image (see :mod:`vopd.views`). Our JSONL format is documented in ``docs/data.md``;
-:func:`load_records` also reads the released Vision-OPD-6K layout as is.
+:func:`load_records` also reads other row layouts registered with :func:`register_layout`
+(importing :mod:`vopd.datasets` registers the released Vision-OPD-6K layout).
 
 Paths inside a record file are relative to that file's folder. They are resolved when records
 are loaded and made relative again when records are written, so a dataset folder can move.
@@ -17,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -339,7 +340,7 @@ class LoadedRecords:
 
     samples: list[Sample]
     source: Path
-    layout: Literal["vopd", "visionopd6k"]
+    layout: str  # "vopd" or a registered layout ("visionopd6k")
     skipped: list[Issue] = field(default_factory=list)
     clipped: list[Issue] = field(default_factory=list)
 
@@ -477,7 +478,7 @@ def load_records(
     on_error: OnError = "raise",
     check_images: bool = False,
 ) -> LoadedRecords:
-    """Read a JSONL record file (our format or the Vision-OPD-6K layout, detected on row 1).
+    """Read a JSONL record file (our format or a registered layout such as Vision-OPD-6K, detected on row 1).
 
     Args:
         path: a ``.jsonl`` file, or a folder holding ``train.jsonl``, ``records.jsonl`` or a
@@ -499,7 +500,7 @@ def load_records(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     file = _find_record_file(Path(path))
     base = file.parent.resolve()
-    layout: Literal["vopd", "visionopd6k"] | None = None
+    layout: str | None = None
     result = LoadedRecords(samples=[], source=file, layout="vopd")
     seen: dict[str, int] = {}
     for row, line in _read_rows(file):
@@ -531,17 +532,35 @@ def load_records(
     return result
 
 
-def _detect_layout(obj: Mapping[str, Any]) -> Literal["vopd", "visionopd6k"]:
-    from vopd.datasets.visionopd6k import is_visionopd6k_row
+# Row layouts other than ours, registered by the modules that read them (importing
+# `vopd.datasets` registers the Vision-OPD-6K layout): name -> (is_layout(row), parse(row, ...)).
+# A registry keeps this module free of imports from the dataset readers, which build on it.
+_LAYOUTS: dict[str, tuple[Callable[[Mapping[str, Any]], bool], Callable[..., Sample]]] = {}
 
-    return "visionopd6k" if is_visionopd6k_row(obj) else "vopd"
+
+def register_layout(
+    name: str, detect: Callable[[Mapping[str, Any]], bool], parse: Callable[..., Sample]
+) -> None:
+    """Teach :func:`load_records` another row layout, detected on a file's first row.
+
+    ``parse(row_obj, base, row=..., stem=...)`` returns a :class:`Sample` or raises RecordError.
+    """
+    _LAYOUTS[name] = (detect, parse)
+
+
+def _detect_layout(obj: Mapping[str, Any]) -> str:
+    for name, (detect, _) in _LAYOUTS.items():
+        if detect(obj):
+            return name
+    if "problem" in obj and "question" not in obj:
+        raise RecordError("this row looks like the Vision-OPD-6K layout, which is not registered: load it "
+                          "with vopd.datasets.load_records (importing vopd.datasets registers it)")
+    return "vopd"
 
 
 def _parse_row(obj: Mapping[str, Any], layout: str, base: Path, row: int, stem: str) -> Sample:
-    if layout == "visionopd6k":
-        from vopd.datasets.visionopd6k import parse_visionopd6k_row
-
-        return parse_visionopd6k_row(obj, base, row=row, stem=stem)
+    if layout != "vopd":
+        return _LAYOUTS[layout][1](obj, base, row=row, stem=stem)
     return parse_vopd_row(obj, base, row, stem)
 
 

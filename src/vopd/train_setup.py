@@ -21,6 +21,7 @@ from vopd.data import StepSampler, ViewDataset, load_train_samples
 from vopd.fastpath import SharedPrompts
 from vopd.models import response_hidden_states
 from vopd.rollout import HFGenerateEngine, RolloutEngine
+from vopd.specs import resolve_model_spec
 from vopd.teacher import Teacher, make_teacher
 
 
@@ -74,23 +75,10 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def resolve_model(cfg: TrainConfig, path: str | None = None) -> tuple[nn.Module, Any]:
-    """Load ``model.path``: a hub id / local dir, ``toy-base`` or ``tiny:<family>`` (random tiny)."""
-    from vopd.models import load_model
-
-    path = path or cfg.model.path
-    if not path:
-        raise ValueError("model.path is empty: give a hub id, a local checkpoint folder, toy-base or tiny:qwen2_vl")
-    if path.startswith("tiny:"):
-        from vopd.tiny_models import build_tiny_model
-
-        return build_tiny_model(path.split(":", 1)[1], seed=cfg.seed)
-    if path == "toy-base":
-        from vopd.toyworld.model import toy_base_path
-
-        path = str(toy_base_path())
-    return load_model(
-        path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
+    """Load ``model.path`` (or ``path``): any model spec of :func:`vopd.specs.resolve_model_spec`."""
+    return resolve_model_spec(
+        path or cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation, seed=cfg.seed,
     )
 
 

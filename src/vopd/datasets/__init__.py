@@ -1,7 +1,8 @@
 """Dataset readers and writers beyond our own JSONL format (see ``docs/data.md``).
 
-:func:`vopd.records.load_records` detects the layouts below by itself; import from here to
-call a reader or writer directly.
+:func:`load_records` (the same function as :func:`vopd.records.load_records`) reads our JSONL
+format and every layout below, which importing this package registers; import the readers and
+writers from here to call them directly.
 """
 
 from vopd.datasets.visionopd6k import (
@@ -10,5 +11,6 @@ from vopd.datasets.visionopd6k import (
     parse_visionopd6k_row,
     write_visionopd6k,
 )
+from vopd.records import load_records
 
-__all__ = ["is_visionopd6k_row", "parse_problem", "parse_visionopd6k_row", "write_visionopd6k"]
+__all__ = ["load_records", "is_visionopd6k_row", "parse_problem", "parse_visionopd6k_row", "write_visionopd6k"]

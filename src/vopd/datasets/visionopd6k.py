@@ -12,7 +12,8 @@ with image paths relative to the folder. :func:`parse_visionopd6k_row` maps a ro
 :class:`~vopd.records.Sample` whose image is the *clean* original (the student view draws the
 box itself when asked), whose question has the ``<image>`` placeholder, the hint, the options
 and the instruction taken out (options go to ``Sample.options``), and whose ``teacher_image``
-is the released crop. :func:`~vopd.records.load_records` calls it when it sees this layout.
+is the released crop. Importing this module registers the layout with
+:func:`~vopd.records.load_records`, which then detects it on a file's first row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vopd.records import (
     Box,
     RecordError,
     Sample,
+    register_layout,
     resolve_record_path,
     safe_file_name,
     write_jsonl_rows,
@@ -195,3 +197,6 @@ def write_visionopd6k(
         })
     return write_jsonl_rows(rows, out_dir / file_name)
 
+
+
+register_layout("visionopd6k", is_visionopd6k_row, parse_visionopd6k_row)

@@ -218,11 +218,12 @@ class HFBackend:
     def from_config(cls, cfg: BackendConfig) -> HFBackend:
         import torch
 
-        from vopd.models import load_model
+        from vopd.specs import resolve_model_spec
 
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype if device != "cpu" else "float32"
-        model, processor = load_model(cfg.model, dtype=dtype, device=device)
+        model, processor = resolve_model_spec(cfg.model, dtype=dtype)  # a path, hub id, toy-base or tiny:<family>
+        model = model.to(device).eval()
         return cls(model, processor, max_new_tokens=cfg.max_new_tokens, thinking=cfg.thinking)
 
     def generate(self, items: list[PromptItem]) -> list[str]:

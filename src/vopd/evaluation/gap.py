@@ -115,7 +115,7 @@ def load_gap_samples(data: str, *, benchmark: str | None = None, seed: int = 0, 
         items = get_benchmark(benchmark).load(data, seed=seed)
         samples = [_sample_from_item(it) for it in items[:limit]]
     else:
-        from vopd.records import load_records
+        from vopd.datasets import load_records
 
         samples = list(load_records(data))[:limit]
     if not samples:
