@@ -99,7 +99,7 @@ def _mount_optional(sub: argparse._SubParsersAction) -> None:
     import importlib
 
     mounts = [
-        ("demo", "vopd.toyworld.demo", "add_demo_args", None),
+        ("demo", "vopd.toyworld.cli_args", "add_demo_args", None),
         ("toyworld", "vopd.toyworld.cli_args", "add_toyworld_args", None),
         ("gap", "vopd.evaluation.cli_args", "add_gap_arguments", "run_gap"),
         ("eval", "vopd.evaluation.cli_args", "add_eval_arguments", "run_eval"),

@@ -132,7 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all)
     log_every: int = 1  # write metrics every N steps
     mixed_precision: str = "no"  # no | bf16 (autocast; master weights stay in model.dtype)
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # jsonl | tensorboard | wandb
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "auto"])  # jsonl | tensorboard | wandb | auto (tensorboard if installed, else a one-line notice); a tracker named explicitly must be installed
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = torch default)
@@ -143,7 +143,7 @@ class TrainConfig:
         if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
             raise ConfigError("prompts_per_step and micro_batch_prompts must be >= 1")
         for r in self.report_to:
-            _choice("report_to", r, ("jsonl", "tensorboard", "wandb"))
+            _choice("report_to", r, ("jsonl", "tensorboard", "wandb", "auto"))
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vopd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
-from vopd.config import TrainConfig
+from vopd.config import ConfigError, TrainConfig
 from vopd.data import StepSampler, ViewDataset, load_train_samples
 from vopd.fastpath import SharedPrompts
 from vopd.models import response_hidden_states
@@ -96,11 +96,51 @@ def _make_accelerator(cfg: TrainConfig) -> Any:
     # tests, notebooks) may use different precisions. The distributed set-up (PartialState) stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    trackers = [r for r in cfg.report_to if r != "jsonl" and _tracker_available(r)]
-    return Accelerator(
+    trackers, notice = resolve_trackers(cfg.report_to)
+    acc = Accelerator(
         cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
         log_with=trackers or None, project_dir=cfg.output_dir,
     )
+    if notice:
+        acc.print(notice)
+    return acc
+
+
+#: Trackers ``report_to=auto`` turns on when installed (wandb needs an account: only when named).
+AUTO_TRACKERS = ("tensorboard",)
+_TRACKER_EXTRA = {"tensorboard": "pip install 'vision-opd[tensorboard]'", "wandb": "pip install wandb"}
+
+
+def resolve_trackers(report_to: list[str]) -> tuple[list[str], str | None]:
+    """The accelerate trackers to start for ``report_to``, and a notice for the console (or None).
+
+    ``auto`` adds each of :data:`AUTO_TRACKERS` that is installed and names the missing ones in
+    the notice; a tracker named explicitly must be installed.
+
+    Raises:
+        ConfigError: a tracker named in ``report_to`` is not installed.
+    """
+    trackers: list[str] = []
+    missing_auto: list[str] = []
+    for name in report_to:
+        if name == "jsonl":
+            continue
+        if name == "auto":
+            for auto in AUTO_TRACKERS:
+                (trackers if _tracker_available(auto) else missing_auto).append(auto)
+            continue
+        if not _tracker_available(name):
+            raise ConfigError(
+                f"report_to={name} but the {name} package is not installed: {_TRACKER_EXTRA[name]}, "
+                f"or remove {name} from report_to")
+        trackers.append(name)
+    trackers = list(dict.fromkeys(trackers))
+    missing_auto = [m for m in missing_auto if m not in trackers]
+    notice = None
+    if missing_auto:
+        notice = (f"report_to=auto: {', '.join(missing_auto)} not installed, not logging to it "
+                  f"({'; '.join(_TRACKER_EXTRA[m] for m in missing_auto)} to enable)")
+    return trackers, notice
 
 
 def _tracker_available(name: str) -> bool:

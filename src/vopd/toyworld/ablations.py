@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vopd.toyworld.run_info import describe_configuration
+
 #: name -> extra `vopd train` overrides on top of the demo recipe (frozen teacher, JSD, top-100+tail).
 OPD_VARIANTS: dict[str, list[str]] = {
     "frozen teacher (demo default)": [],
@@ -39,14 +41,16 @@ def run_sft(cfg: Any, labels: str, out: Path) -> dict[str, Any]:
     """
     import torch
 
-    from vopd.toyworld.demo import BASE_VIEWS, _Evaluator, demo_train_config
-    from vopd.toyworld.evaluate import evaluate_views
+    from vopd.toyworld.demo import BASE_VIEWS, demo_train_config
+    from vopd.toyworld.evaluate import HeldOutEvaluator, evaluate_views
     from vopd.toyworld.pretrain import supervised_loss
     from vopd.toyworld.scenes import make_dataset
     from vopd.trainer import resolve_model
 
     start = time.perf_counter()
     train_cfg = demo_train_config(cfg)
+    conf = sft_configuration(train_cfg, labels)
+    print(f"configuration: {describe_configuration(conf)}", flush=True)
     torch.manual_seed(cfg.seed)
     model, processor = resolve_model(train_cfg)
     per_step = train_cfg.prompts_per_step
@@ -54,7 +58,7 @@ def run_sft(cfg: Any, labels: str, out: Path) -> dict[str, Any]:
     if labels == "self":
         crop_answers = evaluate_views(model, processor, scenes, views=("crop",)).responses["crop"]
         scenes = [dataclasses.replace(s, answer=a) for s, a in zip(scenes, crop_answers)]
-    evaluator = _Evaluator(make_dataset(cfg.n_eval, cfg.eval_seed), cfg.eval_every, processor)
+    evaluator = HeldOutEvaluator(make_dataset(cfg.n_eval, cfg.eval_seed), cfg.eval_every, processor, views=BASE_VIEWS)
     evaluator.evaluate(model, processor, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.optim.lr, weight_decay=train_cfg.optim.weight_decay)
     model.train()
@@ -71,7 +75,17 @@ def run_sft(cfg: Any, labels: str, out: Path) -> dict[str, Any]:
             model.eval()
             evaluator.evaluate(model, processor, step)
             model.train()
-    return {"curve": evaluator.curve, "views": list(BASE_VIEWS), "wall_seconds": time.perf_counter() - start}
+    result = {"config": conf, "curve": evaluator.curve, "views": list(BASE_VIEWS), "steps": cfg.steps,
+              "n_eval": cfg.n_eval, "eval_seed": cfg.eval_seed, "wall_seconds": time.perf_counter() - start}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def sft_configuration(train_cfg: Any, labels: str) -> dict[str, Any]:
+    """What an SFT reference trains with: cross-entropy on full images, no teacher."""
+    return {"objective": "sft", "labels": {"gold": "gold answers", "self": "the base's own crop answers"}[labels],
+            "student_view": "full", "lr": train_cfg.optim.lr}
 
 
 def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
@@ -93,10 +107,11 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
         if name in OPD_VARIANTS:
             run = dataclasses.replace(cfg, out=str(sub), overrides=(*cfg.overrides, *OPD_VARIANTS[name]))
             r = run_demo(run)
-            results[name] = {"curve": r["curve"], "health": r["health"], "wall_seconds": r["wall_seconds"],
-                             "p_value_full": r["full_gain_p_value"]}
+            results[name] = {"config": r["config"], "curve": r["curve"], "health": r["health"],
+                             "wall_seconds": r["wall_seconds"], "p_value_full": r["full_gain_p_value"],
+                             "results": f"{sub.name}/results.json"}
         else:
-            results[name] = run_sft(cfg, SFT_VARIANTS[name], sub)
+            results[name] = {**run_sft(cfg, SFT_VARIANTS[name], sub), "results": f"{sub.name}/results.json"}
         results_path.write_text(json.dumps(results, indent=2))
     (out / "ablations.md").write_text(ablation_table(results))
     plot_ablations(results, out / "ablations.png")
@@ -106,24 +121,25 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
 
 def ablation_table(results: dict[str, Any]) -> str:
     lines = [
-        "| variant | clean full: start -> best -> end | crop at end | boxed full at end | min teacher probe acc |",
-        "|---|---|---|---|---|",
+        "| variant | configuration that ran | clean full: start -> best -> end | crop at end | boxed full at end "
+        "| min teacher probe acc |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         full = [c["full"] for c in r["curve"]]
         health = [h["health/teacher_acc"] for h in r.get("health", []) if "health/teacher_acc" in h]
         teacher = f"{100 * min(health):.1f}" if health else "-"
         lines.append(
-            f"| {name} | {100 * full[0]:.1f} -> {100 * max(full):.1f} -> {100 * full[-1]:.1f} | "
+            f"| {name} | {describe_configuration(r.get('config'))} | {100 * full[0]:.1f} -> {100 * max(full):.1f} -> {100 * full[-1]:.1f} | "
             f"{100 * r['curve'][-1]['crop']:.1f} | {100 * r['curve'][-1]['boxed_full']:.1f} | {teacher} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_ablations(results: dict[str, Any], path: Path) -> None:
-    from vopd.toyworld.report import _plt
+    from vopd.toyworld.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 5))
     for name, r in results.items():
         style = "--" if name in SFT_VARIANTS else "-"

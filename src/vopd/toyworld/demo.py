@@ -12,19 +12,18 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
+from vopd.toyworld.run_info import describe_configuration, run_configuration
 
 if TYPE_CHECKING:  # keep `vopd --help` fast: no torch/transformers import at parse time
     from vopd.config import TrainConfig
-    from vopd.records import Sample
 
 BASE_VIEWS = ("full", "crop", "boxed_full")
 
@@ -74,36 +73,12 @@ def demo_train_config(cfg: DemoConfig) -> TrainConfig:
     return load_config(DEMO_CONFIG, cfg.train_overrides())
 
 
-class _Evaluator:
-    """Trainer callback: held-out accuracy of the student per view every ``every`` steps."""
-
-    def __init__(self, samples: list[Sample], every: int, processor: Any):
-        from vopd.toyworld.evaluate import prepare_views
-
-        self.every = every
-        self.prepared = prepare_views(processor, samples, views=BASE_VIEWS)
-        self.curve: list[dict[str, Any]] = []
-        self.last: Any = None
-
-    def evaluate(self, model: Any, processor: Any, step: int) -> dict[str, float]:
-        from vopd.toyworld.evaluate import evaluate_views
-
-        result = evaluate_views(model, processor, self.prepared, views=BASE_VIEWS)
-        self.last = result
-        self.curve.append({"step": step, **result.accuracy})
-        return {f"eval/{k}": v for k, v in result.accuracy.items()}
-
-    def __call__(self, state: Any) -> dict[str, float]:
-        if state.step % self.every:
-            return {}
-        return self.evaluate(state.policy, state.processor, state.step)
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns (and writes) the results dictionary."""
     import torch
 
     from vopd.evaluation.stats import mcnemar_exact, paired_table
+    from vopd.toyworld.evaluate import HeldOutEvaluator
     from vopd.toyworld.model import toy_base_path
     from vopd.toyworld.scenes import make_dataset
     from vopd.trainer import resolve_model, train
@@ -114,10 +89,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     train_cfg = demo_train_config(cfg)
+    conf = run_configuration(train_cfg)
+    print(f"configuration: {describe_configuration(conf)}", flush=True)
     model, processor = resolve_model(train_cfg)
     held_out = make_dataset(cfg.n_eval, cfg.eval_seed)
     print(f"toy base: {toy_base_path()}; {cfg.n_eval} held-out scenes (seed {cfg.eval_seed})", flush=True)
-    evaluator = _Evaluator(held_out, cfg.eval_every, processor)
+    evaluator = HeldOutEvaluator(held_out, cfg.eval_every, processor, views=BASE_VIEWS)
     evaluator.evaluate(model, processor, 0)
     base = evaluator.last
     print(_line("base", base.accuracy), flush=True)
@@ -143,16 +120,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "n_eval": cfg.n_eval,
         "eval_seed": cfg.eval_seed,
         "steps": result.steps,
-        "teacher": cfg.teacher,
+        "teacher": conf["teacher"],
+        "config": conf,
         "train_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - start,
-        "checkpoint": str(result.checkpoint),
+        # Relative to this results file's folder, so it resolves wherever the command ran.
+        "checkpoint": os.path.relpath(Path(result.checkpoint).resolve(), out.resolve()),
+        "report": "report.md",
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from vopd.toyworld.report import write_report
 
     write_report(out, results, held_out, base, final)
-    print(summary_text(results), flush=True)
+    print(summary_text(results, out), flush=True)
     return results
 
 
@@ -165,47 +145,15 @@ def _line(name: str, acc: dict[str, float]) -> str:
     return f"{name:6s} " + "  ".join(f"{k} {v:6.1%}" for k, v in acc.items())
 
 
-def summary_text(r: dict[str, Any]) -> str:
+def summary_text(r: dict[str, Any], out: str | Path) -> str:
+    """The console summary of a demo's ``results.json`` written under ``out``."""
     return (
-        f"\nVision-OPD toy demo ({r['steps']} label-free steps, teacher={r['teacher']}, {r['n_eval']} held-out scenes)\n"
+        f"\nVision-OPD toy demo ({r['steps']} label-free steps, {r['n_eval']} held-out scenes)\n"
+        f"  configuration: {describe_configuration(r.get('config'))}\n"
         f"  clean full image: {r['base']['full']:.1%} -> {r['final']['full']:.1%}  "
         f"(paired exact McNemar p = {r['full_gain_p_value']:.2g})\n"
         f"  crop (teacher view): {r['base']['crop']:.1%} -> {r['final']['crop']:.1%}\n"
         f"  boxed full + hint: {r['base']['boxed_full']:.1%} -> {r['final']['boxed_full']:.1%}\n"
         f"  gap (crop - full): {r['gap_base']:+.1%} -> {r['gap_final']:+.1%}  ({r['gap_closed']:.0%} of the gap closed)\n"
-        f"  wall time {r['wall_seconds']:.0f} s; report: {Path(r['checkpoint']).parents[1] / 'report.md'}"
+        f"  wall time {r['wall_seconds']:.0f} s; report: {Path(out) / r['report']}"
     )
-
-
-def add_demo_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``vopd demo`` (mounted by the CLI)."""
-    d = DemoConfig()
-    parser.add_argument("--out", default=d.out, help="output folder (report.md, results.json, plots, checkpoints)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="label-free training steps")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--n-eval", type=int, default=d.n_eval, help="held-out scenes per evaluation")
-    parser.add_argument("--eval-seed", type=int, default=d.eval_seed)
-    parser.add_argument("--train-seed", type=int, default=d.train_seed)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=d.threads)
-    parser.add_argument("--teacher", default=d.teacher, help="frozen (default here: stable in the toy world), ema, live")
-    parser.add_argument("--teacher-rate", type=float, default=d.teacher_rate)
-    parser.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
-                        help="run the ablation suite instead (all, or variants whose name contains NAME)")
-    parser.add_argument("overrides", nargs="*", help="extra `vopd train` overrides, e.g. optim.lr=2e-4")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(
-        out=args.out, steps=args.steps, eval_every=args.eval_every, n_eval=args.n_eval, eval_seed=args.eval_seed,
-        train_seed=args.train_seed, seed=args.seed, threads=args.threads, teacher=args.teacher,
-        teacher_rate=args.teacher_rate, overrides=tuple(args.overrides),
-    )
-    if args.ablations is not None:
-        from vopd.toyworld.ablations import run_ablations
-
-        run_ablations(cfg, only=args.ablations or None)
-        return 0
-    run_demo(cfg)
-    return 0

@@ -39,6 +39,7 @@ __all__ = [
     "view_input",
     "prepare_views",
     "evaluate_views",
+    "HeldOutEvaluator",
 ]
 
 # Longest toy answer is 5 tokens + <|im_end|>; two spare tokens show babbling without cost.
@@ -150,3 +151,30 @@ def evaluate_views(
         result.seconds[view] = time.perf_counter() - t0
     return result
 
+
+
+class HeldOutEvaluator:
+    """Trainer callback: held-out accuracy of the student per view every ``every`` steps.
+
+    The prompt batches are prepared once; ``curve`` collects ``{"step", <view>: accuracy}`` rows
+    and ``last`` holds the newest :class:`ViewEval` (for paired tests and example plots).
+    """
+
+    def __init__(self, samples: Sequence[Sample], every: int, processor: Any, *, views: Sequence[str] = VIEWS):
+        self.every = every
+        self.views = tuple(views)
+        self.prepared = prepare_views(processor, samples, views=self.views)
+        self.curve: list[dict[str, Any]] = []
+        self.last: ViewEval | None = None
+
+    def evaluate(self, model: Any, processor: Any, step: int) -> dict[str, float]:
+        """Evaluate ``model`` now; returns ``eval/<view>`` metrics for the trainer's log."""
+        result = evaluate_views(model, processor, self.prepared, views=self.views)
+        self.last = result
+        self.curve.append({"step": step, **result.accuracy})
+        return {f"eval/{k}": v for k, v in result.accuracy.items()}
+
+    def __call__(self, state: Any) -> dict[str, float]:
+        if state.step % self.every:
+            return {}
+        return self.evaluate(state.policy, state.processor, state.step)

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from vopd.records import Sample
+from vopd.toyworld.run_info import describe_configuration
 
 VIEW_LABELS = {"full": "clean full image", "crop": "evidence crop (teacher view)", "boxed_full": "full + red box + hint"}
 
 
-def _plt():
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +23,7 @@ def _plt():
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     health = results.get("health") or []
     fig, axes = plt.subplots(1, 2 if health else 1, figsize=(11 if health else 6, 4), squeeze=False)
     ax = axes[0][0]
@@ -50,7 +52,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_gap(results: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     views = list(VIEW_LABELS)
     xs = range(len(views))
@@ -71,7 +73,7 @@ def plot_examples(samples: list[Sample], base: Any, final: Any, path: Path, k: i
     """Scenes the base got wrong on the full image (first), with crops and both answers."""
     from vopd.toyworld.evaluate import view_input
 
-    plt = _plt()
+    plt = pyplot()
     order = [i for i in range(len(samples)) if not base.correct["full"][i]] + \
             [i for i in range(len(samples)) if base.correct["full"][i]]
     picks = order[:k]
@@ -101,11 +103,19 @@ def write_report(out: Path, results: dict[str, Any], samples: list[Sample], base
     plot_examples(samples, base, final, out / "examples.png")
     b, f = results["base"], results["final"]
     t = results["full_paired_table"]
+    conf = results.get("config") or {}
     lines = [
         "# Vision-OPD toy-world demo",
         "",
-        f"{results['steps']} steps of label-free Vision-OPD (teacher: {results['teacher']}), "
+        f"{results['steps']} training steps ({describe_configuration(conf)}), "
         f"{results['n_eval']} held-out scenes (seed {results['eval_seed']}), wall time {results['wall_seconds']:.0f} s.",
+        "",
+        "Configuration that ran (read from the training config, overrides included):",
+        "",
+        "| knob | value |",
+        "|---|---|",
+        *[f"| {k} | {'-' if v is None else v} |" for k, v in conf.items()],
+        f"| checkpoint | `{results['checkpoint']}` |",
         "",
         "| view | base | final | change |",
         "|---|---|---|---|",
@@ -122,8 +132,18 @@ def write_report(out: Path, results: dict[str, Any], samples: list[Sample], base
         "",
         "![examples](examples.png)",
         "",
-        "No answer label was used in training: the student learned from the teacher's view of the crop.",
+        _provenance(conf),
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _provenance(conf: dict[str, Any]) -> str:
+    """The report's closing sentence: where the training signal came from, per the configuration."""
+    if conf.get("objective", "opd") != "opd":
+        return f"Objective {conf.get('objective')}: see the configuration above for the labels it read."
+    if conf.get("teacher_view") == "full":
+        return ("No answer label was used in training; the teacher saw the same full image as the student "
+                "(control: no privileged view).")
+    return "No answer label was used in training: the student learned from the teacher's view of the crop."

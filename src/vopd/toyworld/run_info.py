@@ -1,0 +1,72 @@
+"""What a toy-world run actually trained with, for its report, results and console line.
+
+Reports name the configuration read from the :class:`~vopd.config.TrainConfig` the trainer ran
+(recipe + demo settings + every override, e.g. an ablation's ``teacher.kind=live``), never the
+demo's defaults, so a variant cannot be mislabelled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vopd.config import TrainConfig
+
+__all__ = ["CONFIG_KEYS", "run_configuration", "describe_configuration"]
+
+#: Keys of :func:`run_configuration`, in the order reports print them.
+CONFIG_KEYS = ("objective", "teacher", "teacher_rate", "teacher_view", "estimator", "beta", "support",
+               "student_view")
+
+
+_VIEW_WORDS = {"crop": "crop", "full": "full image"}
+
+
+def _student_view(cfg: TrainConfig) -> str:
+    view = "full + red box" if cfg.views.draw_box else "full"
+    return view + " + hint" if cfg.views.hint else view
+
+
+def _support(cfg: TrainConfig) -> str:
+    loss = cfg.loss
+    if loss.estimator == "full":
+        return "whole vocabulary"
+    if loss.estimator == "sampled":
+        return "sampled token"
+    return f"{loss.support} top-{loss.top_k}" + (" + tail" if loss.add_tail else " (renormalised)")
+
+
+def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
+    """The knobs that tell toy-world variants apart, from the config a run trained with.
+
+    ``teacher_rate`` is ``None`` for teachers that have no rate (frozen, live, external).
+    """
+    kind = cfg.teacher.kind
+    return {
+        "objective": getattr(cfg, "objective", "opd"),  # only Vision-OPD until baselines land in the trainer
+        "teacher": kind,
+        "teacher_rate": cfg.teacher.rate if kind in ("ema", "trust_region") else None,
+        "teacher_view": cfg.teacher.view,
+        "estimator": cfg.loss.estimator,
+        "beta": cfg.loss.beta,
+        "support": _support(cfg),
+        "student_view": _student_view(cfg),
+    }
+
+
+def describe_configuration(conf: dict[str, Any] | None) -> str:
+    """One line naming a :func:`run_configuration` (or an SFT reference's) dictionary."""
+    if not conf:
+        return "(configuration not recorded)"
+    parts = [str(conf.get("objective", "?"))]
+    if conf.get("labels"):
+        parts.append(f"labels {conf['labels']}")
+    if conf.get("teacher"):
+        rate = conf.get("teacher_rate")
+        parts.append(f"teacher {conf['teacher']}" + (f" {rate:g}" if rate is not None else "")
+                     + f" on the {_VIEW_WORDS.get(conf.get('teacher_view'), conf.get('teacher_view'))}")
+    if conf.get("estimator"):
+        parts.append(f"{conf['estimator']} estimator, beta {conf['beta']:g}, support {conf['support']}")
+    parts.append(f"student sees {conf.get('student_view', '?')}")
+    extra = [f"{k} {v}" for k, v in conf.items() if k not in (*CONFIG_KEYS, "labels") and v is not None]
+    return ", ".join(parts + extra)
