@@ -56,9 +56,6 @@ KNOWN: dict[str, str] = {
     # kind:detail -> owner
     "cycle:vopd.evaluation.judge -> vopd.evaluation.runner": "evaluation (issue 8, engineer evalx)",
     "private:vopd.evaluation.judge imports vopd.evaluation.runner._end_with_newline": "evaluation (evalx)",
-    "cycle:vopd.toyworld.ablations -> vopd.toyworld.demo": "toyworld (issue 8, engineer toyrep)",
-    "private:vopd.toyworld.ablations imports vopd.toyworld.demo._Evaluator": "toyworld (toyrep)",
-    "private:vopd.toyworld.ablations imports vopd.toyworld.report._plt": "toyworld (toyrep)",
     "model-code:vopd.config": "config (issue 8, engineer config: config.py imports health/rollout)",
 }
 
