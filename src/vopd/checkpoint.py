@@ -4,8 +4,12 @@
 processor: loadable with the transformers Auto classes) and ``trainer_state/`` with everything a
 resume needs: teacher weights (safetensors), optimiser and scheduler state, RNG states and the
 step counter (the data position is a function of the step). A checkpoint is written to a temporary
-folder and renamed into place, so a crash mid-write never leaves a half checkpoint behind and never
-destroys a finished one.
+folder, every file and the folder are fsynced, and only then is it renamed into place, so neither a
+crash nor a power cut mid-write leaves a half checkpoint behind or destroys a finished one.
+
+``state.json`` (written last) lists every file of the checkpoint with its size; `check_checkpoint`
+verifies that list and each safetensors header cheaply, and `latest_intact_checkpoint` falls back
+to the newest checkpoint that passes, saying which file of the newer one is broken.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from safetensors.torch import load_file, save_file
 
 STATE_DIR = "trainer_state"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^\.checkpoint-\d+\.tmp-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and what to do."""
 
 
 _REPLACED_RE = re.compile(r"^\.checkpoint-(\d+)\.old-\d+$")
@@ -61,8 +70,139 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest finished checkpoint (by its state.json; contents not verified)."""
     dirs = [d for d in checkpoint_dirs(output_dir) if (d / STATE_DIR / "state.json").is_file()]
     return dirs[-1] if dirs else None
+
+
+def latest_intact_checkpoint(output_dir: str | Path, *, say: Any = print) -> Path | None:
+    """The newest checkpoint that passes `check_checkpoint`; each broken newer one is reported
+    through ``say`` (naming the broken file) and skipped. None when there is none at all.
+
+    Raises:
+        CheckpointError: checkpoints exist but every one of them is broken.
+    """
+    found = _newest_passing(output_dir, check_checkpoint, say)
+    return found[0] if found else None
+
+
+def load_resume_point(output_dir: str | Path, *, say: Any = print) -> tuple[Path, dict[str, Any]] | None:
+    """``(checkpoint, trainer state)`` of the newest checkpoint that passes `check_checkpoint`
+    and whose trainer state loads; broken newer ones are reported through ``say`` and skipped.
+
+    Raises:
+        CheckpointError: checkpoints exist but every one of them is broken.
+    """
+    def check_and_load(ckpt: Path) -> dict[str, Any]:
+        check_checkpoint(ckpt)
+        return load_trainer_state(ckpt)
+
+    return _newest_passing(output_dir, check_and_load, say)
+
+
+def _newest_passing(output_dir: str | Path, test: Any, say: Any) -> Any:
+    problems: list[str] = []
+    for ckpt in reversed(checkpoint_dirs(output_dir)):
+        try:
+            value = test(ckpt)
+        except CheckpointError as err:
+            problems.append(str(err))
+            say(f"resume: skipping broken checkpoint: {err}")
+            continue
+        if problems:
+            say(f"resume: falling back to {ckpt}, the newest intact checkpoint")
+        return ckpt, value
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint under {output_dir}: " + "; ".join(problems)
+            + ". Start a new run (another output_dir, or --overwrite)"
+        )
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header and size only), or None."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"header of {n} bytes but the file has {size} bytes (truncated)"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return f"unreadable safetensors header ({err})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"{size} bytes but its header needs {need} (truncated)"
+    return None
+
+
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """Cheap integrity check of a checkpoint (no tensor is loaded).
+
+    ``state.json`` must parse; every file it lists must exist with its recorded size (older
+    checkpoints without the list: the required files must exist); every safetensors file must
+    have a complete header and be as long as the header says.
+
+    Raises:
+        CheckpointError: naming the first broken file and what is wrong with it.
+    """
+    ckpt = Path(checkpoint)
+    state_file = ckpt / STATE_DIR / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_file}: unreadable ({err})") from None
+    files = state.get("files")
+    if not isinstance(files, dict):  # written before the file list existed
+        files = {f"{STATE_DIR}/optim_rng.pt": None}
+        if not any(ckpt.glob("*.safetensors")):
+            files["model.safetensors"] = None
+    for rel, size in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if size is not None and path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {size} were written (truncated or altered)")
+    for path in sorted(ckpt.rglob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+
+
+def clean_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Remove ``.checkpoint-N.tmp-PID`` folders left by crashed saves (PID no longer running).
+
+    Returns the removed folders. Temporaries of a live process (another save under way) stay.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.iterdir():
+        m = _TMP_RE.match(path.name)
+        if m and path.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier call in this process that crashed mid-save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,6 +238,26 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+def _tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested dict (e.g. an optimiser state), by dotted name."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        out: dict[str, torch.Tensor] = {}
+        for k, v in tree.items():
+            out.update(_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {}
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor], what: str) -> str | None:
+    """``"<what> tensor <name>"`` for the first floating tensor with a NaN or inf, else None."""
+    for name, t in tensors.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            return f"{what} tensor {name!r}"
+    return None
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -111,6 +271,10 @@ def save_checkpoint(
     keep: int = 0,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically; prune to the newest ``keep`` (0 = keep all)."""
+    bad = _first_non_finite(model.state_dict(), "model") or _first_non_finite(teacher_state, "teacher") \
+        or _first_non_finite(_tensors(optimizer.state_dict().get("state", {})), "optimizer state")
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint-{step}: {bad} holds NaN or inf values")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
@@ -129,7 +293,11 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
         state_dir / "optim_rng.pt",
     )
-    (state_dir / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    # state.json last: it lists every other file with its size, so a resume can tell a complete
+    # checkpoint from one whose bytes an OS crash lost.
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (state_dir / "state.json").write_text(json.dumps({"step": step, **extra, "files": files}, indent=2))
+    _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
         old = root / f".checkpoint-{step}.old-{os.getpid()}"
         final.rename(old)
@@ -137,22 +305,66 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    _fsync_dir(root)  # make the rename itself durable before older checkpoints are pruned
     if keep > 0:
         for stale in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders: nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder (deepest first), under ``root``."""
+    dirs = [root]
+    for path in root.rglob("*"):
+        if path.is_dir():
+            dirs.append(path)
+        elif path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(d)
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """Read ``trainer_state/`` of a checkpoint (only tensors and plain types are unpickled)."""
+    """Read ``trainer_state/`` of a checkpoint (only tensors and plain types are unpickled).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or unreadable (the message names it).
+    """
     state_dir = Path(checkpoint) / STATE_DIR
     if not (state_dir / "state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} has no {STATE_DIR}/state.json: not a resumable vopd checkpoint")
-    out: dict[str, Any] = json.loads((state_dir / "state.json").read_text())
-    blob = torch.load(state_dir / "optim_rng.pt", map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{checkpoint} has no {STATE_DIR}/state.json: not a resumable vopd checkpoint")
+    try:
+        out: dict[str, Any] = json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_dir / 'state.json'}: unreadable ({err})") from None
+    optim_file = state_dir / "optim_rng.pt"
+    try:
+        blob = torch.load(optim_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, pickle/zip errors, EOFError, ... on a bad file
+        raise CheckpointError(f"{optim_file}: cannot be loaded ({type(err).__name__}: {err})") from None
     out.update(blob)
     teacher_file = state_dir / "teacher.safetensors"
-    out["teacher"] = load_file(teacher_file) if teacher_file.is_file() else {}
+    listed = isinstance(out.get("files"), dict) and f"{STATE_DIR}/teacher.safetensors" in out["files"]
+    if listed and not teacher_file.is_file():
+        raise CheckpointError(f"{teacher_file}: missing (this checkpoint was saved with a teacher)")
+    try:
+        out["teacher"] = load_file(teacher_file) if teacher_file.is_file() else {}
+    except Exception as err:  # safetensors raises its own error types on a bad header
+        raise CheckpointError(f"{teacher_file}: cannot be loaded ({type(err).__name__}: {err})") from None
     return out
 
 

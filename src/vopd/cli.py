@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     from vopd.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 130 if result.interrupted else 0
 
 
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
     p.add_argument("--config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("--resume", action="store_true", help="continue output_dir from its newest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue output_dir from its newest intact checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (deletes its checkpoints and metrics.jsonl)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x optim.lr=1e-5")
     p.set_defaults(func=_train)
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vopd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
-from vopd.config import ConfigError, TrainConfig
+from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
+from vopd.config import ConfigError, TrainConfig, config_to_dict
 from vopd.data import StepSampler, ViewDataset, load_train_samples
 from vopd.fastpath import SharedPrompts
 from vopd.models import response_hidden_states
 from vopd.rollout import HFGenerateEngine, RolloutEngine
+from vopd.runfolder import check_resume_config, check_world_size, prepare_run_folder
 from vopd.specs import resolve_model_spec
 from vopd.teacher import Teacher, make_teacher
 
@@ -57,6 +59,9 @@ class TrainState:
     step: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+    last_checkpoint: Path | None = None  # newest checkpoint of this run (the resumed one at first)
+    mid_update: bool = False  # between the optimiser update and the step count: not consistent to save
+    param_norm: float | None = None  # global parameter norm after the last update (divergence guard)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -150,16 +155,29 @@ def _tracker_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSampler, ViewDataset, int]:
-    """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``."""
+def setup(
+    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+) -> tuple[TrainState, StepSampler, ViewDataset, int]:
+    """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``.
+
+    ``output_dir`` must not hold another run unless ``resume`` (continue it: the newest intact
+    checkpoint, whose saved config must match this one) or ``overwrite`` (remove it); see
+    `vopd.runfolder`.
+    """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     acc = _make_accelerator(cfg)
-    ckpt = latest_checkpoint(cfg.output_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}")
-    policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
+    prepare_run_folder(cfg.output_dir, resume=resume, overwrite=overwrite, main_process=acc.is_main_process,
+                       say=acc.print)
+    acc.wait_for_everyone()
+    ckpt, saved = _resume_point(cfg, acc) if resume else (None, None)
+    try:
+        policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
+    except (OSError, ValueError, RuntimeError) as err:
+        if ckpt is None:
+            raise
+        raise CheckpointError(f"{ckpt}: the model cannot be loaded ({type(err).__name__}: {err})") from err
     policy.to(acc.device)
     if cfg.model.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -182,7 +200,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
     engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
     state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine)
     if ckpt is not None:
-        saved = load_trainer_state(ckpt)
+        state.last_checkpoint = ckpt
         teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
         state.optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -197,6 +215,18 @@ def setup(cfg: TrainConfig, *, resume: bool = False) -> tuple[TrainState, StepSa
         rank=acc.process_index, world_size=acc.num_processes,
     )
     return state, sampler, ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view), total_steps
+
+
+def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint of ``cfg.output_dir`` and its trainer state, checked against
+    this run (config keys and world size)."""
+    found = load_resume_point(cfg.output_dir, say=acc.print)
+    if found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}; start without --resume")
+    ckpt, saved = found
+    check_world_size(saved.get("world_size"), acc.num_processes, checkpoint=ckpt)
+    check_resume_config(saved.get("config"), config_to_dict(cfg), checkpoint=ckpt, say=acc.print)
+    return ckpt, saved
 
 
 def _apply_lr(scheduler: Any, cfg: TrainConfig, acc: Any) -> None:

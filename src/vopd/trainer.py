@@ -26,13 +26,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vopd.checkpoint import latest_checkpoint, save_checkpoint
+from vopd.checkpoint import save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, SharedPrompts
 from vopd.models import output_head
 from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence, rollout_correction
 from vopd.rollout import Rollouts
+from vopd.runfolder import truncate_metrics
 from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
 
 __all__ = ["ResponseHidden", "TrainResult", "TrainState", "TrainingError", "resolve_model", "setup", "summary",
@@ -207,7 +208,18 @@ def _maybe_no_sync(acc: Any, module: nn.Module, *, last: bool):
     return nullcontext() if last or acc.num_processes == 1 else acc.no_sync(module)
 
 
+#: An update that grows the global parameter norm more than this factor in one step has diverged
+#: (healthy steps change it by a fraction of a percent); the run stops before such weights are saved.
+MAX_NORM_GROWTH = 10.0
+
+
 def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]:
+    """Clip, step and update the teacher, unless the loss or gradient is non-finite (then skip).
+
+    After the update the parameters are checked (one fused norm, no copy of the weights): a
+    non-finite or exploding parameter norm cannot be undone cheaply, so the run stops with
+    `TrainingError` naming the last good checkpoint, and nothing of this update is saved.
+    """
     cfg, acc = state.cfg, state.accelerator
     params = [p for p in state.policy.parameters() if p.requires_grad]
     if cfg.optim.grad_clip > 0:
@@ -217,7 +229,19 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
     finite = math.isfinite(grad_norm) and math.isfinite(_global_sum(acc, loss_value))
     lr = state.scheduler.get_last_lr()[0]
     if finite:
+        before = state.param_norm if state.param_norm is not None else _param_norm(acc, params)
+        state.mid_update = True  # until the loop counts the step: a save now would be inconsistent
         state.optimizer.step()
+        after = _param_norm(acc, params)
+        if not math.isfinite(after) or after > MAX_NORM_GROWTH * max(before, 1e-12):
+            what = "the parameters became non-finite" if not math.isfinite(after) else \
+                f"the parameter norm exploded ({before:.3g} -> {after:.3g})"
+            raise TrainingError(
+                f"step {state.step + 1}: {what} in the optimiser update "
+                f"(lr {lr:.3g}, grad norm {grad_norm:.3g}); the update is not saved. Last good checkpoint: "
+                f"{state.last_checkpoint or 'none'}. Lower optim.lr (or set optim.grad_clip) and resume from it."
+            )
+        state.param_norm = after
         state.scheduler.step()
         state.teacher.update(state.policy)
         state.bad_in_a_row = 0
@@ -226,6 +250,15 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
         state.skipped_steps += 1
     state.optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not finite)}
+
+
+def _param_norm(acc: Any, params: list[Tensor]) -> float:
+    """Global L2 norm of the parameters (NaN/inf if any element is); one fused reduction."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # DTensor shards (FSDP2)
+    sq = float(torch.stack([n.double() for n in torch._foreach_norm([t.detach() for t in local])]).square().sum())
+    if any(hasattr(p, "to_local") for p in params):  # sharded: each process holds a part
+        sq = _global_sum(acc, sq)
+    return math.sqrt(sq) if math.isfinite(sq) else float("nan")
 
 
 @dataclass
@@ -269,19 +302,24 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Callback] | None = None,
     grader: Callable[[str, Any], bool] | None = None,
 ) -> TrainResult:
     """Run Vision-OPD training as configured; returns where the final checkpoint is.
 
-    ``callbacks`` run after every step and may return extra metrics; ``grader(text, sample)``
-    scores the teacher-health probe answers (default: rule-based grading).
+    ``output_dir`` must be new, or ``resume`` continues it, or ``overwrite`` replaces the run in
+    it (see `vopd.runfolder`). ``callbacks`` run after every step and may return extra metrics;
+    ``grader(text, sample)`` scores the teacher-health probe answers (default: rule-based grading).
+    An exception mid-run saves a checkpoint first when the state is consistent (one process).
     """
     start = time.perf_counter()
-    state, sampler, dataset, total_steps = setup(cfg, resume=resume)
+    state, sampler, dataset, total_steps = setup(cfg, resume=resume, overwrite=overwrite)
     acc = state.accelerator
+    if resume and acc.is_main_process:
+        truncate_metrics(cfg.output_dir, state.step)  # the steps after the checkpoint are run again
     if state.step >= total_steps:
-        ckpt = latest_checkpoint(cfg.output_dir)
+        ckpt = state.last_checkpoint
         acc.print(f"{cfg.output_dir} is already at step {state.step} of {total_steps}: nothing to do "
                   f"(raise max_steps to continue). Checkpoint: {ckpt}")
         return TrainResult(Path(cfg.output_dir), ckpt, state.step, [], False, time.perf_counter() - start)
@@ -301,9 +339,9 @@ def train(
     out = Path(cfg.output_dir)
     metrics_file = out / "metrics.jsonl" if "jsonl" in cfg.report_to and acc.is_main_process else None
     out.mkdir(parents=True, exist_ok=True)
-    last_ckpt, interrupted = None, False
+    interrupted = False
     bar = tqdm(total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True)
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, _save_on_error(state):
         batches: list[PromptPair] = []
         for pair in loader:
             batches.append(pair)
@@ -312,6 +350,7 @@ def train(
             metrics = train_step(state, batches)
             batches = []
             state.step += 1
+            state.mid_update = False
             for callback in callbacks:
                 metrics.update(callback(state) or {})
             metrics["step"] = state.step
@@ -327,19 +366,19 @@ def train(
                 bar.close()
                 raise TrainingError(
                     f"{state.bad_in_a_row} non-finite losses/gradients in a row at step {state.step}; "
-                    f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or check the data."
+                    f"last good checkpoint: {state.last_checkpoint or 'none'}. Lower optim.lr or check the data."
                 )
             stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
             final = state.step == total_steps
             if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
-                last_ckpt = _save(state)
+                _save(state)
             if stop_reason:
                 acc.print(f"stopping at step {state.step}: {stop_reason}")
                 interrupted = True
                 break
     bar.close()
     acc.end_training()
-    result = TrainResult(out, last_ckpt, state.step, state.history, interrupted, time.perf_counter() - start,
+    result = TrainResult(out, state.last_checkpoint, state.step, state.history, interrupted, time.perf_counter() - start,
                          health=list(health.history) if health is not None else [])
     if acc.is_main_process:
         print(summary(result))
@@ -358,6 +397,29 @@ def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, A
     return TeacherHealth(cfg.health, probe, views=cfg.views, grader=grader or default_grader, thinking=cfg.model.thinking)
 
 
+@contextmanager
+def _save_on_error(state: TrainState):
+    """On an exception (a bad image, a full disk, a bug) save what the run has before re-raising,
+    when the weights are at a step boundary and unsaved. One process only: a collective save
+    would wait forever for the processes that did not fail."""
+    try:
+        yield
+    except TrainingError:
+        raise  # diverging: the last good checkpoint is the one to go back to
+    except Exception:
+        saved_step = int(state.last_checkpoint.name.split("-")[-1]) if state.last_checkpoint else 0
+        if state.mid_update or state.step <= saved_step or state.accelerator.num_processes > 1:
+            raise
+        try:
+            path = _save(state)
+        except Exception as err:  # the original error matters more; say why nothing was saved
+            print(f"vopd train: could not save a checkpoint after the error ({err})", flush=True)
+        else:
+            print(f"vopd train: saved {path} (step {state.step}) before stopping on the error below; "
+                  "fix the cause and continue with --resume", flush=True)
+        raise
+
+
 def _save(state: TrainState) -> Path | None:
     acc = state.accelerator
     acc.wait_for_everyone()
@@ -370,6 +432,7 @@ def _save(state: TrainState) -> Path | None:
             keep=state.cfg.keep_checkpoints,
         )
     acc.wait_for_everyone()
+    state.last_checkpoint = Path(state.cfg.output_dir) / f"checkpoint-{state.step}"
     return path
 
 

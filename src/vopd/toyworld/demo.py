@@ -101,7 +101,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     del model
     from vopd.toyworld.model import toy_answer_correct
 
-    result = train(train_cfg, callbacks=[evaluator], grader=toy_answer_correct)
+    # The demo owns its folder: a re-run replaces the earlier training run in it.
+    result = train(train_cfg, overwrite=True, callbacks=[evaluator], grader=toy_answer_correct)
     if evaluator.curve[-1]["step"] != result.steps:
         evaluator.evaluate(resolve_model(train_cfg, str(result.checkpoint))[0], processor, result.steps)
     final = evaluator.last

@@ -1,0 +1,291 @@
+"""Fault injection on training runs: run folders, divergence, broken checkpoints, crashes mid-run.
+
+Each test breaks something on purpose (a truncated file, a NaN weight, a changed seed, an error
+mid-run) and checks that the run refuses, falls back or saves with a clear message naming the
+file or key, and that nothing good is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vopd.trainer as trainer_mod
+from vopd.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_resume_point,
+    load_trainer_state,
+    save_checkpoint,
+)
+from vopd.config import load_config
+from vopd.runfolder import RunFolderError, check_resume_config, check_world_size, truncate_metrics
+from vopd.trainer import TrainingError, train
+
+BASE = [
+    "model.path=tiny:qwen2_vl",
+    "data.train=toyworld:8:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "loss.top_k=16",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=0",
+    "optim.weight_decay=0.0",
+    "prompts_per_step=2",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+]
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(None, [*BASE, f"output_dir={out}", *extra])
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """A finished 2-step run with checkpoint-1 and checkpoint-2 (copy before changing it)."""
+    out = tmp_path_factory.mktemp("run2")
+    train(_cfg(out, "max_steps=2", "save_every=1"))
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------ run folders --
+
+
+def test_new_run_into_a_used_folder_is_refused_then_overwrite_replaces_it(two_checkpoints, tmp_path, capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoint-1, checkpoint-2, metrics.jsonl\).*--resume.*--overwrite"):
+        train(_cfg(out, "max_steps=1"))
+    assert sorted(p.name for p in checkpoint_dirs(out)) == ["checkpoint-1", "checkpoint-2"]  # nothing pruned
+    res = train(_cfg(out, "max_steps=1"), overwrite=True)
+    assert "removed the earlier run" in capsys.readouterr().out
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1"] and res.checkpoint.is_dir()
+    assert _steps(out) == [1]  # not 1, 2 followed by 1
+    with pytest.raises(RunFolderError, match="contradict"):
+        train(_cfg(out, "max_steps=1"), resume=True, overwrite=True)
+
+
+def test_resume_refuses_changed_training_keys_and_names_them(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    with pytest.raises(RunFolderError, match=r"data.train: 'toyworld:8:0' -> 'toyworld:8:1'.*prompts_per_step: 2 -> 4.*seed: 0 -> 3"):
+        train(_cfg(out, "max_steps=3", "seed=3", "data.train=toyworld:8:1", "prompts_per_step=4"), resume=True)
+    with pytest.raises(RunFolderError, match=r"teacher.kind: 'ema' -> 'frozen'"):
+        train(_cfg(out, "max_steps=3", "teacher.kind=frozen"), resume=True)
+
+
+def test_resume_warns_on_harmless_keys_and_truncates_metrics(two_checkpoints, tmp_path, capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    shutil.rmtree(out / "checkpoint-2")  # a kill after step 2 was logged but before it was saved
+    assert _steps(out) == [1, 2]
+    res = train(_cfg(out, "max_steps=3", "save_every=3", "log_every=1", "optim.lr=5e-4"), resume=True)
+    printed = capsys.readouterr().out
+    assert "resume: max_steps: 2 -> 3 (allowed)" in printed and "optim.lr: 0.001 -> 0.0005 (allowed)" in printed
+    assert res.steps == 3 and _steps(out) == [1, 2, 3]  # step 2 logged once, not twice
+
+
+def test_resume_on_another_world_size_is_refused(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    state_file = out / "checkpoint-2" / "trainer_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(RunFolderError, match="saved by 2 process.*this run has 1"):
+        train(_cfg(out, "max_steps=3"), resume=True)
+    check_world_size(1, 1, checkpoint="x")  # same size: fine
+    check_world_size(None, 4, checkpoint="x")  # older checkpoint without the record: nothing to compare
+
+
+def test_check_resume_config_unit():
+    saved = {"seed": 0, "max_steps": 5, "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "health": {"every": 0}}
+    now = {"seed": 0, "max_steps": 9, "optim": {"lr": 1e-3, "betas": (0.9, 0.95)}, "health": {"every": 5}}
+    with pytest.raises(RunFolderError, match=r"optim.betas: \[0.9, 0.999\] -> \[0.9, 0.95\]") as err:
+        check_resume_config(saved, now, checkpoint="ck", say=lambda _: None)
+    assert "max_steps" not in str(err.value)
+    said: list[str] = []
+    now["optim"]["betas"] = [0.9, 0.999]
+    assert check_resume_config(saved, now, checkpoint="ck", say=said.append) == [
+        "health.every: 0 -> 5", "max_steps: 5 -> 9"]
+    assert len(said) == 2
+
+
+def test_truncate_metrics_drops_later_and_cut_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert truncate_metrics(tmp_path, 2) == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert truncate_metrics(tmp_path / "none", 2) == 0
+
+
+# ------------------------------------------------------------------------------ checkpoints --
+
+BREAKS = {
+    "truncated model": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "model header cut": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:5])),
+    "missing teacher": ("trainer_state/teacher.safetensors", lambda p: p.unlink()),
+    "truncated teacher": ("trainer_state/teacher.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100])),
+    "truncated optimiser": ("trainer_state/optim_rng.pt", lambda p: p.write_bytes(p.read_bytes()[:-10])),
+    "garbled state.json": ("trainer_state/state.json", lambda p: p.write_text('{"step": 2, "fil')),
+    "missing processor file": ("processor_config.json", lambda p: p.unlink()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKS))
+def test_broken_newest_checkpoint_is_named_and_resume_falls_back(two_checkpoints, tmp_path, case, capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    rel, breaker = BREAKS[case]
+    broken = out / "checkpoint-2" / rel
+    breaker(broken)
+    with pytest.raises(CheckpointError, match=str(broken).replace(".", r"\.")):
+        check_checkpoint(out / "checkpoint-2")
+    said: list[str] = []
+    ckpt, state = load_resume_point(out, say=said.append)
+    assert ckpt == out / "checkpoint-1" and state["step"] == 1
+    assert str(broken) in said[0] and "falling back to" in said[1]
+
+
+def test_optimiser_file_garbled_in_place_is_a_checkpoint_error(two_checkpoints, tmp_path):
+    """Same size (the file list passes) but the zip directory is garbage: torch.load fails, named."""
+    out = _copy(two_checkpoints, tmp_path)
+    f = out / "checkpoint-2" / "trainer_state" / "optim_rng.pt"
+    data = bytearray(f.read_bytes())
+    data[-200:] = b"\0" * 200
+    f.write_bytes(bytes(data))
+    check_checkpoint(out / "checkpoint-2")  # structure looks fine
+    with pytest.raises(CheckpointError, match="optim_rng.pt: cannot be loaded"):
+        load_trainer_state(out / "checkpoint-2")
+    assert load_resume_point(out, say=lambda _: None)[0] == out / "checkpoint-1"
+
+
+@pytest.mark.slow
+def test_resume_after_a_truncated_checkpoint_reproduces_it_exactly(two_checkpoints, tmp_path, capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    # clone: load_file maps the file, and truncating a mapped file kills the process (SIGBUS)
+    want = {k: v.clone() for k, v in load_file(out / "checkpoint-2" / "model.safetensors").items()}
+    model_file = out / "checkpoint-2" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    res = train(_cfg(out, "max_steps=2", "save_every=1"), resume=True)
+    printed = capsys.readouterr().out
+    assert f"skipping broken checkpoint: {model_file}" in printed and "resumed from" in printed
+    got = load_file(res.checkpoint / "model.safetensors")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert _steps(out) == [1, 2]
+
+
+def test_every_checkpoint_broken_is_a_clear_error(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    for ck in ("checkpoint-1", "checkpoint-2"):
+        (out / ck / "trainer_state" / "optim_rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*optim_rng.pt: missing"):
+        train(_cfg(out, "max_steps=3"), resume=True)
+
+
+def test_save_fsyncs_everything_before_the_commit_rename(tmp_path, monkeypatch, tiny_qwen2_vl):
+    model, processor = tiny_qwen2_vl
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"), real_fsync(fd))[1])
+    monkeypatch.setattr(Path, "rename", lambda self, t: (events.append(f"rename {self.name}"), real_rename(self, t))[1])
+    final = save_checkpoint(tmp_path, 3, model=model, processor=processor, teacher_state={}, optimizer=opt,
+                            scheduler=sched, extra={})
+    commit = events.index(f"rename .checkpoint-3.tmp-{os.getpid()}")
+    synced = {e.split(" ", 1)[1] for e in events[:commit]}
+    files = {str(p).replace(final.name, f".checkpoint-3.tmp-{os.getpid()}") for p in final.rglob("*")}
+    assert files <= synced  # every file and sub-folder, before the commit
+    assert f"fsync {tmp_path}" in events[commit:]  # the rename itself is made durable
+    check_checkpoint(final)
+
+
+def test_stale_temporary_folders_are_cleaned_at_the_next_start(tmp_path, capsys):
+    stale = tmp_path / ".checkpoint-7.tmp-999999999"  # no such process
+    (stale / "trainer_state").mkdir(parents=True)
+    train(_cfg(tmp_path, "max_steps=1"))
+    assert not stale.exists() and "left by a save that crashed" in capsys.readouterr().out
+
+
+def test_save_refuses_non_finite_weights(tmp_path, tiny_models):
+    import copy
+
+    model = copy.deepcopy(tiny_models("qwen2_vl")[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    name, param = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        param[0] = float("nan")
+    with pytest.raises(CheckpointError, match=f"refusing to write checkpoint-1: model tensor '{name}'"):
+        save_checkpoint(tmp_path, 1, model=model, processor=None, teacher_state={}, optimizer=opt, scheduler=sched, extra={})
+    assert not any(tmp_path.iterdir())  # nothing written, not even a temporary folder
+    with pytest.raises(CheckpointError, match="teacher tensor 'w'"):
+        save_checkpoint(tmp_path, 1, model=torch.nn.Linear(2, 2), processor=None, optimizer=opt, scheduler=sched,
+                        teacher_state={"w": torch.tensor([1.0, float("inf")])}, extra={})
+
+
+# ------------------------------------------------------------------------------- divergence --
+
+
+def test_non_finite_parameters_after_the_update_stop_before_saving(tmp_path, monkeypatch):
+    """The update itself writes a NaN (as lr=inf does): the run stops naming checkpoint-1."""
+    real_setup = trainer_mod.setup
+
+    def poisoned_setup(*args, **kwargs):
+        state, *rest = real_setup(*args, **kwargs)
+        real_step = state.optimizer.step
+
+        def step(*a, **k):
+            out = real_step(*a, **k)
+            if state.step == 1:  # the update of step 2
+                with torch.no_grad():
+                    next(state.policy.parameters()).view(-1)[0] = float("inf")
+            return out
+
+        state.optimizer.step = step
+        return (state, *rest)
+
+    monkeypatch.setattr(trainer_mod, "setup", poisoned_setup)
+    with pytest.raises(TrainingError, match=r"step 2: the parameters became non-finite.*Last good checkpoint: .*checkpoint-1"):
+        train(_cfg(tmp_path, "max_steps=3", "save_every=1"))
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-1"]
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "checkpoint-1" / "model.safetensors").values())
+
+
+def test_exploding_update_stops_the_run_without_a_checkpoint(tmp_path):
+    """optim.lr=1e6: the first update multiplies the weights' norm; nothing wrecked is saved."""
+    with pytest.raises(TrainingError, match=r"step 1: the parameter norm exploded.*Last good checkpoint: none"):
+        train(_cfg(tmp_path, "max_steps=3", "save_every=1", "optim.lr=1e6", "optim.grad_clip=0"))
+    assert latest_checkpoint(tmp_path) is None
+
+
+# ------------------------------------------------------------------------- crashes mid-run --
+
+
+def test_an_error_mid_run_saves_the_finished_steps_first(tmp_path, capsys):
+    def crash(state):
+        if state.step == 2:
+            raise OSError("disk went away (injected)")
+        return {}
+
+    with pytest.raises(OSError, match="injected"):
+        train(_cfg(tmp_path, "max_steps=4", "save_every=0"), callbacks=[crash])
+    assert "saved" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    res = train(_cfg(tmp_path, "max_steps=4", "save_every=0"), resume=True)
+    assert res.steps == 4
