@@ -40,6 +40,7 @@ LAYER: dict[str, str] = {
     "vopd.data": "training",
     "vopd.rollout": "training",
     "vopd.checkpoint": "training",
+    "vopd.runfolder": "training",
     "vopd.health": "training",
     "vopd.train_setup": "training",
     "vopd.trainer": "training",
