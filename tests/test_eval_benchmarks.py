@@ -7,7 +7,7 @@ import pytest
 
 from vopd.evaluation.benchmarks import BENCHMARKS, get_benchmark
 from vopd.evaluation.benchmarks._io import BenchmarkFormatError
-from vopd.evaluation.synthetic import COLOURS, write_synthetic
+from support.synthetic import COLOURS, write_synthetic
 
 
 def _colour(image):
@@ -26,13 +26,13 @@ def test_loader_reads_schema_with_correct_answers(tmp_path, fmt):
     path = write_synthetic(fmt, tmp_path, n=6)
     items = get_benchmark(name).load(path)
     assert len(items) == EXPECTED_ROWS.get(name, 6)
-    assert len({it.id for it in items}) == len(items)
+    assert len({it.key for it in items}) == len(items)
     for it in items:
         colour = _colour(it.open_image())
         if it.kind == "choice":
             assert it.options["ABCDE".index(it.answer)] == colour, (fmt, it.id)
             assert all(f"{o}" in it.prompt for o in it.options)
-        elif it.kind == "yesno":
+        elif it.kind in ("yesno", "pope"):
             assert it.answer == ("yes" if colour in it.question else "no")
         else:
             assert it.answer == colour
@@ -80,7 +80,7 @@ def test_pope_original_jsonl(tmp_path):
     rows = [{"question_id": 1, "image": "img.png", "text": "Is there a cat?", "label": "no"}]
     (tmp_path / "coco_pope_adversarial.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     items = get_benchmark("pope").load(tmp_path / "coco_pope_adversarial.jsonl")
-    assert (items[0].answer, items[0].category, items[0].kind) == ("no", "adversarial", "yesno")
+    assert (items[0].answer, items[0].category, items[0].kind) == ("no", "adversarial", "pope")
     assert items[0].open_image().size == (8, 8)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from vopd.evaluation import BackendConfig, HFBackend, PredictionStore
 from vopd.evaluation.cli_args import add_gap_arguments, gap_config_from_args, run_gap
-from vopd.evaluation.fake_server import FakeChatServer
+from support.fake_server import FakeChatServer
 from vopd.evaluation.gap import (
     GapConfig,
     _eval_item,
@@ -21,7 +21,7 @@ from vopd.evaluation.gap import (
     view_prompt,
 )
 from vopd.evaluation.stats import mcnemar_exact
-from vopd.evaluation.synthetic import oracle_answer, write_synthetic
+from support.synthetic import oracle_answer, write_synthetic
 from vopd.records import load_records
 
 N = 10
@@ -105,7 +105,8 @@ def test_gap_cli_arguments_round_trip(tmp_path):
                                   "--url", server.url, "--student-view", "--zoom", "3", "--n-boot", "300"])
         cfg = gap_config_from_args(args)
         assert cfg.views == ("global", "regional", "student") and cfg.view.zoom == 3.0
-        result = run_gap(args)
+        assert run_gap(args) == 0
+    result = json.loads((tmp_path / "o" / "gap.json").read_text())
     assert result["n_questions"] == 4
 
 

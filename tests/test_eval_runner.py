@@ -10,9 +10,9 @@ from PIL import Image
 from vopd.evaluation import BackendConfig, EvalConfig, JudgeConfig, LLMJudge, PredictionStore, main_eval, predict
 from vopd.evaluation.backends import OpenAIBackend, PartialFailure
 from vopd.evaluation.benchmarks import BENCHMARKS, get_benchmark
-from vopd.evaluation.fake_server import FakeChatServer
+from support.fake_server import FakeChatServer
 from vopd.evaluation.runner import grade_items
-from vopd.evaluation.synthetic import oracle_answer, write_synthetic
+from support.synthetic import oracle_answer, write_synthetic
 from vopd.evaluation.types import PromptItem
 
 
@@ -116,7 +116,7 @@ def _judge_reply(text, body):
 
 def test_judge_settles_only_what_rules_cannot(tmp_path):
     items = get_benchmark("visualprobe").load(write_synthetic("visualprobe", tmp_path, n=4))
-    colours = {it.id: it.answer for it in items}
+    colours = {it.key: it.answer for it in items}
     ids = list(colours)
     preds = {ids[0]: colours[ids[0]],                  # exact: rules settle, no judge call
              ids[1]: f"I believe it is {colours[ids[1]]}-ish",  # judge: yes
@@ -126,11 +126,11 @@ def test_judge_settles_only_what_rules_cannot(tmp_path):
         judge = LLMJudge(JudgeConfig(url=server.url, model="j", retries=0), tmp_path / "judge.jsonl")
         graded = grade_items(items, preds, judge=judge)
         assert len(server.requests) == 2
-        by_id = {g.item.id: g for g in graded}
+        by_id = {g.item.key: g for g in graded}
         assert (by_id[ids[0]].correct, by_id[ids[0]].method) == (True, "exact")
         assert (by_id[ids[1]].correct, by_id[ids[1]].method) == (True, "judge")
-        assert (by_id[ids[2]].correct, by_id[ids[2]].method) == (None, "unjudged")
-        assert (by_id[ids[3]].correct, by_id[ids[3]].method) == (None, "no_prediction")
+        assert (by_id[ids[2]].correct, by_id[ids[2]].method, by_id[ids[2]].status) == (None, "unjudged", "judge_failed")
+        assert (by_id[ids[3]].correct, by_id[ids[3]].method, by_id[ids[3]].status) == (None, "no_prediction", "failed")
         # rerun: the settled verdict is cached, the out-of-format one asked again
         grade_items(items, preds, judge=LLMJudge(judge.cfg, tmp_path / "judge.jsonl"))
         assert len(server.requests) == 3
@@ -143,10 +143,13 @@ def test_judge_down_leaves_items_unjudged(tmp_path):
     items = get_benchmark("visualprobe").load(write_synthetic("visualprobe", tmp_path, n=2))
     with FakeChatServer(lambda t, b: "Yes", fail_first=100) as server:
         judge = LLMJudge(JudgeConfig(url=server.url, model="j", retries=1, backoff_s=0.01), tmp_path / "judge.jsonl")
-        graded = grade_items(items, {it.id: "something else" for it in items}, judge=judge)
+        graded = grade_items(items, {it.key: "something else" for it in items}, judge=judge)
     assert [g.correct for g in graded] == [None, None]
+    assert [g.status for g in graded] == ["judge_failed", "judge_failed"]
     score = get_benchmark("visualprobe").score(graded)
-    assert score["unjudged"] == 2 and score["n"] == 0 and score["overall"] is None
+    # a failed judgement is wrong in the headline (as in the official scripts), absent from judged-only
+    assert score["unjudged"] == 2 and score["n"] == 2 and score["overall"] == 0.0
+    assert score["judged_overall"] is None
 
 
 @pytest.mark.slow
@@ -178,9 +181,10 @@ def test_eval_cli_arguments(tmp_path):
                                   "--model", "m", "--url", server.url, "--no-thinking", "--limit", "1"])
         cfg = eval_config_from_args(args)
         assert cfg.backend.thinking is False and cfg.limit == 1 and cfg.judge is None
-        summary = run_eval(args)
+        assert run_eval(args) == 0
         assert server.requests[0]["chat_template_kwargs"] == {"enable_thinking": False}
         assert server.requests[0]["temperature"] == 0.0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["rows"][0]["n"] == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["vstar", "--out", "o"])  # NAME=PATH required

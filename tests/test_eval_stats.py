@@ -14,7 +14,8 @@ from vopd.evaluation.types import EvalItem, GradedItem
 
 def _g(correct, *, answer="A", category=None, extracted=None, **meta):
     item = EvalItem("b", str(id(meta)), b"", "", answer, category=category, meta=meta)
-    return GradedItem(item, "x", correct, "test", extracted)
+    return GradedItem(item, "x" if correct is not None else None, correct, "test", extracted,
+                      status="graded" if correct is not None else "failed")
 
 
 @pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (5, 2), (10, 10), (1, 12)])
@@ -56,9 +57,11 @@ def test_wilson_by_hand():
     assert (lo, hi) == pytest.approx((centre - half, centre + half))
 
 
-def test_accuracy_excludes_unjudged():
+def test_accuracy_counts_failed_as_wrong_and_reports_judged_only():
+    # the official scripts count a missing answer as wrong: 2 right of 4, not of the 3 answered
     acc = accuracy([_g(True), _g(False), _g(None), _g(True)])
-    assert acc == {"accuracy": pytest.approx(200 / 3), "n": 3, "correct": 2, "unjudged": 1}
+    assert acc == {"accuracy": pytest.approx(50.0), "judged_accuracy": pytest.approx(200 / 3), "n": 4,
+                   "judged": 3, "correct": 2, "unjudged": 1, "failed": 1, "judge_failed": 0, "unparsed": 0}
 
 
 def test_hrbench_mean_over_rotations_by_hand():
@@ -74,30 +77,37 @@ def test_hrbench_mean_over_rotations_by_hand():
 
 
 def test_mmvp_pairs_by_hand():
-    # pairs: (T, T) right, (T, F) wrong, (F, F) wrong, (T, None) unjudged
+    # pairs: (T, T) right, (T, F) wrong, (F, F) wrong, (T, None) unjudged -> wrong in the headline
     vals = [True, True, True, False, False, False, True, None]
     graded = [_g(v, pair=i // 2) for i, v in enumerate(vals)]
     out = mmvp.score(graded)
-    assert out["overall"] == pytest.approx(100 / 3)
-    assert out["pairs"]["unjudged"] == 1
-    assert out["questions"]["accuracy"] == pytest.approx(400 / 7)
+    assert out["overall"] == pytest.approx(100 / 4)
+    assert out["judged_overall"] == pytest.approx(100 / 3)
+    assert out["pairs"]["unjudged"] == 1 and out["pairs"]["n"] == 4
+    assert out["questions"]["accuracy"] == pytest.approx(400 / 8)
+    assert out["questions"]["judged_accuracy"] == pytest.approx(400 / 7)
     with pytest.raises(ValueError, match="single question"):
         pair_accuracy(graded[:3], lambda g: g.item.meta["pair"])
 
 
 def test_pope_by_hand():
-    # truth/prediction: TP=3, FP=1, TN=2, FN=2, plus one unparsed response
+    # truth/prediction: TP=3, FP=1, TN=2, FN=2, plus one failed request whose truth is yes:
+    # a missing answer is wrong, so it is one more false negative in the headline
     rows = [("yes", "yes")] * 3 + [("no", "yes")] + [("no", "no")] * 2 + [("yes", "no")] * 2
     graded = [_g(t == p, answer=t, extracted=p, category="random") for t, p in rows]
     graded.append(_g(None, answer="yes", extracted=None, category="random"))
     out = pope.score(graded)
-    precision, recall = 3 / 4, 3 / 5
-    assert out["accuracy"] == pytest.approx(100 * 5 / 8)
+    precision, recall = 3 / 4, 3 / 6
+    assert out["accuracy"] == pytest.approx(100 * 5 / 9)
     assert out["precision"] == pytest.approx(100 * precision)
     assert out["recall"] == pytest.approx(100 * recall)
     assert out["f1"] == pytest.approx(100 * 2 * precision * recall / (precision + recall))
-    assert out["yes_ratio"] == pytest.approx(100 * 4 / 8)  # predicted yes, not ground-truth yes (5/8)
-    assert out["unjudged"] == 1 and out["splits"]["random"]["f1"] == out["f1"]
+    assert out["overall"] == out["f1"]
+    judged_p, judged_r = 3 / 4, 3 / 5  # the answered items only
+    assert out["judged_f1"] == pytest.approx(100 * 2 * judged_p * judged_r / (judged_p + judged_r))
+    assert out["judged_accuracy"] == pytest.approx(100 * 5 / 8)
+    assert out["yes_ratio"] == pytest.approx(100 * 4 / 8)  # predicted yes among replies, not ground truth (5/8)
+    assert out["unjudged"] == 1 and out["failed"] == 1 and out["splits"]["random"]["f1"] == out["f1"]
 
 
 def test_cvbench_2d_is_mean_over_sources():

@@ -115,7 +115,7 @@ def _mount_optional(sub: argparse._SubParsersAction) -> None:
             p.set_defaults(func=lambda a, e=err, n=name: _unavailable(n, e))
             continue
         if run is not None:
-            p.set_defaults(func=lambda a, f=getattr(mod, run): (f(a), 0)[1])
+            p.set_defaults(func=lambda a, f=getattr(mod, run): int(f(a) or 0))
 
 
 def _unavailable(name: str, err: Exception) -> int:

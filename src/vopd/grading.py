@@ -112,7 +112,7 @@ def extract_choice(prediction: str, options: list[str] | None = None, *, n_optio
     """
     count = n_options or (len(options) if options else 0) or 5
     letters = LETTERS[:count]
-    span = answer_span(prediction)
+    span = unicodedata.normalize("NFKC", answer_span(prediction))  # full-width "（B）" -> "(B)"
     for pattern in _choice_patterns(letters):
         match = pattern.search(span)
         if match:

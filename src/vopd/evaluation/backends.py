@@ -8,12 +8,16 @@ carrying the answers they did get, so the runner keeps those and retries only th
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
+import re
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -30,8 +34,10 @@ __all__ = [
     "OpenAIBackend",
     "PartialFailure",
     "chat_completion",
+    "check_env_name",
     "image_data_url",
     "make_backend",
+    "redact",
 ]
 
 
@@ -71,7 +77,7 @@ class BackendConfig:
         thinking: chat-template thinking mode (``None`` = the non-thinking default).
         batch_size: prompts per ``generate`` call for ``hf``; in flight per round for ``openai``.
         concurrency: parallel requests for ``openai``.
-        timeout_s: per-request timeout for ``openai``.
+        timeout_s: hard wall-clock limit per request attempt for ``openai`` (connect + whole reply).
         retries: extra attempts per request for ``openai`` (exponential backoff).
         backoff_s: first retry delay for ``openai`` (doubles each retry).
         dtype: weights dtype for ``hf``.
@@ -100,6 +106,22 @@ class BackendConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.retries < 0 or self.timeout_s <= 0:
             raise ValueError(f"retries must be >= 0 and timeout_s > 0, got {self.retries}, {self.timeout_s}")
+        check_env_name(self.api_key_env, "api_key_env")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(name: str, what: str) -> None:
+    """Refuse anything but an environment variable's name (a pasted key would be logged).
+
+    The value is not echoed: if it is a key, it must not reach the terminal or a log either.
+    """
+    if not _ENV_NAME.fullmatch(name or "") or len(name) > 128:
+        raise ValueError(
+            f"{what} must be the NAME of an environment variable (letters, digits, _), e.g. OPENAI_API_KEY; "
+            "the value given is not a variable name (was a key pasted there? put it in the environment instead)"
+        )
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -107,6 +129,66 @@ def image_data_url(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_KEYLIKE = re.compile(r"(?i)(bearer\s+)\S+|\bsk-[A-Za-z0-9_\-*.]{6,}")
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every secret, bearer token and ``sk-...`` key replaced by ``***``.
+
+    Error texts end up in ``predictions.jsonl`` and ``judge.jsonl``; a server that echoes the
+    key in its error body (some do on HTTP 401) must not put it there.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _KEYLIKE.sub(lambda m: (m.group(1) or "") + "***", text)
+
+
+def _post(endpoint: str, data: bytes, headers: dict[str, str], deadline_s: float) -> tuple[int, bytes]:
+    """POST and read the whole reply within ``deadline_s`` seconds of wall-clock time, in total.
+
+    A socket timeout alone bounds each read, not the request: a server trickling one byte
+    every half second would never trip it. A timer shuts the socket down at the deadline, which
+    ends any blocked read at once. Connects directly (HTTP proxies are not used).
+    """
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BackendError(f"{endpoint}: expected an http(s) URL")
+    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(parts.hostname, parts.port, timeout=deadline_s)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    start = time.monotonic()
+    expired = threading.Event()
+
+    def _expire() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(deadline_s, _expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.connect()
+        conn.request("POST", path or "/", body=data, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        if expired.is_set():
+            raise TimeoutError
+        return response.status, body
+    except (OSError, http.client.HTTPException) as err:
+        if expired.is_set() or time.monotonic() - start >= deadline_s:
+            raise TimeoutError(f"no complete reply within {deadline_s:g} s") from None
+        raise err
+    finally:
+        timer.cancel()
+        conn.close()
 
 
 def chat_completion(
@@ -120,8 +202,10 @@ def chat_completion(
 ) -> str:
     """POST ``body`` to ``{url}/chat/completions`` and return the first choice's text.
 
-    Retries on connection errors, timeouts, HTTP 429 and 5xx, and replies without a message;
-    other HTTP errors (4xx: a bad request will not improve) raise at once.
+    ``timeout_s`` is a hard wall-clock limit per attempt (connect, send and the whole reply).
+    Retries on connection errors, timeouts, truncated or malformed replies, HTTP 429 and 5xx;
+    other HTTP errors (4xx: a bad request will not improve) raise at once. Error messages never
+    hold the key: the body of an auth error is dropped, other bodies are redacted.
     """
     endpoint = url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -132,23 +216,27 @@ def chat_completion(
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff_s * 2 ** (attempt - 1))
-        request = urllib.request.Request(endpoint, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                reply = json.loads(response.read().decode("utf-8"))
-            content = reply["choices"][0]["message"]["content"]
+            status, raw = _post(endpoint, data, headers, timeout_s)
+        except (TimeoutError, OSError, http.client.HTTPException) as err:
+            last = f"{endpoint}: {type(err).__name__}: {err}"
+            continue
+        if status >= 400:
+            last = f"HTTP {status} from {endpoint}"
+            if status in (401, 403):
+                raise BackendError(f"{last} (not retried: check the API key variable)")
+            if status != 429 and status < 500:
+                detail = redact(raw[:300].decode("utf-8", "replace"), [api_key])
+                raise BackendError(f"{last}: {detail!r} (not retried: fix the request)")
+            continue
+        try:
+            content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
             if not isinstance(content, str):
-                raise KeyError("content is not a string")
+                raise TypeError("content is not a string")
             return content
-        except urllib.error.HTTPError as err:
-            last = f"HTTP {err.code} from {endpoint}"
-            if err.code != 429 and err.code < 500:
-                raise BackendError(f"{last}: {err.read()[:300]!r} (not retried: fix the request)") from err
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-            last = f"{endpoint}: {err}"
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
-            last = f"{endpoint}: malformed reply ({err})"
-    raise BackendError(f"request failed after {retries + 1} attempts: {last}")
+        except (KeyError, IndexError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            last = f"{endpoint}: malformed reply ({type(err).__name__}: {err})"
+    raise BackendError(redact(f"request failed after {retries + 1} attempts: {last}", [api_key]))
 
 
 class OpenAIBackend:
@@ -186,8 +274,8 @@ class OpenAIBackend:
                 timeout_s=self.cfg.timeout_s, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s,
             )
             return text, None
-        except BackendError as err:
-            return None, f"item {item.id}: {err}"
+        except Exception as err:  # one item's failure (even an unexpected one) must not sink the batch
+            return None, redact(f"item {item.id}: {type(err).__name__}: {err}", [self.api_key])
 
     def generate(self, items: list[PromptItem]) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:

@@ -34,20 +34,24 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="", help="checkpoint path or hub id (hf), or the served model name (openai)")
     g.add_argument("--backend", choices=("hf", "openai"), default=d.kind, help="local HF model or OpenAI-compatible server")
     g.add_argument("--url", default=d.url, help="server base URL for --backend openai")
-    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    g.add_argument("--api-key-env", default=d.api_key_env,
+                   help="NAME of the environment variable holding the API key (never the key itself)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer budget (greedy decoding)")
     g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat-template thinking mode (default: non-thinking where the template has the switch)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generate call / per round")
     g.add_argument("--concurrency", type=int, default=d.concurrency, help="parallel server requests")
-    g.add_argument("--timeout", type=float, default=d.timeout_s, help="per-request timeout in seconds (server)")
+    g.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help="hard wall-clock limit per request attempt in seconds, reply included (server)")
     g.add_argument("--retries", type=int, default=d.retries, help="extra attempts per failed request (server)")
     g.add_argument("--dtype", default=d.dtype, help="weights dtype for hf (float32 on CPU)")
     g.add_argument("--device", default=d.device, help="device for hf: auto, cpu, cuda, cuda:1, ...")
     j = parser.add_argument_group("judge (optional, for answers the rules cannot settle)")
     j.add_argument("--judge-url", default=None, help="OpenAI-compatible judge base URL; no judge if unset")
     j.add_argument("--judge-model", default=None, help="served judge model name")
-    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable with the judge key")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable with the judge key")
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit 0 even when requests or judgements failed (they count as wrong in the scores)")
 
 
 def _backend_config(args: argparse.Namespace) -> BackendConfig:
@@ -106,6 +110,13 @@ def _bench_pair(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _prompt_pair(text: str) -> tuple[str, str]:
+    name, sep, template = text.partition("=")
+    if not sep or not name or not template:
+        raise argparse.ArgumentTypeError(f"expected NAME=TEMPLATE (e.g. hrbench_4k=letters), got {text!r}")
+    return name.strip(), template.strip()
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``vopd eval``."""
     from vopd.evaluation.benchmarks import BENCHMARKS
@@ -116,6 +127,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     parser.add_argument("--seed", type=int, default=0, help="seed for option shuffles")
     parser.add_argument("--label", default="", help="model name in tables and plots")
+    templates = "; ".join(f"{n}: {', '.join(b.prompts)}" for n, b in BENCHMARKS.items() if len(b.prompts) > 1)
+    parser.add_argument("--prompt", action="append", type=_prompt_pair, default=[], metavar="NAME=TEMPLATE",
+                        help=f"prompt template of a benchmark (default: paper, the paper's eval prompt); {templates}")
+    parser.add_argument("--image-root", default=None,
+                        help="folder relative image paths start from (MME-RW JSON, POPE JSON, CV-Bench JSONL), "
+                             "instead of the data file's folder")
     _add_backend_arguments(parser)
     return parser
 
@@ -125,16 +142,34 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
     from vopd.evaluation.runner import EvalConfig
 
     return EvalConfig(benchmarks=dict(args.benchmarks), out_dir=args.out, backend=_backend_config(args),
-                      judge=_judge_config(args), limit=args.limit, seed=args.seed, label=args.label)
+                      judge=_judge_config(args), limit=args.limit, seed=args.seed, label=args.label,
+                      prompts=dict(args.prompt), image_root=args.image_root)
 
 
-def run_gap(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.gap.main_gap`."""
+#: Exit status of a run that finished but had items without a verdict (see ``--allow-failures``).
+EXIT_FAILURES = 3
+
+
+def run_gap(args: argparse.Namespace) -> int:
+    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.gap.main_gap`.
+
+    Returns the exit status: 0, or :data:`EXIT_FAILURES` when answers or verdicts are missing
+    (unless ``--allow-failures``). Errors raise (bad data: ``ValueError``; server down:
+    ``BackendError``).
+    """
+    import sys
+
     from vopd.evaluation.gap import main_gap
 
     result = main_gap(gap_config_from_args(args))
     print(gap_summary(result, args.out))
-    return result
+    runs = result.get("checkpoints", []) if "views" not in result else [result]
+    missing = sum(block.get("unjudged", 0) for r in runs for block in r.get("views", {}).values())
+    if missing and not args.allow_failures:
+        print(f"vopd gap: {missing} answers or verdicts missing (failed requests or judge); "
+              "rerun the same command to retry them, or pass --allow-failures", file=sys.stderr)
+        return EXIT_FAILURES
+    return 0
 
 
 def gap_summary(result: dict[str, Any], out: str) -> str:
@@ -154,8 +189,14 @@ def gap_summary(result: dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.runner.main_eval`."""
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry point for the CLI: parse -> config -> :func:`vopd.evaluation.runner.main_eval`.
+
+    Returns the exit status: 0, or :data:`EXIT_FAILURES` when items failed (requests after
+    their retries, or judgements), unless ``--allow-failures``: their scores count them as
+    wrong, so a rerun (which retries exactly those) usually gives the number to report.
+    """
+    import sys
     from pathlib import Path
 
     from vopd.evaluation.runner import main_eval
@@ -164,4 +205,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     summary = Path(args.out) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
-    return result
+    if result["failures"] and not args.allow_failures:
+        print(f"vopd eval: {result['failures']} items failed (requests or judgements) and were counted wrong; "
+              "rerun the same command to retry them, or pass --allow-failures to accept", file=sys.stderr)
+        return EXIT_FAILURES
+    return 0

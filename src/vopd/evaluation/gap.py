@@ -102,7 +102,7 @@ def _sample_from_item(item: EvalItem) -> Any:
         raise ValueError(
             f"{item.benchmark} item {item.id}: no evidence boxes and no crop; `vopd gap` needs one "
             "(use ZoomBench, the original V* layout, or records with boxes)")
-    return Sample(id=item.id, image=item.image, question=item.question, options=item.options or None,
+    return Sample(id=item.key, image=item.image, question=item.question, options=item.options or None,
                   answer=item.answer, boxes=boxes, teacher_image=crop, category=item.category,
                   meta={"prompt": item.prompt, "kind": item.kind})
 
@@ -112,7 +112,12 @@ def load_gap_samples(data: str, *, benchmark: str | None = None, seed: int = 0, 
     if benchmark:
         from vopd.evaluation.benchmarks import get_benchmark
 
-        items = get_benchmark(benchmark).load(data, seed=seed)
+        items = [it for it in get_benchmark(benchmark).load(data, seed=seed)]
+        usable = [it for it in items if it.meta.get("boxes_xyxy") or it.meta.get("crop_image") is not None]
+        if usable and len(usable) < len(items):  # e.g. ZoomBench rows whose crop_image is null
+            log.warning("%s: %d of %d questions have neither boxes nor a crop and are left out of the gap",
+                        data, len(items) - len(usable), len(items))
+            items = usable
         samples = [_sample_from_item(it) for it in items[:limit]]
     else:
         from vopd.datasets import load_records

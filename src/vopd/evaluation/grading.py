@@ -1,16 +1,58 @@
-"""Rule-based grading; lives in :mod:`vopd.grading` (a core module the trainer's health probe
-uses too) and is re-exported here, where the evaluation package has always imported it from."""
+"""Rule-based grading: the rules live in :mod:`vopd.grading` (a core module the trainer's health
+probe uses too) and are re-exported here; this module adds the benchmark-specific reader of
+POPE and a :func:`grade` that knows it."""
 
-from vopd.grading import (  # noqa: F401
+from __future__ import annotations
+
+from vopd.grading import (
     LETTERS,
     Verdict,
-    __all__,
     answer_span,
     extract_choice,
     extract_yes_no,
-    grade,
     grade_choice,
     grade_open,
     grade_yes_no,
     normalize_text,
 )
+from vopd.grading import grade as grade_rules
+
+__all__ = [
+    "LETTERS",
+    "Verdict",
+    "answer_span",
+    "extract_choice",
+    "extract_yes_no",
+    "grade",
+    "grade_choice",
+    "grade_open",
+    "grade_pope",
+    "grade_yes_no",
+    "normalize_text",
+    "pope_answer",
+]
+
+
+def pope_answer(text: str) -> str:
+    """Read a reply as POPE's official evaluation script does: ``"no"`` or ``"yes"``, never unsure.
+
+    Only the first sentence counts (up to the first period); commas are dropped, the rest split
+    on spaces; the reply is "no" if one of the words is exactly ``No``, ``no`` or ``not``, and
+    "yes" otherwise, also when it holds neither word.
+    """
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
+
+
+def grade_pope(prediction: str, answer: str) -> Verdict:
+    """Grade a POPE reply with :func:`pope_answer` (always settled)."""
+    said = pope_answer(prediction)
+    return Verdict(said == answer.strip().lower(), True, said, "pope")
+
+
+def grade(prediction: str, answer: str, kind: str, options: list[str] | None = None) -> Verdict:
+    """Dispatch on ``kind``: ``pope`` here, ``choice``, ``yesno`` and ``open`` in :mod:`vopd.grading`."""
+    if kind == "pope":
+        return grade_pope(prediction, answer)
+    return grade_rules(prediction, answer, kind, options)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vopd.evaluation.backends import BackendError, chat_completion
+from vopd.evaluation.backends import chat_completion, check_env_name, redact
+from vopd.evaluation.jsonl import append_record, end_with_newline, read_records
 
 __all__ = ["JudgeConfig", "JudgeVerdict", "LLMJudge", "judge_prompt", "parse_judge_reply"]
 
@@ -55,6 +56,9 @@ class JudgeConfig:
     concurrency: int = 8
     max_tokens: int = 16
     backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_env_name(self.api_key_env, "judge api_key_env")
 
 
 @dataclass(frozen=True)
@@ -104,24 +108,16 @@ class LLMJudge:
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, Any]] = {}
         if self.log_path and self.log_path.is_file():
-            from vopd.evaluation.runner import _end_with_newline
-
-            _end_with_newline(self.log_path)
-            for line in self.log_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # blank or half-written line of an interrupted run
-                    continue
-                if rec.get("correct") is not None:  # unjudged ones are asked again
+            end_with_newline(self.log_path)
+            for rec in read_records(self.log_path, ("key", "correct", "reply")):
+                if isinstance(rec["correct"], bool):  # unjudged ones are asked again
                     self._cache[rec["key"]] = rec
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.log_path is None:
             return
         with self._lock:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            append_record(self.log_path, record, fsync=False)
 
     def judge(self, question: str, answer: str, response: str, *, item_id: str = "") -> JudgeVerdict:
         """One verdict; cached verdicts are returned without a request."""
@@ -143,8 +139,8 @@ class LLMJudge:
             )
             correct = parse_judge_reply(reply or "")
             error = None if correct is not None else "reply out of format (expected Yes or No first)"
-        except BackendError as err:
-            reply, correct, error = None, None, str(err)
+        except Exception as err:  # one failed verdict must not sink the others; it stays unjudged
+            reply, correct, error = None, None, redact(f"{type(err).__name__}: {err}", [self.api_key])
         record = {"key": key, "id": item_id, "prompt": prompt, "reply": reply, "correct": correct, "error": error}
         self._log(record)
         if correct is not None:

@@ -23,15 +23,22 @@ def _fmt(value: Any) -> str:
 def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row per benchmark plus the paper's 6-benchmark average (when all six were run).
 
-    ``results`` maps a benchmark name to its scorer's dict (with ``overall``).
+    ``results`` maps a benchmark name to its scorer's dict (with ``overall``). Each row holds
+    the headline ``overall`` (items without a verdict counted wrong, as the official scripts
+    do), ``judged_overall`` (judged items only), ``n`` (items evaluated) and the counts of
+    ``failed`` requests, ``judge_failed`` and ``unparsed`` replies; ``failures`` sums the first two.
     """
     rows = []
     for name, scores in results.items():
+        questions = scores.get("questions", {})
         rows.append({
             "benchmark": name,
             "overall": scores.get("overall"),
-            "n": scores.get("n", scores.get("questions", {}).get("n")),
-            "unjudged": scores.get("unjudged", scores.get("questions", {}).get("unjudged", 0)),
+            "judged_overall": scores.get("judged_overall"),
+            "n": scores.get("n_items", scores.get("n", questions.get("n"))),
+            "failed": scores.get("failed", 0),
+            "judge_failed": scores.get("judge_failed", 0),
+            "unparsed": scores.get("unparsed", 0),
             "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
         })
     missing = [b for b in PAPER_AVERAGE if results.get(b, {}).get("overall") is None]
@@ -39,6 +46,7 @@ def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: 
     return {
         "model": label,
         "rows": rows,
+        "failures": sum(r["failed"] + r["judge_failed"] for r in rows),
         "paper_average": {"value": average, "benchmarks": list(PAPER_AVERAGE), "missing": missing, "note": MME_SPLIT_NOTE},
         "details": results,
         "settings": settings or {},
@@ -46,22 +54,39 @@ def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: 
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """A Markdown table: benchmark, headline score, judged items, unjudged items, metric."""
+    """A Markdown table: headline score, judged-only score, items, failures, unparsed, metric;
+    then the paper's average and the files read per benchmark."""
     lines = [f"# Evaluation: {summary['model'] or 'model'}", "",
-             "| benchmark | score | n | unjudged | metric |", "|---|---|---|---|---|"]
+             "| benchmark | score | judged only | n | failed | judge failed | unparsed | metric |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
-        lines.append(f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['n'])} | "
-                     f"{_fmt(row['unjudged'])} | {row['metric']} |")
+        lines.append(f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['judged_overall'])} | "
+                     f"{_fmt(row['n'])} | {_fmt(row['failed'])} | {_fmt(row['judge_failed'])} | "
+                     f"{_fmt(row['unparsed'])} | {row['metric']} |")
     avg = summary["paper_average"]
     value = _fmt(avg["value"]) if avg["value"] is not None else f"n/a (missing: {', '.join(avg['missing'])})"
-    lines += ["", f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**", "",
+    lines += ["", "score: failed requests and failed judgements count as wrong (as in the official scripts); "
+              "judged only: over the items that got a verdict.", "",
+              f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**", "",
               f"{avg['note']}.", ""]
+    sources = summary.get("sources") or {}
+    if sources:
+        lines += ["## Files read", ""]
+        for name, block in sources.items():
+            read = ", ".join(f"{f} ({k})" for f, k in block["files"].items()) or "?"
+            lines.append(f"- {name}: `{block['path']}`: {read}")
+            lines += [f"  - {note}" for note in block["notes"]]
+        lines.append("")
     return "\n".join(lines)
 
 
 def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *, title: str = "",
-              ylabel: str = "accuracy (%)", errors: list[tuple[float, float]] | None = None) -> Path:
-    """A bar chart (PNG) with the value on each bar; ``None`` values are drawn empty."""
+              ylabel: str = "accuracy (%)", errors: list[tuple[float, float]] | None = None,
+              markers: list[float | None] | None = None, marker_label: str = "") -> Path:
+    """A bar chart (PNG) with the value on each bar; ``None`` values are drawn empty.
+
+    ``markers`` (e.g. the judged-only score beside a headline) are drawn as a dash on each bar.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +102,12 @@ def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *
     bars = ax.bar(labels, heights, color="#4C72B0", yerr=yerr, capsize=4)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), _fmt(v), ha="center", va="bottom", fontsize=8)
+    if markers is not None:
+        xs = [bar.get_x() + bar.get_width() / 2 for bar, m in zip(bars, markers) if m is not None]
+        ax.scatter(xs, [m for m in markers if m is not None], marker="_", s=400, color="#C44E52",
+                   label=marker_label, zorder=3)
+        if marker_label:
+            ax.legend(fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(100.0, max(heights, default=0) * 1.1))
     ax.set_title(title)
@@ -121,12 +152,18 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     paths = {"json": out / "summary.json", "markdown": out / "summary.md", "png": out / "summary.png"}
     paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     paths["markdown"].write_text(summary_markdown(summary), encoding="utf-8")
-    labels = [r["benchmark"] for r in summary["rows"]]
-    values = [r["overall"] for r in summary["rows"]]
+    labels, values, judged = [], [], []
+    for r in summary["rows"]:
+        bad = r["failed"] + r["judge_failed"]
+        labels.append(r["benchmark"] + (f"\n({bad} failed)" if bad else ""))
+        values.append(r["overall"])
+        judged.append(r["judged_overall"])
     if summary["paper_average"]["value"] is not None:
         labels.append("paper avg (6)")
         values.append(summary["paper_average"]["value"])
-    plot_bars(labels, values, paths["png"], title=summary["model"] or "evaluation")
+        judged.append(None)
+    plot_bars(labels, values, paths["png"], title=summary["model"] or "evaluation",
+              markers=judged if summary.get("failures") else None, marker_label="judged only")
     return paths
 
 

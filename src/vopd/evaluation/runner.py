@@ -1,10 +1,14 @@
 """Resumable evaluation: predictions stream to JSONL, reruns skip what is done.
 
 Every answer is appended (and flushed) to one JSONL file as soon as its batch returns, keyed by
-``(benchmark, view, item id)``. A rerun reads the file, asks the backend only for items with
-no answer yet or whose last attempt failed, and grades everything from the file. Grading is
-cheap and deterministic, so it is redone on every run; judge verdicts are cached in their own
-log (see :mod:`vopd.evaluation.judge`).
+``(benchmark, view, item key)`` where the item key is the source file or configuration plus the
+item's id (so ids repeated across files never collide). A rerun reads the file, asks the backend
+only for items with no answer yet or whose last attempt failed, and grades everything from the
+file. Grading is cheap and deterministic, so it is redone on every run; judge verdicts are cached
+in their own log (see :mod:`vopd.evaluation.judge`).
+
+Items whose request failed, or whose judge failed, count as wrong in every headline score (as
+in the official scripts); the summary gives their counts and the judged-only score beside it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import json
 import logging
 import os
 import time
+import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vopd.evaluation.backends import Backend, BackendConfig, BackendError, PartialFailure, make_backend
-from vopd.evaluation.benchmarks import get_benchmark
+from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
 from vopd.evaluation.grading import grade
+from vopd.evaluation.jsonl import append_record, end_with_newline, read_records
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
+from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
 
 __all__ = [
@@ -37,23 +45,19 @@ log = logging.getLogger(__name__)
 
 
 class PredictionStore:
-    """Append-only JSONL of answers; the last record for a key wins."""
+    """Append-only JSONL of answers; the last record for a key wins.
+
+    Lines that are not complete records (a kill mid-write, ``{}``, hand edits) are skipped with
+    a warning naming file and line; their items are asked again.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._records: dict[tuple[str, str, str], dict[str, Any]] = {}
         if self.path.is_file():
-            _end_with_newline(self.path)
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    # A run killed mid-write leaves a partial last line: drop it, redo that item.
-                    log.warning("%s:%d: unreadable line skipped (interrupted write?)", self.path, n)
-                    continue
-                self._records[(rec["benchmark"], rec["view"], str(rec["id"]))] = rec
+            end_with_newline(self.path)
+            for rec in read_records(self.path, ("benchmark", "view", "id", "prediction")):
+                self._records[(str(rec["benchmark"]), str(rec["view"]), str(rec["id"]))] = rec
 
     def get(self, benchmark: str, view: str, item_id: str) -> dict[str, Any] | None:
         return self._records.get((benchmark, view, str(item_id)))
@@ -61,33 +65,20 @@ class PredictionStore:
     def answer(self, benchmark: str, view: str, item_id: str) -> str | None:
         """The stored answer, or ``None`` if missing or failed."""
         rec = self.get(benchmark, view, item_id)
-        return rec["prediction"] if rec and rec.get("error") is None else None
+        if not rec or rec.get("error") is not None or not isinstance(rec.get("prediction"), str):
+            return None
+        return rec["prediction"]
 
     def add(self, benchmark: str, view: str, item_id: str, prediction: str | None, error: str | None = None) -> None:
         rec = {"benchmark": benchmark, "view": view, "id": str(item_id), "prediction": prediction,
                "error": error, "time": round(time.time(), 3)}
         self._records[(benchmark, view, str(item_id))] = rec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _end_with_newline(path: Path) -> None:
-    """A run killed mid-write leaves a last line without newline; close it so appends stay separate."""
-    with path.open("rb+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
+        append_record(self.path, rec)
 
 
 def default_prompt(item: EvalItem) -> PromptItem:
     """The item's own image and prompt."""
-    return PromptItem(id=item.id, image=item.open_image(), text=item.prompt)
+    return PromptItem(id=item.key, image=item.open_image(), text=item.prompt)
 
 
 def predict(
@@ -100,13 +91,14 @@ def predict(
     to_prompt: Callable[[EvalItem], PromptItem] = default_prompt,
     max_failed_batches: int = 3,
 ) -> dict[str, str | None]:
-    """Answer every item not answered yet; returns ``id -> answer`` (``None`` if it failed).
+    """Answer every item not answered yet; returns ``item.key -> answer`` (``None`` if it failed).
 
     Images are opened batch by batch. A batch that raises is recorded as failed (and retried on
     the next run); after ``max_failed_batches`` consecutive wholly failed batches the backend
     is considered down and :class:`BackendError` is raised.
     """
-    pending = [it for it in items if store.answer(it.benchmark, view, it.id) is None]
+    _check_unique(items)
+    pending = [it for it in items if store.answer(it.benchmark, view, it.key) is None]
     failed_in_a_row = 0
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
@@ -120,11 +112,20 @@ def predict(
         if len(answers) != len(chunk):
             raise BackendError(f"backend returned {len(answers)} answers for {len(chunk)} prompts")
         for it, ans, err_text in zip(chunk, answers, errors):
-            store.add(it.benchmark, view, it.id, ans, None if ans is not None else (err_text or "no answer"))
+            store.add(it.benchmark, view, it.key, ans, None if ans is not None else (err_text or "no answer"))
         failed_in_a_row = failed_in_a_row + 1 if all(a is None for a in answers) else 0
         if failed_in_a_row >= max_failed_batches:
             raise BackendError(f"{failed_in_a_row} batches in a row failed; last error: {errors[0]}")
-    return {it.id: store.answer(it.benchmark, view, it.id) for it in items}
+    return {it.key: store.answer(it.benchmark, view, it.key) for it in items}
+
+
+def _check_unique(items: Sequence[EvalItem]) -> None:
+    """Two items with one key would share one stored answer: refuse, naming them."""
+    counts = Counter((it.benchmark, it.key) for it in items)
+    dupes = [f"{b}:{k}" for (b, k), c in counts.items() if c > 1]
+    if dupes:
+        raise ValueError(f"{len(dupes)} item keys occur twice (first: {dupes[:3]}); each item needs its own "
+                         "(source, id): check that the folder does not hold the same table twice")
 
 
 def grade_items(
@@ -135,26 +136,33 @@ def grade_items(
 ) -> list[GradedItem]:
     """Rules first; unsettled items go to the judge if there is one, else the rule's fallback.
 
-    Items without a prediction and items the judge could not decide are unjudged (``None``).
+    ``predictions`` maps ``item.key`` to the answer. Items without a prediction get status
+    ``failed``, items the judge could not decide ``judge_failed`` (both ``correct=None``);
+    replies from which no answer could be read, without a judge, are wrong with status
+    ``unparsed``.
     """
     graded: list[GradedItem | None] = []
     to_judge: list[tuple[int, EvalItem, str]] = []
     for it in items:
-        pred = predictions.get(it.id)
+        pred = predictions.get(it.key)
         if pred is None:
-            graded.append(GradedItem(it, None, None, "no_prediction"))
+            graded.append(GradedItem(it, None, None, "no_prediction", status="failed"))
             continue
         verdict = grade(pred, it.answer, it.kind, it.options)
         if verdict.settled or judge is None:
             method = verdict.method if verdict.settled else f"rule_fallback:{verdict.method}"
-            graded.append(GradedItem(it, pred, verdict.correct, method, verdict.extracted))
+            unparsed = not verdict.settled and verdict.method.startswith("no_")
+            graded.append(GradedItem(it, pred, verdict.correct, method, verdict.extracted,
+                                     status="unparsed" if unparsed else "graded"))
         else:
             to_judge.append((len(graded), it, pred))
             graded.append(None)
     if to_judge and judge is not None:
-        requests = [(it.id, it.question or it.prompt, _reference(it), pred) for _, it, pred in to_judge]
+        requests = [(it.key, it.question or it.prompt, _reference(it), pred) for _, it, pred in to_judge]
         for (pos, it, pred), v in zip(to_judge, judge.judge_many(requests)):
-            graded[pos] = GradedItem(it, pred, v.correct, "judge" if v.correct is not None else "unjudged", None)
+            ok = v.correct is not None
+            graded[pos] = GradedItem(it, pred, v.correct, "judge" if ok else "unjudged", None,
+                                     status="graded" if ok else "judge_failed")
     return [g for g in graded if g is not None]
 
 
@@ -179,6 +187,10 @@ class EvalConfig:
         limit: evaluate only the first N items of each benchmark (smoke tests).
         seed: seed for option shuffles (V* original layout).
         label: model name shown in tables and plots.
+        prompts: benchmark name -> prompt template; unnamed benchmarks use ``paper`` (the
+            paper's eval prompt). The templates of each are in ``BENCHMARKS[name].prompts``.
+        image_root: folder that relative image paths start from (MME-RW JSON, POPE original
+            files, CV-Bench JSONL, ...), instead of each data file's own folder.
     """
 
     benchmarks: dict[str, str]
@@ -188,23 +200,33 @@ class EvalConfig:
     limit: int | None = None
     seed: int = 0
     label: str = ""
+    prompts: dict[str, str] = field(default_factory=dict)
+    image_root: str | None = None
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
             raise ValueError("no benchmarks given; pass at least one name=path")
         for name in self.benchmarks:
             get_benchmark(name)  # raises with the valid names
+        for name, template in self.prompts.items():
+            if name not in self.benchmarks:
+                raise ValueError(f"prompt template given for {name!r}, which is not evaluated")
+            choices = get_benchmark(name).prompts
+            if template not in choices:
+                raise ValueError(f"{name}: unknown prompt template {template!r}; choose from {', '.join(choices)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
 
 @dataclass
 class BenchmarkResult:
-    """Scores of one benchmark plus the graded items behind them."""
+    """Scores of one benchmark, the graded items behind them, and what was read."""
 
     name: str
     scores: dict[str, Any]
     graded: list[GradedItem]
+    files: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def evaluate_benchmark(
@@ -217,15 +239,27 @@ def evaluate_benchmark(
     judge: LLMJudge | None = None,
     limit: int | None = None,
     seed: int = 0,
+    prompt: str = DEFAULT_PROMPT,
+    image_root: str | None = None,
 ) -> BenchmarkResult:
-    """Load, answer (resuming), grade and score one benchmark."""
+    """Load, answer (resuming), grade and score one benchmark.
+
+    The scores carry, beside the benchmark's own numbers, ``n_items`` and the counts of
+    ``failed``, ``judge_failed`` and ``unparsed`` items.
+    """
     bench = get_benchmark(name)
-    items = bench.load(source, seed=seed)
-    if limit is not None:
+    loaded = bench.load(source, seed=seed, prompt=prompt, image_root=image_root)
+    files = dict(getattr(loaded, "files", {}))
+    notes = list(getattr(loaded, "notes", []))
+    items = list(loaded)
+    if limit is not None and limit < len(items):
+        notes.append(f"--limit {limit}: {limit} of {len(items)} items evaluated")
         items = items[:limit]
     predictions = predict(items, backend, store, view="default", batch_size=batch_size)
     graded = grade_items(items, predictions, judge=judge)
-    return BenchmarkResult(name, bench.score(graded), graded)
+    scores = dict(bench.score(graded))
+    scores.update({"n_items": len(graded), **outcome_counts(graded), "prompt": prompt})
+    return BenchmarkResult(name, scores, graded, files, notes)
 
 
 def write_graded(result: BenchmarkResult, path: Path) -> None:
@@ -233,15 +267,18 @@ def write_graded(result: BenchmarkResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for g in result.graded:
-            f.write(json.dumps({"id": g.item.id, "answer": g.item.answer, "prediction": g.prediction,
-                                "extracted": g.extracted, "correct": g.correct, "method": g.method,
+            f.write(json.dumps({"key": g.item.key, "source": g.item.source, "id": g.item.id,
+                                "answer": g.item.answer, "prediction": g.prediction, "extracted": g.extracted,
+                                "correct": g.correct, "status": g.status, "method": g.method,
                                 "category": g.item.category}, ensure_ascii=False) + "\n")
 
 
 def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, Any]:
     """Run every benchmark in ``cfg`` and write the summary (Markdown, JSON, PNG).
 
-    ``backend`` overrides ``cfg.backend`` (an already loaded model). Returns the summary dict.
+    ``backend`` overrides ``cfg.backend`` (an already loaded model). Returns the summary dict;
+    its ``failures`` entry counts the items without a verdict (failed requests and failed
+    judgements), which the headline scores count as wrong.
     """
     from vopd.evaluation.report import summarize, write_summary
 
@@ -250,15 +287,45 @@ def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, A
     backend = backend or make_backend(cfg.backend)
     store = PredictionStore(out / "predictions.jsonl")
     judge = LLMJudge(cfg.judge, out / "judge.jsonl") if cfg.judge else None
-    results = {}
+    results, sources = {}, {}
     for name, source in cfg.benchmarks.items():
         result = evaluate_benchmark(name, source, backend, store, batch_size=cfg.backend.batch_size,
-                                    judge=judge, limit=cfg.limit, seed=cfg.seed)
+                                    judge=judge, limit=cfg.limit, seed=cfg.seed,
+                                    prompt=cfg.prompts.get(name, DEFAULT_PROMPT), image_root=cfg.image_root)
         write_graded(result, out / "graded" / f"{name}.jsonl")
         results[name] = result.scores
+        sources[name] = {"path": source, "files": result.files, "notes": result.notes}
+        for note in result.notes:
+            log.warning("%s: %s", name, note)
         log.info("%s: %s", name, result.scores.get("overall"))
-    summary = summarize(results, label=cfg.label or cfg.backend.model,
-                        settings={"backend": asdict(cfg.backend), "judge": cfg.judge.model if cfg.judge else None,
-                                  "limit": cfg.limit, "seed": cfg.seed})
+    summary = summarize(results, label=cfg.label or cfg.backend.model, settings=_settings(cfg))
+    summary["sources"] = sources
     write_summary(summary, out)
     return summary
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    """What ran, for the summary: never a key, and not the key variable's name either.
+
+    The name is left out because ``--api-key-env`` is where a hurried user pastes the key
+    itself; whether a key was set is recorded instead. Credentials in a URL are dropped.
+    """
+    backend = asdict(cfg.backend)
+    env = backend.pop("api_key_env")
+    backend["url"] = _without_credentials(backend["url"])
+    backend["api_key"] = "set" if os.environ.get(env) else "not set"
+    judge = None
+    if cfg.judge:
+        judge = {"model": cfg.judge.model, "url": _without_credentials(cfg.judge.url)}
+    return {"backend": backend, "judge": judge, "limit": cfg.limit, "seed": cfg.seed,
+            "prompts": {n: cfg.prompts.get(n, DEFAULT_PROMPT) for n in cfg.benchmarks},
+            "image_root": cfg.image_root}
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url

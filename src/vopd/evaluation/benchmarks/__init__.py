@@ -1,9 +1,11 @@
 """Benchmark registry: a name -> how to load its published files and how to score them.
 
-Every loader takes a local file or folder (or ``hf:<dataset id>[:split]`` when the optional
-``datasets`` package and internet are available) and returns :class:`EvalItem` objects with
-the benchmark's prompt already applied; every scorer maps graded items to a dict whose
-``overall`` entry is the headline number (a percentage).
+Every loader takes a local file or folder as published (or ``hf:<dataset id>[:split]`` with
+the ``hf`` extra and internet) and returns an :class:`ItemList` of :class:`EvalItem` with the
+benchmark's prompt applied (the paper's eval prompt unless another template is named), plus
+the files it read and what it left out. Every scorer maps graded items to a dict whose
+``overall`` entry is the headline number (a percentage, items without a verdict counted
+wrong) and ``judged_overall`` the same over judged items only.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vopd.evaluation.benchmarks._io import DEFAULT_PROMPT, HUB_EXTRA, BenchmarkFormatError
 from vopd.evaluation.benchmarks import cvbench, hrbench, mmerw, mmstar, mmvp, pope, visualprobe, vstar, zoombench
-from vopd.evaluation.types import EvalItem, GradedItem
+from vopd.evaluation.types import EvalItem, GradedItem, ItemList  # noqa: F401 (documented above)
 
-__all__ = ["BENCHMARKS", "PAPER_AVERAGE", "Benchmark", "get_benchmark"]
+__all__ = ["BENCHMARKS", "DEFAULT_PROMPT", "HUB_EXTRA", "PAPER_AVERAGE", "Benchmark", "BenchmarkFormatError", "get_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,11 @@ class Benchmark:
 
     Attributes:
         name: registry key, also the key of predictions in the JSONL store.
-        load: ``load(source, *, seed) -> list[EvalItem]``.
+        load: ``load(source, *, seed, prompt, image_root) -> ItemList``.
         score: ``score(graded) -> dict`` with an ``overall`` percentage.
         description: one line for ``--help`` and reports (what the headline number means).
         hub_id: where the published files live, for users with internet.
+        prompts: the prompt templates ``load`` accepts; the first (``paper``) is the default.
     """
 
     name: str
@@ -35,24 +39,25 @@ class Benchmark:
     score: Callable[[list[GradedItem]], dict[str, Any]]
     description: str
     hub_id: str | None = None
+    prompts: tuple[str, ...] = ("paper",)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in [
-        Benchmark("vstar", vstar.load, vstar.score, "V* Bench accuracy (direct attributes, relative position)", "craigwu/vstar_bench"),
-        Benchmark("zoombench", zoombench.make_load("zoombench", "full"), zoombench.score, "ZoomBench accuracy, full image"),
-        Benchmark("zoombench_crop", zoombench.make_load("zoombench_crop", "crop"), zoombench.score, "ZoomBench accuracy, evidence crop"),
-        Benchmark("hrbench_4k", hrbench.make_load("hrbench_4k"), hrbench.score, "HR-Bench 4K, mean over 4 option rotations", "DreamMr/HR-Bench"),
-        Benchmark("hrbench_8k", hrbench.make_load("hrbench_8k"), hrbench.score, "HR-Bench 8K, mean over 4 option rotations", "DreamMr/HR-Bench"),
-        Benchmark("mme_rw_en", mmerw.make_load("mme_rw_en", "en"), mmerw.score, "MME-RealWorld EN (full), accuracy", "yifanzhang114/MME-RealWorld-lmms-eval"),
-        Benchmark("mme_rw_cn", mmerw.make_load("mme_rw_cn", "cn"), mmerw.score, "MME-RealWorld CN (full), accuracy", "yifanzhang114/MME-RealWorld-CN-lmms-eval"),
-        Benchmark("mme_rw_lite", mmerw.make_load("mme_rw_lite", "en"), mmerw.score, "MME-RealWorld Lite, accuracy", "yifanzhang114/MME-RealWorld-Lite-lmms-eval"),
-        Benchmark("visualprobe", visualprobe.load, visualprobe.score, "VisualProbe, mean over Easy/Medium/Hard (open answers)"),
-        Benchmark("mmvp", mmvp.load, mmvp.score, "MMVP pair accuracy (both questions of a pair right)", "MMVP/MMVP"),
-        Benchmark("cvbench", cvbench.load, cvbench.score, "CV-Bench, mean of 2D and 3D", "nyu-visionx/CV-Bench"),
-        Benchmark("mmstar", mmstar.load, mmstar.score, "MMStar accuracy", "Lin-Chen/MMStar"),
-        Benchmark("pope", pope.load, pope.score, "POPE F1 (accuracy, precision, recall, yes-ratio in the details)", "lmms-lab/POPE"),
+        Benchmark("vstar", vstar.load, vstar.score, "V* Bench accuracy (direct attributes, relative position)", "lmms-lab/vstar-bench", vstar.PROMPTS),
+        Benchmark("zoombench", zoombench.make_load("zoombench", "full"), zoombench.score, "ZoomBench accuracy, full image", "inclusionAI/ZoomBench", zoombench.PROMPTS),
+        Benchmark("zoombench_crop", zoombench.make_load("zoombench_crop", "crop"), zoombench.score, "ZoomBench accuracy, evidence crop", "inclusionAI/ZoomBench", zoombench.PROMPTS),
+        Benchmark("hrbench_4k", hrbench.make_load("hrbench_4k"), hrbench.score, "HR-Bench 4K, mean over 4 option rotations", "DreamMr/HR-Bench", hrbench.PROMPTS),
+        Benchmark("hrbench_8k", hrbench.make_load("hrbench_8k"), hrbench.score, "HR-Bench 8K, mean over 4 option rotations", "DreamMr/HR-Bench", hrbench.PROMPTS),
+        Benchmark("mme_rw_en", mmerw.make_load("mme_rw_en", "en"), mmerw.score, "MME-RealWorld EN (full), accuracy", "yifanzhang114/MME-RealWorld-Lmms-eval", mmerw.PROMPTS),
+        Benchmark("mme_rw_cn", mmerw.make_load("mme_rw_cn", "cn"), mmerw.score, "MME-RealWorld CN (full), accuracy", "yifanzhang114/MME-RealWorld-CN-Lmms-eval", mmerw.PROMPTS),
+        Benchmark("mme_rw_lite", mmerw.make_load("mme_rw_lite", "en"), mmerw.score, "MME-RealWorld Lite, accuracy", "yifanzhang114/MME-RealWorld-lite-lmms-eval", mmerw.PROMPTS),
+        Benchmark("visualprobe", visualprobe.load, visualprobe.score, "VisualProbe, mean over Easy/Medium/Hard (open answers)", None, visualprobe.PROMPTS),
+        Benchmark("mmvp", mmvp.load, mmvp.score, "MMVP pair accuracy (both questions of a pair right)", "MMVP/MMVP", mmvp.PROMPTS),
+        Benchmark("cvbench", cvbench.load, cvbench.score, "CV-Bench, mean of 2D and 3D", "nyu-visionx/CV-Bench", cvbench.PROMPTS),
+        Benchmark("mmstar", mmstar.load, mmstar.score, "MMStar accuracy", "Lin-Chen/MMStar", mmstar.PROMPTS),
+        Benchmark("pope", pope.load, pope.score, "POPE F1 (accuracy, precision, recall, yes-ratio in the details)", "lmms-lab/POPE", pope.PROMPTS),
     ]
 }
 

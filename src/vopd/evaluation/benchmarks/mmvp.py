@@ -11,21 +11,33 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import BenchmarkFormatError, choice_prompt, letter, read_file, require_columns
+from vopd.evaluation.benchmarks._io import (
+    DEFAULT_PROMPT,
+    BenchmarkFormatError,
+    check_prompt,
+    choice_prompt,
+    letter,
+    read_file,
+    require_columns,
+)
 from vopd.evaluation.metrics import accuracy, pair_accuracy
-from vopd.evaluation.types import EvalItem, GradedItem
+from vopd.evaluation.types import EvalItem, GradedItem, ItemList
 
 NAME = "mmvp"
+#: ``paper``: the question, ``(A) ...`` lines, "Answer with the option's letter ...". One only.
+PROMPTS = ("paper",)
 _OPTION = re.compile(r"\(([a-h])\)\s*(.*?)\s*(?=\([a-h]\)|$)", re.IGNORECASE | re.DOTALL)
 
 
-def load(source: str | Path, *, seed: int = 0) -> list[EvalItem]:
+def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
+         image_root: str | Path | None = None) -> ItemList:
     """Load ``Questions.csv`` (or a folder holding it) and the images beside it."""
+    check_prompt(NAME, prompt, PROMPTS)
     path = Path(source)
     csv_path = path if path.is_file() else path / "Questions.csv"
     if not csv_path.is_file():
         raise BenchmarkFormatError(f"{path}: Questions.csv not found")
-    image_dir = csv_path.parent / "MMVP Images"
+    image_dir = Path(image_root) if image_root else csv_path.parent / "MMVP Images"
     items = []
     for n, row in enumerate(read_file(csv_path)):
         row["_where"] = f"{csv_path}:{n + 2}"
@@ -47,10 +59,13 @@ def load(source: str | Path, *, seed: int = 0) -> list[EvalItem]:
                 meta={"pair": (index - 1) // 2},
             )
         )
-    return items
+    return ItemList(items, files={csv_path.name: len(items)})
 
 
 def score(graded: list[GradedItem]) -> dict:
     """Pair accuracy (``overall``, the official metric) and per-question accuracy."""
     pairs = pair_accuracy(graded, lambda g: g.item.meta["pair"])
-    return {"overall": pairs["accuracy"], "pairs": pairs, "questions": accuracy(graded)}
+    questions = accuracy(graded)
+    return {"overall": pairs["accuracy"], "judged_overall": pairs["judged_accuracy"], "pairs": pairs,
+            "questions": questions, "n": questions["n"], "judged": questions["judged"],
+            "unjudged": questions["unjudged"]}

@@ -1,4 +1,4 @@
-"""Tiny synthetic benchmarks in each published schema, plus an "oracle" that answers them.
+"""Tiny synthetic benchmarks in each published schema, plus an "oracle" that answers them (test support).
 
 For tests, CI and trying ``vopd eval`` / ``vopd gap`` without downloading anything. Every
 image is white with one coloured square at a known box; every question asks its colour. Half
@@ -7,7 +7,7 @@ model that needs a minimum number of coloured pixels shows a regional-to-global 
 
 :func:`oracle_answer` is such a model: it reads the colour only when the square covers at least
 ``min_fraction`` of the image, and otherwise answers the first option. It backs the fake server
-in tests (see :class:`vopd.evaluation.fake_server.FakeChatServer`).
+in tests (see :class:`support.fake_server.FakeChatServer`).
 """
 
 from __future__ import annotations
