@@ -55,8 +55,6 @@ LAYER: dict[str, str] = {
 # Remove an entry when its fix lands; the goal is an empty list.
 KNOWN: dict[str, str] = {
     # kind:detail -> owner
-    "cycle:vopd.evaluation.judge -> vopd.evaluation.runner": "evaluation (issue 8, engineer evalx)",
-    "private:vopd.evaluation.judge imports vopd.evaluation.runner._end_with_newline": "evaluation (evalx)",
     "model-code:vopd.config": "config (issue 8, engineer config: config.py imports health/rollout)",
 }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vopd.evaluation.benchmarks import BENCHMARKS, get_benchmark
-from vopd.evaluation.benchmarks._io import BenchmarkFormatError
+from vopd.evaluation.benchmarks.files import BenchmarkFormatError
 from support.synthetic import COLOURS, write_synthetic
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vopd.evaluation.benchmarks._io import DEFAULT_PROMPT, HUB_EXTRA, BenchmarkFormatError
+from vopd.evaluation.benchmarks.files import DEFAULT_PROMPT, HUB_EXTRA, BenchmarkFormatError
 from vopd.evaluation.benchmarks import cvbench, hrbench, mmerw, mmstar, mmvp, pope, visualprobe, vstar, zoombench
 from vopd.evaluation.types import EvalItem, GradedItem, ItemList  # noqa: F401 (documented above)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import (
+from vopd.evaluation.benchmarks.files import (
     CHOICE_INSTRUCTION,
     DEFAULT_PROMPT,
     check_prompt,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import (
+from vopd.evaluation.benchmarks.files import (
     DEFAULT_PROMPT,
     check_prompt,
     choice_prompt,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import (
+from vopd.evaluation.benchmarks.files import (
     DEFAULT_PROMPT,
     BenchmarkFormatError,
     check_prompt,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import (
+from vopd.evaluation.benchmarks.files import (
     DEFAULT_PROMPT,
     BenchmarkFormatError,
     check_prompt,

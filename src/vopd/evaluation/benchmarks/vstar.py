@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import (
+from vopd.evaluation.benchmarks.files import (
     CHOICE_INSTRUCTION,
     DEFAULT_PROMPT,
     BenchmarkFormatError,

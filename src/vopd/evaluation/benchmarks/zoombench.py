@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vopd.evaluation.benchmarks._io import DEFAULT_PROMPT, check_prompt, image_source, read_rows, require_columns, rows_base
+from vopd.evaluation.benchmarks.files import DEFAULT_PROMPT, check_prompt, image_source, read_rows, require_columns, rows_base
 from vopd.evaluation.metrics import accuracy, by_group
 from vopd.evaluation.types import EvalItem, GradedItem, ItemList
 
