@@ -1,7 +1,8 @@
 """A tiny OpenAI-compatible chat server on 127.0.0.1 for tests and offline demos.
 
 It answers ``POST /v1/chat/completions`` with whatever ``responder(text, body)`` returns, where
-``text`` is the user message's text. It is bounded: it stops by itself after ``max_requests``
+``text`` is the user message's text; a responder that returns an ``int`` gets that HTTP status
+instead (e.g. 500 for the items a test wants to fail). It is bounded: it stops by itself after ``max_requests``
 requests or ``lifetime_s`` seconds, so a forgotten server cannot linger.
 
     with FakeChatServer(lambda text, body: "A") as server:
@@ -88,7 +89,10 @@ class FakeChatServer:
                     self._send(500, {"error": "injected failure"})
                 else:
                     text = server.responder(_user_text(body), body)
-                    self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                    if isinstance(text, int):
+                        self._send(text, {"error": "scripted failure"})
+                    else:
+                        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
             def _send(self, code: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode("utf-8")
