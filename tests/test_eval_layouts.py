@@ -254,8 +254,9 @@ def test_hub_ids_name_the_extra_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'vision-opd\[hf\]'"):
         get_benchmark("mmstar").load("hf:Lin-Chen/MMStar:val")
-    import tomllib
     from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("datasets") for dep in extras["hf"])

@@ -93,8 +93,8 @@ def predict(
 ) -> dict[str, str | None]:
     """Answer every item not answered yet; returns ``item.key -> answer`` (``None`` if it failed).
 
-    Images are opened batch by batch. A batch that raises is recorded as failed (and retried on
-    the next run); after ``max_failed_batches`` consecutive wholly failed batches the backend
+    Images are opened batch by batch. Failed items are recorded with their error (and retried
+    on the next run): an unreadable image or one failed request fails its item only; after ``max_failed_batches`` consecutive wholly failed batches the backend
     is considered down and :class:`BackendError` is raised.
     """
     _check_unique(items)
@@ -102,21 +102,43 @@ def predict(
     failed_in_a_row = 0
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
-        try:
-            answers: list[str | None] = list(backend.generate([to_prompt(it) for it in chunk]))
-            errors: list[str | None] = [None] * len(chunk)
-        except PartialFailure as err:
-            answers, errors = err.results, err.errors
-        except Exception as err:  # a batch must not lose the answers already stored
-            answers, errors = [None] * len(chunk), [f"{type(err).__name__}: {err}"] * len(chunk)
-        if len(answers) != len(chunk):
-            raise BackendError(f"backend returned {len(answers)} answers for {len(chunk)} prompts")
+        answers, errors, asked = _answer_chunk(chunk, backend, to_prompt)
         for it, ans, err_text in zip(chunk, answers, errors):
             store.add(it.benchmark, view, it.key, ans, None if ans is not None else (err_text or "no answer"))
-        failed_in_a_row = failed_in_a_row + 1 if all(a is None for a in answers) else 0
+        if asked:  # only batches the backend saw say whether it is down
+            failed_in_a_row = failed_in_a_row + 1 if all(a is None for a in answers) else 0
         if failed_in_a_row >= max_failed_batches:
             raise BackendError(f"{failed_in_a_row} batches in a row failed; last error: {errors[0]}")
     return {it.key: store.answer(it.benchmark, view, it.key) for it in items}
+
+
+def _answer_chunk(chunk: Sequence[EvalItem], backend: Backend, to_prompt: Callable[[EvalItem], PromptItem],
+                  ) -> tuple[list[str | None], list[str | None], int]:
+    """Answers, errors and the number of prompts sent, for one batch. An item whose prompt cannot
+    be built (an unreadable image) fails alone; a backend error fails only the items it names."""
+    answers: list[str | None] = [None] * len(chunk)
+    errors: list[str | None] = [None] * len(chunk)
+    prompts, positions = [], []
+    for i, it in enumerate(chunk):
+        try:
+            prompts.append(to_prompt(it))
+            positions.append(i)
+        except Exception as err:  # noqa: BLE001 - recorded per item, retried next run
+            errors[i] = f"{type(err).__name__}: {err}"
+    if not prompts:
+        return answers, errors, 0
+    try:
+        got: list[str | None] = list(backend.generate(prompts))
+        got_errors: list[str | None] = [None] * len(prompts)
+    except PartialFailure as err:
+        got, got_errors = list(err.results), list(err.errors)
+    except Exception as err:  # a batch must not lose the answers already stored
+        got, got_errors = [None] * len(prompts), [f"{type(err).__name__}: {err}"] * len(prompts)
+    if len(got) != len(prompts):
+        raise BackendError(f"backend returned {len(got)} answers for {len(prompts)} prompts")
+    for pos, ans, err_text in zip(positions, got, got_errors):
+        answers[pos], errors[pos] = ans, err_text
+    return answers, errors, len(prompts)
 
 
 def _check_unique(items: Sequence[EvalItem]) -> None:
