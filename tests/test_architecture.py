@@ -38,6 +38,7 @@ LAYER: dict[str, str] = {
     # training: the run, its data pipeline, sampling, checkpoints, the health probe.
     "vopd.config": "training",
     "vopd.data": "training",
+    "vopd.datacheck": "training",
     "vopd.rollout": "training",
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",

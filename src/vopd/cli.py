@@ -45,15 +45,25 @@ def _data(args: argparse.Namespace) -> int:
         path = write_dataset(args.out, args.n, args.seed)
         print(f"wrote {args.n} toy scenes to {path}")
         return 0
-    from vopd.datasets import load_records
+    return _data_check(args)
 
-    loaded = load_records(args.path, on_error="skip")
-    samples = getattr(loaded, "samples", loaded)
-    print(f"{args.path}: {len(samples)} usable samples")
-    report = getattr(loaded, "report", None)
-    if report:
-        print(report)
-    return 0
+
+def _data_check(args: argparse.Namespace) -> int:
+    from vopd.config import load_config
+    from vopd.datacheck import check_data, load_processor
+
+    cfg = load_config(args.config, [])  # views, out_of_bounds, max_prompt_tokens as training uses them
+    path = args.path or cfg.data.train
+    processor = load_processor(args.model, trust_remote_code=cfg.model.trust_remote_code) if args.model else None
+    found = check_data(
+        path, views=cfg.views, out_of_bounds=cfg.data.out_of_bounds, decode=args.decode, processor=processor,
+        max_prompt_tokens=args.max_prompt_tokens or cfg.data.max_prompt_tokens, thinking=cfg.model.thinking,
+    )
+    print(found.report())
+    if not found.ok:
+        print(f"{len(found.problems)} unusable row(s): fix them, or train with data.on_error=skip to skip them",
+              file=sys.stderr)
+    return 0 if found.ok else 1
 
 
 def _mounted(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
@@ -88,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=123)
     q.add_argument("--out", required=True)
     q.set_defaults(func=_data)
-    q = dsub.add_parser("check", help="load a JSONL (ours or Vision-OPD-6K) and report bad rows")
-    q.add_argument("path")
+    q = dsub.add_parser("check", help="check a JSONL (ours or Vision-OPD-6K) as training would; exit 1 on bad rows")
+    q.add_argument("path", nargs="?", help="record file or folder (default: data.train of --config)")
+    q.add_argument("--config", help="training YAML whose views and data.* settings to check with")
+    q.add_argument("--decode", action="store_true", help="decode every image fully and build both views (slower)")
+    q.add_argument("--model", help="model spec or folder: measure every prompt with its processor")
+    q.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="prompt length limit with --model (default: data.max_prompt_tokens)")
     q.set_defaults(func=_data)
 
     _mount_optional(sub)

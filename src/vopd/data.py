@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vopd.images import load_image
-from vopd.models import build_prompts
 from vopd.datasets import load_records  # every registered layout (our JSONL, Vision-OPD-6K)
-from vopd.records import Sample
+from vopd.images import ImageError, load_image
+from vopd.models import build_prompts, chat_prompt
+from vopd.records import RecordError, Sample
 from vopd.specs import data_spec_loader
 from vopd.views import ViewConfig, make_views, prompt_text, student_view
 
@@ -31,14 +31,34 @@ class PromptPair:
     student: Any  # BatchFeature, left-padded, one row per prompt
     teacher: Any
     sample_ids: list[str]
+    skipped: list[str] = field(default_factory=list)  # "file:row: reason" of rows replaced (on_error=skip)
+
+
+class ViewItem(NamedTuple):
+    """One prompt's views; ``skipped`` lists rows that failed to load and were replaced by this one."""
+
+    id: str
+    student: Image.Image
+    teacher: Image.Image
+    text: str
+    origin: str = ""  # file:row of the sample
+    skipped: tuple[str, ...] = ()
 
 
 def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise") -> list[Sample]:
     """Load training samples from a JSONL path or folder, or from a registered data spec such as
     ``toyworld:N[:SEED]`` (see :mod:`vopd.specs`)."""
+    return load_train_data(spec, out_of_bounds=out_of_bounds, on_error=on_error)[0]
+
+
+def load_train_data(
+    spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise",
+) -> tuple[list[Sample], list[str]]:
+    """`load_train_samples` plus where each sample came from (``file:row``, or ``SPEC#i``)."""
     load = data_spec_loader(spec)
     if load is not None:
-        return load(spec)
+        samples = load(spec)
+        return samples, [f"{spec}#{i}" for i in range(len(samples))]
     if not spec:
         raise ValueError("data.train is empty: give a JSONL file (see docs/data.md) or toyworld:N")
     # check_images: read every image header now (no pixel decoding), so a missing or unreadable
@@ -47,29 +67,80 @@ def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str 
     loaded = load_records(spec, out_of_bounds=out_of_bounds, on_error=on_error, check_images=True)
     if loaded.skipped or loaded.clipped:
         warnings.warn(loaded.report, stacklevel=2)  # skipped rows are counted and reported, never silent
-    return list(loaded.samples)
+    return list(loaded.samples), [f"{loaded.source}:{row}" for row in loaded.rows]
+
+
+def drop_over_long_texts(
+    processor: Any, samples: list[Sample], origins: list[str], *, max_prompt_tokens: int | None,
+    hint: bool, thinking: bool | None, on_error: str = "raise",
+) -> tuple[list[Sample], list[str]]:
+    """Find, before step 1, the samples whose prompt TEXT alone (chat template included, each
+    image counted as its placeholder only) is over ``max_prompt_tokens``: they can never fit.
+
+    One tokenizer call over all texts (no image is opened). ``on_error="raise"`` names the first
+    as ``file:row``; ``"skip"`` drops them with a warning listing them. Prompts that are too long
+    only with their image tokens are caught when the batch is built, also naming ``file:row``.
+    """
+    if not max_prompt_tokens or not samples:
+        return samples, origins
+    texts = [chat_prompt(processor, prompt_text(s, hint=hint), thinking=thinking) for s in samples]
+    tok = getattr(processor, "tokenizer", processor)
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    bad = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+    if not bad:
+        return samples, origins
+    lines = [f"{origins[i]}: prompt text alone is {lengths[i]} tokens, over data.max_prompt_tokens="
+             f"{max_prompt_tokens}" for i in bad]
+    if on_error != "skip":
+        raise RecordError(f"{lines[0]} ({len(bad)} such row(s)); shorten the question or raise the limit")
+    warnings.warn(f"skipped {len(bad)} over-long row(s):\n  " + "\n  ".join(lines[:20]), stacklevel=2)
+    keep = sorted(set(range(len(samples))) - set(bad))
+    return [samples[i] for i in keep], [origins[i] for i in keep]
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Item i -> (id, student image, teacher image, prompt text)."""
+    """Item i -> :class:`ViewItem` (id, student image, teacher image, prompt text, origin, skipped).
 
-    def __init__(self, samples: list[Sample], views: ViewConfig, *, teacher_sees: str = "crop"):
+    An image that fails to load or decode here (e.g. a truncated file whose header read fine
+    when the records were checked) raises naming ``file:row``, or with ``on_error="skip"`` the
+    item is replaced by the next loadable sample (deterministic, so resumes stay exact) and the
+    failed row is reported in ``skipped``.
+    """
+
+    def __init__(self, samples: list[Sample], views: ViewConfig, *, teacher_sees: str = "crop",
+                 origins: list[str] | None = None, on_error: str = "raise"):
         self.samples = samples
         self.views = views
         self.teacher_sees = teacher_sees
+        self.origins = origins if origins is not None else [f"sample {s.id!r}" for s in samples]
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[str, Image.Image, Image.Image, str]:
-        sample = self.samples[i]
+    def _views(self, sample: Sample) -> tuple[Image.Image, Image.Image, str]:
         if self.teacher_sees == "crop":
-            student, teacher, text = make_views(sample, self.views)
-            return sample.id, student, teacher, text
+            return make_views(sample, self.views)
         # Control: no privileged view. The teacher sees exactly what the student sees.
         image = load_image(sample.image, where=f"sample {sample.id}")
         student = student_view(image, sample.boxes, self.views)
-        return sample.id, student, student, prompt_text(sample, hint=self.views.hint)
+        return student, student, prompt_text(sample, hint=self.views.hint)
+
+    def __getitem__(self, i: int) -> ViewItem:
+        skipped: list[str] = []
+        for j in [*range(i, len(self.samples)), *range(i)]:
+            sample = self.samples[j]
+            try:
+                student, teacher, text = self._views(sample)
+            except (ImageError, RecordError) as err:
+                reason = err.reason if isinstance(err, RecordError) else str(err)
+                if self.on_error != "skip":
+                    raise RecordError(f"{reason} (data.on_error=skip skips such rows)",
+                                      file=self.origins[j], field=getattr(err, "field", None)) from None
+                skipped.append(f"{self.origins[j]}: {reason}")
+                continue
+            return ViewItem(sample.id, student, teacher, text, self.origins[j], tuple(skipped))
+        raise RecordError(f"no sample of the {len(self.samples)} can be loaded; first: {skipped[0]}")
 
 
 class PairCollator:
@@ -80,13 +151,27 @@ class PairCollator:
         self.thinking = thinking
         self.max_prompt_tokens = max_prompt_tokens
 
-    def __call__(self, items: list[tuple[str, Image.Image, Image.Image, str]]) -> PromptPair:
+    def __call__(self, items: list[ViewItem | tuple[str, Image.Image, Image.Image, str]]) -> PromptPair:
         ids = [it[0] for it in items]
         texts = [it[3] for it in items]
-        kw = dict(thinking=self.thinking, max_prompt_tokens=self.max_prompt_tokens)
-        student = build_prompts(self.processor, [it[1] for it in items], texts, **kw)
-        teacher = build_prompts(self.processor, [it[2] for it in items], texts, **kw)
-        return PromptPair(student=student, teacher=teacher, sample_ids=ids)
+        student = build_prompts(self.processor, [it[1] for it in items], texts, thinking=self.thinking)
+        teacher = build_prompts(self.processor, [it[2] for it in items], texts, thinking=self.thinking)
+        for batch in (student, teacher):
+            self._check_lengths(batch, items)
+        skipped = [s for it in items for s in getattr(it, "skipped", ())]
+        return PromptPair(student=student, teacher=teacher, sample_ids=ids, skipped=skipped)
+
+    def _check_lengths(self, batch: Any, items: list) -> None:
+        """Rows over ``max_prompt_tokens`` are an error naming the sample's ``file:row``."""
+        if self.max_prompt_tokens is None:
+            return
+        for row, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            if n > self.max_prompt_tokens:
+                where = getattr(items[row], "origin", "") or f"sample {items[row][0]!r}"
+                raise RecordError(
+                    f"prompt has {int(n)} tokens (image included), over data.max_prompt_tokens="
+                    f"{self.max_prompt_tokens}; shrink the image (the processor's max_pixels) or the text, "
+                    "or raise the limit", file=where)
 
 
 class StepSampler(torch.utils.data.Sampler[list[int]]):

@@ -343,6 +343,7 @@ class LoadedRecords:
     layout: str  # "vopd" or a registered layout ("visionopd6k")
     skipped: list[Issue] = field(default_factory=list)
     clipped: list[Issue] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the file row of each sample (for file:row messages)
 
     def __iter__(self) -> Iterator[Sample]:
         return iter(self.samples)
@@ -384,7 +385,10 @@ def resolve_record_path(value: Any, base: Path, field_name: str) -> str:
             f"URLs are not supported ({value!r}); download the images and use local paths",
             field=field_name)
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    try:
+        return str(path if path.is_absolute() else (base / path).resolve())
+    except (RuntimeError, OSError) as err:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        raise RecordError(f"{value!r} cannot be resolved ({err})", field=field_name) from None
 
 
 def _find_record_file(path: Path) -> Path:
@@ -402,11 +406,26 @@ def _find_record_file(path: Path) -> Path:
     raise RecordError("no such file or folder", file=path)
 
 
-def _read_rows(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("r", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM on row 1
+def _read_rows(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines as bytes: decoding is per row (`_decode_row`), so one bad byte is one bad row."""
+    try:
+        fh = path.open("rb")
+    except OSError as err:
+        raise RecordError(f"cannot be read ({err.strerror or err})", file=path) from None
+    with fh:
         for row, line in enumerate(fh, start=1):
+            if row == 1 and line.startswith(b"\xef\xbb\xbf"):  # tolerate a BOM on row 1
+                line = line[3:]
             if line.strip():
                 yield row, line
+
+
+def _decode_row(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); "
+                          "re-save the file as UTF-8") from None
 
 
 def _parse_json(line: str) -> dict[str, Any]:
@@ -505,7 +524,7 @@ def load_records(
     seen: dict[str, int] = {}
     for row, line in _read_rows(file):
         try:
-            obj = _parse_json(line)
+            obj = _parse_json(_decode_row(line))
             if layout is None:
                 layout = _detect_layout(obj)
             sample = _parse_row(obj, layout, base, row, file.stem)
@@ -524,6 +543,7 @@ def load_records(
         seen[sample.id] = row
         result.clipped.extend(Issue(str(file), row, w) for w in warnings)
         result.samples.append(sample)
+        result.rows.append(row)
     result.layout = layout or "vopd"
     if not result.samples:
         why = f"; {len(result.skipped)} rows skipped, first: {result.skipped[0]}" \

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
 from vopd.config import ConfigError, TrainConfig, config_to_dict
-from vopd.data import StepSampler, ViewDataset, load_train_samples
+from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data
 from vopd.fastpath import SharedPrompts
 from vopd.models import response_hidden_states
 from vopd.rollout import HFGenerateEngine, RolloutEngine
@@ -188,7 +188,10 @@ def setup(
     teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
     teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
-    samples = load_train_samples(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
+    samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
+    samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
+        processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,
+        thinking=cfg.model.thinking, on_error=cfg.data.on_error)
     total_steps = _num_steps(cfg, len(samples))
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -214,7 +217,8 @@ def setup(
         seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
         rank=acc.process_index, world_size=acc.num_processes,
     )
-    return state, sampler, ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view), total_steps
+    dataset = ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view, origins=origins, on_error=cfg.data.on_error)
+    return state, sampler, dataset, total_steps
 
 
 def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:

@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -347,10 +348,15 @@ def train(
             batches.append(pair)
             if len(batches) < per_step:
                 continue
+            skipped = [line for b in batches for line in b.skipped]  # rows that failed to load (on_error=skip)
             metrics = train_step(state, batches)
             batches = []
             state.step += 1
             state.mid_update = False
+            if skipped:
+                metrics["data_skipped"] = float(len(skipped))
+                warnings.warn(f"step {state.step}: skipped {len(skipped)} row(s) that failed to load, "
+                              "replaced by the next samples:\n  " + "\n  ".join(skipped), stacklevel=1)
             for callback in callbacks:
                 metrics.update(callback(state) or {})
             metrics["step"] = state.step
@@ -448,6 +454,9 @@ def summary(result: TrainResult) -> str:
             f"  divergence {hist[0]['divergence']:.3g} -> {hist[-1]['divergence']:.3g}; "
             f"median {times[len(times) // 2]:.2f} s/step; skipped steps {int(sum(h['skipped'] for h in hist))}"
         )
+        rows = int(sum(h.get("data_skipped", 0) for h in hist))
+        if rows:
+            lines.append(f"  {rows} data row(s) failed to load mid-run and were replaced (see the warnings)")
     lines.append(f"  checkpoint: {result.checkpoint}")
     return "\n".join(lines)
 
