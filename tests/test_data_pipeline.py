@@ -14,7 +14,7 @@ import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used belo
 
 
 def _sampler(**kw):
-    base = dict(prompts_per_step=4, micro_batch=2, seed=3, num_steps=6)
+    base = dict(prompts_per_step=4, micro_batch_prompts=2, seed=3, num_steps=6)
     base.update(kw)
     return StepSampler(10, **base)
 
@@ -46,9 +46,9 @@ def test_shards_cover_the_step_without_overlap():
 
 def test_bad_sharding_and_empty_data_rejected():
     with pytest.raises(ValueError, match="divide"):
-        StepSampler(10, prompts_per_step=3, micro_batch=1, seed=0, num_steps=1, world_size=2)
+        StepSampler(10, prompts_per_step=3, micro_batch_prompts=1, seed=0, num_steps=1, world_size=2)
     with pytest.raises(ValueError, match="empty"):
-        StepSampler(0, prompts_per_step=2, micro_batch=1, seed=0, num_steps=1)
+        StepSampler(0, prompts_per_step=2, micro_batch_prompts=1, seed=0, num_steps=1)
 
 
 def test_rng_state_round_trips_through_plain_types():

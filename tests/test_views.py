@@ -45,7 +45,7 @@ def _cfg(**kw):
      ({"box_color": (255, 0)}, "box_color"), ({"box_color": (256, 0, 0)}, "box_color")],
 )
 def test_config_rejects_bad_values(kw, name):
-    with pytest.raises(ValueError, match=f"ViewConfig.{name} must be"):
+    with pytest.raises(ValueError, match=f"views.{name}.* must be"):
         ViewConfig(**kw)
 
 

@@ -1,4 +1,9 @@
-"""The ``vopd`` command line: parses arguments and calls the library (no logic of its own)."""
+"""The ``vopd`` command line: parses arguments and calls the library (no logic of its own).
+
+Failures end with one line on stderr that says what went wrong and what to do, and a non-zero
+exit status (2: bad configuration or arguments, 1: any other failure, 130: interrupted). The
+Python traceback is shown only with ``--debug`` (anywhere on the command line) or ``VOPD_DEBUG=1``.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ COMMANDS: dict[str, str] = {
 
 def _train(args: argparse.Namespace) -> int:
     from vopd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come fast
     from vopd.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 130 if result.interrupted else 0
 
@@ -33,8 +39,9 @@ def _config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config_markdown(), end="")
         return 0
-    for key, default, help_text in describe_config():
-        print(f"{key:32s} {default:24s} {help_text}")
+    for row in describe_config():
+        allowed = f"  [{row.allowed}]" if row.allowed else ""
+        print(f"{row.key:32s} {row.default:24s} {row.help}{allowed}")
     return 0
 
 
@@ -77,6 +84,8 @@ def _mounted(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vopd", description="Vision-OPD: teach multimodal LLMs to see fine details.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback on errors (also VOPD_DEBUG=1; accepted anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
@@ -130,7 +139,12 @@ def _mount_optional(sub: argparse._SubParsersAction) -> None:
             p.set_defaults(func=lambda a, e=err, n=name: _unavailable(n, e))
             continue
         if run is not None:
-            p.set_defaults(func=lambda a, f=getattr(mod, run): int(f(a) or 0))
+            p.set_defaults(func=lambda a, f=getattr(mod, run): _exit_code(f(a)))
+
+
+def _exit_code(result: object) -> int:
+    """A command's return value as an exit status: an int is the status, anything else means success."""
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _unavailable(name: str, err: Exception) -> int:
@@ -138,8 +152,57 @@ def _unavailable(name: str, err: Exception) -> int:
     return 2
 
 
+# (module, class, what it is, what to do): expected failures and their one-line advice. A class is
+# looked up only in modules already imported, since an error of that class implies its module ran.
+_EXPECTED: tuple[tuple[str, str, str, str], ...] = (
+    ("vopd.knobs", "ConfigError", "config error",
+     "fix the file or key named above (`vopd config` lists every key with its allowed values)"),
+    ("vopd.records", "RecordError", "data error",
+     "fix the file or row named above (`vopd data check FILE` lists every bad row)"),
+    ("vopd.images", "ImageError", "image error", "fix or remove that image (`vopd data check FILE` lists them)"),
+    ("vopd.evaluation.benchmarks._io", "BenchmarkFormatError", "benchmark file error",
+     "check the benchmark file's format (docs/evaluation.md)"),
+    ("vopd.evaluation.backends", "BackendError", "backend error",
+     "check --backend/--url/--model and that the server answers; rerunning the same command resumes"),
+    ("vopd.checkpoint", "CheckpointError", "checkpoint error",
+     "remove or move the broken checkpoint folder named above, then resume from an intact one"),
+    ("vopd.trainer", "TrainingError", "training stopped", "see metrics.jsonl in the run folder; the message says why"),
+)
+
+
+def _explain(err: BaseException) -> tuple[str, str, int]:
+    """(label, advice, exit status) for an exception."""
+    for module, name, label, advice in _EXPECTED:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(err, cls):
+            return label, advice, 2 if name == "ConfigError" else 1
+    if type(err).__name__ == "OutOfMemoryError":
+        return "out of memory", "lower micro_batch_prompts, rollout.n or rollout.max_new_tokens", 1
+    if isinstance(err, FileNotFoundError):
+        return "file not found", "check the path", 1
+    if isinstance(err, PermissionError):
+        return "permission denied", "check the path's permissions", 1
+    if isinstance(err, OSError):
+        return "cannot read or write", "check the path, hub id or disk named above", 1
+    if isinstance(err, MemoryError):
+        return "out of memory", "use a smaller batch or model", 1
+    return f"unexpected error ({type(err).__name__})", "rerun with --debug (or VOPD_DEBUG=1) for the traceback", 1
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
+def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` wherever it appears; also honour ``VOPD_DEBUG=1``."""
+    env = os.environ.get("VOPD_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return [a for a in argv if a != "--debug"], env or "--debug" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``vopd``; returns the exit status (see the module docstring)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N with vopd.specs (cheap: no model code)
 
     parser = build_parser()
@@ -147,13 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from vopd.config import ConfigError
-
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # the reader went away (e.g. `vopd config | head`): nothing left to say
+        sys.stderr.close()
+        return 141
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"vopd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (traceback with --debug)
+        if debug:
+            raise
+        label, advice, code = _explain(err)
+        print(f"vopd {args.command}: {label}: {_one_line(err)} -> {advice}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

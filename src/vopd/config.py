@@ -1,235 +1,243 @@
 """Typed training configuration: YAML files plus ``key=value`` overrides.
 
-Every knob lives in one dataclass field with its default; the field comment is the help text
-(``vopd train --help-config`` prints them). Unknown keys and wrong types are rejected with the
-key named, so a typo never silently falls back to a default.
+Every knob is declared once, below, with :func:`vopd.knobs.knob`: its default, its help text and
+the values it accepts. ``vopd config`` prints them and ``docs/config.md`` is generated from them
+(``vopd config --markdown``). Unknown keys, wrong types and out-of-range values are a
+:class:`ConfigError` naming the dotted key, so a typo never silently falls back to a default.
+
+Adding a knob: add a ``knob(...)`` field to its section (or a new section dataclass whose
+``__post_init__`` calls ``check_knobs(self, "<section>")`` and a field of that type on
+:class:`TrainConfig`), then regenerate docs/config.md. A renamed key goes in the section's
+``RENAMED`` mapping so old recipes keep working.
+
+This module imports no model code (no torch, no transformers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
+from vopd.knobs import ConfigError, KnobInfo, build, check_knobs, describe, knob, load_yaml
 
-from vopd.health import HealthConfig
-from vopd.rollout import RolloutConfig
-from vopd.views import ViewConfig
+__all__ = [
+    "VIEW_ALIASES",
+    "VIEW_NAMES",
+    "ConfigError",
+    "DataConfig",
+    "HealthConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "ViewConfig",
+    "canonical_view",
+    "config_from_dict",
+    "config_markdown",
+    "config_to_dict",
+    "describe_config",
+    "load_config",
+    "parse_overrides",
+]
+
+#: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
+#: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.
+VIEW_NAMES: tuple[str, ...] = ("full", "crop", "boxed_full")
+#: Names ``vopd gap`` used before the vocabulary was unified; still accepted.
+VIEW_ALIASES: dict[str, str] = {"global": "full", "regional": "crop", "student": "boxed_full"}
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, has the wrong type or an invalid value."""
+def canonical_view(name: str, *, key: str = "view") -> str:
+    """The current name of a view (old names such as ``global`` map to ``full``)."""
+    name = VIEW_ALIASES.get(name, name)
+    if name not in VIEW_NAMES:
+        raise ConfigError(f"{key}={name!r} is not one of {' | '.join(VIEW_NAMES)} "
+                          f"(old names: {', '.join(f'{a}={b}' for a, b in VIEW_ALIASES.items())})")
+    return name
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # hub id, local dir, "toy-base" (the shipped toy checkpoint) or "tiny:<family>" (random tiny model)
-    dtype: str = "float32"  # weight dtype: float32 | bfloat16 | float16
-    trust_remote_code: bool = False  # run model code from the checkpoint; only for sources you trust
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers default
-    thinking: bool | None = False  # chat-template thinking mode (Qwen3.5); False = the paper's non-thinking mode
+    path: str = knob("", 'hub id, local dir, "toy-base" (the shipped toy checkpoint) or "tiny:<family>" '
+                         "(random tiny model)")
+    dtype: str = knob("float32", "weight dtype", choices=("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = knob(False, "run model code from the checkpoint; only for sources you trust")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    attn_implementation: str | None = knob(None, 'e.g. "sdpa", "flash_attention_2"; None = transformers default')
+    thinking: bool | None = knob(False, "chat-template thinking mode (Qwen3.5); False = the paper's non-thinking mode")
 
     def __post_init__(self) -> None:
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_knobs(self, "model")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED]" for N generated toy scenes
-    out_of_bounds: str = "clip"  # evidence box partly outside the image: clip (and count) | reject
-    on_error: str = "raise"  # a bad record: raise (naming file:row) | skip (counted and reported)
-    max_prompt_tokens: int = 8192  # longer prompts are an error naming the row
-    num_workers: int = 0  # data-loader worker processes building views and processor inputs
-    shuffle: bool = True  # reshuffle every epoch (seeded)
+    train: str = knob("", 'JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED]" for N generated toy scenes')
+    out_of_bounds: str = knob("clip", "evidence box partly outside the image: clip (and count) or reject",
+                              choices=("clip", "reject"))
+    on_error: str = knob("raise", "a bad record: raise (naming file:row) or skip (counted and reported)",
+                         choices=("raise", "skip"))
+    max_prompt_tokens: int = knob(8192, "longer prompts are an error naming the row", ge=1)
+    num_workers: int = knob(0, "data-loader worker processes building views and processor inputs", ge=0)
+    shuffle: bool = knob(True, "reshuffle every epoch (seeded)")
 
     def __post_init__(self) -> None:
-        _choice("data.out_of_bounds", self.out_of_bounds, ("clip", "reject"))
-        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        check_knobs(self, "data")
+
+
+@dataclass
+class ViewConfig:
+    """How the student and teacher views are built from a sample (see :mod:`vopd.views`)."""
+
+    context: float = knob(0.5, "padding added on each side of the evidence region, as a fraction of its width "
+                               "(left/right) and height (top/bottom); 0.5 doubles each side", ge=0)
+    min_side: int = knob(56, "minimum crop side in source pixels (small boxes get surrounding context)", ge=1)
+    zoom: float = knob(2.0, "resize factor of the teacher crop (bicubic)", gt=0)
+    max_pixels: int = knob(1_003_520, "pixel budget of the zoomed crop; the zoom shrinks to fit (may go below 1)",
+                           ge=1)
+    draw_box: bool = knob(False, "the student view gets the evidence boxes drawn in red on the full image")
+    box_color: tuple[int, int, int] = knob((255, 0, 0), "RGB colour of the drawn box (three ints)", ge=0, le=255)
+    box_width: int = knob(3, "line width in pixels; 0 picks max(2, round(min(W, H) / 250))", ge=0)
+    box_margin: int = knob(0, "gap in pixels between the evidence box and the inner edge of the line; the line "
+                              "is always drawn outside the box so it never hides evidence pixels", ge=0)
+    hint: bool = knob(False, "add the paper's hint sentence to the prompt text (both views share the text)")
+    use_provided_crop: bool = knob(True, "use the sample's provided teacher image when present instead of cropping")
+
+    def __post_init__(self) -> None:
+        color = tuple(self.box_color) if isinstance(self.box_color, (list, tuple)) else ()
+        if len(color) != 3 or not all(isinstance(c, int) and not isinstance(c, bool) for c in color):
+            raise ConfigError(f"views.box_color must be 3 ints in 0-255, got {self.box_color!r}")
+        self.box_color = color  # YAML gives lists
+        check_knobs(self, "views")
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples (see :mod:`vopd.rollout`)."""
+
+    n: int = knob(8, "responses per prompt (paper: 8)", ge=1)
+    temperature: float = knob(1.0, "softmax temperature; 0 means greedy decoding (eval), which ignores top_p", ge=0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1.0 = the full distribution, as in the paper)", gt=0, le=1)
+    max_new_tokens: int = knob(1024, "longest response, EOS included (paper: 1024)", ge=1)
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "rollout")
 
 
 @dataclass
 class LossConfig:
-    beta: float = 0.5  # generalized JSD mixture weight; 0 = forward KL(T||S), 1 = reverse KL(S||T)
-    estimator: str = "topk"  # topk (student top-k + tail) | full (whole vocabulary) | sampled (sampled-token reverse KL)
-    top_k: int = 100  # support size for estimator=topk
-    add_tail: bool = True  # add the tail bucket (else renormalise the top-k)
-    support: str = "student"  # whose top-k ids form the support: student | teacher | union
-    temperature: float = 1.0  # applied to both models' logits inside the divergence
-    aggregation: str = "token_mean"  # token_mean (released code) | seq_mean (the paper's 1/|y| formula)
-    rollout_correction: bool = False  # weight tokens by min(pi_trainer/pi_sampler, clip); for external samplers
-    ratio_clip: float = 2.0  # clip of the rollout-correction weight
-    chunk_size: int = 128  # response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB per tensor)
+    beta: float = knob(0.5, "generalized JSD mixture weight; 0 = forward KL(T||S), 1 = reverse KL(S||T)", ge=0, le=1)
+    estimator: str = knob("topk", "topk (student top-k + tail), full (whole vocabulary) or sampled "
+                                  "(sampled-token reverse KL)", choices=("topk", "full", "sampled"))
+    top_k: int = knob(100, "support size for estimator=topk", ge=1)
+    add_tail: bool = knob(True, "add the tail bucket (else renormalise the top-k)")
+    support: str = knob("student", "whose top-k ids form the support", choices=("student", "teacher", "union"))
+    temperature: float = knob(1.0, "applied to both models' logits inside the divergence", gt=0)
+    aggregation: str = knob("token_mean", "token_mean (released code) or seq_mean (the paper's 1/|y| formula)",
+                            choices=("token_mean", "seq_mean"))
+    rollout_correction: bool = knob(False, "weight tokens by min(pi_trainer/pi_sampler, clip); for external samplers")
+    ratio_clip: float = knob(2.0, "clip of the rollout-correction weight", gt=0)
+    chunk_size: int = knob(128, "response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB "
+                                "per tensor)", ge=1)
 
     def __post_init__(self) -> None:
-        _choice("loss.estimator", self.estimator, ("topk", "full", "sampled"))
-        _choice("loss.support", self.support, ("student", "teacher", "union"))
-        _choice("loss.aggregation", self.aggregation, ("token_mean", "seq_mean"))
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"loss.beta must be in [0, 1], got {self.beta}")
+        check_knobs(self, "loss")
         if self.estimator == "sampled" and self.beta != 1.0:
-            raise ConfigError(
-                f"loss.estimator=sampled estimates reverse KL only: set loss.beta=1 (got {self.beta})"
-            )
-        if self.top_k < 1 or self.chunk_size < 1 or self.temperature <= 0:
-            raise ConfigError("loss.top_k, loss.chunk_size and loss.temperature must be positive")
+            raise ConfigError(f"loss.estimator=sampled estimates reverse KL only: set loss.beta=1 (got {self.beta})")
 
 
 @dataclass
 class TeacherConfig:
-    kind: str = "ema"  # ema | frozen | trust_region | live | external
-    rate: float = 0.05  # ema: theta_T <- (1-rate) theta_T + rate theta_S per step; trust_region: logit mix
-    path: str | None = None  # checkpoint for kind=external
-    view: str = "crop"  # what the teacher sees: crop (Vision-OPD) | full (control: no privileged view)
+    kind: str = knob("ema", "ema | frozen | trust_region | live | external",
+                     choices=("ema", "frozen", "trust_region", "live", "external"))
+    rate: float = knob(0.05, "ema: theta_T <- (1-rate) theta_T + rate theta_S per step; trust_region: logit mix",
+                       ge=0, le=1)
+    path: str | None = knob(None, "checkpoint for kind=external")
+    view: str = knob("crop", "what the teacher sees: crop (Vision-OPD) or full (control: no privileged view)",
+                     choices=("crop", "full"))
 
     def __post_init__(self) -> None:
-        _choice("teacher.kind", self.kind, ("ema", "frozen", "trust_region", "live", "external"))
-        _choice("teacher.view", self.view, ("crop", "full"))
-        if not 0.0 <= self.rate <= 1.0:
-            raise ConfigError(f"teacher.rate must be in [0, 1], got {self.rate}")
+        check_knobs(self, "teacher")
         if self.kind == "external" and not self.path:
             raise ConfigError("teacher.kind=external needs teacher.path=<checkpoint>")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-6  # AdamW learning rate (paper: 2e-6)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (paper: 0.01)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    warmup_steps: int = 10  # linear warmup from 0
-    schedule: str = "constant"  # after warmup: constant | cosine | linear
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    lr: float = knob(2e-6, "AdamW learning rate (paper: 2e-6)", ge=0)
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay (paper: 0.01)", ge=0)
+    betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="AdamW (beta1, beta2), each in [0, 1)", ge=0, lt=1)
+    warmup_steps: int = knob(10, "linear warmup from 0", ge=0)
+    schedule: str = knob("constant", "after warmup", choices=("constant", "cosine", "linear"))
+    grad_clip: float = knob(1.0, "max global grad norm; 0 disables", ge=0)
 
     def __post_init__(self) -> None:
-        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
+        check_knobs(self, "optim")
         if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas needs two values, got {self.betas}")
+            raise ConfigError(f"optim.betas needs two values [beta1, beta2], got {self.betas}")
+
+
+@dataclass
+class HealthConfig:
+    """Teacher-health probe (see :mod:`vopd.health`)."""
+
+    every: int = knob(0, "probe the teacher every N steps (0 = off)", ge=0)
+    probe_data: str = knob("", "held-out probe samples (JSONL or toyworld:N:SEED); empty = first probe_size "
+                               "training samples")
+    probe_size: int = knob(32, "prompts in the fixed probe batch", ge=1)
+    top_k: int = knob(20, "support (initial model's top-k + tail) of the drift KL", ge=1)
+    max_new_tokens: int = knob(32, "length of the greedy probe answers", ge=1)
+    drift_warn: float = knob(0.5, "warn when teacher_drift (nats/token) exceeds this", ge=0)
+    acc_drop_warn: float = knob(0.1, "warn when teacher probe accuracy falls this far below its start", ge=0, le=1)
+    on_degrade: str = knob("warn", "warn, stop (save a checkpoint and end the run) or rollback (teacher back to "
+                                   "its last healthy probe)", choices=("warn", "stop", "rollback"))
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "health")
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    views: ViewConfig = field(default_factory=ViewConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    output_dir: str = "runs/vopd"  # checkpoints, metrics.jsonl, TensorBoard logs
-    seed: int = 0  # seeds the model init (tiny:*), data order and sampling
-    prompts_per_step: int = 96  # prompts per optimiser step (global, over all processes); x rollout.n sequences
-    micro_batch_prompts: int = 8  # prompts per forward/backward (gradient accumulation splits a step)
-    max_steps: int = 0  # 0 = one pass over the data (epochs x len(data) / prompts_per_step)
-    epochs: float = 1.0  # used when max_steps = 0
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end); the last step always saves
-    keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all)
-    log_every: int = 1  # write metrics every N steps
-    mixed_precision: str = "no"  # no | bf16 (autocast; master weights stay in model.dtype)
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "auto"])  # jsonl | tensorboard | wandb | auto (tensorboard if installed, else a one-line notice); a tracker named explicitly must be installed
-    max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads (0 = torch default)
-    naive: bool = False  # turn every optimisation off (for measuring their gain)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    views: ViewConfig = dataclasses.field(default_factory=ViewConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    output_dir: str = knob("runs/vopd", "checkpoints, metrics.jsonl, TensorBoard logs")
+    seed: int = knob(0, "seeds the model init (tiny:*), data order and sampling", ge=0)
+    prompts_per_step: int = knob(96, "prompts per optimiser step (global, over all processes); x rollout.n "
+                                     "sequences", ge=1)
+    micro_batch_prompts: int = knob(8, "prompts per forward/backward (gradient accumulation splits a step)", ge=1)
+    max_steps: int = knob(0, "0 = one pass over the data (epochs x len(data) / prompts_per_step)", ge=0)
+    epochs: float = knob(1.0, "passes over the data, used when max_steps = 0", gt=0)
+    save_every: int = knob(0, "checkpoint every N steps (0 = only at the end); the last step always saves", ge=0)
+    keep_checkpoints: int = knob(2, "newest checkpoints kept (0 = keep all)", ge=0)
+    log_every: int = knob(1, "write metrics every N steps (the last step is always written)", ge=1)
+    mixed_precision: str = knob("no", "no or bf16 (autocast; master weights stay in model.dtype)", choices=("no", "bf16"))
+    report_to: list[str] = knob(factory=lambda: ["jsonl", "auto"],
+                                help="metric sinks; auto = tensorboard if installed, else a one-line notice; a tracker "
+                                     "named explicitly must be installed", choices=("jsonl", "tensorboard", "wandb", "auto"))
+    max_bad_steps: int = knob(3, "consecutive non-finite losses before the run stops (1 = stop at the first; "
+                                 "there is no 'never')", ge=1)
+    device: str = knob("auto", "auto (accelerate's choice), cpu, or cuda", choices=("auto", "cpu", "cuda"))
+    threads: int = knob(0, "torch CPU threads (0 = torch default)", ge=0)
+    naive: bool = knob(False, "turn every optimisation off (for measuring their gain)")
+
+    # Old key names still accepted (with a warning): {"old": "new"}.
+    RENAMED: ClassVar[dict[str, str]] = {"micro_batch": "micro_batch_prompts"}
 
     def __post_init__(self) -> None:
-        _choice("mixed_precision", self.mixed_precision, ("no", "bf16"))
-        if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
-            raise ConfigError("prompts_per_step and micro_batch_prompts must be >= 1")
-        for r in self.report_to:
-            _choice("report_to", r, ("jsonl", "tensorboard", "wandb", "auto"))
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        check_knobs(self, "")
 
 
 # ---------------------------------------------------------------- loading and overrides
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            (inner, *_) = typing.get_args(tp) or (Any,)
-            items = [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-            return tuple(items) if origin is tuple else items
-        raise ConfigError(f"{key} expects a list, got {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} expects true/false, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} expects a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. a numeric-looking path
-        raise ConfigError(f"{key} expects a string, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}: cannot use {value!r} as {tp}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a (possibly nested) dict, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {data!r}")
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -244,28 +252,19 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars/lists.
+
+    Values keep their text until they meet their key's type: ``optim.lr=1e-5`` is a number,
+    ``output_dir=1e5`` stays the string ``"1e5"``.
+    """
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-5)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: cannot parse {raw!r}: {err}") from err
-        if isinstance(value, str) and _looks_numeric(value):
-            value = float(value)  # YAML 1.1 reads "1e-5" as a string; users mean a number
+        value = load_yaml(raw, f"override {key}") if raw != "" else ""
         _set_dotted(tree, key.strip(), value)
     return tree
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return any(c.isdigit() for c in text) and text.strip().lower() not in ("nan", "inf", "-inf")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -278,16 +277,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fix_yaml_numbers(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_yaml_numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_numbers(v) for v in node]
-    if isinstance(node, str) and _looks_numeric(node) and ("e" in node.lower()):
-        return float(node)
-    return node
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a :class:`TrainConfig` from an optional YAML file plus ``key=value`` overrides."""
     tree: dict[str, Any] = {}
@@ -295,12 +284,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        loaded = load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys")
-        tree = _fix_yaml_numbers(loaded)
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (key: value lines)")
+        tree = loaded
     tree = _merge(tree, parse_overrides(overrides or []))
-    return _build(TrainConfig, tree, "")
+    return build(TrainConfig, tree)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -309,23 +302,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, data, "")
+    """The inverse of :func:`config_to_dict` (checks every key and value)."""
+    return build(TrainConfig, data)
 
 
-def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for every knob, read from the field comments of this file."""
-    import inspect
-
-    comments = _field_comments(inspect.getsource(cls))
-    rows = []
-    default_obj = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(default_obj, f.name)
-        if dataclasses.is_dataclass(value):
-            rows.extend(describe_config(type(value), f"{prefix}{f.name}."))
-        else:
-            rows.append((f"{prefix}{f.name}", repr(value), comments.get(f.name, "")))
-    return rows
+def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[KnobInfo]:
+    """(key, default, allowed, help) rows for every knob, read from the declarations above."""
+    return describe(cls, prefix)
 
 
 def config_markdown() -> str:
@@ -333,38 +316,17 @@ def config_markdown() -> str:
     lines = [
         "# Training configuration reference",
         "",
-        "Generated by `vopd config --markdown` from `src/vopd/config.py` (and the view, rollout and",
-        "health dataclasses). Set any key in a YAML file or as `key=value` on the command line.",
+        "Generated by `vopd config --markdown` from the knob declarations in `src/vopd/config.py`.",
+        "Set any key in a YAML file or as `key=value` on the command line; a value outside",
+        "\"allowed\" is refused at load time with an error naming the key.",
         "",
-        "| key | default | meaning |",
-        "|---|---|---|",
+        "| key | default | allowed | meaning |",
+        "|---|---|---|---|",
     ]
-    for key, default, help_text in describe_config():
-        lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
+    for row in describe_config():
+        cells = [f"`{row.key}`", f"`{row.default}`", row.allowed, row.help]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    renamed = TrainConfig.RENAMED
+    if renamed:
+        lines += ["", "Old key names still accepted: " + ", ".join(f"`{a}` = `{b}`" for a, b in renamed.items()) + "."]
     return "\n".join(lines) + "\n"
-
-
-_FIELD_LINE = re.compile(r"^\w+\s*:\s*[\w\[\]., |]+=")  # "name: type = default", not "name: help text"
-
-
-def _field_comments(source: str) -> dict[str, str]:
-    """Help text per field: a trailing ``# comment`` on the field line, or else the field's entry
-    in the class docstring (``name: text`` lines, continuation lines indented deeper)."""
-    out: dict[str, str] = {}
-    doc: dict[str, str] = {}
-    current, indent = None, 0
-    for line in source.splitlines():
-        stripped = line.strip()
-        lead = len(line) - len(line.lstrip())
-        head = stripped.split(":", 1)[0].strip()
-        if "#" in stripped and ":" in stripped and not stripped.startswith(("#", "def ", "_")) and head.isidentifier():
-            out[head] = stripped.split("#", 1)[1].strip()
-            current = None
-        elif ":" in stripped and head.isidentifier() and not _FIELD_LINE.match(stripped) and not stripped.endswith(":"):
-            current, indent = head, lead
-            doc[head] = stripped.split(":", 1)[1].strip()
-        elif current and stripped and lead > indent:
-            doc[current] += " " + stripped
-        else:
-            current = None
-    return {**doc, **out}

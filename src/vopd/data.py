@@ -185,7 +185,7 @@ class StepSampler(torch.utils.data.Sampler[list[int]]):
         num_items: int,
         *,
         prompts_per_step: int,
-        micro_batch: int,
+        micro_batch_prompts: int,
         seed: int,
         shuffle: bool = True,
         start_step: int = 0,
@@ -199,7 +199,7 @@ class StepSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"prompts_per_step={prompts_per_step} must divide by the {world_size} processes")
         self.num_items = num_items
         self.per_step = prompts_per_step
-        self.micro = micro_batch
+        self.micro = micro_batch_prompts
         self.seed = seed
         self.shuffle = shuffle
         self.start_step = start_step

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from vopd.config import HealthConfig
 from vopd.data import PairCollator, ViewDataset
 from vopd.grading import grade
 from vopd.models import append_responses
@@ -34,24 +34,6 @@ from vopd.records import Sample
 from vopd.rollout import HFGenerateEngine, RolloutConfig
 
 Grader = Callable[[str, Sample], bool]
-
-
-@dataclass
-class HealthConfig:
-    every: int = 0  # probe the teacher every N steps (0 = off)
-    probe_data: str = ""  # held-out probe samples (JSONL or toyworld:N:SEED); empty = first probe_size training samples
-    probe_size: int = 32  # prompts in the fixed probe batch
-    top_k: int = 20  # support (initial model's top-k + tail) of the drift KL
-    max_new_tokens: int = 32  # length of the greedy probe answers
-    drift_warn: float = 0.5  # warn when teacher_drift (nats/token) exceeds this
-    acc_drop_warn: float = 0.1  # warn when teacher probe accuracy falls this far below its start
-    on_degrade: str = "warn"  # warn | stop (save a checkpoint and end the run) | rollback (teacher back to its last healthy probe)
-
-    def __post_init__(self) -> None:
-        if self.on_degrade not in ("warn", "stop", "rollback"):
-            raise ValueError(f"health.on_degrade={self.on_degrade!r} is not one of warn, stop, rollback")
-        if self.probe_size < 1 or self.top_k < 1 or self.every < 0:
-            raise ValueError("health.probe_size and health.top_k must be >= 1, health.every >= 0")
 
 
 def default_grader(text: str, sample: Sample) -> bool:

@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from vopd.config import RolloutConfig
 from vopd.models import output_head, vision_token_ids
 
 __all__ = [
@@ -65,32 +66,6 @@ _NEUTRAL_GENERATION = {
     "no_repeat_ngram_size": 0,
     "min_new_tokens": 0,
 }
-
-
-@dataclass
-class RolloutConfig:
-    """How the student samples.
-
-    n: responses per prompt (paper: 8).
-    temperature: softmax temperature; 0 means greedy decoding (eval), which ignores top_p.
-    top_p: nucleus sampling mass (1.0 = the full distribution, as in the paper).
-    max_new_tokens: longest response, EOS included (paper: 1024).
-    """
-
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"RolloutConfig.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"RolloutConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"RolloutConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"RolloutConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

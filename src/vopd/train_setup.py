@@ -213,7 +213,7 @@ def setup(
         state.skipped_steps = saved.get("skipped_steps", 0)
         acc.print(f"resumed from {ckpt} at step {state.step}")
     sampler = StepSampler(
-        len(samples), prompts_per_step=cfg.prompts_per_step, micro_batch=cfg.micro_batch_prompts,
+        len(samples), prompts_per_step=cfg.prompts_per_step, micro_batch_prompts=cfg.micro_batch_prompts,
         seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
         rank=acc.process_index, world_size=acc.num_processes,
     )

@@ -5,17 +5,18 @@ the full image (optionally with the evidence box drawn in red), the teacher sees
 around the evidence. Crops are always cut from the clean image, never from a copy with a box
 drawn on it, so no red pixels leak into the teacher's view.
 
-Knobs live in :class:`ViewConfig`; ``docs/data.md`` lists them with defaults and pitfalls.
+Knobs live in :class:`vopd.config.ViewConfig` (re-exported here); ``docs/config.md`` lists them
+with defaults and allowed values, ``docs/data.md`` with pitfalls.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from vopd.config import ViewConfig
 from vopd.images import load_image, to_rgb
 from vopd.records import Box, RecordError, Sample
 
@@ -35,57 +36,6 @@ __all__ = [
 HINT = "Only focus on the objects inside the red bounding box in the image to answer this question."
 #: The closing instruction of every multiple-choice question.
 INSTRUCTION = "Answer with the option's letter from the given choices."
-
-
-@dataclass
-class ViewConfig:
-    """How the student and teacher views are built from a sample.
-
-    Attributes:
-        context: padding added on each side of the evidence region, as a fraction of its
-            width (left/right) and height (top/bottom); 0.5 doubles each side.
-        min_side: minimum crop side in source pixels (small boxes get surrounding context).
-        zoom: resize factor of the teacher crop (bicubic).
-        max_pixels: pixel budget of the zoomed crop; the zoom shrinks to fit (may go below 1).
-        draw_box: the student view gets the evidence boxes drawn in red on the full image.
-        box_color: RGB colour of the drawn box.
-        box_width: line width in pixels; 0 picks ``max(2, round(min(W, H) / 250))``.
-        box_margin: gap in pixels between the evidence box and the inner edge of the line;
-            the line is always drawn outside the box so it never hides evidence pixels.
-        hint: add :data:`HINT` to the prompt text (both views share the text, as in the paper).
-        use_provided_crop: use ``sample.teacher_image`` when present instead of cropping.
-    """
-
-    context: float = 0.5
-    min_side: int = 56
-    zoom: float = 2.0
-    max_pixels: int = 1_003_520
-    draw_box: bool = False
-    box_color: tuple[int, int, int] = (255, 0, 0)
-    box_width: int = 3
-    box_margin: int = 0
-    hint: bool = False
-    use_provided_crop: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (math.isfinite(self.context) and self.context >= 0, "context", ">= 0"),
-            (isinstance(self.min_side, int) and self.min_side >= 1, "min_side", "an int >= 1"),
-            (math.isfinite(self.zoom) and self.zoom > 0, "zoom", "> 0"),
-            (isinstance(self.max_pixels, int) and self.max_pixels >= 1, "max_pixels",
-             "an int >= 1"),
-            (isinstance(self.box_width, int) and self.box_width >= 0, "box_width",
-             "an int >= 0 (0 = scale with the image)"),
-            (isinstance(self.box_margin, int) and self.box_margin >= 0, "box_margin",
-             "an int >= 0"),
-        ]
-        for ok, name, need in checks:
-            if not ok:
-                raise ValueError(f"ViewConfig.{name} must be {need}, got {getattr(self, name)!r}")
-        color = tuple(self.box_color)
-        if len(color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in color):
-            raise ValueError(f"ViewConfig.box_color must be 3 ints in 0-255, got {self.box_color!r}")
-        self.box_color = color  # YAML gives lists
 
 
 def _fit_span(lo: float, hi: float, min_side: int, limit: int) -> tuple[int, int]:

@@ -1,0 +1,79 @@
+"""Every `vopd` command fails with one line on stderr and a non-zero status; tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vopd.cli import main
+from vopd.config import ConfigError
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, code, needles",
+    [
+        (["train", "optim.lr=-1"], 2, ["vopd train: config error", "optim.lr must be", "vopd config"]),
+        (["train", "--config", "/nonexistent/x.yaml"], 2, ["config file /nonexistent/x.yaml not found"]),
+        (["train", "optim.lrr=1"], 2, ["unknown config key optim.lrr", "did you mean optim.lr"]),
+        (["data", "check", "/nonexistent/rows.jsonl"], 1, ["data error", "/nonexistent/rows.jsonl", "vopd data check"]),
+        (["gap", "/nonexistent/rows.jsonl", "--model", "x", "--out", "OUT"], 1, ["vopd gap: data error"]),
+    ],
+)
+def test_expected_failures_are_one_line_and_non_zero(argv, code, needles, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == code
+    line = _one_line(capsys.readouterr().err)
+    for needle in needles:
+        assert needle in line
+
+
+def test_debug_flag_anywhere_or_env_shows_the_traceback(monkeypatch):
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        main(["--debug", "train", "optim.lr=-1"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        main(["train", "optim.lr=-1", "--debug"])
+    monkeypatch.setenv("VOPD_DEBUG", "1")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        main(["train", "optim.lr=-1"])
+
+
+def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys):
+    import vopd.cli as cli
+
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+
+    def boom(args):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli, "_config", boom)
+    assert main(["config"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "unexpected error (KeyError)" in line and "--debug" in line and "VOPD_DEBUG=1" in line
+
+
+def test_command_return_value_is_the_exit_status(monkeypatch):
+    """gap/eval return their own status (e.g. items failed); the CLI passes it through."""
+    import vopd.evaluation.cli_args as eval_args
+
+    monkeypatch.setattr(eval_args, "run_gap", lambda args: 3)
+    assert main(["gap", "data.jsonl", "--model", "x", "--out", "o"]) == 3
+    monkeypatch.setattr(eval_args, "run_gap", lambda args: {"n_questions": 1})  # a result means success
+    assert main(["gap", "data.jsonl", "--model", "x", "--out", "o"]) == 0
+
+
+def test_exit_status_reaches_the_shell():
+    out = subprocess.run([sys.executable, "-m", "vopd.cli", "train", "device=tpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "device='tpu' is not one of auto | cpu | cuda" in _one_line(out.stderr)
