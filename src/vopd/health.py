@@ -1,7 +1,9 @@
 """Teacher health: make a degrading teacher visible while the loss keeps falling.
 
 In the toy world the EMA(0.05) teacher drifts with the student (which is never trained on crops)
-and both collapse *while the divergence keeps falling*: the loss is no health signal. This probe
+and both degrade slowly *while the divergence keeps falling* (recorded ablation, 200 steps: the
+teacher's probe accuracy on crops 100 -> 78.1 %, the student's crop accuracy 99.4 -> 81.6 %, clean
+full 76.6 % against 89.2 % with a frozen teacher): the loss is no health signal. This probe
 watches the teacher directly, on a fixed batch of teacher-view prompts:
 
 - ``teacher_drift`` (label-free): KL(p_initial || p_teacher) in nats per token, on the initial
