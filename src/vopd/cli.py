@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
-    p.add_argument("--config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
+    from vopd.config import recipes  # light: no model code
+
+    p.add_argument("--config", help="YAML recipe: a file (e.g. configs/tiny_cpu.yaml) or a shipped recipe's name "
+                                    f"({', '.join(recipes())})")
     p.add_argument("--resume", action="store_true", help="continue output_dir from its newest intact checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in output_dir (deletes its checkpoints and metrics.jsonl)")

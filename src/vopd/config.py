@@ -42,7 +42,25 @@ __all__ = [
     "describe_config",
     "load_config",
     "parse_overrides",
+    "recipe_path",
+    "recipes",
 ]
+
+#: The shipped recipes (package data; ``configs/*.yaml`` in the repository link to these files).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipes() -> list[str]:
+    """Names of the shipped recipes (``vopd train --config NAME`` loads one)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The file of a shipped recipe, e.g. ``recipe_path("toy_demo")``; works from any install."""
+    path = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes()) or 'none'}")
+    return path
 
 #: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
 #: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.
@@ -278,12 +296,18 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a :class:`TrainConfig` from an optional YAML file plus ``key=value`` overrides."""
+    """Load a :class:`TrainConfig` from an optional YAML file plus ``key=value`` overrides.
+
+    ``path`` may also name a shipped recipe (``tiny_cpu``, ``toy_demo``, ...: see :func:`recipes`).
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and path.parent == Path(".") and path.stem in recipes():
+            path = recipe_path(path.stem)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+            shipped = ", ".join(recipes())
+            raise ConfigError(f"config file {path} not found (shipped recipes, usable by name: {shipped})")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:

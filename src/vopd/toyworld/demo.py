@@ -59,18 +59,11 @@ class DemoConfig:
         ]
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "toy_demo.yaml"
-
-
 def demo_train_config(cfg: DemoConfig) -> TrainConfig:
-    """The toy recipe ``configs/toy_demo.yaml`` plus the demo's settings."""
-    from vopd.config import load_config
+    """The shipped toy recipe (``configs/toy_demo.yaml``, package data) plus the demo's settings."""
+    from vopd.config import load_config, recipe_path
 
-    if not DEMO_CONFIG.is_file():
-        raise FileNotFoundError(
-            f"{DEMO_CONFIG} not found: `vopd demo` runs from a clone of the repository (pip install -e .)"
-        )
-    return load_config(DEMO_CONFIG, cfg.train_overrides())
+    return load_config(recipe_path("toy_demo"), cfg.train_overrides())
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
