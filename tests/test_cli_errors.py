@@ -26,11 +26,14 @@ def _one_line(err: str) -> str:
         (["train", "optim.lrr=1"], 2, ["unknown config key optim.lrr", "did you mean optim.lr"]),
         (["data", "check", "/nonexistent/rows.jsonl"], 1, ["data error", "/nonexistent/rows.jsonl", "vopd data check"]),
         (["gap", "/nonexistent/rows.jsonl", "--model", "x", "--out", "OUT"], 1, ["vopd gap: data error"]),
+        (["train", "--config", "tiny_cpu", "output_dir=FILE"], 1, ["vopd train: run folder", "is a file"]),
     ],
 )
 def test_expected_failures_are_one_line_and_non_zero(argv, code, needles, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("VOPD_DEBUG", raising=False)
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    (tmp_path / "file").write_text("x")
+    subs = {"OUT": str(tmp_path / "out"), "output_dir=FILE": f"output_dir={tmp_path / 'file'}"}
+    argv = [subs.get(a, a) for a in argv]
     assert main(argv) == code
     line = _one_line(capsys.readouterr().err)
     for needle in needles:

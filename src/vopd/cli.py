@@ -169,6 +169,7 @@ _EXPECTED: tuple[tuple[str, str, str, str], ...] = (
      "check --backend/--url/--model and that the server answers; rerunning the same command resumes"),
     ("vopd.checkpoint", "CheckpointError", "checkpoint error",
      "remove or move the broken checkpoint folder named above, then resume from an intact one"),
+    ("vopd.runfolder", "RunFolderError", "run folder", ""),  # its message says what to do
     ("vopd.trainer", "TrainingError", "training stopped", "see metrics.jsonl in the run folder; the message says why"),
 )
 
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         label, advice, code = _explain(err)
-        print(f"vopd {args.command}: {label}: {_one_line(err)} -> {advice}", file=sys.stderr)
+        tail = f" -> {advice}" if advice else ""
+        print(f"vopd {args.command}: {label}: {_one_line(err)}{tail}", file=sys.stderr)
         return code
 
 
