@@ -163,7 +163,7 @@ _EXPECTED: tuple[tuple[str, str, str, str], ...] = (
     ("vopd.records", "RecordError", "data error",
      "fix the file or row named above (`vopd data check FILE` lists every bad row)"),
     ("vopd.images", "ImageError", "image error", "fix or remove that image (`vopd data check FILE` lists them)"),
-    ("vopd.evaluation.benchmarks._io", "BenchmarkFormatError", "benchmark file error",
+    ("vopd.evaluation.benchmarks.files", "BenchmarkFormatError", "benchmark file error",
      "check the benchmark file's format (docs/evaluation.md)"),
     ("vopd.evaluation.backends", "BackendError", "backend error",
      "check --backend/--url/--model and that the server answers; rerunning the same command resumes"),
