@@ -260,3 +260,15 @@ def test_hub_ids_name_the_extra_to_install(tmp_path, monkeypatch):
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("datasets") for dep in extras["hf"])
+
+
+def test_hrbench_rotations_without_cycle_category_follow_question_and_image(tmp_path):
+    # two different questions share a text ("What colour is thing 0?" on two images): each keeps 4 rotations
+    rows = pub.hrbench_rows([("single", R, [R, G, B, Y])]) + pub.hrbench_rows([("cross", G, [G, R, B, Y])])
+    for i, row in enumerate(rows):
+        row["index"] = i
+        del row["cycle_category"]
+    pub._parquet(rows, tmp_path / "hr_bench_4k.parquet")
+    items = get_benchmark("hrbench_4k").load(tmp_path)
+    assert sorted(it.meta["rotation"] for it in items) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+    assert "rotation inferred" in items.notes[0]

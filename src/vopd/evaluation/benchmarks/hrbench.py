@@ -52,16 +52,20 @@ def make_load(name: str):
         check_prompt(name, prompt, PROMPTS)
         rows = read_rows(source, (".parquet", ".tsv"), include=lambda p: resolution in p.name.lower(),
                          why_excluded=f"{name} reads the files named *{resolution}*")
-        seen: dict[tuple[str, str], int] = defaultdict(int)
+        seen: dict[tuple, int] = defaultdict(int)
+        inferred = 0
         items = []
         for row in rows:
             require_columns(row, ("index", "question", "A", "B", "answer", "image"), "HR-Bench")
             options = [str(row[k]).strip() for k in "ABCD" if row.get(k) not in (None, "", "nan")]
-            # Without cycle_category, the n-th time a question text appears is its n-th rotation.
+            # Without cycle_category, the n-th row with the same question, option set and image
+            # is that question's n-th rotation.
             rotation = row.get("cycle_category")
             if rotation in (None, ""):
-                rotation = seen[(row["_source"], row["question"])]
-                seen[(row["_source"], row["question"])] += 1
+                question_key = (row["_source"], str(row["question"]), frozenset(options), _fingerprint(row["image"]))
+                rotation = seen[question_key]
+                seen[question_key] += 1
+                inferred += 1
             items.append(
                 EvalItem(
                     benchmark=name,
@@ -76,9 +80,19 @@ def make_load(name: str):
                     meta={"rotation": str(rotation)},
                 )
             )
-        return ItemList(items, files=rows.files, notes=rows.notes)
+        notes = list(rows.notes)
+        if inferred:
+            notes.append(f"{inferred} rows without cycle_category: rotation inferred from repeated question + image")
+        return ItemList(items, files=rows.files, notes=notes)
 
     return load
+
+
+def _fingerprint(image: object) -> int:
+    """A cheap identity of an image cell (base64 text, bytes or a parquet struct)."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    return hash(image if isinstance(image, (str, bytes)) else repr(image))
 
 
 def score(graded: list[GradedItem]) -> dict:
