@@ -185,6 +185,8 @@ def test_pope_original_json_lines_folder_single_file_and_lmms_snapshot(tmp_path)
 def test_mmstar_snapshot_is_not_doubled(tmp_path):
     root = pub.write_mmstar_snapshot(tmp_path / "MMStar", [(R, [R, G, B, Y], "A"), (G, [R, G, B, Y], "B"),
                                                            (B, [R, G, B, Y], "C"), (Y, [R, G, B, Y], "A")])
+    (root / ".cache" / "huggingface").mkdir(parents=True)  # a hub download's bookkeeping is not data
+    (root / ".cache" / "huggingface" / "mmstar.parquet").write_bytes((root / "mmstar.parquet").read_bytes())
     summary, rows, _ = _run(tmp_path, {"mmstar": root})
     assert rows["mmstar"]["n"] == 4 and rows["mmstar"]["overall"] == 75.0
     assert summary["sources"]["mmstar"]["files"] == {"mmstar.parquet": 4}

@@ -176,6 +176,8 @@ def _post(endpoint: str, data: bytes, headers: dict[str, str], deadline_s: float
     timer.start()
     try:
         conn.connect()
+        if expired.is_set():  # the connect itself took the whole budget
+            raise TimeoutError
         conn.request("POST", path or "/", body=data, headers=headers)
         response = conn.getresponse()
         body = response.read()

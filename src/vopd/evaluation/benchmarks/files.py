@@ -69,7 +69,9 @@ def select_files(
         return [path], []
     if not path.exists():
         raise FileNotFoundError(f"benchmark data not found: {path}")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    # hidden folders (a hub download's .cache/, .git/) never hold the benchmark's tables
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     notes: list[str] = []
     if include is not None:
         kept = [p for p in found if include(p.relative_to(path))]
