@@ -156,13 +156,10 @@ def test_a_malformed_judge_log_line_is_skipped(tmp_path):
     assert judge._cache == {}  # nothing usable, nothing crashed
 
 
-# The CLI's own parser and dispatch (what `vopd eval` runs); `vopd.cli.main` also imports
-# vopd.config for its error type, whose torch-free import test_architecture checks (NO_MODEL_CODE).
 NO_TORCH_SCRIPT = r"""
 import json, sys
-from vopd.cli import build_parser
-args = build_parser().parse_args(sys.argv[1:])
-rc = args.func(args)
+from vopd.cli import main
+rc = main(sys.argv[1:])
 heavy = sorted(m for m in ("torch", "transformers", "accelerate", "vopd.models") if m in sys.modules)
 print(json.dumps({"rc": rc, "heavy": heavy}))
 """
@@ -191,3 +188,18 @@ def test_an_unreadable_image_fails_its_item_only(tmp_path):
         assert len(server.requests) == 2
     assert [answers[it.key] for it in items] == [None, "A", "A"]
     assert "mmstar item" in store.get("mmstar", "default", items[0].key)["error"]
+
+
+def test_vopd_eval_exit_status_through_the_cli(tmp_path, capsys):
+    from vopd.cli import main
+
+    root = _mmstar(tmp_path, 2)
+    with FakeChatServer(lambda t, b: 500) as server:  # every request fails
+        argv = ["eval", f"mmstar={root}", "--out", str(tmp_path / "o"), "--backend", "openai", "--model", "m",
+                "--url", server.url, "--retries", "0"]
+        assert main(argv) == 3
+        assert main(argv + ["--allow-failures"]) == 0
+    assert main(["eval", f"mmstar={tmp_path / 'missing'}", "--out", str(tmp_path / "o2"), "--backend", "openai",
+                 "--model", "m"]) != 0
+    err = capsys.readouterr().err
+    assert "2 items failed" in err and "missing" in err and "Traceback" not in err
