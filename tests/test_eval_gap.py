@@ -50,24 +50,24 @@ def test_gap_on_records_matches_hand_count(tmp_path):
     samples = list(load_records(path))
     right = _expected_global(samples)
     with FakeChatServer(oracle) as server:
-        cfg = GapConfig(data=str(path), out_dir=str(tmp_path / "out"), views=("global", "regional", "student"),
+        cfg = GapConfig(data=str(path), out_dir=str(tmp_path / "out"), views=("full", "crop", "boxed_full"),
                         backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url), n_boot=2000)
         result = main_gap(cfg)
         assert len(server.requests) == 3 * N
         main_gap(cfg)  # rerun: everything is in predictions.jsonl
         assert len(server.requests) == 3 * N
     k = N - sum(right)
-    assert result["views"]["regional"]["accuracy"] == 100.0
-    assert result["views"]["global"]["accuracy"] == pytest.approx(100 * sum(right) / N)
+    assert result["views"]["crop"]["accuracy"] == 100.0
+    assert result["views"]["full"]["accuracy"] == pytest.approx(100 * sum(right) / N)
     assert result["gap"]["value"] == pytest.approx(100 * k / N)
-    assert result["gap"]["table"] == {"both_right": sum(right), "only_regional_right": k,
-                                      "only_global_right": 0, "both_wrong": 0}
+    assert result["gap"]["table"] == {"both_right": sum(right), "only_crop_right": k,
+                                      "only_full_right": 0, "both_wrong": 0}
     assert result["gap"]["mcnemar_p"] == pytest.approx(mcnemar_exact(0, k))
     lo, hi = result["gap"]["ci"]
     assert 0 <= lo <= result["gap"]["value"] <= hi
     cats = result["categories"]
-    assert cats["large"]["gap"]["value"] == 0.0 and cats["small"]["views"]["regional"] == 100.0
-    assert result["views"]["student"]["n"] == N and "student_minus_global" in result
+    assert cats["large"]["gap"]["value"] == 0.0 and cats["small"]["views"]["crop"] == 100.0
+    assert result["views"]["boxed_full"]["n"] == N and "boxed_full_minus_full" in result
     saved = json.loads((tmp_path / "out" / "gap.json").read_text())
     assert saved["gap"] == result["gap"]
     assert (tmp_path / "out" / "gap.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,7 +79,7 @@ def test_gap_on_zoombench_uses_shipped_crops(tmp_path):
         cfg = GapConfig(data=str(path), benchmark="zoombench", out_dir=str(tmp_path / "out"), n_boot=500,
                         backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url))
         result = main_gap(cfg)
-    assert result["views"]["regional"]["accuracy"] == 100.0
+    assert result["views"]["crop"]["accuracy"] == 100.0
     assert set(result["categories"]) == {"colour", "attribute"}
 
 
@@ -104,15 +104,23 @@ def test_gap_cli_arguments_round_trip(tmp_path):
         args = parser.parse_args([str(path), "--out", str(tmp_path / "o"), "--backend", "openai", "--model", "m",
                                   "--url", server.url, "--student-view", "--zoom", "3", "--n-boot", "300"])
         cfg = gap_config_from_args(args)
-        assert cfg.views == ("global", "regional", "student") and cfg.view.zoom == 3.0
+        assert cfg.views == ("full", "crop", "boxed_full") and cfg.view.zoom == 3.0  # --student-view: old name
         assert run_gap(args) == 0
     result = json.loads((tmp_path / "o" / "gap.json").read_text())
     assert result["n_questions"] == 4
 
 
 def test_gap_config_rejects_bad_values(tmp_path):
-    with pytest.raises(ValueError, match="global"):
-        GapConfig(data="x", out_dir=str(tmp_path), views=("regional",))
+    with pytest.raises(ValueError, match="'full' and 'crop'"):
+        GapConfig(data="x", out_dir=str(tmp_path), views=("crop",))
+    with pytest.raises(ValueError, match="zoomed"):
+        GapConfig(data="x", out_dir=str(tmp_path), views=("full", "zoomed"))
+
+
+def test_gap_accepts_the_old_view_names(tmp_path):
+    """`vopd gap` used global/regional/student; they now name full/crop/boxed_full (one vocabulary)."""
+    cfg = GapConfig(data="x", out_dir=str(tmp_path), views=("global", "regional", "student"))
+    assert cfg.views == ("full", "crop", "boxed_full")
     with pytest.raises(ValueError, match="n_boot"):
         GapConfig(data="x", out_dir=str(tmp_path), n_boot=10)
 
@@ -142,15 +150,15 @@ def test_gap_with_tiny_hf_model(tmp_path, tiny_qwen2_vl):
     store = PredictionStore(tmp_path / "pred.jsonl")
     result = measure_gap(samples, backend, cfg, store=store)
     assert backend.calls == 2  # one batch per view
-    for view in ("global", "regional"):
+    for view in ("full", "crop"):
         block = result["views"][view]
         assert block["n"] + block["unjudged"] == 4
     table = result["gap"]["table"]
     assert sum(table.values()) == result["gap"]["n_paired"]
     # greedy decoding is deterministic: asking again gives the same answers
-    prompt = view_prompt(_eval_item(samples[0], "gap"), "global", cfg.view)
+    prompt = view_prompt(_eval_item(samples[0], "gap"), "global", cfg.view)  # old name of "full"
     again = HFBackend(model, processor, max_new_tokens=4).generate([prompt])
-    assert again[0] == store.answer("gap", "global", samples[0].id)
+    assert again[0] == store.answer("gap", "full", samples[0].id)
     measure_gap(samples, backend, cfg, store=PredictionStore(tmp_path / "pred.jsonl"))
     assert backend.calls == 2  # resumed: nothing asked again
 
@@ -161,7 +169,8 @@ def test_gap_statistics_identical_views_zero_gap():
     items = [EvalItem("b", str(i), b"", "", "A", category="c") for i in range(6)]
     outcomes = [True, False, True, True, False, None]
     graded = [GradedItem(it, "x", o, "t") for it, o in zip(items, outcomes)]
-    result = gap_statistics({"global": graded, "regional": graded}, n_boot=200)
+    result = gap_statistics({"full": graded, "crop": graded}, n_boot=200)
     assert result["gap"]["value"] == 0.0 and result["gap"]["ci"] == [0.0, 0.0]
-    assert result["gap"]["n_paired"] == 5 and result["views"]["global"]["unjudged"] == 1
+    assert result["gap"]["n_paired"] == 5 and result["views"]["full"]["unjudged"] == 1
+    assert gap_statistics({"global": graded, "regional": graded}, n_boot=200)["views"].keys() == {"full", "crop"}
     assert result["gap"]["mcnemar_p"] == 1.0

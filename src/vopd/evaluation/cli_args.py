@@ -74,11 +74,12 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("data", help="record file/folder with boxes or crops, or benchmark files with --benchmark")
     parser.add_argument("--out", required=True, help="output folder (predictions, gap.json, gap.png)")
     parser.add_argument("--benchmark", default=None, help="read data as this benchmark (zoombench, vstar original layout)")
-    parser.add_argument("--student-view", action="store_true",
-                        help="also ask with the full image + red box + hint (the training student's view)")
+    parser.add_argument("--boxed-full", "--student-view", dest="boxed_full", action="store_true",
+                        help="also ask the boxed_full view: the full image + red box + hint (the paper's training "
+                             "student's view; --student-view is the old name)")
     parser.add_argument("--checkpoints", nargs="+", default=[],
                         help="measure each checkpoint (e.g. run_dir/*) and plot the gap over training")
-    parser.add_argument("--zoom", type=float, default=2.0, help="zoom of the regional crop (teacher view rules)")
+    parser.add_argument("--zoom", type=float, default=2.0, help="zoom of the crop view (teacher view rules)")
     parser.add_argument("--context", type=float, default=0.5, help="padding around the evidence, fraction of its size")
     parser.add_argument("--min-side", type=int, default=56, help="minimum crop side in source pixels")
     parser.add_argument("--no-provided-crop", action="store_true", help="crop from boxes even if the data ships a crop")
@@ -97,7 +98,7 @@ def gap_config_from_args(args: argparse.Namespace) -> Any:
 
     view = ViewConfig(zoom=args.zoom, context=args.context, min_side=args.min_side,
                       use_provided_crop=not args.no_provided_crop)
-    views = ("global", "regional", "student") if args.student_view else ("global", "regional")
+    views = ("full", "crop", "boxed_full") if args.boxed_full else ("full", "crop")
     return GapConfig(data=args.data, out_dir=args.out, benchmark=args.benchmark, backend=_backend_config(args),
                      views=views, view=view, checkpoints=list(args.checkpoints), n_boot=args.n_boot,
                      level=args.level, seed=args.seed, limit=args.limit, judge=_judge_config(args))
@@ -182,7 +183,7 @@ def gap_summary(result: dict[str, Any], out: str) -> str:
         lines.append(f"  {view:9s} {block['accuracy']:5.1f} %  [{lo:.1f}, {hi:.1f}]  ({block['unjudged']} unjudged)")
     gap = result["gap"]
     lines.append(
-        f"  gap (regional - global) {gap['value']:+.1f} points, {result['interval']}: "
+        f"  gap (crop - full) {gap['value']:+.1f} points, {result['interval']}: "
         f"[{gap['ci'][0]:+.1f}, {gap['ci'][1]:+.1f}]; exact McNemar p = {gap['mcnemar_p']:.3g}"
     )
     lines.append(f"  written: {out}/gap.json, {out}/gap.png")

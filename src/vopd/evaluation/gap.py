@@ -2,13 +2,15 @@
 
 Every question is answered with the same model and greedy decoding under two views:
 
-- ``global``: the clean full image;
-- ``regional``: the evidence crop, built with the teacher's zoom rules
+- ``full``: the clean full image;
+- ``crop``: the evidence crop, built with the teacher's zoom rules
   (:func:`vopd.views.teacher_view`) or the crop the data ships;
 
-and optionally ``student``: the full image with the red box and the hint (the training
-student's view). The gap is ``accuracy(regional) - accuracy(global)`` over the questions
-judged in both views, with a paired bootstrap 95% interval and an exact McNemar p-value.
+and optionally ``boxed_full``: the full image with the red box and the hint (the paper's
+training student's view). These are the view names of training and the toy world too
+(:data:`vopd.config.VIEW_NAMES`); the older names ``global``, ``regional`` and ``student`` are
+still accepted. The gap is ``accuracy(crop) - accuracy(full)`` over the questions judged in both
+views, with a paired bootstrap 95% interval and an exact McNemar p-value.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vopd.config import VIEW_NAMES, ConfigError, canonical_view
 from vopd.evaluation.backends import Backend, BackendConfig, make_backend
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.report import plot_bars, plot_gap_over_training
@@ -32,8 +35,8 @@ __all__ = ["GAP_VIEWS", "GapConfig", "gap_statistics", "load_gap_samples", "main
 
 log = logging.getLogger(__name__)
 
-#: The views `vopd gap` knows, in report order.
-GAP_VIEWS = ("global", "regional", "student")
+#: The views `vopd gap` knows, in report order (the one view vocabulary of vopd).
+GAP_VIEWS = VIEW_NAMES
 
 
 def _view_config_default() -> Any:
@@ -53,9 +56,10 @@ class GapConfig:
         benchmark: read ``data`` as this benchmark (``zoombench`` ships crops; the original
             ``vstar`` layout ships boxes) instead of as records.
         backend: the model that answers (``model`` is overridden by each checkpoint).
-        views: which views to ask; ``global`` and ``regional`` are required.
-        view: crop and box settings (:class:`vopd.views.ViewConfig`); the regional view uses its
-            zoom rules, the student view draws the box and adds the hint.
+        views: which views to ask (:data:`GAP_VIEWS`); ``full`` and ``crop`` are required.
+            The old names ``global``/``regional``/``student`` are accepted and renamed.
+        view: crop and box settings (:class:`vopd.views.ViewConfig`); the crop view uses its
+            zoom rules, the boxed_full view draws the box and adds the hint.
         checkpoints: measure each of these model paths (e.g. ``run_dir/*``) and plot the gap
             over training; the step is the last number in each path's name.
         n_boot: bootstrap resamples for the interval.
@@ -69,7 +73,7 @@ class GapConfig:
     out_dir: str
     benchmark: str | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
-    views: tuple[str, ...] = ("global", "regional")
+    views: tuple[str, ...] = ("full", "crop")
     view: Any = field(default_factory=_view_config_default)
     checkpoints: list[str] = field(default_factory=list)
     n_boot: int = 10_000
@@ -79,10 +83,9 @@ class GapConfig:
     judge: JudgeConfig | None = None
 
     def __post_init__(self) -> None:
-        self.views = tuple(self.views)
-        unknown = [v for v in self.views if v not in GAP_VIEWS]
-        if unknown or not {"global", "regional"} <= set(self.views):
-            raise ValueError(f"views must include 'global' and 'regional' and only use {GAP_VIEWS}; got {self.views}")
+        self.views = tuple(canonical_view(v, key="gap views") for v in self.views)
+        if not {"full", "crop"} <= set(self.views):
+            raise ConfigError(f"gap views must include 'full' and 'crop'; got {self.views}")
         if self.n_boot < 100:
             raise ValueError(f"n_boot must be >= 100 for a usable interval, got {self.n_boot}")
         if not 0.5 <= self.level < 1.0:
@@ -139,7 +142,7 @@ def _kind(sample: Any) -> str:
 def _text(sample: Any, view: str) -> str:
     from vopd.views import HINT, prompt_text
 
-    hint = view == "student"
+    hint = view == "boxed_full"
     if "prompt" not in sample.meta:
         return prompt_text(sample, hint=hint)
     prompt = sample.meta["prompt"]
@@ -161,10 +164,11 @@ def view_prompt(item: EvalItem, view: str, view_cfg: Any) -> PromptItem:
     """The prompt of one view: the clean image, the evidence crop, or the boxed image + hint."""
     from vopd.views import make_views
 
+    view = canonical_view(view)
     sample = item.meta["sample"]
-    cfg = dataclasses.replace(view_cfg, draw_box=view == "student", hint=False)
+    cfg = dataclasses.replace(view_cfg, draw_box=view == "boxed_full", hint=False)
     student, teacher, _ = make_views(sample, cfg)
-    image = teacher if view == "regional" else student
+    image = teacher if view == "crop" else student
     return PromptItem(id=item.id, image=image, text=_text(sample, view))
 
 
@@ -207,30 +211,32 @@ def _paired(base: dict[str, bool | None], other: dict[str, bool | None], *, n_bo
 
 def gap_statistics(graded: dict[str, list[GradedItem]], *, n_boot: int = 10_000, level: float = 0.95,
                    seed: int = 0) -> dict[str, Any]:
-    """Accuracy per view, the regional-minus-global gap (CI, McNemar, 2x2 table), per category.
+    """Accuracy per view, the crop-minus-full gap (CI, McNemar, 2x2 table), per category.
 
-    ``graded`` maps view name -> graded items (same ids in every view). Accuracies and gaps are
-    in percentage points; intervals are ``[low, high]`` at ``level``.
+    ``graded`` maps view name (:data:`GAP_VIEWS`, old names accepted) -> graded items (same ids
+    in every view). Accuracies and gaps are in percentage points; intervals are ``[low, high]``
+    at ``level``.
     """
+    graded = {canonical_view(view): items for view, items in graded.items()}
     outcomes = {view: _outcomes(items) for view, items in graded.items()}
     stats = dict(n_boot=n_boot, level=level, seed=seed)
     result: dict[str, Any] = {
-        "n_questions": len(outcomes["global"]),
+        "n_questions": len(outcomes["full"]),
         "views": {v: _accuracy_block(o, level) for v, o in outcomes.items()},
-        "gap": _paired(outcomes["global"], outcomes["regional"], names=("global", "regional"), **stats),
+        "gap": _paired(outcomes["full"], outcomes["crop"], names=("full", "crop"), **stats),
         "interval": f"paired bootstrap over questions ({n_boot} resamples, seed {seed}), {int(level * 100)}%",
     }
-    if "student" in outcomes:
-        result["student_minus_global"] = _paired(outcomes["global"], outcomes["student"],
-                                                 names=("global", "student"), **stats)
-    categories = sorted({g.item.category for g in graded["global"] if g.item.category})
+    if "boxed_full" in outcomes:
+        result["boxed_full_minus_full"] = _paired(outcomes["full"], outcomes["boxed_full"],
+                                                  names=("full", "boxed_full"), **stats)
+    categories = sorted({g.item.category for g in graded["full"] if g.item.category})
     if categories:
         per: dict[str, Any] = {}
         for cat in categories:
-            ids = {g.item.id for g in graded["global"] if g.item.category == cat}
+            ids = {g.item.id for g in graded["full"] if g.item.category == cat}
             sub = {v: {i: o[i] for i in ids} for v, o in outcomes.items()}
             per[cat] = {"views": {v: _accuracy_block(o, level)["accuracy"] for v, o in sub.items()},
-                        "gap": _paired(sub["global"], sub["regional"], names=("global", "regional"), **stats)}
+                        "gap": _paired(sub["full"], sub["crop"], names=("full", "crop"), **stats)}
         result["categories"] = per
     return result
 

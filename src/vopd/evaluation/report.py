@@ -135,7 +135,7 @@ def plot_gap_over_training(steps: list[float], curves: dict[str, list[float | No
     if gap is not None:
         ax2 = axes[0][1]
         g = [math.nan if v is None else v for v in gap]
-        ax2.plot(steps, g, marker="o", color="#C44E52", label="regional - global")
+        ax2.plot(steps, g, marker="o", color="#C44E52", label="crop - full")
         if gap_ci:
             ax2.fill_between(steps, [lo for lo, _ in gap_ci], [hi for _, hi in gap_ci], color="#C44E52", alpha=0.2)
         ax2.axhline(0.0, color="grey", lw=0.8)

@@ -5,7 +5,7 @@ crop_image``; ``response`` is the ground truth; ``crop_image`` may be null (both
 readers tolerate that). An optional ``dimension`` (or ``category``) column gives per-dimension
 scores. Answers that are a single option letter are graded as choices, others as open
 answers (judge optional). ``zoombench`` asks with the full image; ``zoombench_crop`` with the
-crop (the regional view) and skips, with a note, the rows that have none; ``vopd gap`` uses both.
+crop (the crop view) and skips, with a note, the rows that have none; ``vopd gap`` uses both.
 
 Prompt (the paper's): the query as published. Official score: accuracy.
 """
