@@ -203,3 +203,14 @@ def test_vopd_eval_exit_status_through_the_cli(tmp_path, capsys):
                  "--model", "m"]) != 0
     err = capsys.readouterr().err
     assert "2 items failed" in err and "missing" in err and "Traceback" not in err
+
+
+def test_unparsed_replies_are_wrong_and_counted(tmp_path):
+    from vopd.evaluation.runner import grade_items
+
+    items = get_benchmark("mmstar").load(_mmstar(tmp_path, 3))
+    preds = {items[0].key: "A", items[1].key: "I would rather not say", items[2].key: None}
+    graded = grade_items(items, preds)
+    assert [(g.correct, g.status) for g in graded] == [(True, "graded"), (False, "unparsed"), (None, "failed")]
+    scores = get_benchmark("mmstar").score(graded)
+    assert (scores["overall"], scores["judged_overall"]) == (pytest.approx(100 / 3), 50.0)

@@ -173,7 +173,8 @@ def grade_items(
         verdict = grade(pred, it.answer, it.kind, it.options)
         if verdict.settled or judge is None:
             method = verdict.method if verdict.settled else f"rule_fallback:{verdict.method}"
-            unparsed = not verdict.settled and verdict.method.startswith("no_")
+            # no letter / no yes-no word could be read (an open answer that does not match is just wrong)
+            unparsed = not verdict.settled and verdict.method in ("no_choice", "no_yes_no")
             graded.append(GradedItem(it, pred, verdict.correct, method, verdict.extracted,
                                      status="unparsed" if unparsed else "graded"))
         else:
