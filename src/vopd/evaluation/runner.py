@@ -319,7 +319,7 @@ def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, A
         results[name] = result.scores
         sources[name] = {"path": source, "files": result.files, "notes": result.notes}
         for note in result.notes:
-            log.warning("%s: %s", name, note)
+            log.info("%s: %s", name, note)  # also listed in summary.md and summary.json
         log.info("%s: %s", name, result.scores.get("overall"))
     summary = summarize(results, label=cfg.label or cfg.backend.model, settings=_settings(cfg))
     summary["sources"] = sources
