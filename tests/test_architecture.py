@@ -43,6 +43,7 @@ LAYER: dict[str, str] = {
     "vopd.rollout": "training",
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",
+    "vopd.proposals": "training",
     "vopd.health": "training",
     "vopd.train_setup": "training",
     "vopd.trainer": "training",

@@ -33,7 +33,10 @@ def test_configuration_follows_overrides_not_demo_defaults():
     assert boxed["student_view"] == "full + red box + hint"
     default = _conf()
     assert default == {"objective": "opd", "teacher": "frozen", "teacher_rate": None, "teacher_view": "crop",
-                       "estimator": "topk", "beta": 0.5, "support": "student top-100 + tail", "student_view": "full"}
+                       "estimator": "topk", "beta": 0.5, "support": "student top-100 + tail", "student_view": "full",
+                       "crop_source": "box"}
+    search = _conf("views.crop_source=search")
+    assert search["crop_source"] == "search" and "no gold box read in training" in describe_configuration(search)
 
 
 def test_every_variant_gets_a_distinct_description():

@@ -21,6 +21,7 @@ from vopd.config import ConfigError, TrainConfig, config_to_dict
 from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data
 from vopd.fastpath import SharedPrompts
 from vopd.models import response_hidden_states
+from vopd.proposals import crops_from_model
 from vopd.rollout import HFGenerateEngine, RolloutEngine
 from vopd.runfolder import check_resume_config, check_world_size, prepare_run_folder
 from vopd.specs import resolve_model_spec
@@ -192,6 +193,8 @@ def setup(
     samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
         processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,
         thinking=cfg.model.thinking, on_error=cfg.data.on_error)
+    if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
+        samples = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=acc.is_main_process)
     total_steps = _num_steps(cfg, len(samples))
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,

@@ -122,12 +122,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "checkpoint": os.path.relpath(Path(result.checkpoint).resolve(), out.resolve()),
         "report": "report.md",
     }
+    if train_cfg.views.crop_source != "box":
+        results["proposals"] = measure_proposals(train_cfg, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from vopd.toyworld.report import write_report
 
     write_report(out, results, held_out, base, final)
     print(summary_text(results, out), flush=True)
     return results
+
+
+def measure_proposals(train_cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """Quality of the crops the model proposed for training, against the scenes' gold boxes.
+
+    Gold boxes are read here, after training, only to measure (hit rate, IoU); training dropped
+    them before proposing.
+    """
+    from vopd.data import load_train_samples
+    from vopd.proposals import PROPOSALS_FILE, proposal_quality, read_proposals
+
+    path = Path(train_cfg.output_dir) / PROPOSALS_FILE
+    proposals = read_proposals(path, source=train_cfg.views.crop_source)
+    gold = load_train_samples(train_cfg.data.train)
+    return {"source": train_cfg.views.crop_source, "file": os.path.relpath(path.resolve(), out.resolve()),
+            **proposal_quality(proposals, gold, train_cfg.views)}
 
 
 def _closed(base: dict[str, float], final: dict[str, float]) -> float:
@@ -149,5 +167,7 @@ def summary_text(r: dict[str, Any], out: str | Path) -> str:
         f"  crop (teacher view): {r['base']['crop']:.1%} -> {r['final']['crop']:.1%}\n"
         f"  boxed full + hint: {r['base']['boxed_full']:.1%} -> {r['final']['boxed_full']:.1%}\n"
         f"  gap (crop - full): {r['gap_base']:+.1%} -> {r['gap_final']:+.1%}  ({r['gap_closed']:.0%} of the gap closed)\n"
-        f"  wall time {r['wall_seconds']:.0f} s; report: {Path(out) / r['report']}"
+        + (f"  proposed crops ({r['proposals']['source']}): hit rate {r['proposals']['hit_rate']:.1%}, "
+           f"mean IoU {r['proposals']['mean_iou']:.2f}\n" if r.get("proposals", {}).get("hit_rate") is not None else "")
+        + f"  wall time {r['wall_seconds']:.0f} s; report: {Path(out) / r['report']}"
     )

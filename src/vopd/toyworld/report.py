@@ -117,6 +117,7 @@ def write_report(out: Path, results: dict[str, Any], samples: list[Sample], base
         *[f"| {k} | {'-' if v is None else v} |" for k, v in conf.items()],
         f"| checkpoint | `{results['checkpoint']}` |",
         "",
+        *_proposal_lines(results.get("proposals")),
         "| view | base | final | change |",
         "|---|---|---|---|",
         *[f"| {VIEW_LABELS[v]} | {100 * b[v]:.1f} % | {100 * f[v]:.1f} % | {100 * (f[v] - b[v]):+.1f} |" for v in VIEW_LABELS],
@@ -146,4 +147,22 @@ def _provenance(conf: dict[str, Any]) -> str:
     if conf.get("teacher_view") == "full":
         return ("No answer label was used in training; the teacher saw the same full image as the student "
                 "(control: no privileged view).")
+    if conf.get("crop_source", "box") != "box":
+        return (f"No answer label and no gold box were used in training: the teacher saw the crop the model "
+                f"proposed itself ({conf['crop_source']}).")
     return "No answer label was used in training: the student learned from the teacher's view of the crop."
+
+
+def proposal_summary(p: dict[str, Any]) -> str:
+    """One sentence on the quality of model-proposed training crops (``results["proposals"]``)."""
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    return (f"Crops proposed by the model ({p['source']}, `{p['file']}`), measured against the gold boxes of the "
+            f"{p['n']} training scenes after training: hit rate {pct(p['hit_rate'])} (gold box wholly inside the "
+            f"crop), centre hit rate {pct(p['centre_hit_rate'])}, mean IoU with the gold crop "
+            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}.")
+
+
+def _proposal_lines(p: dict[str, Any] | None) -> list[str]:
+    return [proposal_summary(p), ""] if p else []

@@ -16,7 +16,7 @@ __all__ = ["CONFIG_KEYS", "run_configuration", "describe_configuration"]
 
 #: Keys of :func:`run_configuration`, in the order reports print them.
 CONFIG_KEYS = ("objective", "teacher", "teacher_rate", "teacher_view", "estimator", "beta", "support",
-               "student_view")
+               "student_view", "crop_source")
 
 
 _VIEW_WORDS = {"crop": "crop", "full": "full image"}
@@ -51,6 +51,7 @@ def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
         "beta": cfg.loss.beta,
         "support": _support(cfg),
         "student_view": _student_view(cfg),
+        "crop_source": cfg.views.crop_source,
     }
 
 
@@ -68,5 +69,7 @@ def describe_configuration(conf: dict[str, Any] | None) -> str:
     if conf.get("estimator"):
         parts.append(f"{conf['estimator']} estimator, beta {conf['beta']:g}, support {conf['support']}")
     parts.append(f"student sees {conf.get('student_view', '?')}")
+    if conf.get("crop_source", "box") != "box":
+        parts.append(f"crops proposed by the model ({conf['crop_source']}; no gold box read in training)")
     extra = [f"{k} {v}" for k, v in conf.items() if k not in (*CONFIG_KEYS, "labels") and v is not None]
     return ", ".join(parts + extra)

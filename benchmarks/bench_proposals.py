@@ -1,0 +1,80 @@
+"""Crop proposals on toy scenes: do the model's own proposals find the evidence?
+
+For each proposal source (``search``, ``attention``; :mod:`vopd.proposals`) the shipped toy base
+proposes one crop per scene, with no box given. Measured against the gold boxes:
+
+- hit rate (the gold box wholly inside the proposed crop), centre hit rate, mean IoU with the gold crop;
+- the teacher's accuracy on the proposed crops (the base's greedy answer on the crop it proposed,
+  graded against the label): what Vision-OPD's teacher would know; compare with the base's
+  accuracy on the gold crop and on the clean full image (the student's view);
+- seconds per scene.
+
+    python benchmarks/bench_proposals.py [--n 100] [--seed 7] [--threads 1] [--sources search,attention]
+
+Writes benchmarks/results/proposals_toy.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sources", default="search,attention")
+    parser.add_argument("--out", default=str(RESULTS / "proposals_toy"))
+    args = parser.parse_args()
+
+    import torch
+
+    from vopd.models import load_model
+    from vopd.proposals import ProposalConfig, propose, proposal_quality, with_proposed_boxes
+    from vopd.toyworld.evaluate import evaluate_views
+    from vopd.toyworld.model import toy_base_path
+    from vopd.toyworld.scenes import TOY_VIEW, make_dataset
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(str(toy_base_path()))
+    samples = make_dataset(args.n, args.seed)
+    reference = evaluate_views(model, processor, samples, views=("full", "crop")).accuracy
+    rows = {"gold box": {"teacher_acc": reference["crop"], "hit_rate": 1.0, "mean_iou": 1.0},
+            "none (student's full image)": {"teacher_acc": reference["full"]}}
+    for source in args.sources.split(","):
+        start = time.perf_counter()
+        props = propose(model, processor, samples, TOY_VIEW, ProposalConfig(source=source))
+        seconds = time.perf_counter() - start
+        proposed = with_proposed_boxes(samples, props)
+        acc = evaluate_views(model, processor, proposed, views=("crop",)).accuracy["crop"]
+        rows[source] = {**proposal_quality(props, samples, TOY_VIEW), "teacher_acc": acc,
+                        "seconds_per_scene": seconds / len(samples)}
+        print(source, rows[source], flush=True)
+    out = {"n": args.n, "seed": args.seed, "threads": args.threads, "rows": rows,
+           "command": f"python benchmarks/bench_proposals.py --n {args.n} --seed {args.seed} --threads {args.threads}"}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    lines = [f"# Crop proposals on {args.n} toy scenes (seed {args.seed}), shipped toy base", "",
+             f"`{out['command']}`", "",
+             "| crop source | teacher accuracy on its crop | hit rate | centre hit rate | mean IoU | s/scene |",
+             "|---|---|---|---|---|---|"]
+
+    def f(x, pct=True):
+        return "-" if x is None else (f"{100 * x:.1f} %" if pct else f"{x:.2f}")
+
+    for name, r in rows.items():
+        lines.append(f"| {name} | {f(r['teacher_acc'])} | {f(r.get('hit_rate'))} | {f(r.get('centre_hit_rate'))} | "
+                     f"{f(r.get('mean_iou'), False)} | {f(r.get('seconds_per_scene'), False)} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

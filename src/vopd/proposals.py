@@ -1,0 +1,317 @@
+"""Evidence crops proposed by the model itself, for data without box annotations.
+
+Vision-OPD's teacher sees a crop around the evidence; :mod:`vopd.views` cuts it around the
+sample's gold boxes (``views.crop_source=box``). The sources here find the region without them:
+
+- ``search`` (label-free): cut a grid of candidate windows, let the model answer the question
+  on each window's teacher view (greedy), and keep the window where it is most confident
+  (highest mean log-probability of its greedy answer tokens). What is scored is exactly the crop
+  the teacher would see for that window.
+- ``attention`` (ViCrop-style, label-free): the attention of the prompt's last token over the
+  image tokens under the question, divided by the same attention under a generic prompt, summed
+  over layers and heads; the window around the strongest cell is the proposal.
+
+A proposal is one box per sample; :func:`with_proposed_boxes` puts it in place of the gold boxes
+(which are dropped first, so nothing downstream can read them). :func:`proposal_quality`
+measures proposals against gold boxes where they exist (hit rate, IoU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vopd.images import load_image
+from vopd.models import build_prompts
+from vopd.records import Box, Sample
+from vopd.rollout import HFGenerateEngine, RolloutConfig
+from vopd.views import ViewConfig, evidence_region, prompt_text, teacher_view
+
+__all__ = [
+    "CROP_SOURCES",
+    "PROPOSAL_SOURCES",
+    "ProposalConfig",
+    "Proposal",
+    "candidate_windows",
+    "search_proposals",
+    "attention_proposals",
+    "propose",
+    "proposal_quality",
+    "with_proposed_boxes",
+    "load_or_propose",
+    "read_proposals",
+    "crops_from_model",
+    "PROPOSALS_FILE",
+]
+
+#: Proposals of a training run, beside its checkpoints (one JSON row per sample; resumable).
+PROPOSALS_FILE = "proposals.jsonl"
+
+#: Values of ``views.crop_source``: the gold boxes, or a proposal source.
+CROP_SOURCES = ("box", "search", "attention")
+PROPOSAL_SOURCES = CROP_SOURCES[1:]
+
+#: The generic prompt whose attention ViCrop divides by (it attends to salient, not asked-for, regions).
+GENERIC_PROMPT = "Write a general description of the image."
+
+
+@dataclass
+class ProposalConfig:
+    """How proposals are made.
+
+    Attributes:
+        source: ``search`` or ``attention`` (see the module doc).
+        window: side of a candidate window as a fraction of the image's shorter side.
+        stride: step between candidate windows as a fraction of the window side (0.5: half
+            overlapping; any object up to half a window wide lies wholly inside one window).
+        max_new_tokens: greedy answer budget per window (``search``).
+        batch_size: prompts per forward pass.
+    """
+
+    source: str = "search"
+    window: float = 1 / 3
+    stride: float = 0.5
+    max_new_tokens: int = 16
+    batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        if self.source not in PROPOSAL_SOURCES:
+            raise ValueError(f"proposal source {self.source!r} is not one of {', '.join(PROPOSAL_SOURCES)}")
+        if not 0 < self.window <= 1 or not 0 < self.stride <= 1:
+            raise ValueError(f"window ({self.window}) and stride ({self.stride}) must be in (0, 1]")
+
+
+@dataclass
+class Proposal:
+    """The region proposed for one sample and the score that chose it (higher = surer)."""
+
+    sample_id: str
+    box: Box
+    score: float
+    source: str
+
+
+def _starts(limit: int, side: int, step: int) -> list[int]:
+    starts = list(range(0, max(limit - side, 0) + 1, step))
+    if starts[-1] + side < limit:  # the last window touches the far edge
+        starts.append(limit - side)
+    return starts
+
+
+def candidate_windows(image_size: tuple[int, int], window: float = 1 / 3, stride: float = 0.5) -> list[Box]:
+    """Square windows of ``window`` x the shorter side, every ``stride`` windows, covering the image."""
+    width, height = image_size
+    side = max(1, round(window * min(width, height)))
+    step = max(1, round(stride * side))
+    return [Box(x, y, x + side, y + side) for y in _starts(height, side, step) for x in _starts(width, side, step)]
+
+
+def _batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def search_proposals(
+    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+) -> list[Proposal]:
+    """Label-free search: the candidate window whose teacher view the model answers most surely.
+
+    Confidence is the mean log-probability of the model's greedy answer tokens (end of turn
+    included) on the window's crop, with the sample's question text.
+    """
+    engine = HFGenerateEngine(processor)
+    greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    jobs: list[tuple[int, Box, Any, str]] = []
+    for i, sample in enumerate(samples):
+        image = load_image(sample.image, where=f"sample {sample.id!r}")
+        text = prompt_text(sample, hint=view_cfg.hint)
+        for window in candidate_windows(image.size, cfg.window, cfg.stride):
+            jobs.append((i, window, teacher_view(image, [window], view_cfg), text))
+    best: dict[int, tuple[float, Box]] = {}
+    for chunk in _batches(jobs, cfg.batch_size):
+        batch = build_prompts(processor, [j[2] for j in chunk], [j[3] for j in chunk])
+        rollouts = engine.sample(model, batch, greedy)
+        mask = rollouts.mask_B_T.float()
+        scores = (rollouts.sampler_logp_B_T * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for (i, window, _, _), score in zip(chunk, scores.tolist()):
+            if i not in best or score > best[i][0]:
+                best[i] = (score, window)
+    return [Proposal(s.id, best[i][1], best[i][0], "search") for i, s in enumerate(samples)]
+
+
+def _image_token_attention(model: Any, batch: Any, image_token_id: int) -> list[torch.Tensor]:
+    """Per row: attention of the last prompt token over that row's image tokens, summed over layers and heads."""
+    device = getattr(model, "device", None)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v for k, v in batch.items()}
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True, use_cache=False)
+    total = torch.stack([a.float().sum(dim=1) for a in out.attentions]).sum(0)  # B x Q x K
+    last = total[:, -1, :]
+    is_image = (batch["input_ids"] == image_token_id).to(last.device)
+    return [last[b][is_image[b]] for b in range(last.shape[0])]
+
+
+def _grid_of(batch: Any, row: int, merge: int) -> tuple[int, int]:
+    _, h, w = (int(v) for v in batch["image_grid_thw"][row])
+    return h // merge, w // merge
+
+
+def attention_proposals(
+    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+) -> list[Proposal]:
+    """ViCrop-style relative attention: question attention / generic-prompt attention per image
+    token; the candidate window with the largest summed ratio is the proposal.
+
+    Needs a Qwen-VL-style model (``image_grid_thw``, ``image_token_id``) whose attention weights
+    can be returned (the eager attention implementation is switched on for the call).
+    """
+    image_token_id = getattr(model.config, "image_token_id", None)
+    merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
+    if image_token_id is None or merge is None:
+        raise ValueError(f"crop_source=attention needs a Qwen-VL-style model; {type(model).__name__} has no "
+                         "image_token_id / vision_config.spatial_merge_size")
+    previous = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")  # sdpa does not return attention weights
+    was_training = model.training
+    model.eval()
+    proposals: list[Proposal] = []
+    try:
+        for chunk in _batches(list(samples), max(1, cfg.batch_size // 2)):
+            images = [load_image(s.image, where=f"sample {s.id!r}") for s in chunk]
+            asked = build_prompts(processor, images, [prompt_text(s, hint=view_cfg.hint) for s in chunk])
+            generic = build_prompts(processor, images, [GENERIC_PROMPT] * len(chunk))
+            a_q = _image_token_attention(model, asked, image_token_id)
+            a_g = _image_token_attention(model, generic, image_token_id)
+            for row, (sample, image) in enumerate(zip(chunk, images)):
+                gh, gw = _grid_of(asked, row, merge)
+                ratio = (a_q[row] / a_g[row].clamp(min=1e-8)).reshape(gh, gw)
+                cell_w, cell_h = image.width / gw, image.height / gh
+                best: tuple[float, Box] | None = None
+                for window in candidate_windows(image.size, cfg.window, cfg.stride):
+                    cols = [c for c in range(gw) if window.x1 <= (c + 0.5) * cell_w < window.x2]
+                    rows = [r for r in range(gh) if window.y1 <= (r + 0.5) * cell_h < window.y2]
+                    score = float(ratio[rows][:, cols].mean()) if rows and cols else -math.inf
+                    if best is None or score > best[0]:
+                        best = (score, window)
+                assert best is not None
+                proposals.append(Proposal(sample.id, best[1], best[0], "attention"))
+    finally:
+        if previous is not None:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+    return proposals
+
+
+def propose(
+    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+) -> list[Proposal]:
+    """Proposals from ``cfg.source`` for ``samples`` (their boxes, if any, are never read)."""
+    blind = [dataclasses.replace(s, boxes=[]) for s in samples]
+    fn = {"search": search_proposals, "attention": attention_proposals}[cfg.source]
+    return fn(model, processor, blind, view_cfg, cfg)
+
+
+def proposal_quality(proposals: Sequence[Proposal], samples: Sequence[Sample], view_cfg: ViewConfig) -> dict[str, Any]:
+    """Proposals against gold boxes (samples without boxes are not counted).
+
+    ``hit_rate``: the proposal's crop holds every gold box whole; ``centre_hit_rate``: it holds
+    the centre of the gold boxes' union; ``mean_iou``: IoU of the proposal's crop with the gold
+    crop (both from :func:`vopd.views.evidence_region` with ``view_cfg``).
+    """
+    by_id = {s.id: s for s in samples}
+    hits = centre = n = 0
+    ious: list[float] = []
+    for p in proposals:
+        sample = by_id[p.sample_id]
+        if not sample.boxes:
+            continue
+        size = load_image(sample.image, where=f"sample {sample.id!r}").size
+        mine = evidence_region([p.box], size, view_cfg)
+        gold = evidence_region(sample.boxes, size, view_cfg)
+        union = Box.union(sample.boxes).clip(size)
+        n += 1
+        hits += _contains(mine, union)
+        cx, cy = union.center
+        centre += mine.x1 <= cx <= mine.x2 and mine.y1 <= cy <= mine.y2
+        ious.append(_iou(mine, gold))
+    return {"n": n, "hit_rate": hits / n if n else None, "centre_hit_rate": centre / n if n else None,
+            "mean_iou": sum(ious) / n if n else None}
+
+
+def _contains(outer: Box, inner: Box) -> bool:
+    return outer.x1 <= inner.x1 and outer.y1 <= inner.y1 and inner.x2 <= outer.x2 and inner.y2 <= outer.y2
+
+
+def _iou(a: Box, b: Box) -> float:
+    w = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    h = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = w * h
+    return inter / (a.area + b.area - inter) if inter > 0 else 0.0
+
+
+def with_proposed_boxes(samples: Sequence[Sample], proposals: Sequence[Proposal]) -> list[Sample]:
+    """``samples`` with their gold boxes and ready-made crops replaced by the proposals' boxes."""
+    by_id = {p.sample_id: p for p in proposals}
+    missing = [s.id for s in samples if s.id not in by_id]
+    if missing:
+        raise ValueError(f"no proposal for {len(missing)} samples (first: {missing[0]!r})")
+    return [dataclasses.replace(s, boxes=[by_id[s.id].box], teacher_image=None) for s in samples]
+
+
+def read_proposals(path: str | Path, *, source: str | None = None) -> list[Proposal]:
+    """Rows of a proposals JSONL file (of one ``source``, if given); later rows win per sample."""
+    done: dict[str, Proposal] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if source is None or row.get("source") == source:
+            done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"])
+    return list(done.values())
+
+
+def load_or_propose(
+    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig,
+    cache: str | Path | None = None,
+) -> list[Proposal]:
+    """:func:`propose`, reusing (and extending) a JSONL cache of earlier proposals.
+
+    The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``);
+    rows of another source are ignored, so an interrupted run resumes where it stopped.
+    """
+    path = Path(cache) if cache else None
+    done = {p.sample_id: p for p in read_proposals(path, source=cfg.source)} if path and path.is_file() else {}
+    todo = [s for s in samples if s.id not in done]
+    for chunk in _batches(todo, max(1, 4 * cfg.batch_size)):
+        new = propose(model, processor, chunk, view_cfg, cfg)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                for p in new:
+                    fh.write(json.dumps({"id": p.sample_id, "box": p.box.as_list(), "score": p.score,
+                                         "source": p.source}) + "\n")
+        done.update({p.sample_id: p for p in new})
+    return [done[s.id] for s in samples]
+
+
+def crops_from_model(
+    samples: Sequence[Sample], view_cfg: ViewConfig, model: Any, processor: Any, output_dir: str | Path,
+    *, main: bool = True,
+) -> list[Sample]:
+    """Training samples whose evidence box is the model's own proposal (``views.crop_source``).
+
+    Gold boxes and ready-made crops are dropped before anything is computed; proposals are
+    cached in ``output_dir/proposals.jsonl`` (written by the main process only) and reused on
+    resume. ``model`` is the policy at the start of the run.
+    """
+    cfg = ProposalConfig(source=view_cfg.crop_source)
+    blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
+    cache = Path(output_dir) / PROPOSALS_FILE if main else None
+    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)
+    return with_proposed_boxes(blind, proposals)

@@ -1,0 +1,167 @@
+"""Crops proposed by the model itself (issue 13): candidate windows, quality against gold boxes,
+and training that never reads a gold box (views.crop_source=search|attention)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import vopd.proposals as proposals_mod
+from vopd.config import ConfigError, load_config
+from vopd.proposals import (
+    Proposal,
+    ProposalConfig,
+    attention_proposals,
+    candidate_windows,
+    crops_from_model,
+    proposal_quality,
+    search_proposals,
+    with_proposed_boxes,
+)
+from vopd.records import Box, write_records
+from vopd.toyworld.scenes import TOY_VIEW, make_dataset
+from vopd.views import ViewConfig
+
+
+def test_candidate_windows_cover_and_contain_every_small_object():
+    windows = candidate_windows((168, 168))
+    assert len(windows) == 25 and all(w.width == 56 and w.height == 56 for w in windows)
+    assert max(w.x2 for w in windows) == 168 and max(w.y2 for w in windows) == 168
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # any object up to half a window wide lies wholly inside some window
+        side = int(rng.integers(1, 29))
+        x, y = (int(v) for v in rng.integers(0, 168 - side + 1, size=2))
+        obj = Box(x, y, x + side, y + side)
+        assert any(proposals_mod._contains(w, obj) for w in windows), obj
+    odd = candidate_windows((200, 90), window=0.5, stride=0.5)
+    assert {(w.width, w.height) for w in odd} == {(45, 45)} and max(w.x2 for w in odd) == 200
+
+
+def test_proposal_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="proposal source"):
+        ProposalConfig(source="box")
+    with pytest.raises(ValueError, match="window"):
+        ProposalConfig(window=0)
+    with pytest.raises(ValueError, match="crop_source"):
+        ViewConfig(crop_source="grounding")
+    with pytest.raises(ConfigError):
+        load_config(None, ["views.crop_source=boxes"])
+
+
+def test_quality_against_gold_boxes():
+    samples = make_dataset(4, 3)
+    exact = [Proposal(s.id, s.boxes[0], 0.0, "search") for s in samples]
+    q = proposal_quality(exact, samples, TOY_VIEW)
+    assert q == {"n": 4, "hit_rate": 1.0, "centre_hit_rate": 1.0, "mean_iou": pytest.approx(1.0)}
+    # A corner window far from every target: no hit; the boxless sample is not counted.
+    far = []
+    for s in samples:
+        b = s.boxes[0]
+        corner = Box(0, 0, 56, 56) if b.x1 > 84 or b.y1 > 84 else Box(112, 112, 168, 168)
+        far.append(Proposal(s.id, corner, 0.0, "search"))
+    blind = [*samples[:3], dataclasses.replace(samples[3], boxes=[])]
+    q = proposal_quality(far, blind, TOY_VIEW)
+    assert q["n"] == 3 and q["hit_rate"] == 0.0 and q["mean_iou"] < 0.3
+
+
+def test_with_proposed_boxes_replaces_gold_and_crops():
+    samples = make_dataset(2, 3)
+    props = [Proposal(s.id, Box(0, 0, 56, 56), 0.0, "search") for s in samples]
+    out = with_proposed_boxes([dataclasses.replace(s, teacher_image=s.image) for s in samples], props)
+    assert [o.boxes for o in out] == [[Box(0, 0, 56, 56)]] * 2 and all(o.teacher_image is None for o in out)
+    with pytest.raises(ValueError, match="no proposal"):
+        with_proposed_boxes(samples, props[:1])
+
+
+def test_crops_from_model_never_shows_gold_boxes_and_resumes(tmp_path, monkeypatch):
+    samples = make_dataset(5, 4)
+    seen: list = []
+
+    def spy(model, processor, blind, view_cfg, cfg):
+        seen.extend(blind)
+        return [Proposal(s.id, Box(28, 28, 84, 84), -0.5, "search") for s in blind]
+
+    monkeypatch.setattr(proposals_mod, "search_proposals", spy)
+    view = dataclasses.replace(TOY_VIEW, crop_source="search")
+    out = crops_from_model(samples[:3], view, None, None, tmp_path)
+    assert seen and all(s.boxes == [] and s.teacher_image is None for s in seen)
+    assert all(o.boxes == [Box(28, 28, 84, 84)] for o in out)
+    rows = [json.loads(line) for line in (tmp_path / "proposals.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [s.id for s in samples[:3]]
+    seen.clear()
+    out = crops_from_model(samples, view, None, None, tmp_path)  # resume: only the two new samples
+    assert [s.id for s in seen] == [s.id for s in samples[3:]] and len(out) == 5
+
+
+@pytest.mark.slow
+def test_search_and_attention_propose_candidate_windows(tiny_qwen2_vl):
+    model, processor = tiny_qwen2_vl
+    attn_before, training_before = model.config._attn_implementation, model.training
+    samples = make_dataset(2, 5)
+    windows = candidate_windows((168, 168))
+    cfg = ProposalConfig(source="search", max_new_tokens=3)
+    for fn in (search_proposals, attention_proposals):
+        props = fn(model, processor, samples, TOY_VIEW, dataclasses.replace(cfg, source=fn.__name__.split("_")[0]))
+        assert [p.sample_id for p in props] == [s.id for s in samples]
+        assert all(p.box in windows and np.isfinite(p.score) for p in props)
+    # attention switched the model to eager attention and eval mode for the call only
+    assert (model.config._attn_implementation, model.training) == (attn_before, training_before)
+
+
+@pytest.mark.slow
+def test_training_on_records_without_boxes(tmp_path):
+    """crop_source=search trains on a record file that has no box at all (box would fail)."""
+    from vopd.records import RecordError
+    from vopd.trainer import train
+
+    records = write_records([dataclasses.replace(s, boxes=[]) for s in make_dataset(4, 0)], tmp_path / "d" / "r.jsonl")
+    assert all("boxes" not in json.loads(line) or not json.loads(line)["boxes"]
+               for line in records.read_text().splitlines())
+    base = ["model.path=tiny:qwen2_vl", f"data.train={records}", "rollout.n=1", "rollout.max_new_tokens=2",
+            "loss.top_k=8", "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "threads=1",
+            "report_to=[jsonl]", "views.context=0.0"]
+    res = train(load_config(None, [*base, "views.crop_source=search", f"output_dir={tmp_path / 'run'}"]))
+    assert res.steps == 1
+    rows = (tmp_path / "run" / "proposals.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and all(json.loads(r)["source"] == "search" for r in rows)
+    with pytest.raises(RecordError, match="no evidence boxes"):
+        train(load_config(None, [*base, f"output_dir={tmp_path / 'box'}"]))
+
+
+@pytest.mark.slow
+def test_demo_with_search_crops_reads_no_gold_box(tmp_path, monkeypatch):
+    """`vopd demo views.crop_source=search`, reduced: the proposer and the training data never see
+    a gold box; results.json names the crop source and the proposals' hit rate."""
+    import vopd.train_setup as train_setup
+    from vopd.toyworld.demo import DemoConfig, run_demo
+
+    real_search, trained_on = proposals_mod.search_proposals, []
+
+    def blind_search(model, processor, samples, view_cfg, cfg):
+        assert all(s.boxes == [] and s.teacher_image is None for s in samples)
+        return real_search(model, processor, samples, view_cfg, cfg)
+
+    class SpyDataset(train_setup.ViewDataset):
+        def __init__(self, samples, *a, **k):
+            trained_on.extend(samples)
+            super().__init__(samples, *a, **k)
+
+    monkeypatch.setattr(proposals_mod, "search_proposals", blind_search)
+    monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
+    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
+                     overrides=("views.crop_source=search", "prompts_per_step=4", "micro_batch_prompts=4",
+                                "health.probe_data=toyworld:4:124"))
+    results = run_demo(cfg)
+    proposed = {p.sample_id: p.box for p in proposals_mod.read_proposals(tmp_path / "train" / "proposals.jsonl")}
+    assert len(trained_on) == 16 and all(s.boxes == [proposed[s.id]] for s in trained_on)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["crop_source"] == "search"
+    p = saved["proposals"]
+    assert p["source"] == "search" and p["n"] == 16 and 0.0 <= p["hit_rate"] <= 1.0
+    assert (tmp_path / p["file"]).is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert "no gold box" in report and "hit rate" in report
+    assert results["proposals"] == p
