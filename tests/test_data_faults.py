@@ -174,3 +174,12 @@ def test_an_over_long_question_is_found_before_step_one(tmp_path, tiny_qwen2_vl)
     with pytest.raises(RecordError, match=rf"{path}:2: prompt text alone"):
         train(cfg)
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_data_check_lists_every_row_when_none_is_usable(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"image": "a.png", "question": "q"}\n{"image": "b.png", "question": "q"}\nnot json\n')
+    found = check_data(path)
+    assert found.usable == 0 and [p.row for p in found.problems] == [1, 2, 3]
+    assert cli_main(["data", "check", str(path)]) == 1
+    assert f"{path}:3: invalid JSON" in capsys.readouterr().out

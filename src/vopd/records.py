@@ -496,6 +496,7 @@ def load_records(
     out_of_bounds: OutOfBounds = "clip",
     on_error: OnError = "raise",
     check_images: bool = False,
+    allow_empty: bool = False,
 ) -> LoadedRecords:
     """Read a JSONL record file (our format or a registered layout such as Vision-OPD-6K, detected on row 1).
 
@@ -510,6 +511,8 @@ def load_records(
         check_images: open every image header (fast, no pixel decoding) to check that it
             exists, is readable, and to validate boxes against its size; also checks that
             ``teacher_image`` files exist.
+        allow_empty: return (with everything in ``skipped``) instead of raising when no row
+            is usable; for reports such as ``vopd data check``.
 
     Raises:
         RecordError: ``file:row: field 'x': reason``, for the first bad row if ``on_error``
@@ -545,7 +548,7 @@ def load_records(
         result.samples.append(sample)
         result.rows.append(row)
     result.layout = layout or "vopd"
-    if not result.samples:
+    if not result.samples and not allow_empty:
         why = f"; {len(result.skipped)} rows skipped, first: {result.skipped[0]}" \
             if result.skipped else ""
         raise RecordError(f"no usable records{why}", file=file)

@@ -234,13 +234,15 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
         state.mid_update = True  # until the loop counts the step: a save now would be inconsistent
         state.optimizer.step()
         after = _param_norm(acc, params)
-        if not math.isfinite(after) or after > MAX_NORM_GROWTH * max(before, 1e-12):
+        if not math.isfinite(after) or (before > 0 and after > MAX_NORM_GROWTH * before):
             what = "the parameters became non-finite" if not math.isfinite(after) else \
                 f"the parameter norm exploded ({before:.3g} -> {after:.3g})"
             raise TrainingError(
                 f"step {state.step + 1}: {what} in the optimiser update "
-                f"(lr {lr:.3g}, grad norm {grad_norm:.3g}); the update is not saved. Last good checkpoint: "
-                f"{state.last_checkpoint or 'none'}. Lower optim.lr (or set optim.grad_clip) and resume from it."
+                f"(lr {lr:.3g}, grad norm {grad_norm:.3g}); the update is not saved. " + (
+                    f"Last good checkpoint: {state.last_checkpoint}. Lower optim.lr and --resume from it."
+                    if state.last_checkpoint else
+                    "No checkpoint yet (last good checkpoint: none): start again with a lower optim.lr (--overwrite).")
             )
         state.param_norm = after
         state.scheduler.step()
@@ -353,19 +355,9 @@ def train(
             batches = []
             state.step += 1
             state.mid_update = False
-            if skipped:
-                metrics["data_skipped"] = float(len(skipped))
-                warnings.warn(f"step {state.step}: skipped {len(skipped)} row(s) that failed to load, "
-                              "replaced by the next samples:\n  " + "\n  ".join(skipped), stacklevel=1)
             for callback in callbacks:
                 metrics.update(callback(state) or {})
-            metrics["step"] = state.step
-            state.history.append(metrics)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                acc.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
-                if metrics_file:
-                    with metrics_file.open("a") as fh:
-                        fh.write(json.dumps(metrics) + "\n")
+            _record(state, metrics, skipped, metrics_file, final=state.step == total_steps)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['divergence']:.3g}", len=f"{metrics['response_length']:.1f}", s=f"{metrics['time_step']:.2f}")
             if state.bad_in_a_row >= cfg.max_bad_steps:
@@ -389,6 +381,22 @@ def train(
     if acc.is_main_process:
         print(summary(result))
     return result
+
+
+def _record(state: TrainState, metrics: dict[str, float], skipped: list[str], metrics_file: Path | None,
+            *, final: bool) -> None:
+    """Keep the step's metrics, log them every ``log_every`` steps, and report rows that were skipped."""
+    if skipped:
+        metrics["data_skipped"] = float(len(skipped))
+        warnings.warn(f"step {state.step}: skipped {len(skipped)} row(s) that failed to load, "
+                      "replaced by the next samples:\n  " + "\n  ".join(skipped), stacklevel=2)
+    metrics["step"] = state.step
+    state.history.append(metrics)
+    if state.step % state.cfg.log_every == 0 or final:
+        state.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+        if metrics_file:
+            with metrics_file.open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
 
 
 def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, Any], bool] | None) -> Any:
