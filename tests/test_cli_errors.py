@@ -65,6 +65,20 @@ def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys)
     assert "unexpected error (KeyError)" in line and "--debug" in line and "VOPD_DEBUG=1" in line
 
 
+def test_library_value_errors_are_invalid_input_not_unexpected(monkeypatch, capsys):
+    import vopd.cli as cli
+
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+
+    def bad(args):
+        raise ValueError("data.jsonl: no questions to measure")
+
+    monkeypatch.setattr(cli, "_config", bad)
+    assert main(["config"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("vopd config: invalid input: data.jsonl: no questions to measure -> fix what")
+
+
 def test_command_return_value_is_the_exit_status(monkeypatch):
     """gap/eval return their own status (e.g. items failed); the CLI passes it through."""
     import vopd.evaluation.cli_args as eval_args

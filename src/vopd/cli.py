@@ -190,6 +190,8 @@ def _explain(err: BaseException) -> tuple[str, str, int]:
         return "cannot read or write", "check the path, hub id or disk named above", 1
     if isinstance(err, MemoryError):
         return "out of memory", "use a smaller batch or model", 1
+    if isinstance(err, ValueError):  # the library's argument checks: the message names what is wrong
+        return "invalid input", "fix what the message names (--debug or VOPD_DEBUG=1 shows where it was raised)", 1
     return f"unexpected error ({type(err).__name__})", "rerun with --debug (or VOPD_DEBUG=1) for the traceback", 1
 
 
