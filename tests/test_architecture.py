@@ -47,6 +47,7 @@ LAYER: dict[str, str] = {
     "vopd.health": "training",
     "vopd.train_setup": "training",
     "vopd.trainer": "training",
+    "vopd.parallel": "training",
     # applications
     "vopd.evaluation": "applications",  # package
     "vopd.toyworld": "applications",  # package

@@ -269,10 +269,17 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int = 0,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; prune to the newest ``keep`` (0 = keep all)."""
-    bad = _first_non_finite(model.state_dict(), "model") or _first_non_finite(teacher_state, "teacher") \
-        or _first_non_finite(_tensors(optimizer.state_dict().get("state", {})), "optimizer state")
+    """Write ``checkpoint-<step>`` atomically; prune to the newest ``keep`` (0 = keep all).
+
+    ``model_state`` / ``optimizer_state``: full states gathered from a sharded model (FSDP2),
+    written instead of ``model``'s and ``optimizer``'s own.
+    """
+    optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    bad = _first_non_finite(model_state if model_state is not None else model.state_dict(), "model") or _first_non_finite(teacher_state, "teacher") \
+        or _first_non_finite(_tensors(optimizer_state.get("state", {})), "optimizer state")
     if bad:
         raise CheckpointError(f"refusing to write checkpoint-{step}: {bad} holds NaN or inf values")
     root = Path(output_dir)
@@ -281,7 +288,7 @@ def save_checkpoint(
     tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(tmp)
     state_dir = tmp / STATE_DIR
@@ -290,7 +297,7 @@ def save_checkpoint(
         # Tied weights share storage; safetensors wants each tensor once, so clone.
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in teacher_state.items()}, state_dir / "teacher.safetensors")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
         state_dir / "optim_rng.pt",
     )
     # state.json last: it lists every other file with its size, so a resume can tell a complete

@@ -31,6 +31,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "RolloutConfig",
     "TeacherConfig",
     "TrainConfig",
@@ -223,6 +224,18 @@ class HealthConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How several processes share the model (see :mod:`vopd.parallel`, docs/scaling.md)."""
+
+    strategy: str = knob("ddp", "ddp (each process holds the whole student, teacher and optimiser state; also plain "
+                                "1-process runs) or fsdp2 (all three sharded per decoder layer / vision block; "
+                                "teacher.kind ema or frozen, health.every=0)", choices=("ddp", "fsdp2"))
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "parallel")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -232,6 +245,7 @@ class TrainConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     output_dir: str = knob("runs/vopd", "checkpoints, metrics.jsonl, TensorBoard logs")
     seed: int = knob(0, "seeds the model init (tiny:*), data order and sampling", ge=0)
     prompts_per_step: int = knob(96, "prompts per optimiser step (global, over all processes); x rollout.n "
@@ -257,6 +271,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_knobs(self, "")
+        if self.parallel.strategy == "fsdp2":
+            if self.teacher.kind not in ("ema", "frozen"):
+                raise ConfigError(f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}")
+            if self.health.every > 0:
+                raise ConfigError("health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0")
 
 
 # ---------------------------------------------------------------- loading and overrides

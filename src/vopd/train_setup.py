@@ -187,8 +187,18 @@ def setup(
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
-    teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
+    sharded = cfg.parallel.strategy == "fsdp2"
+    student = ResponseHidden(policy)
+    if sharded:  # vopd.parallel: student and teacher sharded with one plan (before the optimiser sees the params)
+        from vopd.parallel import ShardedSampling, build_sharded
+
+        teacher: Teacher = build_sharded(
+            student, policy, teacher_kind=cfg.teacher.kind, rate=cfg.teacher.rate, teacher_dtype=teacher_dtype,
+            param_dtype=teacher_dtype, device=acc.device,
+        )
+    else:
+        external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
+        teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
     samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
     samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
         processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,
@@ -201,14 +211,27 @@ def setup(
         betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    student = acc.prepare(ResponseHidden(policy))
-    optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
-    engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
+    engine: RolloutEngine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
+    if sharded:
+        engine = ShardedSampling(engine, student)
+    else:
+        student = acc.prepare(student)
+        optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
     state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine)
     if ckpt is not None:
         state.last_checkpoint = ckpt
+        from vopd.parallel import check_resume
+
+        note = check_resume(saved, cfg.parallel.strategy, acc.num_processes)  # refuses a change of strategy
+        if note:
+            acc.print(note)
         teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
-        state.optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            from vopd.parallel import load_optimizer_state
+
+            load_optimizer_state(student, state.optimizer, saved["optimizer"])
+        else:
+            state.optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _apply_lr(scheduler, cfg, acc)
         restore_rng(saved["rng"])
@@ -231,7 +254,8 @@ def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:
     if found is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {cfg.output_dir}; start without --resume")
     ckpt, saved = found
-    check_world_size(saved.get("world_size"), acc.num_processes, checkpoint=ckpt)
+    if cfg.parallel.strategy != "fsdp2":  # fsdp2 reshards its full saved state to any world size (vopd.parallel)
+        check_world_size(saved.get("world_size"), acc.num_processes, checkpoint=ckpt)
     check_resume_config(saved.get("config"), config_to_dict(cfg), checkpoint=ckpt, say=acc.print)
     return ckpt, saved
 

@@ -151,8 +151,8 @@ def _student_loss(
             rc_C = rollout_correction(stats_C["student_logp_N"], sampler_logp_N[rows], clip=cfg.loss.ratio_clip)
             return base_w_N[rows].to(rc_C.dtype) * rc_C
 
-        weight_V_H, bias_V, softcap = head
         hidden_N_H = state.student(inputs, T)[mask_B_T]
+        weight_V_H, bias_V, softcap = _plain_head(state.policy)  # after the forward: under FSDP2, the gathered head
         loss, stats = fused_chunked_divergence(
             hidden_N_H, weight_V_H, bias_V, teacher_logits, weights, token_ids_N=ids_N, softcap=softcap, **kwargs
         )
@@ -223,7 +223,11 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
     """
     cfg, acc = state.cfg, state.accelerator
     params = [p for p in state.policy.parameters() if p.requires_grad]
-    if cfg.optim.grad_clip > 0:
+    if cfg.parallel.strategy == "fsdp2":  # sharded gradients: the norm needs one all-reduce
+        from vopd.parallel import clip_grad_norm
+
+        grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+    elif cfg.optim.grad_clip > 0:
         grad_norm = float(acc.clip_grad_norm_(params, cfg.optim.grad_clip))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
@@ -437,11 +441,17 @@ def _save_on_error(state: TrainState):
 def _save(state: TrainState) -> Path | None:
     acc = state.accelerator
     acc.wait_for_everyone()
-    path = None
+    path, gathered = None, {}
+    if state.cfg.parallel.strategy == "fsdp2":  # gather full tensors on every rank (collectives), rank 0 writes
+        from vopd.parallel import full_model_state, full_optimizer_state
+
+        gathered = dict(model_state=full_model_state(state.policy), teacher_state=state.teacher.state_dict(),
+                        optimizer_state=full_optimizer_state(state.student, state.optimizer))
     if acc.is_main_process:
         path = save_checkpoint(
             state.cfg.output_dir, state.step, model=state.policy, processor=state.processor,
-            teacher_state=state.teacher.state_dict(), optimizer=state.optimizer, scheduler=state.scheduler,
+            teacher_state=gathered.pop("teacher_state", None) or state.teacher.state_dict(), optimizer=state.optimizer,
+            scheduler=state.scheduler, **gathered,
             extra={"skipped_steps": state.skipped_steps, "world_size": acc.num_processes, "config": config_to_dict(state.cfg)},
             keep=state.cfg.keep_checkpoints,
         )

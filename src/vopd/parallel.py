@@ -1,0 +1,305 @@
+"""Sharded training with FSDP2 (``parallel.strategy=fsdp2``): student and teacher sharded alike.
+
+Plan: every module whose class is in the model's ``_no_split_modules`` (decoder layers, vision
+blocks) becomes its own FSDP2 unit, gathered just before it runs and freed right after; the
+rest (embeddings, LM head, final norm, vision merger) forms the root unit, a wrapper around the
+model. The teacher copy gets the *same* plan, so each of its local shards lines up with the
+student's and the EMA update is a local ``torch._foreach_lerp_`` with no communication.
+
+Why the root is a wrapper and is gathered explicitly: vopd calls the model's parts directly
+(the backbone for hidden states, the LM head chunk by chunk in the fused loss, ``generate`` for
+rollouts), not only ``model.forward``. The student wrapper is `vopd.train_setup.ResponseHidden`,
+whose forward FSDP2 hooks; with ``reshard_after_forward=False`` its root parameters (LM head
+included) stay gathered from the forward until the backward has reduce-scattered their
+gradients, so the fused chunked loss runs unchanged on the plain gathered head (no extra
+gather; `benchmarks/bench_fsdp2_head.py` measures it). Rollouts run inside
+:func:`root_gathered`; the teacher's root is gathered at its first scoring of a step and freed
+before its EMA update.
+
+Checkpoints (documented choice, not DCP): the student and teacher are gathered to full tensors
+on rank 0 and written in the ordinary layout (a plain HF folder + ``trainer_state``); the
+optimiser state is gathered to a full, name-keyed state dict. On resume every rank reads the
+full state and keeps its own shard, so a resume at another world size just works. Cost: rank 0
+holds one full copy of the optimiser state in host memory while saving (72 GB at 9B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when ``module`` holds FSDP2-sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group; a plain 1-process run gets a private 1-rank one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    store = dist.FileStore(tempfile.mktemp(prefix="vopd-pg-"), 1)
+    dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=store, rank=0, world_size=1)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that become FSDP2 units: instances of the classes in ``_no_split_modules``."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(f"{type(model).__name__} names no _no_split_modules: no per-layer FSDP2 plan; use parallel.strategy=ddp")
+    return units
+
+
+def apply_fsdp2(root: nn.Module, model: nn.Module, *, device: torch.device, param_dtype: torch.dtype | None) -> None:
+    """Shard ``model``'s layers / blocks, then ``root`` (a wrapper around ``model``), in place.
+
+    ``param_dtype`` (e.g. bf16) is the gathered compute dtype; the sharded parameters, the
+    optimiser and the gradient reduction stay in the parameters' own dtype (fp32 master weights).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def _lazy_init(root: nn.Module) -> None:
+    # FSDP2 decides which unit is the root when the first forward runs; rollouts and the teacher
+    # reach the model's parts without the root's forward, so settle it here. (torch private API:
+    # FSDPModule has no public lazy-init hook in torch 2.13.)
+    root._get_fsdp_state()._lazy_init()
+
+
+def gather_root(root: nn.Module) -> None:
+    """All-gather the root unit's own parameters (not the layers': those gather when they run)."""
+    _lazy_init(root)
+    root.unshard()
+
+
+@contextlib.contextmanager
+def root_gathered(root: nn.Module) -> Iterator[None]:
+    """The root unit's parameters (embeddings, LM head, norms) gathered inside the block."""
+    gather_root(root)
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+class ShardedSampling:
+    """A rollout engine whose ``sample`` runs with the student's root unit gathered."""
+
+    def __init__(self, engine: Any, root: nn.Module):
+        self.engine = engine
+        self.root = root
+
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        with root_gathered(self.root), torch.no_grad():
+            return self.engine.sample(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+class TeacherRoot(nn.Module):
+    """The teacher copy's root unit (its forward never runs: see :func:`root_gathered`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The full tensor of a (possibly sharded) tensor, on CPU. Collective: every rank calls it."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+
+
+class ShardedTeacher:
+    """A frozen or EMA teacher sharded with the student's plan (the `vopd.teacher.Teacher` protocol).
+
+    The EMA keeps `vopd.teacher.CopyTeacher`'s arithmetic: parameters are matched by name and
+    shape; a low-precision (bf16) copy averages in fp32 master shards and is refreshed from them;
+    an fp32 copy averages in place. Each rank does this on its own shards only.
+    """
+
+    def __init__(self, kind: str, root: TeacherRoot, student: nn.Module, *, rate: float):
+        from vopd.teacher import CopyTeacher, matched_parameters
+
+        if kind not in ("ema", "frozen"):
+            raise ValueError(f"teacher.kind={kind} is not supported with parallel.strategy=fsdp2 (use ema or frozen)")
+        self.kind, self.root, self.rate = kind, root, rate
+        self.model = root.model
+        self._scorer = CopyTeacher(self.model, kind="frozen")  # scoring only; the EMA is done here
+        self._gathered = False
+        self._pairs = matched_parameters(self.model, student)  # raises on a name / shape mismatch
+        self._names = [n for n, _ in student.named_parameters()]
+        self.master: dict[str, Tensor] = {}
+        if kind == "ema":  # fp32 master shards of the low-precision parameters, from the exact student weights
+            for name, (p_tgt, p_src) in zip(self._names, self._pairs):
+                if p_tgt.dtype.is_floating_point and torch.finfo(p_tgt.dtype).bits < 32:
+                    self.master[name] = _local(p_src).detach().to(torch.float32, copy=True)
+
+    def logits_fn(self, inputs: Any, num_response_tokens: int, mask_B_T: Tensor) -> Any:
+        if not self._gathered:  # kept gathered until the update: the loss reads the head chunk by chunk
+            gather_root(self.root)
+            self._gathered = True
+        return self._scorer.logits_fn(inputs, num_response_tokens, mask_B_T)
+
+    def _release(self) -> None:
+        if self._gathered:
+            self.root.reshard()
+            self._gathered = False
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        self._release()
+        if self.kind != "ema":
+            return
+        from vopd.teacher import matched_parameters
+
+        pairs = matched_parameters(self.model, student)  # the sharded parameters (after _release)
+        fp32_t, fp32_s, masters, low_t, low_s = [], [], [], [], []
+        for name, (p_tgt, p_src) in zip(self._names, pairs):
+            t, s = _local(p_tgt), _local(p_src).detach()
+            if name in self.master:
+                masters.append(self.master[name])
+                low_t.append(t)
+                low_s.append(s.to(torch.float32))
+            else:
+                fp32_t.append(t)
+                fp32_s.append(s.to(t.dtype))
+        if fp32_t:
+            torch._foreach_lerp_(fp32_t, fp32_s, self.rate)
+        if masters:
+            torch._foreach_lerp_(masters, low_s, self.rate)
+            torch._foreach_copy_(low_t, masters)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Full tensors (collective: every rank calls it); EMA parameters at fp32 master precision."""
+        self._release()
+        out = {k: _full(v) for k, v in self.model.state_dict().items()}
+        params = dict(self.model.named_parameters())
+        for name, master in self.master.items():
+            p = params[name]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+
+                master_d = DTensor.from_local(master, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                out[name] = _full(master_d)
+            else:
+                out[name] = master.detach().cpu()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load full tensors (every rank passes the whole state and keeps its own shards)."""
+        self._release()
+        current = self.model.state_dict()
+        missing, extra = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+        if missing or extra:
+            raise ValueError(f"teacher state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, target in current.items():
+            _local(target).copy_(_shard_of(state[name], target))
+        for name, master in self.master.items():
+            master.copy_(_shard_of(state[name], current[name]).to(torch.float32))
+
+
+def _shard_of(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``full`` laid out like the (possibly sharded) tensor ``like``."""
+    if not hasattr(like, "device_mesh"):
+        return full.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements).to_local()
+
+
+def build_sharded(
+    student_root: nn.Module, policy: nn.Module, *, teacher_kind: str, rate: float,
+    teacher_dtype: torch.dtype | None, param_dtype: torch.dtype | None, device: torch.device,
+) -> ShardedTeacher:
+    """Copy the teacher from the unsharded ``policy``, then shard student and teacher with one plan."""
+    import copy
+
+    teacher_model = copy.deepcopy(policy)
+    if teacher_dtype is not None:
+        teacher_model.to(teacher_dtype)
+    teacher_model.eval()
+    teacher_model.requires_grad_(False)
+    teacher_root = TeacherRoot(teacher_model)
+    apply_fsdp2(student_root, policy, device=device, param_dtype=param_dtype)
+    apply_fsdp2(teacher_root, teacher_model, device=device, param_dtype=None)
+    return ShardedTeacher(teacher_kind, teacher_root, policy, rate=rate)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global gradient norm over sharded gradients; clips in place when ``max_norm > 0``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        local_sq += _local(g).detach().float().pow(2).sum()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(local_sq)
+    norm = float(local_sq.sqrt())
+    if max_norm > 0 and grads:
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1.0:
+            torch._foreach_mul_([_local(g) for g in grads], scale)
+    return norm
+
+
+def full_model_state(policy: nn.Module) -> dict[str, Tensor]:
+    """The student's full state dict on CPU (collective)."""
+    return {k: _full(v) for k, v in policy.state_dict().items()}
+
+
+def full_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's full, parameter-name-keyed state (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimiser state saved by :func:`full_optimizer_state` at any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def check_resume(saved: dict[str, Any], strategy: str, world_size: int) -> str | None:
+    """Refuse a resume across strategies (the optimiser state layouts differ); say what changes."""
+    old = ((saved.get("config") or {}).get("parallel") or {}).get("strategy", "ddp")
+    if old != strategy:
+        raise ValueError(
+            f"the checkpoint was written with parallel.strategy={old}; resume it with parallel.strategy={old} "
+            f"(this run has {strategy}): the optimiser state layouts differ"
+        )
+    old_world = saved.get("world_size")
+    if strategy == "fsdp2" and old_world and old_world != world_size:
+        return f"resume: world size {old_world} -> {world_size} (fsdp2 reshards the full state on load)"
+    return None
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
