@@ -32,6 +32,7 @@ class PromptPair:
     teacher: Any
     sample_ids: list[str]
     skipped: list[str] = field(default_factory=list)  # "file:row: reason" of rows replaced (on_error=skip)
+    error: str = ""  # with defer_errors: why this batch could not be built (the consumer raises it)
 
 
 class ViewItem(NamedTuple):
@@ -43,6 +44,7 @@ class ViewItem(NamedTuple):
     text: str
     origin: str = ""  # file:row of the sample
     skipped: tuple[str, ...] = ()
+    error: str = ""  # with defer_errors: why this row cannot be used (no images then)
 
 
 def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise") -> list[Sample]:
@@ -104,11 +106,14 @@ class ViewDataset(torch.utils.data.Dataset):
     An image that fails to load or decode here (e.g. a truncated file whose header read fine
     when the records were checked) raises naming ``file:row``, or with ``on_error="skip"`` the
     item is replaced by the next loadable sample (deterministic, so resumes stay exact) and the
-    failed row is reported in ``skipped``.
+    failed row is reported in ``skipped``. ``defer_errors`` returns the error in the item instead
+    of raising, for data-loader workers: their exceptions reach the main process wrapped in a
+    worker traceback, while a returned message is raised there as it is (see `PairCollator`).
     """
 
     def __init__(self, samples: list[Sample], views: ViewConfig, *, teacher_sees: str = "crop",
-                 origins: list[str] | None = None, on_error: str = "raise"):
+                 origins: list[str] | None = None, on_error: str = "raise", defer_errors: bool = False):
+        self.defer_errors = defer_errors
         self.samples = samples
         self.views = views
         self.teacher_sees = teacher_sees
@@ -132,27 +137,45 @@ class ViewDataset(torch.utils.data.Dataset):
             sample = self.samples[j]
             try:
                 student, teacher, text = self._views(sample)
-            except (ImageError, RecordError) as err:
-                reason = err.reason if isinstance(err, RecordError) else str(err)
+            except (ImageError, RecordError, OSError, ValueError) as err:  # PIL's own decode errors too
+                reason = err.reason if isinstance(err, RecordError) else str(err) or type(err).__name__
                 if self.on_error != "skip":
-                    raise RecordError(f"{reason} (data.on_error=skip skips such rows)",
-                                      file=self.origins[j], field=getattr(err, "field", None)) from None
+                    return self._fail(i, RecordError(f"{reason} (data.on_error=skip skips such rows)",
+                                                     file=self.origins[j], field=getattr(err, "field", None)))
                 skipped.append(f"{self.origins[j]}: {reason}")
                 continue
             return ViewItem(sample.id, student, teacher, text, self.origins[j], tuple(skipped))
-        raise RecordError(f"no sample of the {len(self.samples)} can be loaded; first: {skipped[0]}")
+        return self._fail(i, RecordError(f"no sample of the {len(self.samples)} can be loaded; first: {skipped[0]}"))
+
+    def _fail(self, i: int, err: RecordError) -> ViewItem:
+        if not self.defer_errors:
+            raise err
+        return ViewItem(self.samples[i].id, None, None, "", self.origins[i], (), str(err))  # type: ignore[arg-type]
 
 
 class PairCollator:
     """Turns view items into a :class:`PromptPair` with the model's processor."""
 
-    def __init__(self, processor: Any, *, thinking: bool | None, max_prompt_tokens: int | None):
+    def __init__(self, processor: Any, *, thinking: bool | None, max_prompt_tokens: int | None,
+                 defer_errors: bool = False):
         self.processor = processor
         self.thinking = thinking
         self.max_prompt_tokens = max_prompt_tokens
+        self.defer_errors = defer_errors  # return a PromptPair with .error instead of raising (workers)
 
     def __call__(self, items: list[ViewItem | tuple[str, Image.Image, Image.Image, str]]) -> PromptPair:
         ids = [it[0] for it in items]
+        try:
+            return self._collate(items, ids)
+        except RecordError as err:
+            if not self.defer_errors:
+                raise
+            return PromptPair(student=None, teacher=None, sample_ids=ids, error=str(err))
+
+    def _collate(self, items: list, ids: list[str]) -> PromptPair:
+        failed = next((it.error for it in items if getattr(it, "error", "")), "")
+        if failed:
+            raise RecordError(failed)
         texts = [it[3] for it in items]
         student = build_prompts(self.processor, [it[1] for it in items], texts, thinking=self.thinking)
         teacher = build_prompts(self.processor, [it[2] for it in items], texts, thinking=self.thinking)

@@ -243,7 +243,8 @@ def setup(
         seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
         rank=acc.process_index, world_size=acc.num_processes,
     )
-    dataset = ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view, origins=origins, on_error=cfg.data.on_error)
+    dataset = ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view, origins=origins,
+                          on_error=cfg.data.on_error, defer_errors=True)  # raised by the loop, not in a worker
     return state, sampler, dataset, total_steps
 
 

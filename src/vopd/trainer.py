@@ -33,6 +33,7 @@ from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, SharedPrompts
 from vopd.models import output_head
 from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence, rollout_correction
+from vopd.records import RecordError
 from vopd.rollout import Rollouts
 from vopd.runfolder import truncate_metrics
 from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
@@ -331,7 +332,8 @@ def train(
                   f"(raise max_steps to continue). Checkpoint: {ckpt}")
         return TrainResult(Path(cfg.output_dir), ckpt, state.step, [], False, time.perf_counter() - start)
     acc.init_trackers("vopd", config=_flat(config_to_dict(cfg)))
-    collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                           defer_errors=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # keep the global RNG untouched (exact resume)
@@ -351,6 +353,8 @@ def train(
     with _StopFlag() as stop, _save_on_error(state):
         batches: list[PromptPair] = []
         for pair in loader:
+            if pair.error:  # a row that cannot be used (data.on_error=raise), named file:row
+                raise RecordError(pair.error)
             batches.append(pair)
             if len(batches) < per_step:
                 continue
