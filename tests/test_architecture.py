@@ -48,6 +48,7 @@ LAYER: dict[str, str] = {
     "vopd.train_setup": "training",
     "vopd.trainer": "training",
     "vopd.parallel": "training",
+    "vopd.lora": "training",
     # applications
     "vopd.evaluation": "applications",  # package
     "vopd.toyworld": "applications",  # package

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "HealthConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -236,6 +237,28 @@ class ParallelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (see :mod:`vopd.lora`, docs/scaling.md)."""
+
+    r: int = knob(0, "LoRA rank; 0 = off (full fine-tuning). Needs peft (the lora extra). The teacher is the base "
+                     "with adapters off (frozen) or a second adapter (ema): no second model copy", ge=0)
+    alpha: float = knob(16.0, "LoRA scaling numerator (the adapter update is scaled by alpha / r)", gt=0)
+    dropout: float = knob(0.0, "dropout on the adapter input (student only; the teacher scores without it)",
+                          ge=0, lt=1)
+    target_modules: list[str] = knob(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="module names that get adapters (peft suffix matching); the default adapts the language model's "
+             "attention and MLP, not the vision tower")
+    save_merged: bool = knob(False, "also write base + adapter merged as a plain HF folder (merged/) in each "
+                                    "checkpoint (a full model copy on disk per checkpoint)")
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "lora")
+        if self.r > 0 and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: name the modules that get adapters (e.g. [q_proj, v_proj])")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -246,6 +269,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     output_dir: str = knob("runs/vopd", "checkpoints, metrics.jsonl, TensorBoard logs")
     seed: int = knob(0, "seeds the model init (tiny:*), data order and sampling", ge=0)
     prompts_per_step: int = knob(96, "prompts per optimiser step (global, over all processes); x rollout.n "
@@ -276,6 +300,8 @@ class TrainConfig:
                 raise ConfigError(f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}")
             if self.health.every > 0:
                 raise ConfigError("health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0")
+            if self.lora.r > 0:
+                raise ConfigError("lora.r > 0 with parallel.strategy=fsdp2 is not supported: LoRA runs with ddp")
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -64,6 +64,7 @@ class TrainState:
     mid_update: bool = False  # between the optimiser update and the step count: not consistent to save
     param_norm: float | None = None  # global parameter norm after the last update (divergence guard)
     history: list[dict[str, float]] = field(default_factory=list)
+    adapters: Any = None  # the peft model when lora.r > 0 (vopd.lora); checkpoints then hold the adapter
 
 
 def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -174,7 +175,8 @@ def setup(
     acc.wait_for_everyone()
     ckpt, saved = _resume_point(cfg, acc) if resume else (None, None)
     try:
-        policy, processor = resolve_model(cfg, str(ckpt) if ckpt else None)
+        # A LoRA checkpoint holds the adapter: the base comes from model.path, the adapter below.
+        policy, processor = resolve_model(cfg, str(ckpt) if ckpt and cfg.lora.r == 0 else None)
     except (OSError, ValueError, RuntimeError) as err:
         if ckpt is None:
             raise
@@ -187,6 +189,13 @@ def setup(
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    adapters = None
+    if cfg.lora.r > 0:  # vopd.lora: adapters injected into policy in place; the teacher lives on the same base
+        from vopd.lora import apply_lora, load_adapter
+
+        adapters = apply_lora(policy, cfg.lora, ema_adapter=cfg.teacher.kind == "ema")
+        if ckpt is not None:
+            load_adapter(adapters, ckpt)
     sharded = cfg.parallel.strategy == "fsdp2"
     student = ResponseHidden(policy)
     if sharded:  # vopd.parallel: student and teacher sharded with one plan (before the optimiser sees the params)
@@ -196,6 +205,10 @@ def setup(
             student, policy, teacher_kind=cfg.teacher.kind, rate=cfg.teacher.rate, teacher_dtype=teacher_dtype,
             param_dtype=teacher_dtype, device=acc.device,
         )
+    elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
+        from vopd.lora import AdapterTeacher
+
+        teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.rate)
     else:
         external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
         teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
@@ -217,7 +230,7 @@ def setup(
     else:
         student = acc.prepare(student)
         optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
-    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine)
+    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine, adapters=adapters)
     if ckpt is not None:
         state.last_checkpoint = ckpt
         from vopd.parallel import check_resume

@@ -451,9 +451,14 @@ def _save(state: TrainState) -> Path | None:
 
         gathered = dict(model_state=full_model_state(state.policy), teacher_state=state.teacher.state_dict(),
                         optimizer_state=full_optimizer_state(state.student, state.optimizer))
+    model: Any = state.policy
+    if state.adapters is not None:  # LoRA: the adapter (and on request the merged model), not the base
+        from vopd.lora import AdapterSaver
+
+        model = AdapterSaver(state.adapters, save_merged=state.cfg.lora.save_merged)
     if acc.is_main_process:
         path = save_checkpoint(
-            state.cfg.output_dir, state.step, model=state.policy, processor=state.processor,
+            state.cfg.output_dir, state.step, model=model, processor=state.processor,
             teacher_state=gathered.pop("teacher_state", None) or state.teacher.state_dict(), optimizer=state.optimizer,
             scheduler=state.scheduler, **gathered,
             extra={"skipped_steps": state.skipped_steps, "world_size": acc.num_processes, "config": config_to_dict(state.cfg)},
