@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.trainer as trainer_mod
 from vopd.checkpoint import (
     CheckpointError,
@@ -289,3 +290,22 @@ def test_an_error_mid_run_saves_the_finished_steps_first(tmp_path, capsys):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     res = train(_cfg(tmp_path, "max_steps=4", "save_every=0"), resume=True)
     assert res.steps == 4
+
+
+def test_a_full_disk_during_save_leaves_no_half_checkpoint(two_checkpoints, tmp_path, monkeypatch):
+    """ENOSPC while writing the teacher: a clear error, no temporary folder, older checkpoints intact."""
+    import errno
+
+    import vopd.checkpoint as ckpt_mod
+
+    out = _copy(two_checkpoints, tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(CheckpointError, match="could not write checkpoint-3 .*No space left.*untouched"):
+        train(_cfg(out, "max_steps=3", "save_every=1"), resume=True)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2"]
+    check_checkpoint(out / "checkpoint-2")

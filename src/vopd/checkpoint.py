@@ -288,23 +288,29 @@ def save_checkpoint(
     tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    if processor is not None:
-        processor.save_pretrained(tmp)
-    state_dir = tmp / STATE_DIR
-    state_dir.mkdir()
-    if teacher_state:
-        # Tied weights share storage; safetensors wants each tensor once, so clone.
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in teacher_state.items()}, state_dir / "teacher.safetensors")
-    torch.save(
-        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
-        state_dir / "optim_rng.pt",
-    )
-    # state.json last: it lists every other file with its size, so a resume can tell a complete
-    # checkpoint from one whose bytes an OS crash lost.
-    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (state_dir / "state.json").write_text(json.dumps({"step": step, **extra, "files": files}, indent=2))
-    _fsync_tree(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        state_dir = tmp / STATE_DIR
+        state_dir.mkdir()
+        if teacher_state:
+            # Tied weights share storage; safetensors wants each tensor once, so clone.
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in teacher_state.items()},
+                      state_dir / "teacher.safetensors")
+        torch.save(
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
+            state_dir / "optim_rng.pt",
+        )
+        # state.json last: it lists every other file with its size, so a resume can tell a complete
+        # checkpoint from one whose bytes an OS crash lost.
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (state_dir / "state.json").write_text(json.dumps({"step": step, **extra, "files": files}, indent=2))
+        _fsync_tree(tmp)
+    except OSError as err:  # a full disk, a quota, a vanished mount: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint-{step} under {root} ({err}); the earlier checkpoints "
+                              "are untouched. Free space (or fix the folder) and --resume") from err
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
         old = root / f".checkpoint-{step}.old-{os.getpid()}"
         final.rename(old)

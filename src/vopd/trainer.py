@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vopd.checkpoint import save_checkpoint
+from vopd.checkpoint import CheckpointError, save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, SharedPrompts
@@ -426,8 +426,8 @@ def _save_on_error(state: TrainState):
     would wait forever for the processes that did not fail."""
     try:
         yield
-    except TrainingError:
-        raise  # diverging: the last good checkpoint is the one to go back to
+    except (TrainingError, CheckpointError):
+        raise  # diverging (the last good checkpoint is the one to go back to), or saving itself failed
     except Exception:
         saved_step = int(state.last_checkpoint.name.split("-")[-1]) if state.last_checkpoint else 0
         if state.mid_update or state.step <= saved_step or state.accelerator.num_processes > 1:
