@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_markdown, summary, timed, write_results  # noqa: E402
 
-from vopd.objectives import chunked_token_divergence, fused_chunked_divergence, token_divergence  # noqa: E402
+from vopd.fused_loss import chunked_token_divergence, fused_chunked_divergence  # noqa: E402
+from vopd.objectives import token_divergence  # noqa: E402
 
 H, V, K = 2048, 151_936, 100
 PATHS = ("straightforward", "chunked", "fused")

@@ -29,6 +29,7 @@ LAYER: dict[str, str] = {
     "vopd.datasets": "core",  # package: readers of other dataset layouts
     "vopd.grading": "core",
     "vopd.objectives": "core",
+    "vopd.fused_loss": "core",
     "vopd.models": "core",
     "vopd.processors": "core",
     "vopd.fastpath": "core",

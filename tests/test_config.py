@@ -71,7 +71,7 @@ def test_paper_recipe_matches_method():
     assert (cfg.prompts_per_step, cfg.rollout.n) == (96, 8)
     assert cfg.optim.lr == pytest.approx(2e-6) and cfg.optim.warmup_steps == 10
     assert (cfg.loss.beta, cfg.loss.estimator, cfg.loss.top_k, cfg.loss.add_tail) == (0.5, "topk", 100, True)
-    assert (cfg.teacher.kind, cfg.teacher.rate) == ("ema", 0.05)
+    assert (cfg.teacher.kind, cfg.teacher.ema_rate, cfg.teacher.mix) == ("ema", 0.05, 0.05)
     assert cfg.rollout.max_new_tokens == 1024 and cfg.mixed_precision == "bf16" and cfg.epochs == 1.0
 
 

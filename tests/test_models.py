@@ -222,7 +222,7 @@ def test_bf16_ema_teacher_tracks_the_fp32_average():
     with torch.no_grad():
         student.weight.copy_(torch.randn(64, 64, generator=gen) * 0.02)
     direction = torch.randn(64, 64, generator=gen).sign()
-    teacher = make_teacher("ema", student, rate=0.05, dtype=torch.bfloat16)
+    teacher = make_teacher("ema", student, ema_rate=0.05, dtype=torch.bfloat16)
     reference = {k: v.detach().double().clone() for k, v in student.named_parameters()}
     start = reference["weight"].clone()
     for _ in range(65):  # the paper's run: 65 steps of ~lr (2e-6) each
@@ -240,6 +240,6 @@ def test_bf16_ema_teacher_tracks_the_fp32_average():
     expected = ((reference["weight"] - start) * direction).mean()
     assert moved == pytest.approx(float(expected), rel=1e-3) and expected > 5e-5
     # Resume: a fresh teacher loaded from the state continues from the fp32 average, not its bf16 copy.
-    again = make_teacher("ema", torch.nn.Linear(64, 64), rate=0.05, dtype=torch.bfloat16)
+    again = make_teacher("ema", torch.nn.Linear(64, 64), ema_rate=0.05, dtype=torch.bfloat16)
     again.load_state_dict(state)
     torch.testing.assert_close(again.state_dict()["weight"], state["weight"], rtol=0, atol=0)

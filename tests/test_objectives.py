@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vopd.fused_loss import chunked_token_divergence
 from vopd.objectives import (
     add_tail_bucket,
     aggregate,
-    chunked_token_divergence,
     generalized_jsd,
     importance_weights,
     rollout_correction,

@@ -1,12 +1,14 @@
 """`fused_chunked_divergence` equals `chunked_token_divergence` + `aggregate`: loss, stats and the
-gradients of the hidden states, head weight and head bias (float64, 1e-10)."""
+gradients of the hidden states, head weight and head bias (float64, 1e-10); the three paths of
+`distillation_loss` agree."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence
+from vopd.fused_loss import chunked_token_divergence, fused_chunked_divergence
+from vopd.objectives import aggregate
 
 H, V, B, T = 6, 37, 3, 5
 ESTIMATORS = {
@@ -106,27 +108,65 @@ def test_chunk_size_and_upstream_gradient_scale():
         torch.testing.assert_close(grad_w, results[0][2], atol=1e-12, rtol=0)
 
 
-def test_callable_weights_see_chunk_stats_and_gradients_accumulate():
-    """Weights from the chunk's stats (a rollout correction) equal precomputed ones; grads add to .grad."""
+def test_rollout_correction_from_chunk_stats_and_gradients_accumulate():
+    """The rollout correction made inside the pass from each chunk's student log-probs equals
+    precomputed weights; gradients add to an existing .grad."""
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(2)
     _, full_stats = chunked_token_divergence(hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], token_ids_N=ids_N, top_k=7)
-    sampler_logp_N = full_stats["student_logp_N"] + 0.3 * torch.randn(len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    w_N = (full_stats["student_logp_N"] - sampler_logp_N).exp().clamp(max=2.0) / len(ids_N)
-
-    def weight_fn(rows, stats_C):
-        return (stats_C["student_logp_N"] - sampler_logp_N[rows]).exp().clamp(max=2.0) / len(ids_N)
-
+    sampler_logp_N = full_stats["student_logp_N"] + 0.8 * torch.randn(len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    correction_N = (full_stats["student_logp_N"] - sampler_logp_N).exp().clamp(max=2.0)
+    assert float((correction_N - 1).abs().max()) > 0.1 and float(correction_N.max()) == 2.0  # clipped somewhere
+    base_N = torch.full((len(ids_N),), 1.0 / len(ids_N), dtype=torch.float64)
     outs = []
-    for weights in (w_N, weight_fn):
+    for weights, rollout in ((base_N * correction_N, None), (base_N, sampler_logp_N)):
         leaves = _leaves(hidden, weight, bias)
         for _ in range(2):  # second pass accumulates into the existing .grad
-            loss, stats = fused_chunked_divergence(*leaves, lambda r: teacher_N_V[r], weights, chunk_size=4, token_ids_N=ids_N, top_k=7)
+            loss, stats = fused_chunked_divergence(*leaves, lambda r: teacher_N_V[r], weights, chunk_size=4,
+                                                   token_ids_N=ids_N, top_k=7, rollout_logp_N=rollout, ratio_clip=2.0)
             loss.backward()
-        outs.append((loss.detach(), stats["weight_N"], [t.grad for t in leaves]))
+        outs.append((loss.detach(), stats, [t.grad for t in leaves]))
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-12, rtol=0)
-    torch.testing.assert_close(outs[1][1], w_N, atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs[1][1]["weight_N"], base_N * correction_N, atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs[1][1]["rollout_weight_N"], correction_N, atol=1e-12, rtol=0)
+    assert "rollout_weight_N" not in outs[0][1]
     for got, want in zip(outs[1][2], outs[0][2]):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rollout", [False, True])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+def test_distillation_loss_paths_agree(rollout, mode):
+    """The one call the trainer makes: fused (linear head), chunked (other head) and one piece
+    (logits given) give the same loss, stats and gradients, rollout correction included."""
+    from vopd.fused_loss import distillation_loss
+    from vopd.models import LinearHead
+    from vopd.objectives import loss_knobs, token_weights
+
+    mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(5)
+    knobs = loss_knobs("topk", top_k=7, beta=0.3)
+    weights_N = token_weights(mask_B_T, mode)
+    rollout_logp_N = -torch.rand(len(ids_N), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4 if rollout else None
+    results = []
+    for path in ("fused", "chunked", "one_piece"):
+        leaves = _leaves(hidden, weight, bias)
+        if path == "fused":
+            student, head = leaves[0], LinearHead(leaves[1], leaves[2], 3.0)
+        elif path == "chunked":
+            student, head = leaves[0], _head(leaves[1], leaves[2], 3.0)
+        else:
+            student, head = _head(leaves[1], leaves[2], 3.0)(leaves[0]), None
+        loss, stats = distillation_loss(student, head, lambda r: teacher_N_V[r], weights_N, knobs=knobs, token_ids_N=ids_N,
+                                        rollout_logp_N=rollout_logp_N, chunk_size=3)
+        results.append((loss.detach(), stats, _grads(loss, leaves)))
+    ref_loss, ref_stats, ref_grads = results[0]
+    assert float(ref_loss) != 0.0 and ("rollout_weight_N" in ref_stats) == rollout
+    for loss, stats, grads in results[1:]:
+        torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=0)
+        for key in ref_stats:
+            torch.testing.assert_close(stats[key], ref_stats[key], atol=1e-10, rtol=0, msg=key)
+        for got, want in zip(grads, ref_grads):
+            assert float(want.abs().max()) > 1e-6
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
 def test_no_grad_gives_the_loss_only_and_bad_arguments_raise():
@@ -146,9 +186,9 @@ def test_no_grad_gives_the_loss_only_and_bad_arguments_raise():
         fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, softcap=0.0, top_k=7)
 
 
-def test_second_backward_and_misshaped_callable_weights_raise_clearly():
+def test_second_backward_raises_clearly():
     """A retained graph cannot be backpropagated twice (the buffers were handed over): clear error,
-    not a TypeError; callable weights of the wrong shape must not broadcast silently."""
+    not a TypeError."""
     mask_B_T, hidden, weight, _, teacher_N_V, ids_N = _problem(4, bias=False)
     w_N = _weights(mask_B_T, "token_mean")
     leaves = _leaves(hidden, weight)
@@ -157,6 +197,5 @@ def test_second_backward_and_misshaped_callable_weights_raise_clearly():
     assert float(grad_h.abs().max()) > 0
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
-    with pytest.raises(ValueError, match="token weights for rows 0:4"):
-        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], lambda rows, st: torch.full((1,), 0.1),
-                                 chunk_size=4, top_k=7)
+    with pytest.raises(ValueError, match="rollout_logp_N needs token_ids_N"):
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, top_k=7, rollout_logp_N=w_N)

@@ -23,7 +23,7 @@ ARGS = [
     "model.path=tiny:qwen2_vl", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=4",
     "loss.top_k=16", "loss.chunk_size=7", "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=0",
     "prompts_per_step=4", "micro_batch_prompts=1", "report_to=[jsonl]", "threads=1", "rollout.temperature=0",
-    "teacher.kind=ema", "teacher.rate=0.5", "device=cpu", "save_every=1", "keep_checkpoints=0",
+    "teacher.kind=ema", "teacher.ema_rate=0.5", "device=cpu", "save_every=1", "keep_checkpoints=0",
 ]
 FSDP2 = "parallel.strategy=fsdp2"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

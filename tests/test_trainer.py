@@ -88,7 +88,7 @@ def test_grad_accumulation_uses_global_token_count(tmp_path):
 
 
 def test_ema_teacher_moves_towards_student_frozen_does_not(tmp_path):
-    res_e = train(_cfg(tmp_path / "e", "max_steps=1", "teacher.kind=ema", "teacher.rate=0.5"))
+    res_e = train(_cfg(tmp_path / "e", "max_steps=1", "teacher.kind=ema", "teacher.ema_rate=0.5"))
     res_f = train(_cfg(tmp_path / "f", "max_steps=1", "teacher.kind=frozen"))
     for res in (res_e, res_f):
         assert res.history[0]["skipped"] == 0.0
@@ -112,9 +112,8 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
             return loss * float("nan"), stats
         return poisoned
 
-    # The trainer uses the fused loss with a plain linear head, the chunked one otherwise.
-    for name in ("chunked_token_divergence", "fused_chunked_divergence"):
-        monkeypatch.setattr(trainer_mod, name, poison(getattr(trainer_mod, name)))
+    # The trainer's one loss call per micro-batch (fused, chunked or one piece inside).
+    monkeypatch.setattr(trainer_mod, "distillation_loss", poison(trainer_mod.distillation_loss))
     with pytest.raises(TrainingError, match="2 non-finite"):
         train(_cfg(tmp_path, "max_steps=5", "max_bad_steps=2", "save_every=1"))
     assert calls["n"] == 4  # 2 steps x 2 micro-batches, then the run stopped
@@ -264,7 +263,7 @@ def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
 def test_health_rollback_restores_the_last_healthy_teacher(tmp_path):
     """An EMA teacher that drifts past the threshold is put back to its last healthy weights."""
     common = ("max_steps=2", "health.every=1", "health.probe_size=4", "health.max_new_tokens=4",
-              "health.probe_data=toyworld:4:9", "optim.lr=3e-2", "teacher.kind=ema", "teacher.rate=1.0",
+              "health.probe_data=toyworld:4:9", "optim.lr=3e-2", "teacher.kind=ema", "teacher.ema_rate=1.0",
               "health.drift_warn=1e-9", "health.on_degrade=rollback")
     with pytest.warns(UserWarning, match="teacher degrading"):
         res = train(_cfg(tmp_path, *common))

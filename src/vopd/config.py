@@ -16,6 +16,7 @@ This module imports no model code (no torch, no transformers).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,7 +167,7 @@ class LossConfig:
     rollout_correction: bool = knob(False, "weight tokens by min(pi_trainer/pi_sampler, clip); for external samplers")
     ratio_clip: float = knob(2.0, "clip of the rollout-correction weight", gt=0)
     chunk_size: int = knob(128, "response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB "
-                                "per tensor)", ge=1)
+                                "per tensor); results do not depend on it", ge=1)
 
     def __post_init__(self) -> None:
         check_knobs(self, "loss")
@@ -178,14 +179,24 @@ class LossConfig:
 class TeacherConfig:
     kind: str = knob("ema", "ema | frozen | trust_region | live | external",
                      choices=("ema", "frozen", "trust_region", "live", "external"))
-    rate: float = knob(0.05, "ema: theta_T <- (1-rate) theta_T + rate theta_S per step; trust_region: logit mix",
-                       ge=0, le=1)
+    ema_rate: float = knob(0.05, "kind=ema: theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S after every "
+                                 "optimiser step", ge=0, le=1)
+    mix: float = knob(0.05, "kind=trust_region: teacher logits = lerp(initial-model logits, current-student logits, "
+                            "mix)", ge=0, le=1)
     path: str | None = knob(None, "checkpoint for kind=external")
     view: str = knob("crop", "what the teacher sees: crop (Vision-OPD) or full (control: no privileged view)",
                      choices=("crop", "full"))
+    rate: float | None = knob(None, "deprecated old name, mapped by kind: sets mix for kind=trust_region, else "
+                                    "ema_rate (with a warning)", ge=0, le=1)
 
     def __post_init__(self) -> None:
         check_knobs(self, "teacher")
+        if self.rate is not None:  # the old knob meant the EMA rate or the trust-region mix, by kind
+            target = "mix" if self.kind == "trust_region" else "ema_rate"
+            warnings.warn(f"teacher.rate is deprecated: use teacher.{target} (set to {self.rate} for "
+                          f"teacher.kind={self.kind})", FutureWarning, stacklevel=2)
+            setattr(self, target, self.rate)
+            self.rate = None
         if self.kind == "external" and not self.path:
             raise ConfigError("teacher.kind=external needs teacher.path=<checkpoint>")
 

@@ -18,6 +18,14 @@ other model, gradient checkpointing (which drops the cache in training) or ``mod
 the straightforward path. `SharedPrompts` carries the choice, so the student and the teacher
 score the same responses the same way.
 
+This module is the one place that knows which families share a prompt: `PREFIX_FAMILIES` also
+decides where `vopd.rollout` decodes n samples from one prefill, through the same
+`prefill_prompts` / `text_positions` (M-RoPE positions of the text after a prompt).
+
+What a model scores is a `ScoredBatch`: `SharedPrompts`, `NaiveInputs` (``naive=true``) or
+`FullInputs` (an already assembled prompt + response batch); each gives
+``response_hidden_states(model)``.
+
 Axis suffixes: P prompts, B = P * n rows, L prompt length, T response tokens, H hidden size.
 """
 
@@ -29,21 +37,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vopd.models import append_responses, repeat_prompts, response_hidden_states
+from vopd.models import append_responses, backbone, repeat_prompts, response_hidden_states
 
-__all__ = ["MODES", "SharedPrompts", "NaiveInputs", "sharing_mode", "PREFIX_FAMILIES", "IMAGE_FAMILIES"]
+__all__ = ["MODES", "SharedPrompts", "NaiveInputs", "FullInputs", "ScoredBatch", "sharing_mode", "PREFIX_FAMILIES",
+           "IMAGE_FAMILIES", "Prefill", "prefill_prompts", "text_positions"]
 
 MODES = ("prefix", "image", "none")
 
-# model_type -> verified by tests/test_fastpath.py (same hidden states and gradients as the
-# straightforward computation). Qwen3.5 (hybrid linear-attention layers, whose recurrent cache is
-# not a key/value cache) is not verified for prefix sharing; it gets the image shortcut.
+# model_type -> prompt computed once for its n rows: verified for scoring by tests/test_fastpath.py
+# (same hidden states and gradients as the straightforward computation) and for sampling by
+# tests/test_rollout_sharing.py (same tokens and log-probs as generate()). Qwen3.5 (hybrid
+# linear-attention layers, whose recurrent cache is not a key/value cache) is not verified for
+# prefix sharing; it gets the image shortcut.
 PREFIX_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 IMAGE_FAMILIES = PREFIX_FAMILIES | {"qwen3_5"}
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    return getattr(model, getattr(model, "base_model_prefix", "model"))
 
 
 def sharing_mode(model: nn.Module, requested: str = "prefix") -> str:
@@ -106,15 +113,34 @@ class NaiveInputs:
     inputs: dict[str, Any]
     num_response_tokens: int
 
+    def response_logits(self, model: nn.Module) -> Tensor:
+        """[B, T, V] logits predicting the response tokens, from the model's full forward."""
+        start = self.inputs["input_ids"].shape[1] - self.num_response_tokens - 1
+        return model(**self.inputs, use_cache=False).logits[:, start : start + self.num_response_tokens]
+
     def response_hidden_states(self, model: nn.Module) -> Tensor:
         captured: list[Tensor] = []
-        hook = _backbone(model).register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+        hook = backbone(model).register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
         try:
             model(**self.inputs, use_cache=False)  # computes (and drops) [B, L+T, V] logits
         finally:
             hook.remove()
         total, T = self.inputs["input_ids"].shape[1], self.num_response_tokens
         return captured[-1][:, total - T - 1 : total - 1]
+
+
+@dataclass
+class FullInputs:
+    """An assembled prompt + response batch (`vopd.models.append_responses`), scored straightforwardly."""
+
+    inputs: dict[str, Any]
+    num_response_tokens: int
+
+    def response_hidden_states(self, model: nn.Module) -> Tensor:
+        return response_hidden_states(model, self.inputs, self.num_response_tokens)
+
+
+ScoredBatch = SharedPrompts | NaiveInputs | FullInputs
 
 
 def _image_order(prompts: Any, n: int) -> list[int]:
@@ -164,44 +190,71 @@ def _encode_images_once(backbone: nn.Module, prompts: Any, order: list[int]) -> 
 
 
 def _image_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
-    backbone, prompts, n = _backbone(model), shared.prompts, shared.n
+    base, prompts, n = backbone(model), shared.prompts, shared.n
     text_only = {k: v for k, v in prompts.items() if k not in ("pixel_values", "image_grid_thw")}
     inputs = append_responses(repeat_prompts(text_only, n), shared.response_ids_B_T, shared.mask_B_T)
     order = _image_order(prompts, n)
     inputs["image_grid_thw"] = prompts["image_grid_thw"][order]  # for M-RoPE positions
-    inputs["mm_encoder_outputs"] = _encode_images_once(backbone, prompts, order)
+    inputs["mm_encoder_outputs"] = _encode_images_once(base, prompts, order)
     total, T = inputs["input_ids"].shape[1], shared.num_response_tokens
-    out = backbone(**inputs, use_cache=False, return_dict=True)
+    out = base(**inputs, use_cache=False, return_dict=True)
     return out.last_hidden_state[:, total - T - 1 : total - 1]
 
 
-def _prefix_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
+@dataclass
+class Prefill:
+    """P prompts run through the decoder once: their hidden states, key/value cache and next positions."""
+
+    hidden_P_L_H: Tensor  # final hidden states of the prompt tokens
+    cache: Any  # transformers DynamicCache over the P prompts
+    next_pos_P: Tensor  # M-RoPE position of the first token after each prompt (same on all three axes)
+
+    def repeat(self, n: int) -> Tensor:
+        """Expand the cache to P*n rows (prompt-major, in place); returns the P*n next positions.
+
+        Differentiable: gradients of all n rows sum into the prompt's keys and values."""
+        self.cache.batch_repeat_interleave(n)
+        return self.next_pos_P.repeat_interleave(n)
+
+
+def prefill_prompts(base: nn.Module, prompts: Any) -> Prefill:
+    """Run left-padded prompts through ``base`` (the backbone, `vopd.models.backbone`) with a cache.
+
+    M-RoPE positions of the prompt come from the model's own rule; text after the prompt continues
+    from the prompt's largest position + 1 on all three axes (left padding keeps columns aligned).
+    """
     from transformers import DynamicCache
 
-    backbone, prompts, n = _backbone(model), shared.prompts, shared.n
-    ids_B_T, T = shared.response_ids_B_T, shared.num_response_tokens
-    prompt_mask_P_L = prompts["attention_mask"]
-    # M-RoPE positions of the prompt, from the model's own rule; text after the prompt continues
-    # from the prompt's largest position + 1 on all three axes (left padding keeps columns aligned).
-    pos_3_P_L = backbone.compute_3d_position_ids(
+    pos_3_P_L = base.compute_3d_position_ids(
         input_ids=prompts["input_ids"], inputs_embeds=None, image_grid_thw=prompts.get("image_grid_thw"),
-        video_grid_thw=None, attention_mask=prompt_mask_P_L, cache=None, mm_token_type_ids=prompts.get("mm_token_type_ids"),
+        video_grid_thw=prompts.get("video_grid_thw"), attention_mask=prompts["attention_mask"], cache=None,
+        mm_token_type_ids=prompts.get("mm_token_type_ids"),
     )
-    cache = DynamicCache(config=backbone.config.get_text_config())
-    out = backbone(**prompts, position_ids=pos_3_P_L, cache=cache, use_cache=True, return_dict=True)
-    first_B_1_H = out.last_hidden_state[:, -1:].repeat_interleave(n, dim=0)
+    cache = DynamicCache(config=base.config.get_text_config())
+    out = base(**prompts, position_ids=pos_3_P_L, cache=cache, use_cache=True, return_dict=True)
+    return Prefill(out.last_hidden_state, getattr(out, "cache", None) or cache, pos_3_P_L.amax(dim=(0, 2)) + 1)
+
+
+def text_positions(next_pos_B: Tensor, offset: int, count: int) -> Tensor:
+    """[3, B, count] M-RoPE positions of ``count`` text tokens starting ``offset`` after each prompt."""
+    steps = torch.arange(offset, offset + count, device=next_pos_B.device)
+    return (next_pos_B[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+
+
+def _prefix_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
+    base, prompts, n = backbone(model), shared.prompts, shared.n
+    ids_B_T, T = shared.response_ids_B_T, shared.num_response_tokens
+    prefill = prefill_prompts(base, prompts)
+    first_B_1_H = prefill.hidden_P_L_H[:, -1:].repeat_interleave(n, dim=0)
     if T == 1:
         return first_B_1_H
-    cache = getattr(out, "cache", None) or cache
-    cache.batch_repeat_interleave(n)  # differentiable: gradients of all n rows sum into the prompt's K/V
-    next_pos_B = (pos_3_P_L.amax(dim=(0, 2)) + 1).repeat_interleave(n)
-    steps = torch.arange(T - 1, device=ids_B_T.device)
-    pos_3_B_T = (next_pos_B[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+    next_pos_B = prefill.repeat(n)
+    prompt_mask_P_L = prompts["attention_mask"]
     mask_B_LT = torch.cat(
         [prompt_mask_P_L.repeat_interleave(n, dim=0), shared.mask_B_T[:, : T - 1].to(prompt_mask_P_L.dtype)], dim=1
     )
-    rest = backbone(
+    rest = base(
         input_ids=ids_B_T[:, : T - 1].to(prompts["input_ids"].dtype), attention_mask=mask_B_LT,
-        position_ids=pos_3_B_T, cache=cache, use_cache=True, return_dict=True,
+        position_ids=text_positions(next_pos_B, 0, T - 1), cache=prefill.cache, use_cache=True, return_dict=True,
     )
     return torch.cat([first_B_1_H, rest.last_hidden_state], dim=1)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from vopd.config import HealthConfig
 from vopd.data import PairCollator, ViewDataset
+from vopd.fastpath import FullInputs
 from vopd.grading import grade
 from vopd.models import append_responses
 from vopd.objectives import add_tail_bucket, generalized_jsd
@@ -88,12 +89,16 @@ class TeacherHealth:
         greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
         ro = self.engine.sample(state.policy, self.pairs.teacher.to(device), greedy)
         self.ids_B_T, self.mask_B_T = ro.response_ids_B_T.to(device), ro.mask_B_T.to(device)
-        inputs = append_responses(self.pairs.teacher.to(device), self.ids_B_T, self.mask_B_T)
-        logits_N_V = state.teacher.logits_fn(inputs, self.ids_B_T.shape[1], self.mask_B_T)(slice(None)).float()
+        logits_N_V = state.teacher.score(self._probe_batch(device), self.mask_B_T)(slice(None)).float()
         logp_N_V = torch.log_softmax(logits_N_V, dim=-1)
         top_logp_N_K, top_ids_N_K = logp_N_V.topk(min(self.cfg.top_k, logp_N_V.shape[-1]), dim=-1)
         self._ref = {"ids": top_ids_N_K, "logp": add_tail_bucket(top_logp_N_K)}
         return self(state, force=True)
+
+    def _probe_batch(self, device: Any) -> FullInputs:
+        """The teacher-view probe prompts with the initial model's greedy answers appended."""
+        inputs = append_responses(self.pairs.teacher.to(device), self.ids_B_T, self.mask_B_T)
+        return FullInputs(inputs, self.ids_B_T.shape[1])
 
     # -- the periodic probe ----------------------------------------------------------------------
 
@@ -101,8 +106,7 @@ class TeacherHealth:
     def drift(self, state: Any) -> float:
         assert self._ref is not None, "call prepare() first"
         device = state.accelerator.device
-        inputs = append_responses(self.pairs.teacher.to(device), self.ids_B_T, self.mask_B_T)
-        logits_N_V = state.teacher.logits_fn(inputs, self.ids_B_T.shape[1], self.mask_B_T)(slice(None)).float()
+        logits_N_V = state.teacher.score(self._probe_batch(device), self.mask_B_T)(slice(None)).float()
         logp_N_K = torch.log_softmax(logits_N_V, dim=-1).gather(-1, self._ref["ids"])
         now = add_tail_bucket(logp_N_K)
         # generalized_jsd(beta=0) is forward KL(teacher-arg || student-arg) = KL(initial || now).
@@ -152,7 +156,7 @@ class TeacherHealth:
             problems.append(f"teacher probe accuracy {acc:.1%} fell from {self.start_acc:.1%}")
         if problems:
             message = f"step {step}: teacher degrading: " + "; ".join(problems) + \
-                " (the divergence can keep falling meanwhile). Consider teacher.kind=frozen or a smaller teacher.rate."
+                " (the divergence can keep falling meanwhile). Consider teacher.kind=frozen or a smaller teacher.ema_rate."
             warnings.warn(message, stacklevel=2)
             if self.cfg.on_degrade == "stop":
                 self.stop_reason = message

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -39,6 +39,11 @@ __all__ = [
     "append_responses",
     "response_hidden_states",
     "output_head",
+    "linear_head",
+    "LinearHead",
+    "apply_softcap",
+    "logit_softcap",
+    "backbone",
     "response_logits",
     "PER_TOKEN_KEYS",
 ]
@@ -327,11 +332,12 @@ def append_responses(
 # Scoring
 
 
-def _backbone(model: PreTrainedModel) -> torch.nn.Module:
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if backbone is None or backbone is model:
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """The base model under the LM head (``model.<base_model_prefix>``): final hidden states, no logits."""
+    found = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if found is None or found is model:
         raise ValueError(f"{type(model).__name__}: cannot find the base model (model.{model.base_model_prefix})")
-    return backbone
+    return found
 
 
 def response_hidden_states(model: PreTrainedModel, inputs: dict[str, Any], num_response_tokens: int) -> torch.Tensor:
@@ -345,24 +351,41 @@ def response_hidden_states(model: PreTrainedModel, inputs: dict[str, Any], num_r
     total = inputs["input_ids"].shape[1]
     if not 0 < num_response_tokens < total:
         raise ValueError(f"num_response_tokens={num_response_tokens} must be in [1, {total - 1}]")
-    out = _backbone(model)(**inputs, use_cache=False, return_dict=True)
+    out = backbone(model)(**inputs, use_cache=False, return_dict=True)
     start = total - num_response_tokens - 1
     return out.last_hidden_state[:, start : start + num_response_tokens]
 
 
+class LinearHead(NamedTuple):
+    """An LM head that is exactly ``nn.Linear``: ``logits = apply_softcap(h W^T + b, softcap)``."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    softcap: float | None
+
+
+def logit_softcap(model: PreTrainedModel) -> float | None:
+    """The final logit soft-cap of the model's config (Gemma-style ``final_logit_softcapping``), or None."""
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``; the logits unchanged when ``cap`` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def output_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [..., H] -> logits [..., V]: the LM head plus final logit soft-capping if configured."""
+    head, cap = model.get_output_embeddings(), logit_softcap(model)
+    return lambda hidden: apply_softcap(head(hidden), cap)
+
+
+def linear_head(model: PreTrainedModel) -> LinearHead | None:
+    """The LM head as a `LinearHead` when it is exactly ``nn.Linear`` (the fused loss needs one), else None."""
     head = model.get_output_embeddings()
-    config = model.config.get_text_config()
-    cap = getattr(config, "final_logit_softcapping", None)
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return project
+    if type(head) is not torch.nn.Linear:
+        return None
+    return LinearHead(head.weight, head.bias, logit_softcap(model))
 
 
 def response_logits(model: PreTrainedModel, inputs: dict[str, Any], num_response_tokens: int) -> torch.Tensor:

@@ -160,11 +160,11 @@ class ShardedTeacher:
                 if p_tgt.dtype.is_floating_point and torch.finfo(p_tgt.dtype).bits < 32:
                     self.master[name] = _local(p_src).detach().to(torch.float32, copy=True)
 
-    def logits_fn(self, inputs: Any, num_response_tokens: int, mask_B_T: Tensor) -> Any:
+    def score(self, batch: Any, mask_B_T: Tensor) -> Any:
         if not self._gathered:  # kept gathered until the update: the loss reads the head chunk by chunk
             gather_root(self.root)
             self._gathered = True
-        return self._scorer.logits_fn(inputs, num_response_tokens, mask_B_T)
+        return self._scorer.score(batch, mask_B_T)
 
     def _release(self) -> None:
         if self._gathered:

@@ -13,8 +13,9 @@ METHOD.md 2.4), recorded step by step without keeping [T, B, V] scores in memory
 
 Prefill sharing: `generate(num_return_sequences=n)` copies every prompt n times before the first
 forward, so the image is encoded and the (long) prompt decoded n times. For the families in
-`SHARED_PREFILL_FAMILIES` the engine instead runs each prompt once, expands its key/value cache
-to the n rows (`DynamicCache.batch_repeat_interleave`) and continues with its own decode loop,
+`vopd.fastpath.PREFIX_FAMILIES` (the one family table, shared with scoring) the engine instead
+runs each prompt once (`vopd.fastpath.prefill_prompts`), expands its key/value cache to the n
+rows and continues with its own decode loop,
 which mirrors `generate`'s sampling step for step (float32 logits, the same processors, one
 `torch.multinomial` over the [B, V] probabilities per step, finished rows fed the pad id), so
 with the same seed it draws the same tokens (tests/test_rollout_sharing.py). Other families, and
@@ -32,7 +33,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from vopd.config import RolloutConfig
-from vopd.models import output_head, vision_token_ids
+from vopd.fastpath import PREFIX_FAMILIES, prefill_prompts, text_positions
+from vopd.models import backbone, output_head, vision_token_ids
 
 __all__ = [
     "RolloutConfig",
@@ -46,9 +48,9 @@ __all__ = [
     "SHARED_PREFILL_FAMILIES",
 ]
 
-# model_type -> decoding from one prefill per prompt verified against generate() (same tokens,
-# same log-probs) by tests/test_rollout_sharing.py. Qwen3.5 (recurrent linear-attention cache) is not.
-SHARED_PREFILL_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+# Families that decode n samples from one prefill per prompt: the prompt-sharing table of
+# vopd.fastpath (verified against generate() by tests/test_rollout_sharing.py). Same object.
+SHARED_PREFILL_FAMILIES = PREFIX_FAMILIES
 
 # End-of-turn / end-of-text tokens of the supported families; any present in the vocab stops a row.
 _END_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<end_of_utterance>", "<eos>")
@@ -180,7 +182,7 @@ class _SampledLogProbs(LogitsProcessor):
 
 class HFGenerateEngine:
     """Rollouts with the model's KV cache: one prefill per prompt shared by its n samples
-    (`SHARED_PREFILL_FAMILIES`), else `model.generate` with `num_return_sequences=n`.
+    (`vopd.fastpath.PREFIX_FAMILIES`), else `model.generate` with `num_return_sequences=n`.
 
     Args:
         processor_or_blocked_ids: the processor (vision token ids and EOS ids are read from it)
@@ -255,7 +257,7 @@ class HFGenerateEngine:
             return_dict_in_generate=False,
             use_cache=True,
         )
-        shared = self.share_prefill and getattr(model.config, "model_type", None) in SHARED_PREFILL_FAMILIES
+        shared = self.share_prefill and getattr(model.config, "model_type", None) in PREFIX_FAMILIES
         was_training = model.training
         model.eval()
         try:
@@ -299,26 +301,16 @@ def _decode_from_shared_prefill(
 
     Each step is `generate`'s sampling step: float32 logits of the last position -> processors ->
     softmax -> one `torch.multinomial` draw per row (argmax when greedy); rows that have emitted an
-    EOS get the pad id; stop when every row is done or after `max_new_tokens`. M-RoPE positions
-    follow `vopd.fastpath`: the prompt's from the model's own rule, then max + 1, + 2, ... on all
-    three axes for the generated tokens.
+    EOS get the pad id; stop when every row is done or after `max_new_tokens`. Prefill and M-RoPE
+    positions are `vopd.fastpath`'s: the prompt's from the model's own rule, then max + 1, + 2, ...
+    on all three axes for the generated tokens.
     """
-    from transformers import DynamicCache
-
-    backbone, head = getattr(model, model.base_model_prefix), output_head(model)
+    base, head = backbone(model), output_head(model)
     ids_P_L, mask_P_L = prompts["input_ids"], prompts["attention_mask"]
-    pos_3_P_L = backbone.compute_3d_position_ids(
-        input_ids=ids_P_L, inputs_embeds=None, image_grid_thw=prompts.get("image_grid_thw"),
-        video_grid_thw=prompts.get("video_grid_thw"), attention_mask=mask_P_L, cache=None,
-        mm_token_type_ids=prompts.get("mm_token_type_ids"),
-    )
-    cache = DynamicCache(config=backbone.config.get_text_config())
-    out = backbone(**prompts, position_ids=pos_3_P_L, cache=cache, use_cache=True, return_dict=True)
-    cache = getattr(out, "cache", None) or cache
-    logits_B_V = head(out.last_hidden_state[:, -1]).float().repeat_interleave(n, dim=0)
-    del out
-    cache.batch_repeat_interleave(n)
-    next_pos_B = (pos_3_P_L.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    prefill = prefill_prompts(base, prompts)
+    logits_B_V = head(prefill.hidden_P_L_H[:, -1]).float().repeat_interleave(n, dim=0)
+    prefill.hidden_P_L_H = None  # free the prompt's hidden states before decoding
+    next_pos_B, cache = prefill.repeat(n), prefill.cache
     mask_B_S = mask_P_L.repeat_interleave(n, dim=0)
     seq_B_S = ids_P_L.repeat_interleave(n, dim=0)  # what generate hands the processors
     eos = torch.tensor(list(eos_ids), device=ids_P_L.device)
@@ -336,9 +328,8 @@ def _decode_from_shared_prefill(
         if step + 1 == max_new_tokens or unfinished_B.max() == 0:
             break
         mask_B_S = torch.cat([mask_B_S, mask_B_S.new_ones(mask_B_S.shape[0], 1)], dim=1)
-        pos_3_B_1 = (next_pos_B + step).view(1, -1, 1).expand(3, -1, -1)
-        out = backbone(input_ids=next_B[:, None], attention_mask=mask_B_S, position_ids=pos_3_B_1,
-                       cache=cache, use_cache=True, return_dict=True)
+        out = base(input_ids=next_B[:, None], attention_mask=mask_B_S, position_ids=text_positions(next_pos_B, step, 1),
+                   cache=cache, use_cache=True, return_dict=True)
         cache = getattr(out, "cache", None) or cache
         logits_B_V = head(out.last_hidden_state[:, -1]).float()
     return seq_B_S[:, start:]

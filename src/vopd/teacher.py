@@ -3,29 +3,31 @@
 The teacher scores the student's sampled responses under the teacher prompt (crop image, same
 text). It never receives gradients. Its weights are one of:
 
-- ``ema`` (default): theta_T <- (1 - rate) theta_T + rate theta_S after every optimiser step;
+- ``ema`` (default): theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S after every optimiser step;
 - ``frozen``: the initial weights, forever;
-- ``trust_region``: teacher logits = lerp(initial-model logits, current-student logits, rate);
+- ``trust_region``: teacher logits = lerp(initial-model logits, current-student logits, mix)
+  (`vopd.objectives.mix_logits`);
 - ``live``: the current student itself (no copy). The paper reports collapse; we warn loudly;
 - ``external``: another checkpoint, frozen.
 
-Each teacher returns a *logits function* over the valid response tokens so the loss can pull the
-teacher's logits chunk by chunk and never hold a [tokens, vocab] tensor for the whole batch.
+``teacher.score(batch, mask_B_T)`` runs the teacher model(s) on a typed `vopd.fastpath.ScoredBatch`
+and returns a `vopd.fused_loss.TeacherLogits`: the final hidden states at the valid response
+tokens plus the output head, so the loss makes the teacher's logits chunk by chunk and never
+holds a [tokens, vocab] tensor for the whole batch.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from vopd.models import output_head, response_hidden_states
-
-LogitsFn = Callable[[slice], Tensor]
+from vopd.fastpath import ScoredBatch
+from vopd.fused_loss import TeacherLogits
+from vopd.models import output_head
 
 
 class Teacher(Protocol):
@@ -33,9 +35,9 @@ class Teacher(Protocol):
 
     kind: str
 
-    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
-        """Score the responses in ``inputs``; return ``f(slice) -> logits[N_slice, V]`` over the
-        valid response tokens (row-major order of ``mask_B_T``)."""
+    def score(self, batch: ScoredBatch, mask_B_T: Tensor) -> TeacherLogits:
+        """Score the responses of ``batch`` (no gradient); the logits over the valid response
+        tokens (row-major order of ``mask_B_T``) come from the result chunk by chunk."""
         ...
 
     def update(self, student: nn.Module) -> None:
@@ -48,27 +50,18 @@ class Teacher(Protocol):
 
 
 @torch.no_grad()
-def _hidden_N_H(model: nn.Module, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> Tensor:
+def _hidden_N_H(model: nn.Module, batch: ScoredBatch, mask_B_T: Tensor) -> Tensor:
     was_training = model.training
     model.eval()  # no dropout in the target
     try:
-        if hasattr(inputs, "response_hidden_states"):  # vopd.fastpath: prompt computed once for its n rollouts
-            hidden_B_T_H = inputs.response_hidden_states(model)
-        else:
-            hidden_B_T_H = response_hidden_states(model, inputs, num_response_tokens)
+        hidden_B_T_H = batch.response_hidden_states(model)
     finally:
         model.train(was_training)
     return hidden_B_T_H[mask_B_T]
 
 
-def _head_fn(model: nn.Module, hidden_N_H: Tensor) -> LogitsFn:
-    head = output_head(model)
-
-    def logits(s: slice) -> Tensor:
-        with torch.no_grad():
-            return head(hidden_N_H[s])
-
-    return logits
+def _scores(model: nn.Module, batch: ScoredBatch, mask_B_T: Tensor) -> TeacherLogits:
+    return TeacherLogits(_hidden_N_H(model, batch, mask_B_T), output_head(model))
 
 
 def matched_parameters(target: nn.Module, source: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -115,20 +108,20 @@ def _is_low_precision(dtype: torch.dtype) -> bool:
 
 
 class CopyTeacher:
-    """A separate weight copy: ``frozen``, ``ema`` (rate > 0) or ``external``.
+    """A separate weight copy: ``frozen``, ``ema`` (ema_rate > 0) or ``external``.
 
     An ``ema`` teacher whose copy lives in bf16 / fp16 keeps fp32 master weights for the average:
-    one step moves theta_T by rate * (theta_S - theta_T), about 0.05 * lr, which is far below half
+    one step moves theta_T by ema_rate * (theta_S - theta_T), about 0.05 * lr, which is far below half
     a bf16 ulp, so an in-place bf16 lerp rounds nearly every update away and the "EMA" teacher
     silently stays frozen. The low-precision copy used for scoring is refreshed from the master.
     """
 
-    def __init__(self, model: nn.Module, *, kind: str, rate: float = 0.0, source: nn.Module | None = None):
+    def __init__(self, model: nn.Module, *, kind: str, ema_rate: float = 0.0, source: nn.Module | None = None):
         """``source``: the full-precision model ``model`` was cast from, to start the master copy
         from its exact weights rather than from their low-precision rounding."""
         self.kind = kind
         self.model = model
-        self.rate = rate
+        self.ema_rate = ema_rate
         self.master: dict[str, Tensor] = {}
         if kind == "ema":
             origin = dict((source if source is not None else model).named_parameters())
@@ -138,24 +131,24 @@ class CopyTeacher:
                 if _is_low_precision(p.dtype)
             }
 
-    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
-        return _head_fn(self.model, _hidden_N_H(self.model, inputs, num_response_tokens, mask_B_T))
+    def score(self, batch: ScoredBatch, mask_B_T: Tensor) -> TeacherLogits:
+        return _scores(self.model, batch, mask_B_T)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         if self.kind != "ema":
             return
         if not self.master:
-            ema_update_(self.model, student, self.rate)
+            ema_update_(self.model, student, self.ema_rate)
             return
         matched_parameters(self.model, student)  # raises on any name / shape mismatch
         targets = dict(self.model.named_parameters())
         for name, p_src in student.named_parameters():
             p_tgt, master = targets[name], self.master.get(name)
             if master is None:  # an fp32 parameter: average in place
-                p_tgt.lerp_(p_src.detach().to(p_tgt.dtype), self.rate)
+                p_tgt.lerp_(p_src.detach().to(p_tgt.dtype), self.ema_rate)
             else:
-                master.lerp_(p_src.detach().to(master.device, torch.float32), self.rate)
+                master.lerp_(p_src.detach().to(master.device, torch.float32), self.ema_rate)
                 p_tgt.copy_(master)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -181,8 +174,8 @@ class LiveTeacher:
     def __init__(self, student: nn.Module):
         self.student = student
 
-    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
-        return _head_fn(self.student, _hidden_N_H(self.student, inputs, num_response_tokens, mask_B_T))
+    def score(self, batch: ScoredBatch, mask_B_T: Tensor) -> TeacherLogits:
+        return _scores(self.student, batch, mask_B_T)
 
     def update(self, student: nn.Module) -> None:
         pass
@@ -195,19 +188,19 @@ class LiveTeacher:
 
 
 class TrustRegionTeacher:
-    """Teacher logits = lerp(reference logits, current-student logits, rate), both on the crop."""
+    """Teacher logits = lerp(reference logits, current-student logits, mix), both on the crop."""
 
     kind = "trust_region"
 
-    def __init__(self, reference: nn.Module, student: nn.Module, rate: float):
+    def __init__(self, reference: nn.Module, student: nn.Module, mix: float):
         self.reference = reference
         self.student = student
-        self.rate = rate
+        self.mix = mix
 
-    def logits_fn(self, inputs: dict, num_response_tokens: int, mask_B_T: Tensor) -> LogitsFn:
-        ref = _head_fn(self.reference, _hidden_N_H(self.reference, inputs, num_response_tokens, mask_B_T))
-        cur = _head_fn(self.student, _hidden_N_H(self.student, inputs, num_response_tokens, mask_B_T))
-        return lambda s: torch.lerp(ref(s).float(), cur(s).float(), self.rate)
+    def score(self, batch: ScoredBatch, mask_B_T: Tensor) -> TeacherLogits:
+        reference = _hidden_N_H(self.reference, batch, mask_B_T), output_head(self.reference)
+        current = _scores(self.student, batch, mask_B_T)
+        return TeacherLogits(current.hidden_N_H, current.head, reference=reference, mix=self.mix)
 
     def update(self, student: nn.Module) -> None:
         pass
@@ -223,21 +216,23 @@ def make_teacher(
     kind: str,
     student: nn.Module,
     *,
-    rate: float = 0.05,
+    ema_rate: float = 0.05,
+    mix: float = 0.05,
     dtype: torch.dtype | None = None,
     external: nn.Module | None = None,
 ) -> Teacher:
     """Build the teacher of ``kind`` from the (unwrapped) student at its initial weights.
 
-    ``dtype`` lets the teacher copy live in the training compute dtype (e.g. bf16) since it needs
-    neither gradients nor optimiser state.
+    ``ema_rate`` is the EMA teacher's step towards the student, ``mix`` the trust-region teacher's
+    weight of the current student's logits. ``dtype`` lets the teacher copy live in the training
+    compute dtype (e.g. bf16) since it needs neither gradients nor optimiser state.
     """
     if kind == "ema":
-        return CopyTeacher(_frozen_copy(student, dtype), kind="ema", rate=rate, source=student)
+        return CopyTeacher(_frozen_copy(student, dtype), kind="ema", ema_rate=ema_rate, source=student)
     if kind == "frozen":
         return CopyTeacher(_frozen_copy(student, dtype), kind="frozen")
     if kind == "trust_region":
-        return TrustRegionTeacher(_frozen_copy(student, dtype), student, rate)
+        return TrustRegionTeacher(_frozen_copy(student, dtype), student, mix)
     if kind == "live":
         warnings.warn(
             "teacher.kind=live uses the current student as its own teacher: the paper reports collapse "

@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
 from vopd.config import ConfigError, TrainConfig, config_to_dict
 from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data
-from vopd.fastpath import SharedPrompts
-from vopd.models import response_hidden_states
+from vopd.fastpath import NaiveInputs, ScoredBatch
 from vopd.proposals import crops_from_model
 from vopd.rollout import HFGenerateEngine, RolloutEngine
 from vopd.runfolder import check_resume_config, check_world_size, prepare_run_folder
@@ -35,13 +34,14 @@ class ResponseHidden(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: dict | SharedPrompts, num_response_tokens: int, *, all_logits: bool = False) -> Tensor:
-        if all_logits:  # naive mode: vocabulary logits at every position, as the released code does
-            start = inputs["input_ids"].shape[1] - num_response_tokens - 1
-            return self.model(**inputs, use_cache=False).logits[:, start : start + num_response_tokens]
-        if isinstance(inputs, SharedPrompts):
-            return inputs.response_hidden_states(self.model)
-        return response_hidden_states(self.model, inputs, num_response_tokens)
+    def forward(self, batch: ScoredBatch, *, all_logits: bool = False) -> Tensor:
+        """[B, T, H] hidden states predicting the responses; with ``all_logits`` (a `NaiveInputs`
+        batch, naive mode) [B, T, V] logits from the model's full forward, as the released code does."""
+        if all_logits:
+            if not isinstance(batch, NaiveInputs):
+                raise TypeError(f"all_logits needs a NaiveInputs batch, got {type(batch).__name__}")
+            return batch.response_logits(self.model)
+        return batch.response_hidden_states(self.model)
 
 
 @dataclass
@@ -202,7 +202,7 @@ def setup(
         from vopd.parallel import ShardedSampling, build_sharded
 
         teacher: Teacher = build_sharded(
-            student, policy, teacher_kind=cfg.teacher.kind, rate=cfg.teacher.rate, teacher_dtype=teacher_dtype,
+            student, policy, teacher_kind=cfg.teacher.kind, rate=cfg.teacher.ema_rate, teacher_dtype=teacher_dtype,
             param_dtype=teacher_dtype, device=acc.device,
         )
     elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
@@ -211,7 +211,8 @@ def setup(
         teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.rate)
     else:
         external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
-        teacher = make_teacher(cfg.teacher.kind, policy, rate=cfg.teacher.rate, dtype=teacher_dtype, external=external)
+        teacher = make_teacher(cfg.teacher.kind, policy, ema_rate=cfg.teacher.ema_rate, mix=cfg.teacher.mix,
+                               dtype=teacher_dtype, external=external)
     samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
     samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
         processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,

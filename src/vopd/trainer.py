@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from vopd.checkpoint import CheckpointError, save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
-from vopd.fastpath import NaiveInputs, SharedPrompts
-from vopd.models import output_head
-from vopd.objectives import aggregate, chunked_token_divergence, fused_chunked_divergence, rollout_correction
+from vopd.fastpath import NaiveInputs, ScoredBatch, SharedPrompts
+from vopd.fused_loss import TeacherLogits, distillation_loss
+from vopd.models import linear_head, output_head
+from vopd.objectives import LossKnobs, loss_knobs, token_weights
 from vopd.records import RecordError
 from vopd.rollout import Rollouts
 from vopd.runfolder import truncate_metrics
@@ -87,7 +88,7 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
         mask_B_T, ids_B_T = ro.mask_B_T.to(acc.device), ro.response_ids_B_T.to(acc.device)
         # 2. The teacher scores the same tokens under its own (crop) prompt, prompt computed once.
         with timer("teacher"):
-            teacher_logits = state.teacher.logits_fn(_scored(state, mb.teacher, ro, sharing), ids_B_T.shape[1], mask_B_T)
+            teacher_logits = state.teacher.score(_scored(state, mb.teacher, ro, sharing), mask_B_T)
         # 3. Student forward at response positions only; loss and its gradient in vocabulary chunks.
         with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
             loss, stats = _student_loss(state, _scored(state, mb.student, ro, sharing), ro, teacher_logits, num_tokens, num_seqs)
@@ -117,7 +118,7 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     return metrics
 
 
-def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> SharedPrompts | NaiveInputs:
+def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> ScoredBatch:
     """What a model scores: the prompts (on the device) and the step's responses; never re-sampled."""
     device = state.accelerator.device
     shared = SharedPrompts(
@@ -127,82 +128,35 @@ def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> Shar
 
 
 def _student_loss(
-    state: TrainState, inputs: SharedPrompts | NaiveInputs, ro: Rollouts, teacher_logits: Callable,
-    num_tokens: float, num_seqs: float,
+    state: TrainState, batch: ScoredBatch, ro: Rollouts, teacher: TeacherLogits, num_tokens: float, num_seqs: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the step loss (normalised by the step's global counts) and stats.
 
-    The loss is a weighted sum of per-token divergences whose weights are known up front, so with
-    a plain linear LM head `fused_chunked_divergence` computes it and its gradient chunk by chunk
-    (one head-gradient buffer, no recompute). Naive mode takes the model's [B, L+T, V] logits and
-    computes the loss in one piece; other heads go through the checkpointed chunked path.
+    The student's hidden states at the valid response tokens (its logits in naive mode) go, with
+    its head, to `vopd.fused_loss.distillation_loss`: fused loss and gradient for a plain linear
+    head, checkpointed chunks for other heads, one piece for naive mode's logits.
     """
     cfg, device, world = state.cfg, state.accelerator.device, state.accelerator.num_processes
     mask_B_T = ro.mask_B_T.to(device)
-    ids_N = ro.response_ids_B_T.to(device)[mask_B_T]
-    sampler_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T]
-    T, kwargs = mask_B_T.shape[1], _loss_kwargs(cfg)
-    head = None if cfg.naive else _plain_head(state.policy)
-    if head is not None:
-        base_w_N = _token_weights(mask_B_T, cfg.loss.aggregation, num_tokens / world, num_seqs / world)
-
-        def weights(rows: slice, stats_C: dict[str, Tensor]) -> Tensor:
-            if not cfg.loss.rollout_correction:
-                return base_w_N[rows]
-            rc_C = rollout_correction(stats_C["student_logp_N"], sampler_logp_N[rows], clip=cfg.loss.ratio_clip)
-            return base_w_N[rows].to(rc_C.dtype) * rc_C
-
-        hidden_N_H = state.student(inputs, T)[mask_B_T]
-        weight_V_H, bias_V, softcap = _plain_head(state.policy)  # after the forward: under FSDP2, the gathered head
-        loss, stats = fused_chunked_divergence(
-            hidden_N_H, weight_V_H, bias_V, teacher_logits, weights, token_ids_N=ids_N, softcap=softcap, **kwargs
-        )
-    else:
-        if isinstance(inputs, NaiveInputs):
-            logits_N_V = state.student(inputs.inputs, T, all_logits=True)[mask_B_T]
-            kwargs["chunk_size"] = max(1, logits_N_V.shape[0])
-            per_token_N, stats = chunked_token_divergence(logits_N_V, lambda x: x, teacher_logits, token_ids_N=ids_N, **kwargs)
-        else:
-            hidden_N_H = state.student(inputs, T)[mask_B_T]
-            per_token_N, stats = chunked_token_divergence(
-                hidden_N_H, output_head(state.policy), teacher_logits, token_ids_N=ids_N, **kwargs
-            )
-        if cfg.loss.rollout_correction:
-            per_token_N = per_token_N * rollout_correction(stats["student_logp_N"], sampler_logp_N, clip=cfg.loss.ratio_clip)
-        per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype, device=device).masked_scatter(mask_B_T, per_token_N)
-        loss = aggregate(per_token_B_T, mask_B_T, mode=cfg.loss.aggregation,
-                         num_tokens=max(num_tokens, 1.0) / world, num_seqs=num_seqs / world)
-    if cfg.loss.rollout_correction:
-        stats["rollout_weight_N"] = rollout_correction(stats["student_logp_N"], sampler_logp_N, clip=cfg.loss.ratio_clip)
-    return loss, stats
+    naive = isinstance(batch, NaiveInputs)
+    student_N = state.student(batch, all_logits=naive)[mask_B_T]
+    # The head is read after the forward: under FSDP2 (vopd.parallel) that is when it is gathered.
+    head = None if naive else linear_head(state.policy) or output_head(state.policy)
+    weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
+    rollout_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T] if cfg.loss.rollout_correction else None
+    return distillation_loss(
+        student_N, head, teacher, weights_N, knobs=_knobs(cfg), token_ids_N=ro.response_ids_B_T.to(device)[mask_B_T],
+        rollout_logp_N=rollout_logp_N, ratio_clip=cfg.loss.ratio_clip, chunk_size=cfg.loss.chunk_size,
+    )
 
 
-def _plain_head(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None] | None:
-    """(weight, bias, soft-cap) of an LM head that is exactly ``nn.Linear`` (else None: no fused loss)."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return None
-    return head.weight, head.bias, getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-
-def _token_weights(mask_B_T: Tensor, mode: str, num_tokens: float, num_seqs: float) -> Tensor:
-    """w_N such that sum_n w_n * loss_n == `aggregate(loss_B_T, mask_B_T, mode, num_tokens, num_seqs)`."""
-    if mode == "token_mean":
-        return torch.full((int(mask_B_T.sum()),), 1.0 / max(num_tokens, 1.0), dtype=torch.float64, device=mask_B_T.device)
-    if mode == "seq_mean":
-        lengths_B_T = mask_B_T.sum(1, keepdim=True).expand_as(mask_B_T)
-        return 1.0 / (lengths_B_T[mask_B_T].double() * max(num_seqs, 1.0))
-    raise ValueError(f"loss.aggregation must be 'token_mean' or 'seq_mean', got {mode!r}")
-
-
-def _loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+def _knobs(cfg: TrainConfig) -> LossKnobs:
     lc = cfg.loss
-    kw: dict[str, Any] = dict(estimator=lc.estimator, temperature=lc.temperature, chunk_size=lc.chunk_size)
-    if lc.estimator != "sampled":  # the sampled-token estimator is reverse KL on one token: no support
-        kw.update(beta=lc.beta, add_tail=lc.add_tail, support=lc.support)
-    if lc.estimator == "topk":
-        kw["top_k"] = lc.top_k
-    return kw
+    if lc.estimator == "sampled":  # reverse KL on the sampled token: no support
+        return loss_knobs("sampled", temperature=lc.temperature)
+    top_k = lc.top_k if lc.estimator == "topk" else None
+    return loss_knobs(lc.estimator, beta=lc.beta, top_k=top_k, add_tail=lc.add_tail, temperature=lc.temperature,
+                      support=lc.support)
 
 
 def _maybe_no_sync(acc: Any, module: nn.Module, *, last: bool):

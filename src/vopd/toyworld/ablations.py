@@ -20,8 +20,8 @@ from vopd.toyworld.run_info import describe_configuration
 #: name -> extra `vopd train` overrides on top of the demo recipe (frozen teacher, JSD, top-100+tail).
 OPD_VARIANTS: dict[str, list[str]] = {
     "frozen teacher (demo default)": [],
-    "EMA 0.05 teacher (paper default)": ["teacher.kind=ema", "teacher.rate=0.05"],
-    "EMA 0.01 teacher": ["teacher.kind=ema", "teacher.rate=0.01"],
+    "EMA 0.05 teacher (paper default)": ["teacher.kind=ema", "teacher.ema_rate=0.05"],
+    "EMA 0.01 teacher": ["teacher.kind=ema", "teacher.ema_rate=0.01"],
     "live teacher": ["teacher.kind=live"],
     "control: teacher sees the full image": ["teacher.view=full"],
     "forward KL (beta 0)": ["loss.beta=0"],

@@ -52,7 +52,7 @@ class DemoConfig:
             f"seed={self.seed}",
             f"threads={self.threads}",
             f"teacher.kind={self.teacher}",
-            f"teacher.rate={self.teacher_rate}",
+            f"teacher.{'mix' if self.teacher == 'trust_region' else 'ema_rate'}={self.teacher_rate}",
             f"health.probe_data=toyworld:64:{self.eval_seed + 1}",
             f"health.every={self.eval_every}",
             *self.overrides,
