@@ -45,7 +45,7 @@ def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "objective": getattr(cfg, "objective", "opd"),  # only Vision-OPD until baselines land in the trainer
         "teacher": kind,
-        "teacher_rate": cfg.teacher.rate if kind in ("ema", "trust_region") else None,
+        "teacher_rate": {"ema": cfg.teacher.ema_rate, "trust_region": cfg.teacher.mix}.get(kind),
         "teacher_view": cfg.teacher.view,
         "estimator": cfg.loss.estimator,
         "beta": cfg.loss.beta,
