@@ -24,7 +24,7 @@ def main(out: str, dtype_name: str) -> None:
     torch.manual_seed(0)
     dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
     ref_student, _ = build_tiny_model("qwen2_vl", seed=0)
-    reference = make_teacher("ema", ref_student, rate=0.3, dtype=dtype)
+    reference = make_teacher("ema", ref_student, ema_rate=0.3, dtype=dtype)
     policy, _ = build_tiny_model("qwen2_vl", seed=0)
     sharded = build_sharded(ResponseHidden(policy), policy, teacher_kind="ema", rate=0.3, teacher_dtype=dtype,
                             param_dtype=None, device=torch.device("cpu"))
