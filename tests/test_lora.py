@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 from vopd.config import ConfigError, load_config
+from vopd.fastpath import FullInputs
 from vopd.lora import STUDENT, TEACHER, adapter_parameters
 from vopd.train_setup import setup
 from vopd.trainer import train
@@ -20,7 +21,7 @@ pytest.importorskip("peft")
 ARGS = [
     "model.path=tiny:qwen2_vl", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=4",
     "loss.top_k=16", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.weight_decay=0.0", "prompts_per_step=4",
-    "micro_batch_prompts=2", "report_to=[jsonl]", "threads=1", "device=cpu", "lora.r=4", "teacher.rate=0.5",
+    "micro_batch_prompts=2", "report_to=[jsonl]", "threads=1", "device=cpu", "lora.r=4", "teacher.ema_rate=0.5",
     "save_every=1", "keep_checkpoints=0",
 ]
 
@@ -45,7 +46,7 @@ def test_lora_teacher_shares_the_base_and_never_trains(tmp_path):
     # Scoring with the teacher switches adapters and back: the flags must survive it.
     ids = torch.tensor([[3, 5, 7, 9, 11]])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    state.teacher.logits_fn(inputs, 2, torch.ones(1, 2, dtype=torch.bool))(slice(None))
+    state.teacher.score(FullInputs(inputs, 2), torch.ones(1, 2, dtype=torch.bool))(slice(None))
     assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable
     # A moved student adapter: the EMA adapter goes halfway (rate 0.5), the student keeps its values.
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_lora_teacher_shares_the_base_and_never_trains(tmp_path):
         for p in adapter_parameters(frozen.policy, STUDENT).values():
             p.add_(0.2)
     base, _ = build_tiny_model("qwen2_vl", seed=0)
-    got = frozen.teacher.logits_fn(inputs, 2, torch.ones(1, 2, dtype=torch.bool))(slice(None))
+    got = frozen.teacher.score(FullInputs(inputs, 2), torch.ones(1, 2, dtype=torch.bool))(slice(None))
     want = _logits(base, ids)[0, 2:4]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert float((_logits(frozen.policy, ids)[0, 2:4] - want).abs().max()) > 1e-4  # the student differs

@@ -17,6 +17,7 @@ transformers Auto classes (and inference engines) load. A resume rebuilds the ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,17 +112,18 @@ class AdapterTeacher:
                 if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
                     self.master[name] = p.detach().to(torch.float32, copy=True)
 
-    def logits_fn(self, inputs: Any, num_response_tokens: int, mask_B_T: Tensor) -> Any:
+    def score(self, batch: Any, mask_B_T: Tensor) -> Any:
         was_training = self.model.training
         with active_adapter(self.peft_model, self._adapter):
-            inner = self._scorer.logits_fn(inputs, num_response_tokens, mask_B_T)
+            inner = self._scorer.score(batch, mask_B_T)
         self.model.train(was_training)
+        head = inner.head
 
-        def logits(s: slice) -> Tensor:  # the head may carry an adapter too: score it with the teacher's
+        def teacher_head(hidden: Tensor) -> Tensor:  # the head may carry an adapter too: score it with the teacher's
             with active_adapter(self.peft_model, self._adapter):
-                return inner(s)
+                return head(hidden)
 
-        return logits
+        return dataclasses.replace(inner, head=teacher_head)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:

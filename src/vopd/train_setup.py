@@ -208,7 +208,7 @@ def setup(
     elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
         from vopd.lora import AdapterTeacher
 
-        teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.rate)
+        teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.ema_rate)
     else:
         external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
         teacher = make_teacher(cfg.teacher.kind, policy, ema_rate=cfg.teacher.ema_rate, mix=cfg.teacher.mix,
