@@ -209,6 +209,13 @@ def test_every_section_raises_config_error_when_built_in_python():
             make()
 
 
+def test_integer_knobs_refuse_floats_when_built_in_python():
+    from vopd.config import ViewConfig
+
+    with pytest.raises(ConfigError, match=r"views\.min_side expects an integer, got 1\.5"):
+        ViewConfig(min_side=1.5)
+
+
 def test_every_knob_has_a_rule_or_is_free_text():
     """Numbers and enums all carry a rule, so nothing numeric slips through unchecked."""
     import dataclasses

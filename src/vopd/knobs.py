@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -115,17 +116,25 @@ def check_knobs(section: Any, prefix: str) -> None:
     ``prefix`` is the section's dotted name (``"loss"``; ``""`` for top-level keys). Aliased enum
     values are replaced by their current names in place.
     """
+    hints = _hints(type(section))
     for f in dataclasses.fields(section):
         rule = f.metadata.get("rule")
         if rule is None:
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(section, f.name)
+        if hints.get(f.name) is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")  # built in Python, not through build()
         if isinstance(value, (list, tuple)) and not isinstance(value, str):
             items = [rule.apply(f"{key}[{i}]", v) for i, v in enumerate(value)]
             setattr(section, f.name, type(value)(items))
         else:
             setattr(section, f.name, rule.apply(key, value))
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 # ------------------------------------------------------------------------------ YAML reading
