@@ -367,7 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             path = recipe_path(path.stem)
         if not path.is_file():
             shipped = ", ".join(recipes())
-            raise ConfigError(f"config file {path} not found (shipped recipes, usable by name: {shipped})")
+            what = "is not a file" if path.exists() else "not found"
+            raise ConfigError(f"config file {path} {what} (shipped recipes, usable by name: {shipped})")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:

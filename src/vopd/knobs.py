@@ -196,8 +196,12 @@ def load_yaml(text: str, source: str) -> Any:
         where = f"{source}, line {mark.line + 1}" if mark is not None else source
         problem = getattr(err, "problem", None) or str(err)
         context = getattr(err, "context", None)
-        detail = f"{context}: {problem}" if context and "tag" not in problem else problem
-        raise ConfigError(f"{where}: {detail} (fix the YAML; tags such as !!python/... are not allowed)") from None
+        if "constructor for the tag" in problem:
+            tag = problem.rsplit("tag:yaml.org,2002:", 1)[-1].strip("'\"")
+            detail = f"the YAML tag !!{tag} is not allowed (plain values, lists and mappings only)"
+        else:
+            detail = f"{context}: {problem}" if context else problem
+        raise ConfigError(f"{where}: {detail}") from None
 
 
 # ------------------------------------------------------------------------ building sections
