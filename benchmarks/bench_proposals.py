@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sources", default="search,attention")
+    parser.add_argument("--window", type=float, default=1 / 3, help="candidate window side / shorter image side")
+    parser.add_argument("--stride", type=float, default=0.5, help="window step / window side")
     parser.add_argument("--out", default=str(RESULTS / "proposals_toy"))
     args = parser.parse_args()
 
@@ -49,15 +51,16 @@ def main() -> None:
             "none (student's full image)": {"teacher_acc": reference["full"]}}
     for source in args.sources.split(","):
         start = time.perf_counter()
-        props = propose(model, processor, samples, TOY_VIEW, ProposalConfig(source=source))
+        props = propose(model, processor, samples, TOY_VIEW, ProposalConfig(source=source, window=args.window, stride=args.stride))
         seconds = time.perf_counter() - start
         proposed = with_proposed_boxes(samples, props)
         acc = evaluate_views(model, processor, proposed, views=("crop",)).accuracy["crop"]
         rows[source] = {**proposal_quality(props, samples, TOY_VIEW), "teacher_acc": acc,
                         "seconds_per_scene": seconds / len(samples)}
         print(source, rows[source], flush=True)
-    out = {"n": args.n, "seed": args.seed, "threads": args.threads, "rows": rows,
-           "command": f"python benchmarks/bench_proposals.py --n {args.n} --seed {args.seed} --threads {args.threads}"}
+    out = {"n": args.n, "seed": args.seed, "threads": args.threads, "window": args.window, "stride": args.stride,
+           "rows": rows, "command": f"python benchmarks/bench_proposals.py --n {args.n} --seed {args.seed} "
+                                    f"--threads {args.threads} --window {args.window:.4g} --stride {args.stride:.4g}"}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2))

@@ -284,11 +284,20 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
     samples = load_gap_samples(cfg.data, benchmark=cfg.benchmark, seed=cfg.seed, limit=cfg.limit)
     judge = LLMJudge(cfg.judge, out / "judge.jsonl") if cfg.judge else None
     dataset = cfg.benchmark or Path(cfg.data).stem
+    proposals = None
+    if getattr(cfg.view, "crop_source", "box") != "box":  # crops proposed by the model, boxes unread
+        from vopd.evaluation.gap_proposals import propose_gap_crops
+
+        model = cfg.backend.model or (sorted(cfg.checkpoints, key=lambda p: _step(p, 0))[0] if cfg.checkpoints else "")
+        proposer = backend or make_backend(dataclasses.replace(cfg.backend, model=model))
+        samples, proposals = propose_gap_crops(samples, proposer, cfg.view, out)
     if not cfg.checkpoints:
         backend = backend or make_backend(cfg.backend)
         result = measure_gap(samples, backend, cfg, store=PredictionStore(out / "predictions.jsonl"),
                              judge=judge, dataset=dataset)
         result.update(model=cfg.backend.model, data=cfg.data, views_asked=list(cfg.views))
+        if proposals:
+            result["proposals"] = proposals
         (out / "gap.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         _plot_views(result, out / "gap.png", cfg.backend.model or dataset)
         return result
@@ -304,7 +313,7 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
         _plot_views(result, sub / "gap.png", Path(ckpt).name)
         runs.append(result)
         del ckpt_backend
-    summary = {"data": cfg.data, "checkpoints": runs}
+    summary = {"data": cfg.data, "checkpoints": runs, **({"proposals": proposals} if proposals else {})}
     (out / "gap_over_training.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     steps = [r["step"] for r in runs]
     curves = {v: [r["views"][v]["accuracy"] for r in runs] for v in cfg.views}

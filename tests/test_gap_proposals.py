@@ -1,0 +1,32 @@
+"""`vopd gap --crop-source search|attention` on a record file without boxes (issue 13)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from vopd.cli import main
+from vopd.records import write_records
+from vopd.toyworld.scenes import make_dataset
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["search", "attention"])
+def test_gap_with_proposed_crops_on_records_without_boxes(tmp_path, source):
+    scenes = make_dataset(4, 11)
+    boxless = write_records([dataclasses.replace(s, boxes=[]) for s in scenes], tmp_path / "nobox" / "r.jsonl")
+    args = ["gap", str(boxless), "--model", "toy-base", "--crop-source", source, "--context", "0", "--n-boot", "200"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "gap.json").read_text())
+    p = result["proposals"]
+    assert p["source"] == source and p["n_proposed"] == 4 and p["n"] == 0 and p["hit_rate"] is None
+    assert (tmp_path / "out" / p["file"]).is_file()
+    assert result["views"]["crop"]["n"] == 4 and result["views"]["full"]["n"] == 4
+    # The same scenes with their boxes: the proposer still never sees them, but quality is measured.
+    boxed = write_records(scenes, tmp_path / "box" / "r.jsonl")
+    assert main(["gap", str(boxed), *args[2:], "--out", str(tmp_path / "out2")]) == 0
+    again = json.loads((tmp_path / "out2" / "gap.json").read_text())["proposals"]
+    assert again["n"] == 4 and 0.0 <= again["hit_rate"] <= 1.0
+
