@@ -1,0 +1,65 @@
+"""Model and data specs: one resolver for every command, names registered from above; the split
+teacher knobs; one chunk-size default."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import vopd.specs as specs
+import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N
+from vopd.config import ConfigError, LossConfig, TeacherConfig, load_config
+from vopd.data import load_train_samples
+
+
+def test_toyworld_registers_its_names_and_unregistered_names_fail_clearly(monkeypatch):
+    assert "toy-base" in specs.model_spec_names() and "tiny:<family>" in specs.model_spec_names()
+    assert len(load_train_samples("toyworld:3:5")) == 3
+    monkeypatch.setattr(specs, "_MODELS", {})
+    monkeypatch.setattr(specs, "_DATA", {})
+    with pytest.raises(ValueError, match="import vopd.toyworld"):
+        specs.resolve_model_spec("toy-base")
+    with pytest.raises(ValueError, match="import vopd.toyworld"):
+        load_train_samples("toyworld:3")
+    with pytest.raises(ValueError, match="empty model spec"):
+        specs.resolve_model_spec("")
+    with pytest.raises(ValueError, match="must not contain"):
+        specs.register_model_spec("tiny:x", lambda **kw: None)
+
+
+def test_registered_model_spec_gets_the_load_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(specs, "_MODELS", {})
+    specs.register_model_spec("mine", lambda **kw: (seen.update(kw), "processor"))
+    assert specs.resolve_model_spec("mine", dtype="bfloat16", seed=7)[1] == "processor"
+    assert seen == {"dtype": "bfloat16", "trust_remote_code": False, "attn_implementation": None, "seed": 7}
+
+
+def test_tiny_spec_builds_a_tiny_model():
+    model, processor = specs.resolve_model_spec("tiny:qwen2_vl", seed=0)
+    assert model.config.model_type == "qwen2_vl" and processor is not None
+
+
+def test_teacher_rate_is_split_and_the_old_name_maps_by_kind():
+    cfg = TeacherConfig()
+    assert (cfg.ema_rate, cfg.mix, cfg.rate) == (0.05, 0.05, None)
+    with pytest.warns(FutureWarning, match="teacher.ema_rate"):
+        ema = load_config(None, ["teacher.kind=ema", "teacher.rate=0.2"]).teacher
+    assert (ema.ema_rate, ema.mix, ema.rate) == (0.2, 0.05, None)
+    with pytest.warns(FutureWarning, match="teacher.mix"):
+        trust = load_config(None, ["teacher.kind=trust_region", "teacher.rate=0.3"]).teacher
+    assert (trust.ema_rate, trust.mix, trust.rate) == (0.05, 0.3, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names never warn
+        load_config(None, ["teacher.kind=ema", "teacher.ema_rate=0.1", "teacher.mix=0.2"])
+    with pytest.raises(ConfigError, match="teacher.mix"):
+        load_config(None, ["teacher.mix=1.5"])
+
+
+def test_one_chunk_size_default():
+    from vopd.fused_loss import DEFAULT_CHUNK_SIZE, chunked_token_divergence, fused_chunked_divergence
+
+    assert LossConfig().chunk_size == DEFAULT_CHUNK_SIZE
+    for fn in (chunked_token_divergence, fused_chunked_divergence):
+        assert fn.__kwdefaults__["chunk_size"] == DEFAULT_CHUNK_SIZE
