@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vopd.stock_processor import make_processor_stock
+
 STATE_DIR = "trainer_state"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^\.checkpoint-\d+\.tmp-(\d+)$")
@@ -292,6 +294,7 @@ def save_checkpoint(
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
+            make_processor_stock(tmp)  # stock class name (+ video processor entry): servable outside vopd
         state_dir = tmp / STATE_DIR
         state_dir.mkdir()
         if teacher_state:

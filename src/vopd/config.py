@@ -148,6 +148,15 @@ class RolloutConfig:
     temperature: float = knob(1.0, "softmax temperature; 0 means greedy decoding (eval), which ignores top_p", ge=0)
     top_p: float = knob(1.0, "nucleus sampling mass (1.0 = the full distribution, as in the paper)", gt=0, le=1)
     max_new_tokens: int = knob(1024, "longest response, EOS included (paper: 1024)", ge=1)
+    engine: str = knob("hf", "who samples: hf (transformers, in the training process) or vllm (a vLLM server "
+                             "in its own environment, docs/vllm.md)", choices=("hf", "vllm"))
+    vllm_url: str = knob("", "engine=vllm: URL of a server you started (VLLM_SERVER_DEV_MODE=1, vopd's pass-through "
+                             "chat template, this machine's file system: docs/vllm.md); empty = vopd starts one")
+    vllm_python: str = knob(".venv-vllm/bin/python", "engine=vllm: interpreter of the vLLM environment "
+                                                     "(scripts/setup_vllm.sh) vopd starts the server with; "
+                                                     "relative to the current directory")
+    vllm_args: list[str] = knob(help="engine=vllm: extra arguments for the server vopd starts; on CPU "
+                                     "[--max-model-len, '512', --enforce-eager]", factory=list)
 
     def __post_init__(self) -> None:
         check_knobs(self, "rollout")

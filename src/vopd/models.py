@@ -19,6 +19,7 @@ response ids, so their [B, T, ...] outputs align position by position.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -154,6 +155,12 @@ def _load_processor(path: str, model_type: str | None, trust_remote_code: bool) 
         image_only = register_image_only_processors()[family]
         processor = image_only.from_pretrained(path)
         if _has_image_processor(processor):
+            if error is not None:  # the stock class failed (typically: no torchvision for its video processor)
+                warnings.warn(
+                    f"{path}: the stock processor could not load ({type(error).__name__}: "
+                    f"{str(error).strip().split('. ')[0]}); using vopd's "
+                    f"{image_only.__name__} (images only, no video processor)", stacklevel=3,
+                )
             return processor
     raise ValueError(
         f"{path}: could not load a processor with an image processor (got {type(processor).__name__}). "

@@ -474,9 +474,15 @@ def build_tiny_model(
 
 
 def save_tiny(model: Any, processor: ProcessorMixin, directory: str | os.PathLike) -> Path:
-    """Save a tiny model (safetensors) and its processor so `vopd.models.load_model(dir)` reloads it."""
+    """Save a tiny model (safetensors) and its processor so `vopd.models.load_model(dir)` reloads it.
+
+    The processor is saved under the family's stock class (`vopd.stock_processor`), as checkpoints are.
+    """
+    from vopd.stock_processor import make_processor_stock
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    make_processor_stock(out)
     return out

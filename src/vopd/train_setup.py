@@ -225,8 +225,11 @@ def setup(
         betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    engine: RolloutEngine = HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
+    engine: RolloutEngine = make_engine(cfg, processor)
     if sharded:
+        if cfg.rollout.engine == "vllm":
+            raise ValueError("rollout.engine=vllm with sharded training (parallel.strategy) is not supported yet: "
+                             "the weight push needs the full parameters (docs/vllm.md)")
         engine = ShardedSampling(engine, student)
     else:
         student = acc.prepare(student)
@@ -273,6 +276,16 @@ def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:
         check_world_size(saved.get("world_size"), acc.num_processes, checkpoint=ckpt)
     check_resume_config(saved.get("config"), config_to_dict(cfg), checkpoint=ckpt, say=acc.print)
     return ckpt, saved
+
+
+def make_engine(cfg: TrainConfig, processor: Any) -> RolloutEngine:
+    """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server."""
+    if cfg.rollout.engine == "vllm":
+        from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
+
+        return VLLMServerEngine(processor, work_dir=default_work_dir(cfg.output_dir), url=cfg.rollout.vllm_url or None,
+                                python=cfg.rollout.vllm_python, server_args=cfg.rollout.vllm_args)
+    return HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
 
 
 def _apply_lr(scheduler: Any, cfg: TrainConfig, acc: Any) -> None:

@@ -113,6 +113,8 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
         **{f"time_{k}": v for k, v in timer.seconds.items()},
         time_step=step_seconds,
     )
+    if hasattr(state.engine, "step_metrics"):  # e.g. the vLLM engine's weight-sync seconds
+        metrics.update(state.engine.step_metrics())
     if cfg.loss.rollout_correction:
         metrics["rollout_weight"] = _global_sum(acc, sums["weight"]) / max(num_tokens, 1.0)
     return metrics
