@@ -84,3 +84,21 @@ def with_bias(model, token_bias: dict[int, float]):
             head.bias[i] = b
     biased.set_output_embeddings(head)
     return biased
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The vLLM environment's interpreter (scripts/setup_vllm.sh makes .venv-vllm; or set VOPD_VLLM_PYTHON).
+
+    Tests marked `vllm` skip when it is absent, unless VOPD_REQUIRE_VLLM=1 (CI sets it: there
+    they must run, never silently skip).
+    """
+    from pathlib import Path
+
+    path = Path(os.environ.get("VOPD_VLLM_PYTHON") or Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+    if not path.exists():
+        reason = f"vLLM environment absent ({path}): run `bash scripts/setup_vllm.sh` or set VOPD_VLLM_PYTHON"
+        if os.environ.get("VOPD_REQUIRE_VLLM") == "1":
+            pytest.fail(reason + " (VOPD_REQUIRE_VLLM=1)")
+        pytest.skip(reason)
+    return path

@@ -152,17 +152,22 @@ def test_cli_train_and_checkpoint_reloads_offline_in_fresh_process(tmp_path, cap
         "import sys, torch\n"
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
         "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1])\n"
-        # Without torchvision the stock Qwen2-VL processor cannot build its video processor;
-        # importing vopd registers the image-only processor the checkpoint names.
-        "import vopd.models\n"
-        "p = AutoProcessor.from_pretrained(sys.argv[1])\n"
-        "assert hasattr(p, 'image_processor'), type(p)\n"
-        "print(type(m).__name__, sum(x.numel() for x in m.parameters()))\n"
+        # The checkpoint names the stock processor (servable by vLLM). Without torchvision the
+        # stock Qwen2-VL processor cannot build its video processor; the image processor loads.
+        "from transformers import AutoImageProcessor\n"
+        "p = AutoImageProcessor.from_pretrained(sys.argv[1])\n"
+        "assert 'vopd' not in sys.modules\n"
+        "print(type(m).__name__, sum(x.numel() for x in m.parameters()), type(p).__name__)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Qwen2VLForConditionalGeneration" in done.stdout
+    assert "Qwen2VLForConditionalGeneration" in done.stdout and "Qwen2VLImageProcessor" in done.stdout
+    assert json.loads((ckpt / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    from vopd.models import load_model
+
+    with pytest.warns(UserWarning, match="ImageOnlyQwen2VLProcessor"):  # vopd's fallback, announced
+        assert load_model(str(ckpt))[1].image_processor is not None
     # keep_checkpoints=2 prunes older ones
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 

@@ -60,7 +60,7 @@ from vopd.models import vision_token_ids
 from vopd.rollout import RolloutConfig, Rollouts, eos_token_ids, response_mask
 from vopd.stock_processor import make_processor_stock
 
-__all__ = ["EngineMismatchError", "VLLMServerEngine", "qwen_images_from_pixels"]
+__all__ = ["EngineMismatchError", "VLLMServerEngine", "check_engine_prompt", "qwen_images_from_pixels", "server_command", "server_env"]
 
 # Renders only the text part of the user turn: the text already is the full templated prompt.
 PASSTHROUGH_TEMPLATE = (
@@ -130,10 +130,15 @@ class VLLMServerEngine:
             make_processor_stock(out)
 
     def start(self, model: PreTrainedModel) -> None:
-        """Start (or connect to) the server; a started server serves a snapshot of ``model``."""
-        if self.url is not None and self.process is None and self._fingerprint is not None:
-            return
-        if self.url is None:
+        """Start a server on a snapshot of ``model``, or push ``model``'s weights to the user's server.
+
+        A user's server (``url``) must see this machine's ``work_dir`` (weights go by a snapshot
+        file) and run with VLLM_SERVER_DEV_MODE=1 and vopd's pass-through chat template.
+        """
+        if self.url is not None:
+            self.push_weights(model)  # whatever it was started on, it now has the trainer's weights
+            self._step_push_seconds = 0.0
+        else:
             python = Path(self.python)
             if not python.exists():
                 raise FileNotFoundError(
@@ -141,30 +146,17 @@ class VLLMServerEngine:
                     "(makes .venv-vllm), or set rollout.vllm_python, or start a server yourself and set rollout.vllm_url"
                 )
             self._write_snapshot(model, with_processor=True)
-            template = self.work_dir / "passthrough_template.jinja"
-            template.write_text(PASSTHROUGH_TEMPLATE)
             port = _free_port()
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            cmd = [
-                str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.snapshot_dir),
-                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", dtype, "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
-                "--limit-mm-per-prompt", json.dumps({"image": 1}), "--chat-template-content-format", "openai",
-                "--chat-template", str(template),
-                *self.server_args,
-            ]
-            env = dict(os.environ)
-            env["VLLM_SERVER_DEV_MODE"] = "1"  # enables /collective_rpc and the cache resets (weight pushes)
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU backend
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with the trainer
-            for key in ("PYTHONPATH", "VIRTUAL_ENV"):  # the server runs in its own environment
-                env.pop(key, None)
+            cmd = server_command(python, self.snapshot_dir, port, self.work_dir / "passthrough_template.jinja",
+                                 dtype=dtype, extra=self.server_args)
+            env = server_env()
             log = (self.work_dir / "vllm_server.log").open("w")
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             atexit.register(self.close)
             self.url = f"http://127.0.0.1:{port}"
             self._wait_healthy()
-        self._fingerprint = _fingerprint(model)
+            self._fingerprint = _fingerprint(model)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -249,7 +241,7 @@ class VLLMServerEngine:
         rows: list[list[int]] = []
         logps: list[list[float]] = []
         for (ids, _, _), (prompt_ids, choices) in zip(prompts, replies):
-            _check_prompt(ids, prompt_ids, _image_token_id(self.processor, model))
+            check_engine_prompt(ids, prompt_ids, _image_token_id(self.processor, model))
             if len(choices) != cfg.n:
                 raise EngineMismatchError(f"asked the engine for {cfg.n} responses per prompt, got {len(choices)}")
             for token_ids, logp in choices:
@@ -324,6 +316,38 @@ class VLLMServerEngine:
         return json.loads(raw) if raw else None
 
 
+def server_command(
+    python: str | Path, model_dir: str | Path, port: int, template_path: str | Path, *,
+    dtype: str = "float32", extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line of a vLLM server vopd can sample from (writes the pass-through template).
+
+    ``--logprobs-mode processed_logprobs``: log-probs of the distribution sampled from;
+    ``--generation-config vllm``: the checkpoint's generation_config does not change sampling;
+    ``--chat-template`` (pass-through) + ``--chat-template-content-format openai``: the prompt
+    text vopd sends already has the trainer's chat template applied.
+    """
+    Path(template_path).write_text(PASSTHROUGH_TEMPLATE)
+    return [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", dtype, "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
+        "--limit-mm-per-prompt", json.dumps({"image": 1}), "--chat-template-content-format", "openai",
+        "--chat-template", str(template_path), *extra,
+    ]
+
+
+def server_env() -> dict[str, str]:
+    """Environment for a server process: dev mode on (weight pushes), CPU-backend defaults."""
+    env = dict(os.environ)
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # enables /collective_rpc and the cache resets (weight pushes)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU backend
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with the trainer
+    for key in ("PYTHONPATH", "VIRTUAL_ENV"):  # the server runs in its own environment
+        env.pop(key, None)
+    return env
+
+
 def _fingerprint(model: torch.nn.Module) -> tuple[int, int]:
     """Changes whenever any parameter is modified in place (optimiser steps, EMA, loading)."""
     return id(model), sum(p._version for p in model.parameters())
@@ -347,7 +371,7 @@ def _image_token_id(processor: Any, model: PreTrainedModel | None) -> int:
     return value
 
 
-def _check_prompt(trainer_ids: list[int], engine_ids: list[int], image_id: int) -> None:
+def check_engine_prompt(trainer_ids: list[int], engine_ids: list[int], image_id: int) -> None:
     """The engine must have run exactly the trainer's prompt; say how it differs otherwise."""
     if trainer_ids == engine_ids:
         return

@@ -340,6 +340,8 @@ def train(
                 break
     bar.close()
     acc.end_training()
+    if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started
+        state.engine.close()
     result = TrainResult(out, state.last_checkpoint, state.step, state.history, interrupted, time.perf_counter() - start,
                          health=list(health.history) if health is not None else [])
     if acc.is_main_process:
