@@ -204,6 +204,28 @@ class VLLMServerEngine:
         self._step_push_seconds += seconds
         return seconds
 
+    def _sync(self, model: PreTrainedModel) -> None:
+        """Start/connect on the first call, push changed weights later. With several training
+        processes (same weights on each) only the main one pushes to the shared server; all wait."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1 and self.url is None:
+            raise ValueError(
+                "rollout.engine=vllm with several training processes: start one vLLM server yourself "
+                "(docs/vllm.md) and set rollout.vllm_url; vopd starts a server only for single-process runs"
+            )
+        if self._fingerprint is not None and _fingerprint(model) == self._fingerprint:
+            return
+        if state.is_main_process:
+            if self._fingerprint is None:
+                self.start(model)
+            else:
+                self.push_weights(model)
+        else:
+            self._fingerprint = _fingerprint(model)
+        state.wait_for_everyone()
+
     def step_metrics(self) -> dict[str, float]:
         """Seconds spent pushing weights since the last call (the trainer logs it per step)."""
         seconds, self._step_push_seconds = self._step_push_seconds, 0.0
@@ -216,10 +238,7 @@ class VLLMServerEngine:
     ) -> Rollouts:
         """Sample ``cfg.n`` responses per prompt row (prompt-major), after syncing the weights."""
         with self._lock:
-            if self._fingerprint is None:
-                self.start(model)
-            elif _fingerprint(model) != self._fingerprint:
-                self.push_weights(model)
+            self._sync(model)
         eos = eos_token_ids(self.processor, model)
         tok = getattr(self.processor, "tokenizer", self.processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
