@@ -35,6 +35,7 @@ LAYER: dict[str, str] = {
     "vopd.fastpath": "core",
     "vopd.teacher": "core",
     "vopd.tiny_models": "core",
+    "vopd.stock_processor": "core",  # checkpoints name the stock processor class
     "vopd.specs": "core",
     "vopd.knobs": "core",  # the knob machinery: declare, check, load YAML
     "vopd.config": "core",  # every knob as data (views, rollout and health import their sections)
@@ -42,6 +43,7 @@ LAYER: dict[str, str] = {
     "vopd.data": "training",
     "vopd.datacheck": "training",
     "vopd.rollout": "training",
+    "vopd.rollout_vllm": "training",  # rollout.engine=vllm
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",
     "vopd.proposals": "training",

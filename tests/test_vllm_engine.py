@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -69,7 +70,7 @@ def test_prompt_check_names_the_image_token_count():
 
 
 def test_engine_knob_is_validated_and_missing_vllm_env_is_a_clear_error(tmp_path, tiny_qwen2_vl, tiny_images):
-    with pytest.raises(ConfigError, match="rollout.engine='sglang' is not one of hf, vllm"):
+    with pytest.raises(ConfigError, match=re.escape("rollout.engine='sglang' is not one of hf | vllm")):
         load_config(None, ["rollout.engine=sglang"])
     model, processor = tiny_qwen2_vl
     engine = VLLMServerEngine(processor, work_dir=tmp_path, python=str(tmp_path / "nope" / "python"))

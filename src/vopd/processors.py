@@ -3,9 +3,10 @@
 Several stock processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5, SmolVLM, LLaVA-OneVision)
 insist on a video processor, which needs torchvision (never installed here). The `ImageOnly*`
 subclasses below drop it. They are registered with `AutoProcessor` when this module is imported
-(`vopd.models` imports it), under their own names only: a saved tiny model names its image-only
-processor class in `processor_config.json`, while real checkpoints keep loading the stock classes;
-`vopd.models.load_model` falls back to them for a checkpoint whose stock processor cannot load.
+(`vopd.models` imports it), under their own names only, so folders that name them (older tiny
+models, the shipped toy base) load while real checkpoints keep loading the stock classes;
+`vopd.models.load_model` falls back to them (with a warning) for a checkpoint whose stock
+processor cannot load. Checkpoints and `save_tiny` name the stock class (`vopd.stock_processor`).
 """
 
 from __future__ import annotations

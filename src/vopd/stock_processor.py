@@ -1,7 +1,7 @@
 """Save checkpoints under the family's stock processor class, so any engine can serve them.
 
 Without torchvision (this project's CPU environment) the Qwen-family processors are built as the
-image-only subclasses of `vopd.tiny_models` (`ImageOnlyQwen2VLProcessor`, ...). A folder whose
+image-only subclasses of `vopd.processors` (`ImageOnlyQwen2VLProcessor`, ...). A folder whose
 `processor_config.json` names such a class is useless outside vopd: `AutoProcessor` in a fresh
 process does not know the class, and vLLM calls `Qwen2VLProcessor.from_pretrained` directly and
 needs a video processor. `make_processor_stock(folder)` rewrites the saved processor config in
