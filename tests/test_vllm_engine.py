@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
 from vopd.config import ConfigError, load_config
 from vopd.models import append_responses, build_prompts, load_model, repeat_prompts, response_logits, vision_token_ids
 from vopd.rollout import HFGenerateEngine, RolloutConfig, Rollouts
