@@ -306,6 +306,37 @@ def test_a_full_disk_during_save_leaves_no_half_checkpoint(two_checkpoints, tmp_
     monkeypatch.setattr(ckpt_mod, "save_file", full)
     with pytest.raises(CheckpointError, match="could not write checkpoint-3 .*No space left.*untouched"):
         train(_cfg(out, "max_steps=3", "save_every=1"), resume=True)
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
     assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2"]
     check_checkpoint(out / "checkpoint-2")
+
+
+def test_a_second_live_run_into_the_same_folder_is_refused(tmp_path):
+    """Launched twice (or retried while the first still runs): the second run stops at once."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vopd.runfolder import lock_run_folder; "
+         "lock_run_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=rf"in use by another running vopd train \(pid {holder.pid}\)"):
+            train(_cfg(tmp_path, "max_steps=1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    res = train(_cfg(tmp_path, "max_steps=1"))  # the lock dies with its process
+    assert res.steps == 1
+
+
+def test_a_finished_run_releases_its_folder(tmp_path):
+    import fcntl
+
+    train(_cfg(tmp_path, "max_steps=1"))
+    fd = os.open(tmp_path / ".vopd-train.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
+    finally:
+        os.close(fd)

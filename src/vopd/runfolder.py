@@ -25,11 +25,15 @@ __all__ = [
     "RunFolderError",
     "check_resume_config",
     "check_world_size",
+    "lock_run_folder",
+    "release_run_folder",
     "prepare_run_folder",
     "truncate_metrics",
 ]
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".vopd-train.lock"  # held (flock) by the process training into the folder
+_HELD: dict[str, int] = {}  # folders this process holds the lock of -> lock file descriptor
 TRACKER_DIR = "vopd"  # accelerate's tracker logs (TensorBoard) under output_dir
 
 #: Config keys (dotted) a resume may change with only a warning: run length, logging, paths,
@@ -75,6 +79,7 @@ def prepare_run_folder(
     if root.exists() and not root.is_dir():
         raise RunFolderError(f"output_dir={root} is a file, not a folder")
     if main_process:
+        lock_run_folder(root)
         for path in clean_stale_temporaries(root):
             say(f"removed {path}, left by a save that crashed")
     if resume or not root.is_dir():
@@ -94,6 +99,45 @@ def prepare_run_folder(
         if (root / TRACKER_DIR).is_dir():
             shutil.rmtree(root / TRACKER_DIR)
         say(f"--overwrite: removed the earlier run in {root} ({', '.join(found)})")
+
+
+def lock_run_folder(output_dir: str | Path) -> None:
+    """Hold an advisory lock on ``output_dir`` until this process exits, so that a second
+    ``vopd train`` into the same folder (launched twice, a scheduler retry) is refused instead of
+    interleaving its metrics and checkpoints with the first. A no-op where ``fcntl`` is missing.
+
+    Raises:
+        RunFolderError: another live process holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    root = Path(output_dir)
+    key = str(root.resolve())
+    if key in _HELD:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunFolderError(
+            f"output_dir={root} is in use by another running vopd train (pid {owner}); wait for it to "
+            "finish, stop it, or choose another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+
+
+def release_run_folder(output_dir: str | Path) -> None:
+    """Give up the lock `lock_run_folder` took (a finished run; also released at process exit)."""
+    fd = _HELD.pop(str(Path(output_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

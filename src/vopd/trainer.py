@@ -36,7 +36,7 @@ from vopd.models import linear_head, output_head
 from vopd.objectives import LossKnobs, loss_knobs, token_weights
 from vopd.records import RecordError
 from vopd.rollout import Rollouts
-from vopd.runfolder import truncate_metrics
+from vopd.runfolder import release_run_folder, truncate_metrics
 from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
 
 __all__ = ["ResponseHidden", "TrainResult", "TrainState", "TrainingError", "resolve_model", "setup", "summary",
@@ -286,6 +286,7 @@ def train(
         ckpt = state.last_checkpoint
         acc.print(f"{cfg.output_dir} is already at step {state.step} of {total_steps}: nothing to do "
                   f"(raise max_steps to continue). Checkpoint: {ckpt}")
+        release_run_folder(cfg.output_dir)
         return TrainResult(Path(cfg.output_dir), ckpt, state.step, [], False, time.perf_counter() - start)
     acc.init_trackers("vopd", config=_flat(config_to_dict(cfg)))
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens,
@@ -342,6 +343,7 @@ def train(
     acc.end_training()
     if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started
         state.engine.close()
+    release_run_folder(cfg.output_dir)
     result = TrainResult(out, state.last_checkpoint, state.step, state.history, interrupted, time.perf_counter() - start,
                          health=list(health.history) if health is not None else [])
     if acc.is_main_process:
