@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vopd.cli import main
+from vopd.cli import EXPECTED_ERRORS, main
 from vopd.config import ConfigError
 
 
@@ -63,6 +63,28 @@ def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys)
     assert main(["config"]) == 1
     line = _one_line(capsys.readouterr().err)
     assert "unexpected error (KeyError)" in line and "--debug" in line and "VOPD_DEBUG=1" in line
+
+
+@pytest.mark.parametrize("module, name, label, code", [(m, n, lab, 2 if n == "ConfigError" else 1)
+                                                     for m, n, lab, _ in EXPECTED_ERRORS])
+def test_every_expected_error_class_exists_and_maps_to_its_line(module, name, label, code, monkeypatch, capsys):
+    """The table names real classes (a rename would silently turn them into 'unexpected error')."""
+    import importlib
+
+    import vopd.cli as cli
+
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+    cls = getattr(importlib.import_module(module), name)
+    err = cls.__new__(cls)
+    Exception.__init__(err, "what went wrong\nsecond line")
+
+    def fail(args):
+        raise err
+
+    monkeypatch.setattr(cli, "_config", fail)
+    assert main(["config"]) == code
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"vopd config: {label}: what went wrong; second line")
 
 
 def test_library_value_errors_are_invalid_input_not_unexpected(monkeypatch, capsys):

@@ -157,7 +157,7 @@ def _unavailable(name: str, err: Exception) -> int:
 
 # (module, class, what it is, what to do): expected failures and their one-line advice. A class is
 # looked up only in modules already imported, since an error of that class implies its module ran.
-_EXPECTED: tuple[tuple[str, str, str, str], ...] = (
+EXPECTED_ERRORS: tuple[tuple[str, str, str, str], ...] = (
     ("vopd.knobs", "ConfigError", "config error",
      "fix the file or key named above (`vopd config` lists every key with its allowed values)"),
     ("vopd.records", "RecordError", "data error",
@@ -176,7 +176,7 @@ _EXPECTED: tuple[tuple[str, str, str, str], ...] = (
 
 def _explain(err: BaseException) -> tuple[str, str, int]:
     """(label, advice, exit status) for an exception."""
-    for module, name, label, advice in _EXPECTED:
+    for module, name, label, advice in EXPECTED_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(err, cls):
             return label, advice, 2 if name == "ConfigError" else 1
