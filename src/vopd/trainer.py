@@ -307,7 +307,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     interrupted = False
     bar = tqdm(total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True)
-    with _StopFlag() as stop, _save_on_error(state):
+    with bar, _StopFlag() as stop, _save_on_error(state):  # the bar closes before an error is printed
         batches: list[PromptPair] = []
         for pair in loader:
             if pair.error:  # a row that cannot be used (data.on_error=raise), named file:row
