@@ -8,9 +8,11 @@ image as the student (vopd: teacher.view=full), AdamW, fp32, no gradient checkpo
 trainer draws one completion per prompt row, so its batch holds each prompt n times (the same
 P x n sequences per step as vopd).
 
-Rounds alternate: TRL for W + K steps, then vopd for W + K steps, repeated; the first W steps of
-each block are warm-up and not counted. A step is everything from taking the batch to the
-optimiser step (sampling included). Peak memory = peak RSS above the level at the step start.
+Rounds alternate: TRL for W + K steps, then vopd for W + K steps, repeated, **each block in its own
+process**; the first W steps of each block are warm-up and not timed. A step is everything from
+taking the batch to the optimiser step (sampling included). Peak memory (`common.ProcessPeak`):
+the kernel's peak RSS over all W + K steps of the block minus the RSS after loading (model,
+teacher, data), in that fresh process.
 
     python benchmarks/bench_peer.py [--quick]
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -29,12 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    QUESTION, PeakRSS, build_workload_model, machine, machine_markdown, scene, summary, timed, write_results,
+    QUESTION, ProcessPeak, build_workload_model, machine, machine_markdown, scene, summary, timed, write_results,
 )
 
 
-def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: int, warmup: int, out: Path) -> list[dict]:
-    """Run TRL's DistillationTrainer for warmup + steps steps; per-step seconds and peak MB."""
+def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: int, warmup: int, out: Path,
+              meter: ProcessPeak) -> list[dict]:
+    """Run TRL's DistillationTrainer for warmup + steps steps; per-step seconds (``meter`` starts at step 1)."""
     import time
 
     from datasets import Dataset
@@ -51,15 +56,12 @@ def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: in
 
     class StepMeter(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.meter = PeakRSS()
-            self.ctx = self.meter.measure()
-            self.ctx.__enter__()
+            if not records and not hasattr(self, "t0"):
+                meter.start()  # everything is loaded: model, teacher, data
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            seconds = time.perf_counter() - self.t0
-            self.ctx.__exit__(None, None, None)
-            records.append({"seconds": seconds, "peak_mb": self.meter.peak_mb})
+            records.append({"seconds": time.perf_counter() - self.t0})
 
     args = DistillationConfig(
         output_dir=str(out), per_device_train_batch_size=P * n, gradient_accumulation_steps=1,
@@ -102,46 +104,71 @@ class VopdRunner:
         self.count += 1
         prompts = build_prompts(self.state.processor, images, [QUESTION] * self.P)  # collation is not timed (workers)
         pair = PromptPair(student=prompts, teacher=prompts, sample_ids=[str(i) for i in range(self.P)])
+        # peak_mb: the sampled per-step meter, kept for bench_vopd.py's ablation table only (peak above the
+        # step start in a warmed-up process: see common.py); this benchmark reports ProcessPeak instead.
         metrics, seconds, peak = timed(train_step, self.state, [pair], sharing=self.sharing)
         return {"seconds": seconds, "peak_mb": peak, "response_tokens": metrics["response_tokens"],
                 **{k: v for k, v in metrics.items() if k.startswith("time_")}}
 
 
-def run(quick: bool) -> dict:
+def _settings(quick: bool) -> tuple[dict, tuple[int, int, int]]:
+    work = {"P": 2, "n": 4, "T": 16, "beta": 0.5} if quick else {"P": 2, "n": 8, "T": 32, "beta": 0.5}
+    return work, ((2, 1, 2) if quick else (3, 1, 3))
+
+
+def block(kind: str, model_dir: Path, out: Path, quick: bool) -> dict:
+    """One trainer's W + K steps in this (fresh) process: step times and the block's peak memory."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    work = {"P": 2, "n": 4, "T": 16, "beta": 0.5} if quick else {"P": 2, "n": 8, "T": 32, "beta": 0.5}
-    rounds, warmup, steps = (2, 1, 2) if quick else (3, 1, 3)
+    work, (_, warmup, steps) = _settings(quick)
+    meter = ProcessPeak()
+    if kind == "trl":
+        records = trl_block(model_dir, steps=steps, warmup=warmup, out=out, meter=meter, **work)
+    else:
+        runner = VopdRunner(model_dir, out=out, **work)
+        meter.start()
+        records = [runner.step() for _ in range(warmup + steps)][warmup:]
+    return {"records": records, "memory": meter.stop()}
+
+
+def run(quick: bool) -> dict:
+    work, (rounds, warmup, steps) = _settings(quick)
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_peer_"))
     model_dir = build_workload_model(tmp / "model")
-    trl, vopd = [], []
+    out: dict[str, list] = {"trl": [], "vopd": [], "trl_memory": [], "vopd_memory": []}
     for r in range(rounds):
-        trl += trl_block(model_dir, steps=steps, warmup=warmup, out=tmp / f"trl{r}", **work)
-        print(f"round {r}: TRL {[round(x['seconds'], 2) for x in trl[-steps:]]}", flush=True)
-        runner = VopdRunner(model_dir, out=tmp / f"vopd{r}", **work)
-        for i in range(warmup + steps):
-            rec = runner.step()
-            if i >= warmup:
-                vopd.append(rec)
-        print(f"round {r}: vopd {[round(x['seconds'], 2) for x in vopd[-steps:]]}", flush=True)
-        del runner
-    return {"workload": work, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, "trl": trl, "vopd": vopd}
+        for kind in ("trl", "vopd"):
+            cmd = [sys.executable, __file__, "--block", kind, "--model-dir", str(model_dir), "--out", str(tmp / f"{kind}{r}")]
+            proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{kind} block failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[kind] += res["records"]
+            out[f"{kind}_memory"].append(res["memory"])
+            print(f"round {r}: {kind} {[round(x['seconds'], 2) for x in res['records']]} s, "
+                  f"peak {res['memory']['peak_above_loaded_mb']:.0f} MB above loaded", flush=True)
+    return {"workload": work, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, **out}
 
 
 def report(result: dict, mach: dict) -> str:
     w = result["workload"]
     t_trl, t_vopd = (summary([r["seconds"] for r in result[k]]) for k in ("trl", "vopd"))
-    m_trl, m_vopd = (summary([r["peak_mb"] for r in result[k]]) for k in ("trl", "vopd"))
+    m_trl, m_vopd = (summary([m["peak_above_loaded_mb"] for m in result[f"{k}_memory"]]) for k in ("trl", "vopd"))
+    loaded = {k: summary([m["loaded_rss_mb"] for m in result[f"{k}_memory"]])["median"] for k in ("trl", "vopd")}
     phases = {k: summary([r[k] for r in result["vopd"]])["median"] for k in result["vopd"][0] if k.startswith("time_")}
     lines = [
-        "# Benchmark 1: vopd vs TRL DistillationTrainer, equal work, alternating in one process", "",
+        "# Benchmark 1: vopd vs TRL DistillationTrainer, equal work, alternating blocks (each in its own process)", "",
         machine_markdown(mach), "",
         f"Workload: random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192), 336 px images (144 image "
         f"tokens, prompt ~166 tokens), P={w['P']} prompts x n={w['n']} rollouts, up to T={w['T']} sampled tokens, "
         f"JSD beta={w['beta']} over the full vocabulary, frozen teacher on the same image, fp32, AdamW. "
         f"{result['rounds']} alternating rounds x {result['steps_per_round']} measured steps "
         f"(+{result['warmup']} warm-up per block).", "",
-        "| trainer | median s/step (min-max) | median peak MB above step start (min-max) |", "|---|---|---|",
+        "Memory: per block (its own process), the kernel's peak RSS over all its steps minus the RSS after "
+        "loading model, teacher and data (`common.ProcessPeak`; reset of the peak counter: "
+        f"{all(m['reset'] for k in ('trl', 'vopd') for m in result[f'{k}_memory'])}). RSS after loading "
+        f"(median): TRL {loaded['trl']:.0f} MB, vopd {loaded['vopd']:.0f} MB.", "",
+        "| trainer | median s/step (min-max) | median peak MB above loaded, per block (min-max) |", "|---|---|---|",
         f"| TRL DistillationTrainer | {t_trl['median']:.2f} ({t_trl['min']:.2f}-{t_trl['max']:.2f}) | "
         f"{m_trl['median']:.0f} ({m_trl['min']:.0f}-{m_trl['max']:.0f}) |",
         f"| vopd | {t_vopd['median']:.2f} ({t_vopd['min']:.2f}-{t_vopd['max']:.2f}) | "
@@ -161,7 +188,13 @@ def report(result: dict, mach: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--block", choices=("trl", "vopd"), help=argparse.SUPPRESS)  # child: one block
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.block:
+        print(json.dumps(block(args.block, args.model_dir, args.out, args.quick)))
+        return
     mach = machine()
     result = run(args.quick)
     result |= {"machine": mach, "quick": args.quick, "load_average_end": [round(x, 2) for x in os.getloadavg()]}

@@ -1,12 +1,20 @@
-"""Shared pieces of the benchmarks: the machine description, a peak-memory meter, the workload
+"""Shared pieces of the benchmarks: the machine description, peak-memory meters, the workload
 (a small Qwen2-VL built from a config, 336 px images), and result writing.
 
-Peak memory on CPU is the peak *resident set size above the level at the start of the measured
-call*, sampled every millisecond from /proc/self/statm by a thread. run_all.py starts every
-benchmark with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every tensor larger than 64 KiB
-with its own mmap and returns it on free: RSS then follows live tensor memory instead of
-keeping freed blocks in the heap. Small allocations and allocator slack are still counted, and a
-spike shorter than the sampling period can be missed; peaks are honest to a few MB.
+Memory on CPU (there is no ``max_memory_allocated``). The trusted measure is
+:class:`ProcessPeak`: each configuration runs in **its own process**; once everything is loaded
+(model, teacher, optimiser, data) the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``
+"5") and read back (``VmHWM``) after the measured steps. Reported: peak RSS minus the RSS after
+loading, i.e. what the training steps add on top of the loaded state (activations, gradients,
+AdamW state created at the first step, sampling caches), exactly as the kernel counted it (no
+sampling thread that can miss a spike). A fresh process matters: in a warmed-up process the heap
+already holds the previous steps' freed blocks, so "peak above the step start" reads ~0 MB (the
+flaw of the per-step meter this replaces). Where ``clear_refs`` is not writable the reset is
+skipped and the peak includes the loading transients (reported as ``reset: false``).
+
+:class:`PeakRSS` (sampled RSS above the start of one call, every millisecond) stays for
+`bench_loss.py`, whose every measurement already runs in a fresh process with
+``MALLOC_MMAP_THRESHOLD_=65536`` (large tensors get their own mapping and are returned on free).
 """
 
 from __future__ import annotations
@@ -50,6 +58,45 @@ def machine() -> dict[str, Any]:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_mb() -> float:
+    """Resident set size now (MB)."""
+    return _status_kb("VmRSS") / 1024
+
+
+def hwm_mb() -> float:
+    """The kernel's peak resident set size of this process (MB)."""
+    return _status_kb("VmHWM") / 1024
+
+
+class ProcessPeak:
+    """Peak RSS of this process from :meth:`start` (after loading) to :meth:`stop`, minus the RSS at start."""
+
+    def start(self) -> None:
+        import gc
+
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.loaded_mb = rss_mb()
+
+    def stop(self) -> dict[str, float]:
+        peak = hwm_mb()
+        return {"loaded_rss_mb": self.loaded_mb, "peak_rss_mb": peak, "peak_above_loaded_mb": peak - self.loaded_mb,
+                "reset": self.reset}
 
 
 class PeakRSS:

@@ -12,7 +12,8 @@ rollouts), not only ``model.forward``. The student wrapper is `vopd.train_setup.
 whose forward FSDP2 hooks; with ``reshard_after_forward=False`` its root parameters (LM head
 included) stay gathered from the forward until the backward has reduce-scattered their
 gradients, so the fused chunked loss runs unchanged on the plain gathered head (no extra
-gather; `benchmarks/bench_fsdp2_head.py` measures it). Rollouts run inside
+gather: the root's own all-gather is the communication; its memory is in
+`benchmarks/results/memory_strategies.md`). Rollouts run inside
 :func:`root_gathered`; the teacher's root is gathered at its first scoring of a step and freed
 before its EMA update.
 
