@@ -19,7 +19,7 @@ from vopd.trainer import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.path=tiny:qwen3_5", "data.train=toyworld:8:3", "data.num_workers=0", "prompts_per_step=2",
         "micro_batch_prompts=1", "rollout.n=2", "rollout.max_new_tokens=4", "max_steps=2", "save_every=0",
-        "report_to=[jsonl]", "threads=1"]
+        "report_to=[jsonl]", "threads=1", "device=cpu"]
 
 
 @pytest.mark.slow

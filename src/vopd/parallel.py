@@ -46,8 +46,14 @@ def ensure_process_group(device: torch.device) -> None:
     """FSDP2 needs a process group; a plain 1-process run gets a private 1-rank one."""
     import torch.distributed as dist
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_initialized():
         return
+    if launched > 1:  # the launcher started several processes but accelerate set up none of them as such
+        raise RuntimeError(
+            f"{launched} processes were launched but this one runs alone (no process group): on a machine "
+            "without GPUs set device=cpu so that accelerate joins the processes (gloo)"
+        )
     store = dist.FileStore(tempfile.mktemp(prefix="vopd-pg-"), 1)
     dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=store, rank=0, world_size=1)
 
@@ -301,6 +307,3 @@ def check_resume(saved: dict[str, Any], strategy: str, world_size: int) -> str |
         return f"resume: world size {old_world} -> {world_size} (fsdp2 reshards the full state on load)"
     return None
 
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
