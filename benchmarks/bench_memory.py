@@ -1,4 +1,4 @@
-"""Benchmark 5: peak memory per rank by strategy (ddp, fsdp2, LoRA; 1 and 2 processes) with an EMA
+"""Benchmark 6: peak memory per rank by strategy (ddp, fsdp2, LoRA; 1 and 2 processes) with an EMA
 teacher, on a ~100M-parameter random Qwen2-VL, checked against `memplan.py`'s estimate.
 
 Every configuration runs in its own process(es) (`torchrun --standalone` for 2, gloo on CPU). Per
@@ -99,7 +99,7 @@ def model_shape(model_dir: Path) -> tuple[ModelShape, int]:
 
 def report(result: dict, mach: dict) -> str:
     shape = ModelShape(**result["shape"])
-    lines = ["# Benchmark 5: peak memory per rank by strategy (EMA teacher)", "", machine_markdown(mach), "",
+    lines = ["# Benchmark 6: peak memory per rank by strategy (EMA teacher)", "", machine_markdown(mach), "",
              f"Model: random Qwen2-VL, {shape.params / 1e6:.0f}M parameters (text {SHAPE['text_hidden']} x "
              f"{SHAPE['text_layers']} layers, vocabulary {SHAPE['vocab']}, vision {SHAPE['vision_dim']} x "
              f"{SHAPE['vision_depth']}), fp32, EMA teacher (fp32 copy; LoRA: a second adapter), 2 steps of 2 prompts "
