@@ -121,7 +121,10 @@ def report(result: dict, mach: dict) -> str:
         lines.append(f"| {strategy} | {nproc} | {foot:.0f} | {above:.0f} | {est:.0f} | {foot / est:.2f} |")
     lines += ["", "The estimate counts state only; the measured footprint adds activations, the processor, "
               "allocator slack and (fsdp2) communication buffers. Reset of the peak counter worked: "
-              f"{all(r['reset'] for ranks in result['configs'].values() for r in ranks)}."]
+              f"{all(r['reset'] for ranks in result['configs'].values() for r in ranks)}. Compare strategies by "
+              "footprint: a frozen base that nothing has touched yet can still be a lazily mapped file after setup "
+              "(lora, 1 process: its pages count only once the steps read them, so they land in \"above loaded\"); "
+              "2-process runs touch every weight at setup (DDP's broadcast, FSDP2's sharding)."]
     return "\n".join(lines) + "\n"
 
 
