@@ -54,7 +54,7 @@ def ensure_process_group(device: torch.device) -> None:
             f"{launched} processes were launched but this one runs alone (no process group): on a machine "
             "without GPUs set device=cpu so that accelerate joins the processes (gloo)"
         )
-    store = dist.FileStore(tempfile.mktemp(prefix="vopd-pg-"), 1)
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="vopd-pg-"), "store"), 1)
     dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=store, rank=0, world_size=1)
 
 
