@@ -40,6 +40,11 @@ def test_candidate_windows_cover_and_contain_every_small_object():
     assert {(w.width, w.height) for w in odd} == {(45, 45)} and max(w.x2 for w in odd) == 200
 
 
+def test_centred_window_stays_inside_the_image():
+    assert proposals_mod._centred_window((168, 168), 84, 84, 1 / 3) == Box(56, 56, 112, 112)
+    assert proposals_mod._centred_window((168, 168), 5, 160, 1 / 3) == Box(0, 112, 56, 168)
+
+
 def test_proposal_config_rejects_bad_values():
     with pytest.raises(ValueError, match="proposal source"):
         ProposalConfig(source="box")
@@ -106,7 +111,10 @@ def test_search_and_attention_propose_candidate_windows(tiny_qwen2_vl):
     for fn in (search_proposals, attention_proposals):
         props = fn(model, processor, samples, TOY_VIEW, dataclasses.replace(cfg, source=fn.__name__.split("_")[0]))
         assert [p.sample_id for p in props] == [s.id for s in samples]
-        assert all(p.box in windows and np.isfinite(p.score) for p in props)
+        assert all(np.isfinite(p.score) and (p.box.width, p.box.height) == (56, 56) for p in props)
+        assert all(p.box.x1 >= 0 and p.box.y1 >= 0 and p.box.x2 <= 168 and p.box.y2 <= 168 for p in props)
+        if fn is search_proposals:
+            assert all(p.box in windows for p in props)
     # attention switched the model to eager attention and eval mode for the call only
     assert (model.config._attn_implementation, model.training) == (attn_before, training_before)
 

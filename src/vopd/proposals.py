@@ -9,7 +9,7 @@ sample's gold boxes (``views.crop_source=box``). The sources here find the regio
   the teacher would see for that window.
 - ``attention`` (ViCrop-style, label-free): the attention of the prompt's last token over the
   image tokens under the question, divided by the same attention under a generic prompt, summed
-  over layers and heads; the window around the strongest cell is the proposal.
+  over layers and heads; the window centred on the strongest image token is the proposal.
 
 A proposal is one box per sample; :func:`with_proposed_boxes` puts it in place of the gold boxes
 (which are dropped first, so nothing downstream can read them). :func:`proposal_quality`
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +156,15 @@ def _image_token_attention(model: Any, batch: Any, image_token_id: int) -> list[
     return [last[b][is_image[b]] for b in range(last.shape[0])]
 
 
+def _centred_window(image_size: tuple[int, int], cx: float, cy: float, window: float) -> Box:
+    """A square of ``window`` x the shorter side centred on (cx, cy), shifted inside the image."""
+    width, height = image_size
+    side = max(1, round(window * min(width, height)))
+    x1 = min(max(round(cx - side / 2), 0), width - side)
+    y1 = min(max(round(cy - side / 2), 0), height - side)
+    return Box(x1, y1, x1 + side, y1 + side)
+
+
 def _grid_of(batch: Any, row: int, merge: int) -> tuple[int, int]:
     _, h, w = (int(v) for v in batch["image_grid_thw"][row])
     return h // merge, w // merge
@@ -166,7 +174,7 @@ def attention_proposals(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """ViCrop-style relative attention: question attention / generic-prompt attention per image
-    token; the candidate window with the largest summed ratio is the proposal.
+    token (summed over layers and heads); the proposal is a window centred on the strongest token.
 
     Needs a Qwen-VL-style model (``image_grid_thw``, ``image_token_id``) whose attention weights
     can be returned (the eager attention implementation is switched on for the call).
@@ -191,16 +199,12 @@ def attention_proposals(
             for row, (sample, image) in enumerate(zip(chunk, images)):
                 gh, gw = _grid_of(asked, row, merge)
                 ratio = (a_q[row] / a_g[row].clamp(min=1e-8)).reshape(gh, gw)
-                cell_w, cell_h = image.width / gw, image.height / gh
-                best: tuple[float, Box] | None = None
-                for window in candidate_windows(image.size, cfg.window, cfg.stride):
-                    cols = [c for c in range(gw) if window.x1 <= (c + 0.5) * cell_w < window.x2]
-                    rows = [r for r in range(gh) if window.y1 <= (r + 0.5) * cell_h < window.y2]
-                    score = float(ratio[rows][:, cols].mean()) if rows and cols else -math.inf
-                    if best is None or score > best[0]:
-                        best = (score, window)
-                assert best is not None
-                proposals.append(Proposal(sample.id, best[1], best[0], "attention"))
+                # The window is centred on the strongest cell (a grid of windows averages the peak away).
+                k = int(ratio.argmax())
+                r, c = divmod(k, gw)
+                cx, cy = (c + 0.5) * image.width / gw, (r + 0.5) * image.height / gh
+                proposals.append(Proposal(sample.id, _centred_window(image.size, cx, cy, cfg.window),
+                                          float(ratio.max()), "attention"))
     finally:
         if previous is not None:
             model.set_attn_implementation(previous)
