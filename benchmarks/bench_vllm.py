@@ -32,6 +32,7 @@ CPU_SERVER_ARGS = ["--max-model-len", "2048", "--enforce-eager"]
 
 
 def _state(model_dir: Path, out: Path, *, engine: str, P: int, n: int, T: int, vllm_python: str):
+    import vopd.toyworld  # noqa: F401  (registers the toyworld:N data spec)
     from vopd.config import load_config
     from vopd.trainer import setup
 
