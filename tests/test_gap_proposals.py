@@ -30,3 +30,27 @@ def test_gap_with_proposed_crops_on_records_without_boxes(tmp_path, source):
     again = json.loads((tmp_path / "out2" / "gap.json").read_text())["proposals"]
     assert again["n"] == 4 and 0.0 <= again["hit_rate"] <= 1.0
 
+
+
+def test_gap_with_gold_boxes_on_records_without_boxes_is_one_clear_error(tmp_path, capsys):
+    """The default crop source needs boxes: no crop view at all is refused up front, never scored."""
+    scenes = make_dataset(3, 11)
+    boxless = write_records([dataclasses.replace(s, boxes=[]) for s in scenes], tmp_path / "nobox" / "r.jsonl")
+    code = main(["gap", str(boxless), "--model", "toy-base", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and "no question has an evidence box" in err[0] and "--crop-source" in err[0]
+    assert not (tmp_path / "out" / "gap.json").exists()
+
+
+@pytest.mark.slow
+def test_gap_leaves_out_the_records_without_boxes_and_says_so(tmp_path, caplog):
+    scenes = make_dataset(3, 11)
+    mixed = write_records([scenes[0], dataclasses.replace(scenes[1], boxes=[]), scenes[2]], tmp_path / "r.jsonl")
+    with caplog.at_level("WARNING"):
+        code = main(["gap", str(mixed), "--model", "toy-base", "--context", "0", "--n-boot", "200",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "1 of 3 questions have neither boxes nor a crop" in caplog.text
+    result = json.loads((tmp_path / "out" / "gap.json").read_text())
+    assert result["views"]["crop"]["n"] == 2 and result["views"]["full"]["n"] == 2

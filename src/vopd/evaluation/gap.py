@@ -131,6 +131,18 @@ def load_gap_samples(data: str, *, benchmark: str | None = None, seed: int = 0, 
     return samples
 
 
+def _with_evidence(samples: list[Any], data: str) -> list[Any]:
+    """The samples that have a box or a crop (the crop view needs one); a clear error if none has."""
+    usable = [s for s in samples if s.boxes or s.teacher_image is not None]
+    if not usable:
+        raise ValueError(f"{data}: no question has an evidence box or a crop, so there is no crop view; "
+                         "add boxes, or let the model propose crops with --crop-source search|attention")
+    if len(usable) < len(samples):
+        log.warning("%s: %d of %d questions have neither boxes nor a crop and are left out of the gap "
+                    "(or pass --crop-source search|attention)", data, len(samples) - len(usable), len(samples))
+    return usable
+
+
 def _kind(sample: Any) -> str:
     if "kind" in sample.meta:
         return sample.meta["kind"]
@@ -291,6 +303,8 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
         model = cfg.backend.model or (sorted(cfg.checkpoints, key=lambda p: _step(p, 0))[0] if cfg.checkpoints else "")
         proposer = backend or make_backend(dataclasses.replace(cfg.backend, model=model))
         samples, proposals = propose_gap_crops(samples, proposer, cfg.view, out)
+    else:
+        samples = _with_evidence(samples, cfg.data)
     if not cfg.checkpoints:
         backend = backend or make_backend(cfg.backend)
         result = measure_gap(samples, backend, cfg, store=PredictionStore(out / "predictions.jsonl"),
