@@ -13,36 +13,16 @@ from vopd.rollout import (
     BlockTokens,
     HFGenerateEngine,
     RolloutConfig,
-    Rollouts,
     block_vision_tokens,
     eos_token_ids,
     response_mask,
 )
 
 from conftest import with_bias
+from support.reference import teacher_forced_logp
 
 FAMILIES = list(ALL_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
-
-
-def _teacher_forced_logp(model, batch, rollouts: Rollouts, blocked, *, temperature=1.0, top_p=1.0):
-    """Independent reference: full forward on prompt+response, blocked ids, temperature, top-p."""
-    T = rollouts.response_ids_B_T.shape[1]
-    inputs = append_responses(repeat_prompts(batch, len(rollouts.prompt_index_B) // batch["input_ids"].shape[0]),
-                              rollouts.response_ids_B_T, rollouts.mask_B_T)
-    with torch.no_grad():
-        logits = response_logits(model, inputs, T).double()
-    logits[..., blocked] = float("-inf")
-    logits = logits / temperature
-    if top_p < 1.0:
-        probs = logits.softmax(-1)
-        sorted_p, order = probs.sort(-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    logp = logits.log_softmax(-1)
-    return logp.gather(2, rollouts.response_ids_B_T[..., None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,7 +108,7 @@ def test_sampler_logp_matches_processed_distribution(tiny_models, tiny_images, f
     batch = build_prompts(processor, list(tiny_images), TEXTS)
     cfg = RolloutConfig(n=3, temperature=temperature, top_p=top_p, max_new_tokens=8)
     r = HFGenerateEngine(processor).sample(biased, batch, cfg, generator_seed=5)
-    ref = _teacher_forced_logp(biased, batch, r, blocked, temperature=temperature, top_p=top_p)
+    ref = teacher_forced_logp(biased, batch, r, blocked, temperature=temperature, top_p=top_p)
     torch.testing.assert_close(r.sampler_logp_B_T[r.mask_B_T].double(), ref[r.mask_B_T], atol=2e-5, rtol=0)
     assert (r.sampler_logp_B_T <= 0).all()
 
@@ -148,7 +128,7 @@ def test_prompt_major_rows_and_greedy(tiny_models, tiny_images, family):
     L = int(alone.lengths_B[0])
     assert torch.equal(alone.response_ids_B_T[0, :L], greedy.response_ids_B_T[2, :L])
     # Greedy = argmax of the (blocked) teacher-forced logits at every position.
-    ref = _teacher_forced_logp(model, batch, greedy, vision_token_ids(processor, model))
+    ref = teacher_forced_logp(model, batch, greedy, vision_token_ids(processor, model))
     inputs = append_responses(repeat_prompts(batch, 2), greedy.response_ids_B_T, greedy.mask_B_T)
     with torch.no_grad():
         logits = response_logits(model, inputs, greedy.response_ids_B_T.shape[1])

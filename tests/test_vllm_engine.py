@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from support.reference import teacher_forced_logp
 
 import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
 from vopd.config import ConfigError, load_config
-from vopd.models import append_responses, build_prompts, load_model, repeat_prompts, response_logits, vision_token_ids
-from vopd.rollout import HFGenerateEngine, RolloutConfig, Rollouts
+from vopd.models import build_prompts, load_model, vision_token_ids
+from vopd.rollout import HFGenerateEngine, RolloutConfig
 from vopd.rollout_vllm import (
     EngineMismatchError,
     VLLMServerEngine,
@@ -80,23 +81,6 @@ def test_engine_knob_is_validated_and_missing_vllm_env_is_a_clear_error(tmp_path
 
 
 # ---------------------------------------------------------------- with the vLLM environment
-
-
-def _reference_logp(model, batch, ro: Rollouts, blocked, *, temperature: float, top_p: float) -> torch.Tensor:
-    """Trainer side: teacher-forced log-probs of the engine's tokens under the sampled distribution."""
-    n = ro.response_ids_B_T.shape[0] // batch["input_ids"].shape[0]
-    T = ro.response_ids_B_T.shape[1]
-    inputs = append_responses(repeat_prompts(batch, n), ro.response_ids_B_T, ro.mask_B_T)
-    with torch.no_grad():
-        logits = response_logits(model, inputs, T).double()
-    logits[..., blocked] = float("-inf")
-    logits = logits / temperature
-    if top_p < 1.0:
-        probs = logits.softmax(-1)
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.log_softmax(-1).gather(2, ro.response_ids_B_T[..., None]).squeeze(-1)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +163,7 @@ def test_engine_logprobs_equal_trainer_logprobs(server_url, policy, tmp_path, te
     ro = engine.sample(model, batch, RolloutConfig(n=4, temperature=temperature, top_p=top_p, max_new_tokens=12),
                        generator_seed=3)
     assert ro.response_ids_B_T.shape[0] == 8 and ro.mask_B_T.any(dim=1).all()
-    ref = _reference_logp(model, batch, ro, vision_token_ids(processor, model), temperature=temperature, top_p=top_p)
+    ref = teacher_forced_logp(model, batch, ro, vision_token_ids(processor, model), temperature=temperature, top_p=top_p)
     got, want = ro.sampler_logp_B_T[ro.mask_B_T].double(), ref[ro.mask_B_T]
     assert torch.isfinite(want).all()  # every engine token lies inside the trainer's sampling support
     torch.testing.assert_close(got, want, atol=LOGP_ATOL, rtol=0)
