@@ -39,6 +39,7 @@ LAYER: dict[str, str] = {
     "vopd.specs": "core",
     "vopd.knobs": "core",  # the knob machinery: declare, check, load YAML
     "vopd.config": "core",  # every knob as data (views, rollout and health import their sections)
+    "vopd.grounding": "core",  # crop_source=grounding: family box formats, prompt, parser (engine passed in)
     # training: the run, its data pipeline, sampling, checkpoints, the health probe.
     "vopd.data": "training",
     "vopd.datacheck": "training",
@@ -47,6 +48,7 @@ LAYER: dict[str, str] = {
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",
     "vopd.proposals": "training",
+    "vopd.propose_boxes": "training",  # vopd data propose: proposals written as boxes
     "vopd.health": "training",
     "vopd.train_setup": "training",
     "vopd.trainer": "training",

@@ -1,4 +1,4 @@
-"""`vopd gap --crop-source search|attention` on a record file without boxes (issue 13)."""
+"""`vopd gap --crop-source search|attention|grounding` on a record file without boxes (issue 13)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vopd.toyworld.scenes import make_dataset
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["search", "attention"])
+@pytest.mark.parametrize("source", ["search", "attention", "grounding"])
 def test_gap_with_proposed_crops_on_records_without_boxes(tmp_path, source):
     scenes = make_dataset(4, 11)
     boxless = write_records([dataclasses.replace(s, boxes=[]) for s in scenes], tmp_path / "nobox" / "r.jsonl")
@@ -24,6 +24,8 @@ def test_gap_with_proposed_crops_on_records_without_boxes(tmp_path, source):
     assert p["source"] == source and p["n_proposed"] == 4 and p["n"] == 0 and p["hit_rate"] is None
     assert (tmp_path / "out" / p["file"]).is_file()
     assert result["views"]["crop"]["n"] == 4 and result["views"]["full"]["n"] == 4
+    if source == "grounding":  # every answer is accounted for: parsed, or a counted whole-image fallback
+        assert p["parsed"] + p["degenerate"] + p["unparsed"] == 4 and p["fallback_box"] == "whole image"
     # The same scenes with their boxes: the proposer still never sees them, but quality is measured.
     boxed = write_records(scenes, tmp_path / "box" / "r.jsonl")
     assert main(["gap", str(boxed), *args[2:], "--out", str(tmp_path / "out2")]) == 0

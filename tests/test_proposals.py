@@ -51,7 +51,7 @@ def test_proposal_config_rejects_bad_values():
     with pytest.raises(ValueError, match="window"):
         ProposalConfig(window=0)
     with pytest.raises(ValueError, match="crop_source"):
-        ViewConfig(crop_source="grounding")
+        ViewConfig(crop_source="detector")
     with pytest.raises(ConfigError):
         load_config(None, ["views.crop_source=boxes"])
 

@@ -12,12 +12,15 @@ import os
 import sys
 from collections.abc import Callable
 
+#: ``vopd data propose --source`` choices: vopd.proposals.PROPOSAL_SOURCES (not imported here: torch).
+PROPOSAL_SOURCES = ("search", "attention", "grounding")
+
 COMMANDS: dict[str, str] = {
     "train": "Train a model with Vision-OPD (config YAML + key=value overrides; --resume continues).",
     "demo": "CPU toy world: measure the gap, train label-free, measure again, write a report.",
     "gap": "Measure the regional-to-global gap (crop vs full image) of a model on boxed data.",
     "eval": "Evaluate on fine-grained benchmarks (V*, HR-Bench, MME-RealWorld, ZoomBench, ...).",
-    "data": "Build or import training data (toyworld scenes, Vision-OPD-6K check).",
+    "data": "Build or import training data (toyworld scenes, Vision-OPD-6K check, model-proposed boxes).",
     "toyworld": "Toy-world utilities: pretrain the tiny base model.",
     "config": "Print every training knob with its default and meaning.",
 }
@@ -52,7 +55,27 @@ def _data(args: argparse.Namespace) -> int:
         path = write_dataset(args.out, args.n, args.seed)
         print(f"wrote {args.n} toy scenes to {path}")
         return 0
+    if args.kind == "propose":
+        return _data_propose(args)
     return _data_check(args)
+
+
+def _data_propose(args: argparse.Namespace) -> int:
+    from vopd.config import load_config
+
+    cfg = load_config(args.config, [])  # the views the proposals are made with
+    from vopd.propose_boxes import write_proposed_boxes
+    from vopd.specs import resolve_model_spec
+
+    def load() -> tuple:
+        return resolve_model_spec(args.model, trust_remote_code=cfg.model.trust_remote_code)
+
+    done = write_proposed_boxes(
+        args.path, args.out, load, source=args.source, model_name=args.model, view_cfg=cfg.views,
+        limit=args.limit, skip_fallbacks=args.skip_fallbacks, batch_size=args.batch_size,
+        progress=not args.no_progress)
+    print(done.report())
+    return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -117,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="model spec or folder: measure every prompt with its processor")
     q.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="prompt length limit with --model (default: data.max_prompt_tokens)")
+    q.set_defaults(func=_data)
+    q = dsub.add_parser("propose", help="write the model's own crop proposals into a copy of a record file as its "
+                                        "boxes (then train with views.crop_source=box)")
+    q.add_argument("path", help="record file or folder (ours or Vision-OPD-6K); never written")
+    q.add_argument("--model", required=True, help="model spec or folder that proposes the boxes")
+    q.add_argument("--source", required=True, choices=PROPOSAL_SOURCES, help="how the model proposes (docs/proposals.md)")
+    q.add_argument("--out", required=True, help="output JSONL; proposals are cached beside it in "
+                                                "<stem>.proposals.jsonl, so a rerun resumes")
+    q.add_argument("--limit", type=int, default=None, help="only the first N records")
+    q.add_argument("--config", help="training YAML whose views (and model.trust_remote_code) to propose with")
+    q.add_argument("--batch-size", type=int, default=100, help="prompts per forward pass")
+    q.add_argument("--skip-fallbacks", action="store_true",
+                   help="grounding: leave out records whose answer held no usable box (default: write them with "
+                        "the whole image as their box, flagged in meta.box_status)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_data)
 
     _mount_optional(sub)

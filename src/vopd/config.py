@@ -128,9 +128,10 @@ class ViewConfig:
     hint: bool = knob(False, "add the paper's hint sentence to the prompt text (both views share the text)")
     use_provided_crop: bool = knob(True, "use the sample's provided teacher image when present instead of cropping")
     crop_source: str = knob("box", "where the teacher's crop comes from in training: box (the sample's evidence "
-                                    "boxes or provided crop), or a region the model proposes itself: search or "
-                                    "attention (vopd.proposals; every gold box and provided crop is then dropped "
-                                    "unread)", choices=("box", "search", "attention"))
+                                    "boxes or provided crop), or a region the model proposes itself: search, "
+                                    "attention or grounding (vopd.proposals; every gold box and provided crop is "
+                                    "then dropped unread; grounding needs a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
+                                    "model)", choices=("box", "search", "attention", "grounding"))
 
     def __post_init__(self) -> None:
         color = tuple(self.box_color) if isinstance(self.box_color, (list, tuple)) else ()

@@ -10,6 +10,9 @@ sample's gold boxes (``views.crop_source=box``). The sources here find the regio
 - ``attention`` (ViCrop-style, label-free): the attention of the prompt's last token over the
   image tokens under the question, divided by the same attention under a generic prompt, summed
   over layers and heads; the window centred on the strongest image token is the proposal.
+- ``grounding``: ask the model for the box of the evidence in its family's box format and parse
+  it (:mod:`vopd.grounding`); an answer without a usable box falls back to the whole image and is
+  counted (``Proposal.status``).
 
 A proposal is one box per sample; :func:`with_proposed_boxes` puts it in place of the gold boxes
 (which are dropped first, so nothing downstream can read them). :func:`proposal_quality`
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vopd.grounding import FALLBACK_STATUSES, ground, status_counts
 from vopd.images import load_image
 from vopd.models import build_prompts
 from vopd.records import Box, Sample
@@ -41,6 +46,7 @@ __all__ = [
     "candidate_windows",
     "search_proposals",
     "attention_proposals",
+    "grounding_proposals",
     "propose",
     "proposal_quality",
     "with_proposed_boxes",
@@ -50,11 +56,13 @@ __all__ = [
     "PROPOSALS_FILE",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Proposals of a training run, beside its checkpoints (one JSON row per sample; resumable).
 PROPOSALS_FILE = "proposals.jsonl"
 
 #: Values of ``views.crop_source``: the gold boxes, or a proposal source.
-CROP_SOURCES = ("box", "search", "attention")
+CROP_SOURCES = ("box", "search", "attention", "grounding")
 PROPOSAL_SOURCES = CROP_SOURCES[1:]
 
 #: The generic prompt whose attention ViCrop divides by (it attends to salient, not asked-for, regions).
@@ -66,11 +74,12 @@ class ProposalConfig:
     """How proposals are made.
 
     Attributes:
-        source: ``search`` or ``attention`` (see the module doc).
+        source: ``search``, ``attention`` or ``grounding`` (see the module doc).
         window: side of a candidate window as a fraction of the image's shorter side.
         stride: step between candidate windows as a fraction of the window side (0.5: half
             overlapping; any object up to half a window wide lies wholly inside one window).
         max_new_tokens: greedy answer budget per window (``search``).
+        box_tokens: greedy answer budget for the box (``grounding``; the first box is read).
         batch_size: prompts per forward pass.
     """
 
@@ -78,6 +87,7 @@ class ProposalConfig:
     window: float = 1 / 3
     stride: float = 0.5
     max_new_tokens: int = 16
+    box_tokens: int = 64
     batch_size: int = 100
 
     def __post_init__(self) -> None:
@@ -89,12 +99,17 @@ class ProposalConfig:
 
 @dataclass
 class Proposal:
-    """The region proposed for one sample and the score that chose it (higher = surer)."""
+    """The region proposed for one sample and the score that chose it (higher = surer).
+
+    ``status`` is ``ok`` for search and attention; grounding's answers may also be ``repaired``,
+    ``degenerate`` or ``unparsed`` (the last two: no usable box, the whole image stands in).
+    """
 
     sample_id: str
     box: Box
     score: float
     source: str
+    status: str = "ok"
 
 
 def _starts(limit: int, side: int, step: int) -> list[int]:
@@ -212,12 +227,34 @@ def attention_proposals(
     return proposals
 
 
+def grounding_proposals(
+    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+) -> list[Proposal]:
+    """The box the model gives when asked where the evidence is (greedy; :func:`vopd.grounding.ground`).
+
+    Answers without a usable box get the whole image (no zoom) and are logged here and counted
+    by :func:`proposal_quality`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        found = ground(model, processor, HFGenerateEngine(processor), samples, batch_size=cfg.batch_size,
+                       max_new_tokens=cfg.box_tokens)
+    finally:
+        model.train(was_training)
+    fallbacks = [g for g in found if g.status in FALLBACK_STATUSES]
+    if fallbacks:
+        log.warning("crop_source=grounding: %d of %d answers held no usable box, their crop is the whole image "
+                    "(first: %r)", len(fallbacks), len(found), fallbacks[0].answer[:120])
+    return [Proposal(s.id, g.box, g.score, "grounding", g.status) for s, g in zip(samples, found)]
+
+
 def propose(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """Proposals from ``cfg.source`` for ``samples`` (their boxes, if any, are never read)."""
     blind = [dataclasses.replace(s, boxes=[]) for s in samples]
-    fn = {"search": search_proposals, "attention": attention_proposals}[cfg.source]
+    fn = {"search": search_proposals, "attention": attention_proposals, "grounding": grounding_proposals}[cfg.source]
     return fn(model, processor, blind, view_cfg, cfg)
 
 
@@ -226,7 +263,9 @@ def proposal_quality(proposals: Sequence[Proposal], samples: Sequence[Sample], v
 
     ``hit_rate``: the proposal's crop holds every gold box whole; ``centre_hit_rate``: it holds
     the centre of the gold boxes' union; ``mean_iou``: IoU of the proposal's crop with the gold
-    crop (both from :func:`vopd.views.evidence_region` with ``view_cfg``).
+    crop (both from :func:`vopd.views.evidence_region` with ``view_cfg``). A grounding fallback
+    (no usable box: the whole image) is a miss, whatever it contains. Grounding proposals add
+    how their answers parsed over all samples (:func:`vopd.grounding.status_counts`).
     """
     by_id = {s.id: s for s in samples}
     hits = centre = n = 0
@@ -240,12 +279,16 @@ def proposal_quality(proposals: Sequence[Proposal], samples: Sequence[Sample], v
         gold = evidence_region(sample.boxes, size, view_cfg)
         union = Box.union(sample.boxes).clip(size)
         n += 1
-        hits += _contains(mine, union)
+        located = p.status not in FALLBACK_STATUSES
+        hits += located and _contains(mine, union)
         cx, cy = union.center
-        centre += mine.x1 <= cx <= mine.x2 and mine.y1 <= cy <= mine.y2
+        centre += located and mine.x1 <= cx <= mine.x2 and mine.y1 <= cy <= mine.y2
         ious.append(_iou(mine, gold))
-    return {"n": n, "hit_rate": hits / n if n else None, "centre_hit_rate": centre / n if n else None,
-            "mean_iou": sum(ious) / n if n else None}
+    quality = {"n": n, "hit_rate": hits / n if n else None, "centre_hit_rate": centre / n if n else None,
+               "mean_iou": sum(ious) / n if n else None}
+    if any(p.source == "grounding" for p in proposals):
+        quality.update(status_counts([p.status for p in proposals]))
+    return quality
 
 
 def _contains(outer: Box, inner: Box) -> bool:
@@ -276,7 +319,8 @@ def read_proposals(path: str | Path, *, source: str | None = None) -> list[Propo
             continue
         row = json.loads(line)
         if source is None or row.get("source") == source:
-            done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"])
+            done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"],
+                                       row.get("status", "ok"))
     return list(done.values())
 
 
@@ -286,7 +330,8 @@ def load_or_propose(
 ) -> list[Proposal]:
     """:func:`propose`, reusing (and extending) a JSONL cache of earlier proposals.
 
-    The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``);
+    The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``,
+    and ``status`` when it is not ``ok``);
     rows of another source are ignored, so an interrupted run resumes where it stopped.
     """
     path = Path(cache) if cache else None
@@ -298,8 +343,8 @@ def load_or_propose(
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as fh:
                 for p in new:
-                    fh.write(json.dumps({"id": p.sample_id, "box": p.box.as_list(), "score": p.score,
-                                         "source": p.source}) + "\n")
+                    row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source}
+                    fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
         done.update({p.sample_id: p for p in new})
     return [done[s.id] for s in samples]
 

@@ -83,9 +83,10 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--context", type=float, default=0.5, help="padding around the evidence, fraction of its size")
     parser.add_argument("--min-side", type=int, default=56, help="minimum crop side in source pixels")
     parser.add_argument("--no-provided-crop", action="store_true", help="crop from boxes even if the data ships a crop")
-    parser.add_argument("--crop-source", default="box", choices=("box", "search", "attention"),
+    parser.add_argument("--crop-source", default="box", choices=("box", "search", "attention", "grounding"),
                         help="crop view from the data's boxes/crops (box), or from a region the model proposes "
-                             "itself (search, attention; boxes are not read; works on records without boxes)")
+                             "itself (search, attention, grounding; boxes are not read; works on records without "
+                             "boxes)")
     parser.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the gap interval")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap / option-shuffle seed")

@@ -1,4 +1,4 @@
-"""``vopd gap --crop-source search|attention``: the gap with crops the model proposes itself.
+"""``vopd gap --crop-source search|attention|grounding``: the gap with crops the model proposes itself.
 
 Any record file works, with boxes or without: the proposer never sees the boxes (they are
 dropped first); where gold boxes exist, the proposals are measured against them (hit rate, IoU)
@@ -21,7 +21,7 @@ def propose_gap_crops(samples: list[Any], backend: Any, view_cfg: Any, out: str 
 
     Args:
         backend: a local Hugging Face backend (``.model``, ``.processor``); servers cannot
-            return the scores or attention the proposals need.
+            return the log-probs or attention the proposals are scored with.
 
     Raises:
         ValueError: ``backend`` is not a local model.

@@ -161,7 +161,16 @@ def proposal_summary(p: dict[str, Any]) -> str:
     return (f"Crops proposed by the model ({p['source']}, `{p['file']}`), measured against the gold boxes of the "
             f"{p['n']} training scenes after training: hit rate {pct(p['hit_rate'])} (gold box wholly inside the "
             f"crop), centre hit rate {pct(p['centre_hit_rate'])}, mean IoU with the gold crop "
-            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}.")
+            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}." + _fallback_note(p))
+
+
+def _fallback_note(p: dict[str, Any]) -> str:
+    """Grounding only: how many answers held no usable box (their crop was the whole image)."""
+    if "unparsed" not in p:
+        return ""
+    total = p["parsed"] + p["degenerate"] + p["unparsed"]
+    return (f" {p['unparsed']} of {total} answers held no box and {p['degenerate']} a box of no area: their crop "
+            f"was the {p['fallback_box']} (counted as misses).")
 
 
 def _proposal_lines(p: dict[str, Any] | None) -> list[str]:

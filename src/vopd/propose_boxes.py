@@ -1,0 +1,119 @@
+"""``vopd data propose``: write the model's own crop proposals into a record file as its boxes.
+
+The input records are read as training reads them (our JSONL or Vision-OPD-6K); each output
+record is the input record with its ``boxes`` replaced by the one proposed box (gold boxes and a
+ready-made ``teacher_image`` are dropped before the model sees the sample, as in training) and
+its provenance in ``meta``: ``box_source``, ``box_score``, ``box_status`` and ``box_model``.
+Train on the result with ``views.crop_source=box``.
+
+Proposals are cached in ``<out stem>.proposals.jsonl`` beside the output as they are made, so
+an interrupted run resumes where it stopped; the output file itself is written once, atomically,
+at the end. The input file is never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vopd.datasets import load_records
+from vopd.grounding import FALLBACK_STATUSES
+from vopd.proposals import PROPOSAL_SOURCES, ProposalConfig, load_or_propose, proposal_quality, read_proposals
+from vopd.records import Sample, write_records
+from vopd.views import ViewConfig
+
+__all__ = ["ProposedBoxes", "proposals_cache_path", "write_proposed_boxes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProposedBoxes:
+    """What :func:`write_proposed_boxes` wrote: the output file, its cache, and how the proposals went."""
+
+    out: Path
+    cache: Path
+    written: int
+    reused: int  # proposals taken from the cache of an earlier (interrupted) run
+    left_out: int  # grounding fallbacks not written (``skip_fallbacks``)
+    quality: dict[str, Any]
+
+    def report(self) -> str:
+        q = self.quality
+        parts = [f"wrote {self.written} records with proposed boxes ({q['source']}) to {self.out}",
+                 f"proposals cached in {self.cache} ({self.reused} reused)"]
+        if "unparsed" in q:
+            parts.append(f"{q['unparsed']} answers without a box and {q['degenerate']} with a box of no area "
+                         + ("left out" if self.left_out else f"written with the {q['fallback_box']} as their box"))
+        if q["n"]:
+            parts.append(f"against the input's gold boxes ({q['n']} records): hit rate {q['hit_rate']:.1%}, "
+                         f"mean IoU {q['mean_iou']:.2f}")
+        return "; ".join(parts)
+
+
+def proposals_cache_path(out: str | Path) -> Path:
+    """Where the proposals behind ``out`` are cached: ``<out stem>.proposals.jsonl`` beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".proposals.jsonl")
+
+
+def _with_box(sample: Sample, proposal: Any, model_name: str) -> Sample:
+    meta = {**sample.meta, "box_source": proposal.source, "box_score": proposal.score,
+            "box_status": proposal.status, "box_model": model_name}
+    return dataclasses.replace(sample, boxes=[proposal.box], teacher_image=None, meta=meta)
+
+
+def write_proposed_boxes(
+    path: str | Path, out: str | Path, load_model: Callable[[], tuple[Any, Any]], *, source: str, model_name: str = "",
+    view_cfg: ViewConfig | None = None, limit: int | None = None, skip_fallbacks: bool = False,
+    batch_size: int = 100, progress: bool = True,
+) -> ProposedBoxes:
+    """Propose a box for each record of ``path`` and write the records to ``out``.
+
+    Args:
+        load_model: returns ``(model, processor)``; called once, after the input was read, and
+            only when some record has no cached proposal yet.
+        source: ``search``, ``attention`` or ``grounding`` (:mod:`vopd.proposals`).
+        model_name: written to each record's ``meta.box_model``.
+        view_cfg: the views the proposals are made and measured with (default :class:`ViewConfig`).
+        limit: only the first ``limit`` records.
+        skip_fallbacks: leave out records whose grounding answer held no usable box (counted)
+            instead of writing them with the whole image as their box.
+
+    Raises:
+        ValueError: ``out`` is the input file, or a bad ``source`` / ``limit``.
+        RecordError: the input is missing or a row is bad (``file:row``).
+    """
+    if source not in PROPOSAL_SOURCES:
+        raise ValueError(f"source {source!r} is not one of {', '.join(PROPOSAL_SOURCES)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    loaded = load_records(path)
+    out, cache = Path(out), proposals_cache_path(out)
+    if out.resolve() in (Path(loaded.source).resolve(), cache.resolve()):
+        raise ValueError(f"--out {out} would overwrite the input {loaded.source}; write to another file")
+    samples = list(loaded.samples)[:limit]
+    view_cfg = view_cfg or ViewConfig()
+    cfg = ProposalConfig(source=source, batch_size=batch_size)
+    blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
+    done = {p.sample_id for p in read_proposals(cache, source=source)} if cache.is_file() else set()
+    todo = [s for s in blind if s.id not in done]
+    model, processor = load_model() if todo else (None, None)
+    chunk = max(1, 4 * batch_size)
+    with tqdm(total=len(blind), initial=len(blind) - len(todo), desc=f"vopd data propose ({source})",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            load_or_propose(model, processor, part, view_cfg, cfg, cache)  # appends to the cache
+            bar.update(len(part))
+    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)  # all cached by now
+    keep = [(s, p) for s, p in zip(samples, proposals) if not (skip_fallbacks and p.status in FALLBACK_STATUSES)]
+    write_records([_with_box(s, p, model_name) for s, p in keep], out)
+    quality = {"source": source, **proposal_quality(proposals, samples, view_cfg)}
+    return ProposedBoxes(out, cache, len(keep), len(blind) - len(todo), len(samples) - len(keep), quality)
