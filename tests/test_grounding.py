@@ -61,7 +61,7 @@ def test_qwen3_vl_json_is_relative_and_qwen2_5_vl_json_is_in_resized_input_pixel
     assert to_image_box(values, QWEN3, (200, 80)) == (Box(20, 20, 100, 60), "ok")
     # Qwen2.5-VL: a 200 x 90 image enters the model as 140 x 56 (see the processor test below).
     box, status = to_image_box([14, 5.6, 70, 28], QWEN25, (200, 90), (140, 56))
-    assert status == "ok" and box == pytest.approx(Box(20, 9, 100, 45))
+    assert status == "ok" and box.as_list() == pytest.approx([20, 9, 100, 45])
     with pytest.raises(ValueError, match="input"):
         to_image_box(values, QWEN25, (200, 90))
 
@@ -154,7 +154,7 @@ def test_grounding_proposals_end_to_end_with_a_scripted_qwen2_5_vl(tiny_models, 
     view = ViewConfig(context=0.0, min_side=20, crop_source="grounding")
     cache = tmp_path / "proposals.jsonl"
     props = load_or_propose(model, processor, samples, view, ProposalConfig(source="grounding"), cache)
-    assert props[0].box == pytest.approx(Box(20, 9, 100, 45)) and props[0].status == "ok"
+    assert props[0].box.as_list() == pytest.approx([20, 9, 100, 45]) and props[0].status == "ok"
     assert props[0].score == pytest.approx(-0.25)
     assert props[1].box == Box(0, 0, 200, 90) and props[1].status == "unparsed"
     assert len(engine.prompts) == 2 and "What colour is the cup?" in engine.prompts[0]
@@ -186,3 +186,46 @@ def test_demo_report_says_how_many_answers_fell_back():
     text = proposal_summary({**base, **status_counts(["ok"] * 2 + ["unparsed"] * 7 + ["degenerate"])})
     assert "7 of 10 answers held no box and 1 a box of no area: their crop was the whole image" in text
     assert "held no box" not in proposal_summary({**base, "source": "search"})
+
+
+@pytest.mark.parametrize("family,answer,expected", [
+    ("qwen2_vl", "<|box_start|>(100,250),(500,750)<|box_end|>", Box(20, 22.5, 100, 67.5)),
+    ("qwen2_5_vl", '[{"bbox_2d": [14, 14, 70, 42], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
+    ("qwen3_vl", '[{"bbox_2d": [100, 250, 500, 750], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
+])
+def test_ground_reads_each_family_in_its_own_frame(tiny_models, family, answer, expected):
+    """A non-square 200 x 90 image, which the tiny processors resize to 140 x 56: each family's answer
+    lands on the same region of the original image only when read in the family's own frame."""
+    from vopd.grounding import ground
+
+    model, processor = tiny_models(family)
+    engine = ScriptedEngine(processor, [answer])
+    sample = Sample("s", Image.new("RGB", (200, 90), "white"), "What colour is the cup?")
+    (g,) = ground(model, processor, engine, [sample])
+    assert g.status == "ok" and g.box.as_list() == pytest.approx(expected.as_list())
+    marker = "<|object_ref_start|>" if family == "qwen2_vl" else '"bbox_2d"'
+    assert marker in engine.prompts[0] and "What colour is the cup?" in engine.prompts[0]
+
+
+@pytest.mark.slow
+def test_training_with_grounding_crops_on_records_without_boxes(tmp_path, tiny_models, monkeypatch):
+    """crop_source=grounding trains on a record file without any box; the scripted Qwen2-VL answer
+    (0-1000 of the image) becomes the cached proposal the teacher's crop is cut around."""
+    from vopd.config import load_config
+    from vopd.records import write_records
+    from vopd.toyworld.scenes import make_dataset
+    from vopd.trainer import train
+
+    _, processor = tiny_models("qwen2_vl")
+    engine = ScriptedEngine(processor, ["<|box_start|>(250,250),(750,750)<|box_end|>", "no idea"] * 2)
+    monkeypatch.setattr(proposals_mod, "HFGenerateEngine", lambda processor: engine)
+    scenes = make_dataset(4, 0)
+    records = write_records([s.__class__(**{**s.__dict__, "boxes": []}) for s in scenes], tmp_path / "d" / "r.jsonl")
+    res = train(load_config(None, [
+        "model.path=tiny:qwen2_vl", f"data.train={records}", "rollout.n=1", "rollout.max_new_tokens=2",
+        "loss.top_k=8", "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "threads=1",
+        "report_to=[jsonl]", "views.crop_source=grounding", f"output_dir={tmp_path / 'run'}"]))
+    assert res.steps == 1 and engine.calls == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "proposals.jsonl").read_text().splitlines()]
+    assert [r["box"] for r in rows] == [[42, 42, 126, 126], [0, 0, 168, 168]] * 2
+    assert [r.get("status", "ok") for r in rows] == ["ok", "unparsed"] * 2

@@ -166,14 +166,16 @@ def to_image_box(
     """
     width, height = image_size
     if fmt.frame == RELATIVE_1000:
-        sx, sy = width / 1000, height / 1000
+        frame_w, frame_h = 1000, 1000
     elif fmt.frame == INPUT_PIXELS:
         if input_size is None:
             raise ValueError("a box in input pixels needs the model input's size")
-        sx, sy = width / input_size[0], height / input_size[1]
+        frame_w, frame_h = input_size
     else:  # pragma: no cover - the table holds only these two
         raise ValueError(f"unknown coordinate frame {fmt.frame!r}")
-    x1, y1, x2, y2 = values[0] * sx, values[1] * sy, values[2] * sx, values[3] * sy
+    # Multiply before dividing: 750 * 168 / 1000 is exactly 126, 750 * (168 / 1000) is not.
+    x1, x2 = (v * width / frame_w for v in (values[0], values[2]))
+    y1, y2 = (v * height / frame_h for v in (values[1], values[3]))
     status = "ok"
     if x1 > x2 or y1 > y2:
         x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
