@@ -229,3 +229,23 @@ def test_training_with_grounding_crops_on_records_without_boxes(tmp_path, tiny_m
     rows = [json.loads(line) for line in (tmp_path / "run" / "proposals.jsonl").read_text().splitlines()]
     assert [r["box"] for r in rows] == [[42, 42, 126, 126], [0, 0, 168, 168]] * 2
     assert [r.get("status", "ok") for r in rows] == ["ok", "unparsed"] * 2
+
+
+@pytest.mark.slow
+def test_demo_with_grounding_reports_the_answers_without_a_box(tmp_path):
+    """`vopd demo views.crop_source=grounding`, reduced: the toy base never learned boxes, so its answers
+    fall back to the whole image; results.json and the report count them instead of hiding them."""
+    from vopd.toyworld.demo import DemoConfig, run_demo, summary_text
+
+    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
+                     overrides=("views.crop_source=grounding", "prompts_per_step=4", "micro_batch_prompts=4",
+                                "health.probe_data=toyworld:4:124"))
+    results = run_demo(cfg)
+    p = json.loads((tmp_path / "results.json").read_text())["proposals"]
+    assert p == results["proposals"] and p["source"] == "grounding" and p["n"] == 16
+    assert p["parsed"] + p["degenerate"] + p["unparsed"] == 16 and p["fallback_box"] == "whole image"
+    rows = [json.loads(line) for line in (tmp_path / p["file"]).read_text().splitlines()]
+    assert sum(r.get("status", "ok") in ("unparsed", "degenerate") for r in rows) == p["unparsed"] + p["degenerate"]
+    report = (tmp_path / "report.md").read_text()
+    assert "no gold box" in report and f"{p['unparsed']} of 16 answers held no box" in report
+    assert f"{p['unparsed'] + p['degenerate']} answers without a box (whole image)" in summary_text(results, tmp_path)

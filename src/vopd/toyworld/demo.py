@@ -157,6 +157,11 @@ def _line(name: str, acc: dict[str, float]) -> str:
     return f"{name:6s} " + "  ".join(f"{k} {v:6.1%}" for k, v in acc.items())
 
 
+def _fallbacks(p: dict[str, Any]) -> str:
+    """Grounding only: the answers without a usable box (their crop was the whole image)."""
+    return f", {p['unparsed'] + p['degenerate']} answers without a box (whole image)" if "unparsed" in p else ""
+
+
 def summary_text(r: dict[str, Any], out: str | Path) -> str:
     """The console summary of a demo's ``results.json`` written under ``out``."""
     return (
@@ -168,6 +173,7 @@ def summary_text(r: dict[str, Any], out: str | Path) -> str:
         f"  boxed full + hint: {r['base']['boxed_full']:.1%} -> {r['final']['boxed_full']:.1%}\n"
         f"  gap (crop - full): {r['gap_base']:+.1%} -> {r['gap_final']:+.1%}  ({r['gap_closed']:.0%} of the gap closed)\n"
         + (f"  proposed crops ({r['proposals']['source']}): hit rate {r['proposals']['hit_rate']:.1%}, "
-           f"mean IoU {r['proposals']['mean_iou']:.2f}\n" if r.get("proposals", {}).get("hit_rate") is not None else "")
+           f"mean IoU {r['proposals']['mean_iou']:.2f}{_fallbacks(r['proposals'])}\n"
+           if r.get("proposals", {}).get("hit_rate") is not None else "")
         + f"  wall time {r['wall_seconds']:.0f} s; report: {Path(out) / r['report']}"
     )
