@@ -27,6 +27,8 @@ __all__ = [
     "VIEW_ALIASES",
     "VIEW_NAMES",
     "ConfigError",
+    "LABELLED_OBJECTIVES",
+    "OBJECTIVES",
     "DataConfig",
     "HealthConfig",
     "LoraConfig",
@@ -64,6 +66,11 @@ def recipe_path(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes()) or 'none'}")
     return path
+
+#: What the student learns from (`objective`): Vision-OPD and the paper's baselines, one trainer.
+OBJECTIVES: tuple[str, ...] = ("opd", "sft_self", "opsd", "sft_gold")
+#: The objectives that read the records' reference answers.
+LABELLED_OBJECTIVES: tuple[str, ...] = ("opsd", "sft_gold")
 
 #: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
 #: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.
@@ -310,12 +317,19 @@ class TrainConfig:
     device: str = knob("auto", "auto (accelerate's choice), cpu, or cuda", choices=("auto", "cpu", "cuda"))
     threads: int = knob(0, "torch CPU threads (0 = torch default)", ge=0)
     naive: bool = knob(False, "turn every optimisation off (for measuring their gain)")
+    objective: str = knob("opd", "what the student learns from, all through the same trainer (docs/method.md, "
+                                 "Baselines): opd (Vision-OPD: the teacher scores the student's samples on the crop), "
+                                 "sft_self (cross-entropy on the teacher's own answers on the crop; no labels), opsd "
+                                 "(the teacher sees the full image and the reference answer in its text; needs "
+                                 "answers) or sft_gold (cross-entropy on the reference answers; needs answers)",
+                          choices=OBJECTIVES)
 
     # Old key names still accepted (with a warning): {"old": "new"}.
     RENAMED: ClassVar[dict[str, str]] = {"micro_batch": "micro_batch_prompts"}
 
     def __post_init__(self) -> None:
         check_knobs(self, "")
+        _check_objective(self)
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind not in ("ema", "frozen"):
                 raise ConfigError(f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}")
@@ -323,6 +337,21 @@ class TrainConfig:
                 raise ConfigError("health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0")
             if self.lora.r > 0:
                 raise ConfigError("lora.r > 0 with parallel.strategy=fsdp2 is not supported: LoRA runs with ddp")
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """Refuse the objective combinations that cannot run (one line naming the keys)."""
+    if cfg.objective != "sft_self":
+        return
+    # sft_self samples from the teacher model: it needs a model to generate from in this process.
+    if cfg.teacher.kind == "trust_region":
+        raise ConfigError("objective=sft_self samples the teacher's answers, but teacher.kind=trust_region mixes "
+                          "two models' logits and cannot generate: use teacher.kind frozen, ema, live or external")
+    for bad, why in ((cfg.rollout.engine == "vllm", "rollout.engine=vllm (the server holds the student's weights)"),
+                     (cfg.lora.r > 0, "lora.r > 0"), (cfg.parallel.strategy == "fsdp2", "parallel.strategy=fsdp2")):
+        if bad:
+            raise ConfigError(f"objective=sft_self with {why} is not supported: the teacher's answers are sampled "
+                              "from its own copy in this process; use rollout.engine=hf, lora.r=0, parallel.strategy=ddp")
 
 
 # ---------------------------------------------------------------- loading and overrides

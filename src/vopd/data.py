@@ -21,7 +21,7 @@ from vopd.images import ImageError, load_image
 from vopd.models import build_prompts, chat_prompt
 from vopd.records import RecordError, Sample
 from vopd.specs import data_spec_loader
-from vopd.views import ViewConfig, make_views, prompt_text, student_view
+from vopd.views import ViewConfig, make_views, prompt_text, reference_text, student_view
 
 
 @dataclass
@@ -33,6 +33,7 @@ class PromptPair:
     sample_ids: list[str]
     skipped: list[str] = field(default_factory=list)  # "file:row: reason" of rows replaced (on_error=skip)
     error: str = ""  # with defer_errors: why this batch could not be built (the consumer raises it)
+    answers: list[str | None] | None = None  # reference answers, only when the dataset carries them (sft_gold)
 
 
 class ViewItem(NamedTuple):
@@ -45,6 +46,8 @@ class ViewItem(NamedTuple):
     origin: str = ""  # file:row of the sample
     skipped: tuple[str, ...] = ()
     error: str = ""  # with defer_errors: why this row cannot be used (no images then)
+    teacher_text: str = ""  # the teacher's own prompt text (OPSD: + the reference answer); "" = ``text``
+    answer: str | None = None  # the reference answer, only when the dataset carries answers
 
 
 def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise") -> list[Sample]:
@@ -100,6 +103,27 @@ def drop_over_long_texts(
     return [samples[i] for i in keep], [origins[i] for i in keep]
 
 
+def require_answers(
+    samples: list[Sample], origins: list[str], *, objective: str, on_error: str = "raise",
+) -> tuple[list[Sample], list[str]]:
+    """Before step 1: the objectives that read reference answers (``opsd``, ``sft_gold``) need one
+    in every sample. ``on_error="raise"`` names the first row without one; ``"skip"`` drops such
+    rows with a warning counting and listing them."""
+    bad = [i for i, s in enumerate(samples) if s.answer is None or not str(s.answer).strip()]
+    if not bad:
+        return samples, origins
+    why = f"no reference answer (objective={objective} reads the records' answers)"
+    if on_error != "skip":
+        raise RecordError(f"{why}; {len(bad)} of {len(samples)} row(s) lack one. Add an \"answer\" to every "
+                          "record, use data.on_error=skip to drop them, or use objective=opd or sft_self (no labels)",
+                          file=origins[bad[0]], field="answer")
+    warnings.warn(f"skipped {len(bad)} row(s) with {why}:\n  " + "\n  ".join(origins[i] for i in bad[:20]),
+                  stacklevel=2)
+    dropped = set(bad)
+    keep = [i for i in range(len(samples)) if i not in dropped]
+    return [samples[i] for i in keep], [origins[i] for i in keep]
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Item i -> :class:`ViewItem` (id, student image, teacher image, prompt text, origin, skipped).
 
@@ -109,11 +133,19 @@ class ViewDataset(torch.utils.data.Dataset):
     failed row is reported in ``skipped``. ``defer_errors`` returns the error in the item instead
     of raising, for data-loader workers: their exceptions reach the main process wrapped in a
     worker traceback, while a returned message is raised there as it is (see `PairCollator`).
+
+    ``teacher_sees`` is ``"crop"`` (Vision-OPD) or ``"full"`` (the student's image).
+    ``reference_in_teacher`` gives the teacher its own text, `vopd.views.reference_text` (OPSD);
+    ``carry_answers`` puts each sample's reference answer in the item (SFT on gold answers). Both
+    read ``sample.answer``; without them no answer leaves the dataset.
     """
 
     def __init__(self, samples: list[Sample], views: ViewConfig, *, teacher_sees: str = "crop",
-                 origins: list[str] | None = None, on_error: str = "raise", defer_errors: bool = False):
+                 origins: list[str] | None = None, on_error: str = "raise", defer_errors: bool = False,
+                 reference_in_teacher: bool = False, carry_answers: bool = False):
         self.defer_errors = defer_errors
+        self.reference_in_teacher = reference_in_teacher
+        self.carry_answers = carry_answers
         self.samples = samples
         self.views = views
         self.teacher_sees = teacher_sees
@@ -137,6 +169,7 @@ class ViewDataset(torch.utils.data.Dataset):
             sample = self.samples[j]
             try:
                 student, teacher, text = self._views(sample)
+                teacher_text = reference_text(sample, hint=self.views.hint) if self.reference_in_teacher else ""
             except (ImageError, RecordError, OSError, ValueError) as err:  # PIL's own decode errors too
                 reason = err.reason if isinstance(err, RecordError) else str(err) or type(err).__name__
                 if self.on_error != "skip":
@@ -144,7 +177,8 @@ class ViewDataset(torch.utils.data.Dataset):
                                                      file=self.origins[j], field=getattr(err, "field", None)))
                 skipped.append(f"{self.origins[j]}: {reason}")
                 continue
-            return ViewItem(sample.id, student, teacher, text, self.origins[j], tuple(skipped))
+            answer = sample.answer if self.carry_answers else None
+            return ViewItem(sample.id, student, teacher, text, self.origins[j], tuple(skipped), "", teacher_text, answer)
         return self._fail(i, RecordError(f"no sample of the {len(self.samples)} can be loaded; first: {skipped[0]}"))
 
     def _fail(self, i: int, err: RecordError) -> ViewItem:
@@ -177,12 +211,15 @@ class PairCollator:
         if failed:
             raise RecordError(failed)
         texts = [it[3] for it in items]
+        teacher_texts = [getattr(it, "teacher_text", "") or it[3] for it in items]  # OPSD: + the reference answer
         student = build_prompts(self.processor, [it[1] for it in items], texts, thinking=self.thinking)
-        teacher = build_prompts(self.processor, [it[2] for it in items], texts, thinking=self.thinking)
+        teacher = build_prompts(self.processor, [it[2] for it in items], teacher_texts, thinking=self.thinking)
         for batch in (student, teacher):
             self._check_lengths(batch, items)
         skipped = [s for it in items for s in getattr(it, "skipped", ())]
-        return PromptPair(student=student, teacher=teacher, sample_ids=ids, skipped=skipped)
+        answers = [getattr(it, "answer", None) for it in items]
+        return PromptPair(student=student, teacher=teacher, sample_ids=ids, skipped=skipped,
+                          answers=answers if any(a is not None for a in answers) else None)
 
     def _check_lengths(self, batch: Any, items: list) -> None:
         """Rows over ``max_prompt_tokens`` are an error naming the sample's ``file:row``."""

@@ -37,11 +37,12 @@ from vopd.objectives import (
     loss_knobs,
     mix_logits,
     per_token_divergence,
+    token_nll,
     weighted_sum,
 )
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "TeacherLogits", "distillation_loss", "chunked_token_divergence",
-           "fused_chunked_divergence"]
+           "fused_chunked_divergence", "nll_loss"]
 
 # Response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB per fp32
 # tensor); loss.chunk_size in the config. The result does not depend on it.
@@ -131,6 +132,40 @@ def _checked(knobs: LossKnobs | None, estimator: str, divergence_kwargs: dict[st
         raise ValueError(f"token_ids_N must have shape ({num},) to match the student's {num} tokens, "
                          f"got {tuple(token_ids_N.shape)}")
     return knobs
+
+
+def nll_loss(
+    student_N: Tensor, head: Head | None, token_ids_N: Tensor, weights_N: Tensor, *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_n w_n * (-log p_S(y_n))``: the supervised baselines' loss, same weights as the divergence.
+
+    ``student_N``: final hidden states [N, H] with the ``head`` (each chunk of ``chunk_size`` tokens
+    under ``torch.utils.checkpoint``, so [N, V] logits are never held), or logits [N, V] with
+    ``head=None``. Returns ``(loss, stats)`` with the detached ``student_logp_N`` and ``weight_N``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num = student_N.shape[0]
+    if token_ids_N.shape != (num,) or weights_N.shape != (num,):
+        raise ValueError(f"token_ids_N and weights_N must have shape ({num},), got {tuple(token_ids_N.shape)} "
+                         f"and {tuple(weights_N.shape)}")
+    if head is None:
+        nll_N = token_nll(student_N, token_ids_N)
+    else:
+        def chunk_nll(hidden_C_H: Tensor, ids_C: Tensor) -> Tensor:
+            return token_nll(head(hidden_C_H), ids_C)
+
+        parts = []
+        for start in range(0, num, chunk_size):
+            rows = slice(start, min(start + chunk_size, num))
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(chunk_nll, student_N[rows], token_ids_N[rows], use_reentrant=False))
+            else:
+                parts.append(chunk_nll(student_N[rows], token_ids_N[rows]))
+        nll_N = torch.cat(parts) if parts else student_N.new_zeros(0, dtype=torch.float32)
+    stats = {"student_logp_N": -nll_N.detach(), "weight_N": weights_N.detach().to(nll_N.dtype)}
+    return weighted_sum(nll_N, weights_N), stats
 
 
 # --- checkpointed chunks (any head) -------------------------------------------------------------

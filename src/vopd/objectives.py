@@ -313,6 +313,20 @@ def sampled_token_divergence(student_logp_N: Tensor, teacher_logp_N: Tensor) -> 
     return (student_logp_N - teacher_logp_N).detach() * student_logp_N
 
 
+def token_nll(student_logits_N_V: Tensor, token_ids_N: Tensor) -> Tensor:
+    """Negative log-likelihood ``-log p_S(y_n)`` of given tokens: [N, V], [N] -> [N].
+
+    The supervised baselines' per-token loss (``objective=sft_self`` / ``sft_gold``): cross-entropy
+    against a hard target, no teacher distribution and no temperature. Computed in float32 (float64
+    if the logits are float64), whatever the input dtype.
+    """
+    if token_ids_N.shape != student_logits_N_V.shape[:-1]:
+        raise ValueError(f"token ids {tuple(token_ids_N.shape)} do not match logits {tuple(student_logits_N_V.shape)}")
+    logits_N_V = student_logits_N_V.to(_compute_dtype(student_logits_N_V))
+    target_N = logits_N_V.gather(-1, token_ids_N.unsqueeze(-1).long()).squeeze(-1)
+    return torch.logsumexp(logits_N_V, dim=-1) - target_N
+
+
 def mix_logits(reference_logits: Tensor, current_logits: Tensor, mix: float) -> Tensor:
     """The trust-region teacher's logits: ``lerp(reference, current, mix)`` in float32.
 

@@ -44,6 +44,7 @@ __all__ = [
     "BlockTokens",
     "block_vision_tokens",
     "eos_token_ids",
+    "reference_rollouts",
     "response_mask",
     "SHARED_PREFILL_FAMILIES",
 ]
@@ -101,6 +102,35 @@ class RolloutEngine(Protocol):
     ) -> Rollouts:
         """Sample responses; rows in prompt-major order."""
         ...
+
+
+def reference_rollouts(processor: Any, answers: Sequence[str | None], *, n: int = 1) -> Rollouts:
+    """The reference answers as responses (``objective=sft_gold``), ``n`` copies per prompt.
+
+    Each row is the answer's tokens (no special tokens added) followed by the end of turn: the
+    first of the chat end tokens (``<|im_end|>`` ...) in the vocabulary, else the tokenizer's EOS,
+    the token a sampled response ends with. ``sampler_logp_B_T`` is 0 (nothing was sampled).
+
+    Raises:
+        ValueError: an answer is missing (``None`` or empty).
+    """
+    if any(a is None or not str(a).strip() for a in answers):
+        raise ValueError("reference_rollouts: every prompt needs a reference answer (objective=sft_gold)")
+    tok = getattr(processor, "tokenizer", processor)
+    vocab = tok.get_vocab()
+    end = next((vocab[s] for s in _END_TOKEN_STRINGS if s in vocab), tok.eos_token_id)
+    if end is None:
+        raise ValueError("no end-of-turn or EOS token in the tokenizer to end the reference answers with")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else end
+    rows = [tok(str(a).strip(), add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    width = max(len(r) for r in rows)
+    ids_B_T = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask_B_T = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids_B_T[i, : len(row)] = torch.tensor(row)
+        mask_B_T[i, : len(row)] = True
+    ids_B_T, mask_B_T = ids_B_T.repeat_interleave(n, dim=0), mask_B_T.repeat_interleave(n, dim=0)
+    return Rollouts(ids_B_T, mask_B_T, torch.zeros(ids_B_T.shape), torch.arange(len(rows)).repeat_interleave(n))
 
 
 class BlockTokens(LogitsProcessor):

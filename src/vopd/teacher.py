@@ -212,6 +212,23 @@ class TrustRegionTeacher:
         self.reference.load_state_dict(state, strict=True)
 
 
+def answering_model(teacher: Teacher) -> nn.Module:
+    """The model that answers as the teacher (``objective=sft_self`` samples its crop answers from it).
+
+    A copy teacher's own weights (frozen, EMA or external) or, for ``live``, the student itself.
+
+    Raises:
+        ValueError: the teacher is no single model (trust_region mixes two models' logits; a LoRA
+            or sharded teacher lives inside the student and has no model of its own to generate with).
+    """
+    if isinstance(teacher, CopyTeacher):
+        return teacher.model
+    if isinstance(teacher, LiveTeacher):
+        return teacher.student
+    raise ValueError(f"a {type(teacher).__name__} (teacher.kind={teacher.kind}) cannot generate answers of its own; "
+                     "objective=sft_self needs teacher.kind frozen, ema, live or external without LoRA or FSDP2")
+
+
 def make_teacher(
     kind: str,
     student: nn.Module,

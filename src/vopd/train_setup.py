@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
-from vopd.config import ConfigError, TrainConfig, config_to_dict
-from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data
+from vopd.config import LABELLED_OBJECTIVES, ConfigError, TrainConfig, config_to_dict
+from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data, require_answers
 from vopd.fastpath import NaiveInputs, ScoredBatch
 from vopd.proposals import crops_from_model
 from vopd.rollout import HFGenerateEngine, RolloutEngine
@@ -217,6 +217,8 @@ def setup(
     samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
         processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,
         thinking=cfg.model.thinking, on_error=cfg.data.on_error)
+    if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
+        samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
     if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
         samples = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=acc.is_main_process)
     total_steps = _num_steps(cfg, len(samples))
@@ -260,8 +262,10 @@ def setup(
         seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
         rank=acc.process_index, world_size=acc.num_processes,
     )
-    dataset = ViewDataset(samples, cfg.views, teacher_sees=cfg.teacher.view, origins=origins,
-                          on_error=cfg.data.on_error, defer_errors=True)  # raised by the loop, not in a worker
+    # OPSD's teacher sees the student's image with the reference answer in its text, whatever teacher.view.
+    dataset = ViewDataset(samples, cfg.views, teacher_sees="full" if cfg.objective == "opsd" else cfg.teacher.view,
+                          origins=origins, on_error=cfg.data.on_error, defer_errors=True,  # raised by the loop
+                          reference_in_teacher=cfg.objective == "opsd", carry_answers=cfg.objective == "sft_gold")
     return state, sampler, dataset, total_steps
 
 

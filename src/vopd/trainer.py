@@ -6,6 +6,12 @@ token-level divergence between their next-token distributions at every response 
 averaged over all valid response tokens of the step; one AdamW step; then the teacher update.
 No labels, reward, advantage, KL-to-reference or entropy term: that is the whole method.
 
+``objective`` swaps in the paper's baselines through the same step, data, views and checkpoints
+(docs/method.md, "Baselines"): ``opsd`` keeps the step and changes only the teacher's prompt (the
+full image and the reference answer, built by `vopd.data`); ``sft_self`` lets the teacher answer
+on the crop and trains the student by cross-entropy on those tokens; ``sft_gold`` trains by
+cross-entropy on the reference answers. The SFT objectives skip phase 2 (no teacher scoring).
+
 Runs through ``accelerate``: one process by default, ``accelerate launch`` for several, no code
 change. Checkpoints are atomic and resumable (model, teacher, optimiser, scheduler, RNG, step).
 """
@@ -31,11 +37,12 @@ from vopd.checkpoint import CheckpointError, save_checkpoint
 from vopd.config import TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, ScoredBatch, SharedPrompts
-from vopd.fused_loss import TeacherLogits, distillation_loss
+from vopd.fused_loss import TeacherLogits, distillation_loss, nll_loss
 from vopd.models import linear_head, output_head
 from vopd.objectives import LossKnobs, loss_knobs, token_weights
 from vopd.records import RecordError
-from vopd.rollout import Rollouts
+from vopd.rollout import Rollouts, reference_rollouts
+from vopd.teacher import answering_model
 from vopd.runfolder import release_run_folder, truncate_metrics
 from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
 
@@ -76,15 +83,23 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     """
     cfg, acc, timer = state.cfg, state.accelerator, PhaseTimer()
     sharing = sharing or ("none" if cfg.naive else "prefix")
-    # 1. On-policy rollouts from the student's full-image prompts (no gradient).
+    supervised = cfg.objective in SUPERVISED
+    # 1. On-policy rollouts from the student's full-image prompts (no gradient); the SFT baselines'
+    #    targets instead (the teacher's crop answers, or the reference answers).
     with timer("sample"):
-        rollouts = [state.engine.sample(state.policy, mb.student, cfg.rollout) for mb in micro_batches]
+        rollouts = [_responses(state, mb) for mb in micro_batches]
     # Global counts first, so every micro-batch loss is normalised by the whole step's tokens.
     world = acc.num_processes
     num_tokens = _global_sum(acc, sum(int(r.mask_B_T.sum()) for r in rollouts))
     num_seqs = _global_sum(acc, sum(r.mask_B_T.shape[0] for r in rollouts))
     sums = {"loss": 0.0, "logp_gap": 0.0, "tail_mass": 0.0, "weight": 0.0}
     for i, (mb, ro) in enumerate(zip(micro_batches, rollouts)):
+        if supervised:  # cross-entropy on the targets, student on its own (full-image) prompt
+            with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
+                loss, stats = _supervised_loss(state, _scored(state, mb.student, ro, sharing), ro, num_tokens, num_seqs)
+                acc.backward(loss)
+            sums["loss"] += float(loss.detach())
+            continue
         mask_B_T, ids_B_T = ro.mask_B_T.to(acc.device), ro.response_ids_B_T.to(acc.device)
         # 2. The teacher scores the same tokens under its own (crop) prompt, prompt computed once.
         with timer("teacher"):
@@ -104,9 +119,10 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     lengths = torch.cat([r.mask_B_T.sum(1).float() for r in rollouts])
     step_seconds = sum(timer.seconds.values())
     metrics.update(
-        divergence=_global_sum(acc, sums["loss"]) / world,
-        logp_gap=_global_sum(acc, sums["logp_gap"]) / max(num_tokens, 1.0),
-        tail_mass=_global_sum(acc, sums["tail_mass"]) / max(num_tokens, 1.0),
+        divergence=_global_sum(acc, sums["loss"]) / world,  # the objective's loss (the NLL for the SFT objectives)
+        **({} if supervised else {  # teacher-vs-student statistics: only where a teacher scores
+            "logp_gap": _global_sum(acc, sums["logp_gap"]) / max(num_tokens, 1.0),
+            "tail_mass": _global_sum(acc, sums["tail_mass"]) / max(num_tokens, 1.0)}),
         response_length=float(lengths.mean()),
         response_tokens=num_tokens,
         response_tokens_per_sec=num_tokens / max(step_seconds, 1e-9),
@@ -120,11 +136,28 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     return metrics
 
 
+#: Objectives trained by cross-entropy on given target tokens (no teacher scoring).
+SUPERVISED = ("sft_self", "sft_gold")
+
+
+def _responses(state: TrainState, mb: PromptPair) -> Rollouts:
+    """The step's responses for one micro-batch, per ``objective`` (phase 1)."""
+    cfg = state.cfg
+    if cfg.objective == "sft_self":  # the teacher answers on its crop (greedy at rollout.temperature=0)
+        return state.engine.sample(answering_model(state.teacher), mb.teacher, cfg.rollout)
+    if cfg.objective == "sft_gold":
+        if mb.answers is None:
+            raise ValueError("objective=sft_gold: the data carried no reference answers (ViewDataset carry_answers)")
+        return reference_rollouts(state.processor, mb.answers, n=1)
+    return state.engine.sample(state.policy, mb.student, cfg.rollout)  # opd, opsd: the student samples
+
+
 def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> ScoredBatch:
     """What a model scores: the prompts (on the device) and the step's responses; never re-sampled."""
     device = state.accelerator.device
+    n = ro.response_ids_B_T.shape[0] // prompts["input_ids"].shape[0]  # rollout.n; 1 for the reference answers
     shared = SharedPrompts(
-        prompts.to(device), ro.response_ids_B_T.to(device), ro.mask_B_T.to(device), state.cfg.rollout.n, sharing
+        prompts.to(device), ro.response_ids_B_T.to(device), ro.mask_B_T.to(device), n, sharing
     )
     return NaiveInputs(shared.full_inputs(), shared.num_response_tokens) if state.cfg.naive else shared
 
@@ -150,6 +183,20 @@ def _student_loss(
         student_N, head, teacher, weights_N, knobs=_knobs(cfg), token_ids_N=ro.response_ids_B_T.to(device)[mask_B_T],
         rollout_logp_N=rollout_logp_N, ratio_clip=cfg.loss.ratio_clip, chunk_size=cfg.loss.chunk_size,
     )
+
+
+def _supervised_loss(
+    state: TrainState, batch: ScoredBatch, ro: Rollouts, num_tokens: float, num_seqs: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The SFT baselines' share of the step loss: the student's NLL of the target tokens, with the
+    same normaliser (`token_weights`, ``loss.aggregation``) as the divergence."""
+    cfg, device, world = state.cfg, state.accelerator.device, state.accelerator.num_processes
+    mask_B_T = ro.mask_B_T.to(device)
+    naive = isinstance(batch, NaiveInputs)
+    student_N = state.student(batch, all_logits=naive)[mask_B_T]
+    head = None if naive else output_head(state.policy)  # read after the forward (FSDP2 gathers it then)
+    weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
+    return nll_loss(student_N, head, ro.response_ids_B_T.to(device)[mask_B_T], weights_N, chunk_size=cfg.loss.chunk_size)
 
 
 def _knobs(cfg: TrainConfig) -> LossKnobs:

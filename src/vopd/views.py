@@ -23,10 +23,12 @@ from vopd.records import Box, RecordError, Sample
 __all__ = [
     "HINT",
     "INSTRUCTION",
+    "REFERENCE_TEMPLATE",
     "ViewConfig",
     "evidence_region",
     "make_views",
     "prompt_text",
+    "reference_text",
     "student_view",
     "teacher_view",
     "zoomed_size",
@@ -149,6 +151,24 @@ def prompt_text(sample: Sample, *, hint: bool) -> str:
                                 for i, opt in enumerate(sample.options)))
         blocks.append(INSTRUCTION)
     return "\n\n".join(blocks)
+
+
+#: How OPSD's teacher (``objective=opsd``) is told the reference answer: appended to the shared
+#: prompt text as its own block, so the teacher's prompt is the student's plus this line.
+REFERENCE_TEMPLATE = "Reference answer: {answer}"
+
+
+def reference_text(sample: Sample, *, hint: bool) -> str:
+    """The privileged teacher text of OPSD: :func:`prompt_text` plus a last block
+    :data:`REFERENCE_TEMPLATE` holding ``sample.answer``.
+
+    Raises:
+        RecordError: the sample has no reference answer (field ``answer``).
+    """
+    if sample.answer is None or not str(sample.answer).strip():
+        raise RecordError(f"sample {sample.id!r} has no reference answer; objective=opsd puts the answer in the "
+                          "teacher's text, so every training record needs one", field="answer")
+    return prompt_text(sample, hint=hint) + "\n\n" + REFERENCE_TEMPLATE.format(answer=str(sample.answer).strip())
 
 
 def _provided_crop(sample: Sample, cfg: ViewConfig) -> Image.Image:

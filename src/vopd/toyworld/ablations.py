@@ -1,9 +1,10 @@
 """``vopd demo --ablations``: the paper's ablations, replayed in the toy world.
 
 Every variant starts from the same shipped base, trains on the same scenes for the same steps and
-is evaluated on the same held-out scenes; only the named knob changes. Two references use labels
-on the same images and steps: supervised fine-tuning on full images (the upper bound) and SFT on
-the model's own crop answers (the paper's "SFT on self-teacher" baseline).
+is evaluated on the same held-out scenes; only the named knob changes. The paper's baselines run
+through the same trainer with ``objective=...``: supervised fine-tuning on the gold answers on full
+images (the upper bound), SFT on the teacher's own crop answers (the paper's "SFT on self-teacher",
+no labels) and OPSD (the teacher sees the full image and the reference answer).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,62 +30,15 @@ OPD_VARIANTS: dict[str, list[str]] = {
     "sampled-token estimator": ["loss.estimator=sampled", "loss.beta=1"],
     "red box + hint student": ["views.draw_box=true", "views.hint=true"],
 }
-SFT_VARIANTS = {"SFT, gold labels, full images (upper bound)": "gold", "SFT on self-teacher crop answers": "self"}
-
-
-def run_sft(cfg: Any, labels: str, out: Path) -> dict[str, Any]:
-    """Supervised fine-tuning of the toy base on clean full images, same scenes/steps/lr as OPD.
-
-    ``labels="gold"`` uses the true answers; ``"self"`` uses the base's own greedy answers on the
-    crops (the teacher's answers, as hard labels).
-    """
-    import torch
-
-    from vopd.toyworld.demo import BASE_VIEWS, demo_train_config
-    from vopd.toyworld.evaluate import HeldOutEvaluator, evaluate_views
-    from vopd.toyworld.pretrain import supervised_loss
-    from vopd.toyworld.scenes import make_dataset
-    from vopd.trainer import resolve_model
-
-    start = time.perf_counter()
-    train_cfg = demo_train_config(cfg)
-    conf = sft_configuration(train_cfg, labels)
-    print(f"configuration: {describe_configuration(conf)}", flush=True)
-    torch.manual_seed(cfg.seed)
-    model, processor = resolve_model(train_cfg)
-    per_step = train_cfg.prompts_per_step
-    scenes = make_dataset(cfg.steps * per_step, cfg.train_seed)
-    if labels == "self":
-        crop_answers = evaluate_views(model, processor, scenes, views=("crop",)).responses["crop"]
-        scenes = [dataclasses.replace(s, answer=a) for s, a in zip(scenes, crop_answers)]
-    evaluator = HeldOutEvaluator(make_dataset(cfg.n_eval, cfg.eval_seed), cfg.eval_every, processor, views=BASE_VIEWS)
-    evaluator.evaluate(model, processor, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.optim.lr, weight_decay=train_cfg.optim.weight_decay)
-    model.train()
-    from tqdm.auto import tqdm
-
-    for step in tqdm(range(1, cfg.steps + 1), desc=f"SFT ({labels} labels)", dynamic_ncols=True):
-        batch = scenes[(step - 1) * per_step : step * per_step]
-        loss = supervised_loss(model, processor, batch, ["full"] * len(batch))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            model.eval()
-            evaluator.evaluate(model, processor, step)
-            model.train()
-    result = {"config": conf, "curve": evaluator.curve, "views": list(BASE_VIEWS), "steps": cfg.steps,
-              "n_eval": cfg.n_eval, "eval_seed": cfg.eval_seed, "wall_seconds": time.perf_counter() - start}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def sft_configuration(train_cfg: Any, labels: str) -> dict[str, Any]:
-    """What an SFT reference trains with: cross-entropy on full images, no teacher."""
-    return {"objective": "sft", "labels": {"gold": "gold answers", "self": "the base's own crop answers"}[labels],
-            "student_view": "full", "lr": train_cfg.optim.lr}
+#: The paper's baselines, through the same trainer and demo (`objective`, docs/method.md "Baselines").
+#: The SFT rows decode one answer per prompt: greedy answers repeated n times would weigh the same.
+BASELINE_VARIANTS: dict[str, list[str]] = {
+    "SFT, gold labels, full images (upper bound)": ["objective=sft_gold", "rollout.n=1"],
+    "SFT on self-teacher crop answers": ["objective=sft_self", "rollout.temperature=0", "rollout.n=1"],
+    "OPSD (teacher: full image + reference answer)": ["objective=opsd"],
+}
+#: Every variant, in table order.
+VARIANTS: dict[str, list[str]] = {**OPD_VARIANTS, **BASELINE_VARIANTS}
 
 
 def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
@@ -96,7 +49,7 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "ablations.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    names = [*OPD_VARIANTS, *SFT_VARIANTS]
+    names = list(VARIANTS)
     if only:
         names = [n for n in names if any(o.lower() in n.lower() for o in only)]
     for i, name in enumerate(names):
@@ -104,14 +57,11 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
             continue
         print(f"\n=== ablation {i + 1}/{len(names)}: {name}", flush=True)
         sub = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        if name in OPD_VARIANTS:
-            run = dataclasses.replace(cfg, out=str(sub), overrides=(*cfg.overrides, *OPD_VARIANTS[name]))
-            r = run_demo(run)
-            results[name] = {"config": r["config"], "curve": r["curve"], "health": r["health"],
-                             "wall_seconds": r["wall_seconds"], "p_value_full": r["full_gain_p_value"],
-                             "results": f"{sub.name}/results.json"}
-        else:
-            results[name] = {**run_sft(cfg, SFT_VARIANTS[name], sub), "results": f"{sub.name}/results.json"}
+        run = dataclasses.replace(cfg, out=str(sub), overrides=(*cfg.overrides, *VARIANTS[name]))
+        r = run_demo(run)
+        results[name] = {"config": r["config"], "curve": r["curve"], "health": r["health"],
+                         "wall_seconds": r["wall_seconds"], "p_value_full": r["full_gain_p_value"],
+                         "results": f"{sub.name}/results.json"}
         results_path.write_text(json.dumps(results, indent=2))
     (out / "ablations.md").write_text(ablation_table(results))
     plot_ablations(results, out / "ablations.png")
@@ -142,7 +92,7 @@ def plot_ablations(results: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 5))
     for name, r in results.items():
-        style = "--" if name in SFT_VARIANTS else "-"
+        style = "--" if name in BASELINE_VARIANTS else "-"
         ax.plot([c["step"] for c in r["curve"]], [100 * c["full"] for c in r["curve"]], style, marker="o", ms=3, label=name)
     ax.set(xlabel="step", ylabel="clean full-image accuracy (%)", ylim=(0, 102), title="Toy-world ablations (held-out)")
     ax.grid(alpha=0.3)

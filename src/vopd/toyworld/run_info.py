@@ -19,7 +19,7 @@ CONFIG_KEYS = ("objective", "teacher", "teacher_rate", "teacher_view", "estimato
                "student_view", "crop_source")
 
 
-_VIEW_WORDS = {"crop": "crop", "full": "full image"}
+_VIEW_WORDS = {"crop": "crop", "full": "full image", "full+answer": "full image + reference answer"}
 
 
 def _student_view(cfg: TrainConfig) -> str:
@@ -39,20 +39,27 @@ def _support(cfg: TrainConfig) -> str:
 def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
     """The knobs that tell toy-world variants apart, from the config a run trained with.
 
-    ``teacher_rate`` is ``None`` for teachers that have no rate (frozen, live, external).
+    ``teacher_rate`` is ``None`` for teachers that have no rate (frozen, live, external). The
+    supervised objectives have no divergence (estimator, beta and support are ``None``);
+    ``sft_gold`` has no teacher either, and OPSD's teacher sees ``full+answer``.
     """
-    kind = cfg.teacher.kind
-    return {
-        "objective": getattr(cfg, "objective", "opd"),  # only Vision-OPD until baselines land in the trainer
+    kind, objective = cfg.teacher.kind, cfg.objective
+    conf = {
+        "objective": objective,
         "teacher": kind,
         "teacher_rate": {"ema": cfg.teacher.ema_rate, "trust_region": cfg.teacher.mix}.get(kind),
-        "teacher_view": cfg.teacher.view,
+        "teacher_view": "full+answer" if objective == "opsd" else cfg.teacher.view,
         "estimator": cfg.loss.estimator,
         "beta": cfg.loss.beta,
         "support": _support(cfg),
         "student_view": _student_view(cfg),
         "crop_source": cfg.views.crop_source,
     }
+    if objective in ("sft_self", "sft_gold"):  # cross-entropy: no divergence knob applies
+        conf.update(estimator=None, beta=None, support=None)
+    if objective == "sft_gold":  # the reference answers are the targets: no teacher
+        conf.update(teacher=None, teacher_rate=None, teacher_view=None, labels="gold answers")
+    return conf
 
 
 def describe_configuration(conf: dict[str, Any] | None) -> str:
