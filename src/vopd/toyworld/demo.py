@@ -148,6 +148,12 @@ def measure_proposals(train_cfg: TrainConfig, out: Path) -> dict[str, Any]:
             **proposal_quality(proposals, gold, train_cfg.views)}
 
 
+def _steps_word(conf: dict[str, Any] | None) -> str:
+    """How the steps learned: label-free unless the objective reads the reference answers."""
+    objective = (conf or {}).get("objective", "opd")
+    return "labelled" if objective in ("opsd", "sft_gold") else "label-free"
+
+
 def _closed(base: dict[str, float], final: dict[str, float]) -> float:
     gap = base["crop"] - base["full"]
     return (final["full"] - base["full"]) / gap if gap > 0 else float("nan")
@@ -165,7 +171,7 @@ def _fallbacks(p: dict[str, Any]) -> str:
 def summary_text(r: dict[str, Any], out: str | Path) -> str:
     """The console summary of a demo's ``results.json`` written under ``out``."""
     return (
-        f"\nVision-OPD toy demo ({r['steps']} label-free steps, {r['n_eval']} held-out scenes)\n"
+        f"\nVision-OPD toy demo ({r['steps']} {_steps_word(r.get('config'))} steps, {r['n_eval']} held-out scenes)\n"
         f"  configuration: {describe_configuration(r.get('config'))}\n"
         f"  clean full image: {r['base']['full']:.1%} -> {r['final']['full']:.1%}  "
         f"(paired exact McNemar p = {r['full_gain_p_value']:.2g})\n"

@@ -30,7 +30,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     steps = [c["step"] for c in results["curve"]]
     for view, label in VIEW_LABELS.items():
         ax.plot(steps, [100 * c[view] for c in results["curve"]], marker="o", label=label)
-    ax.set(xlabel="label-free Vision-OPD step", ylabel="held-out accuracy (%)", ylim=(0, 102),
+    ax.set(xlabel=f"training step (objective {(results.get('config') or {}).get('objective', 'opd')})", ylabel="held-out accuracy (%)", ylim=(0, 102),
            title=f"Student accuracy per view ({results['n_eval']} held-out scenes)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -142,8 +142,17 @@ def write_report(out: Path, results: dict[str, Any], samples: list[Sample], base
 
 def _provenance(conf: dict[str, Any]) -> str:
     """The report's closing sentence: where the training signal came from, per the configuration."""
-    if conf.get("objective", "opd") != "opd":
-        return f"Objective {conf.get('objective')}: see the configuration above for the labels it read."
+    objective = conf.get("objective", "opd")
+    if objective == "sft_self":
+        return ("No answer label was used in training: the student was fine-tuned (cross-entropy) on the "
+                "teacher's own answers on the crop (SFT on self-teacher answers).")
+    if objective == "sft_gold":
+        return "Labels were used: the student was fine-tuned (cross-entropy) on the reference answers."
+    if objective == "opsd":
+        return ("Labels were used: the teacher saw the full image and the reference answer in its text (OPSD); "
+                "the student learned from the teacher's distribution on its own samples.")
+    if objective != "opd":
+        return f"Objective {objective}: see the configuration above for the labels it read."
     if conf.get("teacher_view") == "full":
         return ("No answer label was used in training; the teacher saw the same full image as the student "
                 "(control: no privileged view).")
