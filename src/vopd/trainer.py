@@ -75,7 +75,8 @@ def _global_sum(accelerator: Any, value: float) -> float:
 
 
 def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: str | None = None) -> dict[str, float]:
-    """One Vision-OPD step over the micro-batches of this process's share of the step's prompts.
+    """One Vision-OPD step (or a baseline's, per ``cfg.objective``) over the micro-batches of this
+    process's share of the step's prompts.
 
     ``sharing`` ("prefix" | "image" | "none", see `vopd.fastpath`) defaults to "prefix", or to the
     straightforward path everywhere when ``cfg.naive`` (which also computes full-vocabulary logits
