@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import vopd.proposals as proposals_mod
 from vopd.config import ConfigError, load_config
@@ -19,6 +20,7 @@ from vopd.proposals import (
     crops_from_model,
     proposal_quality,
     search_proposals,
+    surest,
     with_proposed_boxes,
 )
 from vopd.records import Box, write_records
@@ -99,6 +101,45 @@ def test_crops_from_model_never_shows_gold_boxes_and_resumes(tmp_path, monkeypat
     seen.clear()
     out = crops_from_model(samples, view, None, None, tmp_path)  # resume: only the two new samples
     assert [s.id for s in seen] == [s.id for s in samples[3:]] and len(out) == 5
+
+
+def test_peak_margin_compares_the_peak_with_the_strongest_cell_outside_the_window():
+    ratio = torch.zeros(6, 6) + 0.5
+    ratio[2, 2], ratio[2, 3], ratio[5, 5] = 8.0, 7.0, 2.0  # (2, 3) is inside the window, (5, 5) is not
+    window = proposals_mod._centred_window((168, 168), 2.5 * 28, 2.5 * 28, 1 / 3)
+    assert proposals_mod._peak_margin(ratio, window, (168, 168)) == pytest.approx(8.0 / 2.0)
+    whole = Box(0, 0, 168, 168)  # nothing outside: no competitor
+    assert proposals_mod._peak_margin(ratio, whole, (168, 168)) == 1.0
+
+
+def test_surest_keeps_the_highest_scores_in_input_order_and_fallbacks_last():
+    box = Box(0, 0, 8, 8)
+    props = [Proposal("a", box, 0.1, "grounding"), Proposal("b", box, 5.0, "grounding", "unparsed"),
+             Proposal("c", box, 0.9, "grounding"), Proposal("d", box, 0.9, "grounding", "repaired"),
+             Proposal("e", box, -1.0, "grounding")]
+    assert [p.sample_id for p in surest(props, 0.4)] == ["c", "d"]  # tie on 0.9: input order
+    assert [p.sample_id for p in surest(props, 0.8)] == ["a", "c", "d", "e"]  # the unparsed one goes first
+    assert [p.sample_id for p in surest(props, 0.01)] == ["c"]  # at least one
+    assert surest([], 0.5) == []
+    with pytest.raises(ValueError, match="keep"):
+        surest(props, 0)
+
+
+def test_crops_from_model_keeps_the_surest_fraction(tmp_path, monkeypatch, capsys):
+    samples = make_dataset(10, 4)
+
+    def scored(model, processor, blind, view_cfg, cfg):
+        return [Proposal(s.id, Box(28, 28, 84, 84), float(i % 5), "attention") for i, s in enumerate(blind)]
+
+    monkeypatch.setattr(proposals_mod, "attention_proposals", scored)
+    view = dataclasses.replace(TOY_VIEW, crop_source="attention", proposal_keep=0.2)
+    out = crops_from_model(samples, view, None, None, tmp_path)
+    assert [s.id for s in out] == [samples[4].id, samples[9].id]  # score 4.0, the highest
+    assert "training on the 2 of 10 samples" in capsys.readouterr().out
+    rows = (tmp_path / "proposals.jsonl").read_text().splitlines()
+    assert len(rows) == 10  # every proposal is cached; the choice is remade from the scores on resume
+    with pytest.raises(ConfigError, match="views.proposal_keep"):
+        load_config(None, ["views.proposal_keep=0"])
 
 
 @pytest.mark.slow

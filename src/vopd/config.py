@@ -139,6 +139,9 @@ class ViewConfig:
                                     "attention or grounding (vopd.proposals; every gold box and provided crop is "
                                     "then dropped unread; grounding needs a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
                                     "model)", choices=("box", "search", "attention", "grounding"))
+    proposal_keep: float = knob(1.0, "with a proposed crop_source: train only on this fraction of the samples, "
+                                     "those whose proposals are surest (highest proposal score); the rest are "
+                                     "dropped before training", gt=0, le=1)
 
     def __post_init__(self) -> None:
         color = tuple(self.box_color) if isinstance(self.box_color, (list, tuple)) else ()

@@ -9,7 +9,8 @@ sample's gold boxes (``views.crop_source=box``). The sources here find the regio
   the teacher would see for that window.
 - ``attention`` (ViCrop-style, label-free): the attention of the prompt's last token over the
   image tokens under the question, divided by the same attention under a generic prompt, summed
-  over layers and heads; the window centred on the strongest image token is the proposal.
+  over layers and heads; the window centred on the strongest image token is the proposal, scored
+  by how far the peak stands above the strongest token outside that window.
 - ``grounding``: ask the model for the box of the evidence in its family's box format and parse
   it (:mod:`vopd.grounding`); an answer without a usable box falls back to the whole image and is
   counted (``Proposal.status``).
@@ -53,6 +54,7 @@ __all__ = [
     "load_or_propose",
     "read_proposals",
     "crops_from_model",
+    "surest",
     "PROPOSALS_FILE",
 ]
 
@@ -185,11 +187,30 @@ def _grid_of(batch: Any, row: int, merge: int) -> tuple[int, int]:
     return h // merge, w // merge
 
 
+def _peak_margin(ratio: torch.Tensor, window: Box, size: tuple[int, int]) -> float:
+    """How singular the peak is: the strongest cell over the strongest cell whose centre lies
+    outside ``window`` (a second object the question might be about). 1.0 when nothing is outside.
+
+    In the toy world the top fifth of samples by this margin hold the target 74 % of the time,
+    against 44 % for all samples (``docs/proposals.md``); the raw peak value ranks worse.
+    """
+    gh, gw = ratio.shape
+    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) * size[0] / gw
+    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) * size[1] / gh
+    inside = ((ys[:, None] >= window.y1) & (ys[:, None] <= window.y2)
+              & (xs[None, :] >= window.x1) & (xs[None, :] <= window.x2))
+    outside = ratio[~inside]
+    if outside.numel() == 0:
+        return 1.0
+    return float(ratio.max() / outside.max().clamp(min=1e-12))
+
+
 def attention_proposals(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """ViCrop-style relative attention: question attention / generic-prompt attention per image
-    token (summed over layers and heads); the proposal is a window centred on the strongest token.
+    token (summed over layers and heads); the proposal is a window centred on the strongest token,
+    scored by the peak over the strongest token outside the window (:func:`_peak_margin`).
 
     Needs a Qwen-VL-style model (``image_grid_thw``, ``image_token_id``) whose attention weights
     can be returned (the eager attention implementation is switched on for the call).
@@ -218,8 +239,8 @@ def attention_proposals(
                 k = int(ratio.argmax())
                 r, c = divmod(k, gw)
                 cx, cy = (c + 0.5) * image.width / gw, (r + 0.5) * image.height / gh
-                proposals.append(Proposal(sample.id, _centred_window(image.size, cx, cy, cfg.window),
-                                          float(ratio.max()), "attention"))
+                window = _centred_window(image.size, cx, cy, cfg.window)
+                proposals.append(Proposal(sample.id, window, _peak_margin(ratio, window, image.size), "attention"))
     finally:
         if previous is not None:
             model.set_attn_implementation(previous)
@@ -363,4 +384,27 @@ def crops_from_model(
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
     cache = Path(output_dir) / PROPOSALS_FILE if main else None
     proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)
+    keep = getattr(view_cfg, "proposal_keep", 1.0)
+    if keep < 1.0:
+        kept = surest(proposals, keep)
+        if main:
+            print(f"views.proposal_keep={keep:g}: training on the {len(kept)} of {len(proposals)} samples whose "
+                  f"{cfg.source} proposals are surest", flush=True)
+        ids = {p.sample_id for p in kept}
+        blind, proposals = [s for s in blind if s.id in ids], kept
     return with_proposed_boxes(blind, proposals)
+
+
+def surest(proposals: Sequence[Proposal], keep: float) -> list[Proposal]:
+    """The ``keep`` fraction (at least one) of ``proposals`` with the highest scores, in their input order.
+
+    Fallbacks without a usable box (grounding's ``degenerate`` / ``unparsed``) rank below every
+    real proposal; ties go to the earlier proposal, so the choice is deterministic.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    n = max(1, round(keep * len(proposals))) if proposals else 0
+    fallback = ("degenerate", "unparsed")
+    order = sorted(range(len(proposals)),
+                   key=lambda i: (proposals[i].status in fallback, -proposals[i].score, i))[:n]
+    return [proposals[i] for i in sorted(order)]
