@@ -214,3 +214,33 @@ def test_demo_with_search_crops_reads_no_gold_box(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "no gold box" in report and "hit rate" in report
     assert results["proposals"] == p
+
+
+@pytest.mark.slow
+def test_demo_with_proposal_keep_trains_on_the_surest_fraction_only(tmp_path, monkeypatch):
+    """`views.proposal_keep=0.5`: training sees only the surest half of the attention proposals,
+    and results.json measures those it used beside all of them."""
+    import vopd.train_setup as train_setup
+    from vopd.toyworld.demo import DemoConfig, run_demo, summary_text
+
+    trained_on: list = []
+
+    class SpyDataset(train_setup.ViewDataset):
+        def __init__(self, samples, *a, **k):
+            trained_on.extend(samples)
+            super().__init__(samples, *a, **k)
+
+    monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
+    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
+                     overrides=("views.crop_source=attention", "views.proposal_keep=0.5", "data.train=toyworld:16:1",
+                                "prompts_per_step=4", "micro_batch_prompts=4", "health.probe_data=toyworld:4:124"))
+    results = run_demo(cfg)
+    props = proposals_mod.read_proposals(tmp_path / "train" / "proposals.jsonl")
+    kept = surest(props, 0.5)
+    assert len(props) == 16 and len(kept) == 8
+    assert sorted(s.id for s in trained_on) == sorted(p.sample_id for p in kept)
+    assert min(p.score for p in kept) >= max(p.score for p in props if p not in kept)
+    assert results["proposals"]["n"] == 16 and results["proposals"]["kept"]["n"] == 8
+    assert results["proposals"]["kept"]["keep"] == 0.5
+    assert "trained on the surest 8" in summary_text(results, tmp_path)
+    assert "Training kept the surest 0.5 of them" in (tmp_path / "report.md").read_text()

@@ -136,16 +136,21 @@ def measure_proposals(train_cfg: TrainConfig, out: Path) -> dict[str, Any]:
     """Quality of the crops the model proposed for training, against the scenes' gold boxes.
 
     Gold boxes are read here, after training, only to measure (hit rate, IoU); training dropped
-    them before proposing.
+    them before proposing. With ``views.proposal_keep`` < 1, ``kept`` measures the proposals that
+    training used.
     """
     from vopd.data import load_train_samples
-    from vopd.proposals import PROPOSALS_FILE, proposal_quality, read_proposals
+    from vopd.proposals import PROPOSALS_FILE, proposal_quality, read_proposals, surest
 
     path = Path(train_cfg.output_dir) / PROPOSALS_FILE
     proposals = read_proposals(path, source=train_cfg.views.crop_source)
     gold = load_train_samples(train_cfg.data.train)
-    return {"source": train_cfg.views.crop_source, "file": os.path.relpath(path.resolve(), out.resolve()),
-            **proposal_quality(proposals, gold, train_cfg.views)}
+    quality = {"source": train_cfg.views.crop_source, "file": os.path.relpath(path.resolve(), out.resolve()),
+               **proposal_quality(proposals, gold, train_cfg.views)}
+    if train_cfg.views.proposal_keep < 1:
+        quality["kept"] = {"keep": train_cfg.views.proposal_keep,
+                           **proposal_quality(surest(proposals, train_cfg.views.proposal_keep), gold, train_cfg.views)}
+    return quality
 
 
 def _steps_word(conf: dict[str, Any] | None) -> str:
@@ -164,8 +169,11 @@ def _line(name: str, acc: dict[str, float]) -> str:
 
 
 def _fallbacks(p: dict[str, Any]) -> str:
-    """Grounding only: the answers without a usable box (their crop was the whole image)."""
-    return f", {p['unparsed'] + p['degenerate']} answers without a box (whole image)" if "unparsed" in p else ""
+    """Grounding's answers without a usable box (their crop was the whole image); the kept share, if any."""
+    note = f", {p['unparsed'] + p['degenerate']} answers without a box (whole image)" if "unparsed" in p else ""
+    if p.get("kept"):
+        note += f"; trained on the surest {p['kept']['n']} (hit rate {p['kept']['hit_rate']:.1%})"
+    return note
 
 
 def summary_text(r: dict[str, Any], out: str | Path) -> str:

@@ -170,7 +170,16 @@ def proposal_summary(p: dict[str, Any]) -> str:
     return (f"Crops proposed by the model ({p['source']}, `{p['file']}`), measured against the gold boxes of the "
             f"{p['n']} training scenes after training: hit rate {pct(p['hit_rate'])} (gold box wholly inside the "
             f"crop), centre hit rate {pct(p['centre_hit_rate'])}, mean IoU with the gold crop "
-            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}." + _fallback_note(p))
+            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}." + _fallback_note(p) + _kept_note(p))
+
+
+def _kept_note(p: dict[str, Any]) -> str:
+    """``views.proposal_keep`` < 1: the quality of the proposals training kept."""
+    kept = p.get("kept")
+    if not kept:
+        return ""
+    return (f" Training kept the surest {kept['keep']:g} of them (views.proposal_keep), {kept['n']} scenes: "
+            f"hit rate {100 * kept['hit_rate']:.1f} %, mean IoU {kept['mean_iou']:.2f}.")
 
 
 def _fallback_note(p: dict[str, Any]) -> str:
