@@ -38,6 +38,7 @@ LAYER: dict[str, str] = {
     "vopd.stock_processor": "core",  # checkpoints name the stock processor class
     "vopd.specs": "core",
     "vopd.knobs": "core",  # the knob machinery: declare, check, load YAML
+    "vopd.jsonl": "core",  # append-only JSONL logs that survive a kill (predictions, proposals)
     "vopd.config": "core",  # every knob as data (views, rollout and health import their sections)
     "vopd.grounding": "core",  # crop_source=grounding: family box formats, prompt, parser (engine passed in)
     # training: the run, its data pipeline, sampling, checkpoints, the health probe.

@@ -244,3 +244,25 @@ def test_demo_with_proposal_keep_trains_on_the_surest_fraction_only(tmp_path, mo
     assert results["proposals"]["kept"]["keep"] == 0.5
     assert "trained on the surest 8" in summary_text(results, tmp_path)
     assert "Training kept the surest 0.5 of them" in (tmp_path / "report.md").read_text()
+
+
+def test_a_cache_torn_by_a_kill_mid_write_resumes(tmp_path, monkeypatch):
+    """A run killed while appending leaves half a row without its newline: the resume skips it,
+    proposes that sample again and appends on a line of its own (the cache stays readable)."""
+    samples = make_dataset(3, 4)
+    asked: list = []
+
+    def spy(model, processor, blind, view_cfg, cfg):
+        asked.extend(s.id for s in blind)
+        return [Proposal(s.id, Box(28, 28, 84, 84), -0.5, "search") for s in blind]
+
+    monkeypatch.setattr(proposals_mod, "search_proposals", spy)
+    view = dataclasses.replace(TOY_VIEW, crop_source="search")
+    cache = tmp_path / "proposals.jsonl"
+    whole = json.dumps({"id": samples[0].id, "box": [0, 0, 56, 56], "score": -0.1, "source": "search"})
+    cache.write_text(whole + "\n" + '{"id": "' + samples[1].id + '", "box": [0, 0,')  # killed mid-row
+    out = crops_from_model(samples, view, None, None, tmp_path)
+    assert asked == [samples[1].id, samples[2].id]  # the intact row is reused
+    assert out[0].boxes == [Box(0, 0, 56, 56)] and out[1].boxes == [Box(28, 28, 84, 84)]
+    done = proposals_mod.read_proposals(cache, source="search")
+    assert sorted(p.sample_id for p in done) == sorted(s.id for s in samples)

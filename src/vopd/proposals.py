@@ -34,6 +34,7 @@ import torch
 
 from vopd.grounding import FALLBACK_STATUSES, ground, status_counts
 from vopd.images import load_image
+from vopd.jsonl import end_with_newline, read_records
 from vopd.models import build_prompts
 from vopd.records import Box, Sample
 from vopd.rollout import HFGenerateEngine, RolloutConfig
@@ -333,12 +334,13 @@ def with_proposed_boxes(samples: Sequence[Sample], proposals: Sequence[Proposal]
 
 
 def read_proposals(path: str | Path, *, source: str | None = None) -> list[Proposal]:
-    """Rows of a proposals JSONL file (of one ``source``, if given); later rows win per sample."""
+    """Rows of a proposals JSONL file (of one ``source``, if given); later rows win per sample.
+
+    A row cut short by a kill mid-write (or otherwise not a proposal) is skipped with a warning
+    naming file and line (:func:`vopd.jsonl.read_records`): its sample is proposed again.
+    """
     done: dict[str, Proposal] = {}
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_records(Path(path), ("id", "box", "score", "source")):
         if source is None or row.get("source") == source:
             done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"],
                                        row.get("status", "ok"))
@@ -362,6 +364,8 @@ def load_or_propose(
         new = propose(model, processor, chunk, view_cfg, cfg)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
             with path.open("a") as fh:
                 for p in new:
                     row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source}

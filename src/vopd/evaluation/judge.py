@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vopd.evaluation.backends import chat_completion, check_env_name, redact
-from vopd.evaluation.jsonl import append_record, end_with_newline, read_records
+from vopd.jsonl import append_record, end_with_newline, read_records
 
 __all__ = ["JudgeConfig", "JudgeVerdict", "LLMJudge", "judge_prompt", "parse_judge_reply"]
 

@@ -27,7 +27,7 @@ from typing import Any
 from vopd.evaluation.backends import Backend, BackendConfig, BackendError, PartialFailure, make_backend
 from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
 from vopd.evaluation.grading import grade
-from vopd.evaluation.jsonl import append_record, end_with_newline, read_records
+from vopd.jsonl import append_record, end_with_newline, read_records
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem

@@ -1,4 +1,4 @@
-"""Append-only JSONL logs that survive a kill mid-write (predictions, judge verdicts).
+"""Append-only JSONL logs that survive a kill mid-write (predictions, judge verdicts, proposals).
 
 A run killed while writing leaves a last line without its newline, or half a record. Readers
 close such a line before appending (:func:`end_with_newline`) and skip lines that are not
