@@ -112,3 +112,16 @@ def test_data_propose_errors_are_one_clear_line(tmp_path, capsys):
     assert main([*base, str(path), "--out", str(tmp_path / "o.jsonl"), "--limit", "0"]) == 1
     assert "--limit" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_data_propose_never_uses_the_input_as_its_cache(tmp_path, capsys):
+    """The cache is <out stem>.proposals.jsonl: an input of that name must not be read as
+    proposals nor appended to."""
+    scenes = make_dataset(2, 21)
+    path = write_records(scenes, tmp_path / "boxed.proposals.jsonl")
+    before = path.read_bytes()
+    code = main(["data", "propose", str(path), "--model", "tiny:qwen2_5_vl", "--source", "grounding",
+                 "--out", str(tmp_path / "boxed.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "would overwrite the input" in err[0] and "proposals.jsonl" in err[0]
+    assert path.read_bytes() == before and not (tmp_path / "boxed.jsonl").exists()

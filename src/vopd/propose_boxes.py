@@ -87,7 +87,7 @@ def write_proposed_boxes(
             instead of writing them with the whole image as their box.
 
     Raises:
-        ValueError: ``out`` is the input file, or a bad ``source`` / ``limit``.
+        ValueError: ``out`` or its cache is the input file, or a bad ``source`` / ``limit``.
         RecordError: the input is missing or a row is bad (``file:row``).
     """
     if source not in PROPOSAL_SOURCES:
@@ -96,8 +96,9 @@ def write_proposed_boxes(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     loaded = load_records(path)
     out, cache = Path(out), proposals_cache_path(out)
-    if out.resolve() in (Path(loaded.source).resolve(), cache.resolve()):
-        raise ValueError(f"--out {out} would overwrite the input {loaded.source}; write to another file")
+    if Path(loaded.source).resolve() in (out.resolve(), cache.resolve()):  # the cache is appended to
+        raise ValueError(f"--out {out} (cache {cache.name}) would overwrite the input {loaded.source}; "
+                         "write to another file")
     samples = list(loaded.samples)[:limit]
     view_cfg = view_cfg or ViewConfig()
     cfg = ProposalConfig(source=source, batch_size=batch_size)
