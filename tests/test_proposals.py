@@ -266,3 +266,44 @@ def test_a_cache_torn_by_a_kill_mid_write_resumes(tmp_path, monkeypatch):
     assert out[0].boxes == [Box(0, 0, 56, 56)] and out[1].boxes == [Box(28, 28, 84, 84)]
     done = proposals_mod.read_proposals(cache, source="search")
     assert sorted(p.sample_id for p in done) == sorted(s.id for s in samples)
+
+
+def test_proposal_keep_keeps_each_training_row_with_its_own_file_row(tmp_path, monkeypatch):
+    """With views.proposal_keep < 1 the dataset's ``file:row`` origins (named in data errors)
+    belong to the samples kept, not to the first rows of the file."""
+    import vopd.trainer as trainer_mod
+    from vopd.data import load_train_data
+
+    records = write_records(make_dataset(8, 4), tmp_path / "d" / "r.jsonl")
+
+    def scored(model, processor, blind, view_cfg, cfg):  # the last rows are surest
+        return [Proposal(s.id, Box(28, 28, 84, 84), float(i), "attention") for i, s in enumerate(blind)]
+
+    monkeypatch.setattr(proposals_mod, "attention_proposals", scored)
+    cfg = load_config(None, ["model.path=toy-base", f"data.train={records}", "views.crop_source=attention",
+                             "views.proposal_keep=0.5", "prompts_per_step=2", "micro_batch_prompts=2", "threads=1",
+                             "report_to=[jsonl]", f"output_dir={tmp_path / 'run'}"])
+    _, _, dataset, _ = trainer_mod.setup(cfg)
+    samples, origins = load_train_data(str(records))
+    origin_of = dict(zip((s.id for s in samples), origins))
+    assert [s.id for s in dataset.samples] == [s.id for s in samples[4:]]
+    assert dataset.origins == [origin_of[s.id] for s in dataset.samples]
+
+
+def test_other_processes_read_the_main_process_proposals(tmp_path, monkeypatch):
+    """``main=False`` (a non-main process, after the main one wrote the cache) reads the cache and
+    proposes nothing itself: every rank trains on the same crops, on resume too (the policy is
+    then the checkpoint's, whose proposals would differ)."""
+    samples = make_dataset(3, 4)
+    cache = tmp_path / "proposals.jsonl"
+    cache.write_text("".join(json.dumps({"id": s.id, "box": [0, 0, 56, 56], "score": -0.1, "source": "search"}) + "\n"
+                             for s in samples))
+    before = cache.read_bytes()
+
+    def must_not_run(*args):
+        raise AssertionError("a non-main process proposed although the cache holds every sample")
+
+    monkeypatch.setattr(proposals_mod, "search_proposals", must_not_run)
+    view = dataclasses.replace(TOY_VIEW, crop_source="search")
+    out = crops_from_model(samples, view, None, None, tmp_path, main=False)
+    assert all(o.boxes == [Box(0, 0, 56, 56)] for o in out) and cache.read_bytes() == before

@@ -349,9 +349,9 @@ def read_proposals(path: str | Path, *, source: str | None = None) -> list[Propo
 
 def load_or_propose(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig,
-    cache: str | Path | None = None,
+    cache: str | Path | None = None, *, write: bool = True,
 ) -> list[Proposal]:
-    """:func:`propose`, reusing (and extending) a JSONL cache of earlier proposals.
+    """:func:`propose`, reusing (and, if ``write``, extending) a JSONL cache of earlier proposals.
 
     The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``,
     and ``status`` when it is not ``ok``);
@@ -362,7 +362,7 @@ def load_or_propose(
     todo = [s for s in samples if s.id not in done]
     for chunk in _batches(todo, max(1, 4 * cfg.batch_size)):
         new = propose(model, processor, chunk, view_cfg, cfg)
-        if path:
+        if path and write:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
@@ -381,13 +381,14 @@ def crops_from_model(
     """Training samples whose evidence box is the model's own proposal (``views.crop_source``).
 
     Gold boxes and ready-made crops are dropped before anything is computed; proposals are
-    cached in ``output_dir/proposals.jsonl`` (written by the main process only) and reused on
-    resume. ``model`` is the policy at the start of the run.
+    cached in ``output_dir/proposals.jsonl`` and reused on resume. ``model`` is the policy at the
+    start of the run. Only the main process writes the cache: call it there first, then (after a
+    barrier) in the others with ``main=False``, which read the main process's proposals, so every
+    rank trains on the same crops (on resume the policy is the checkpoint's and would propose others).
     """
     cfg = ProposalConfig(source=view_cfg.crop_source)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
-    cache = Path(output_dir) / PROPOSALS_FILE if main else None
-    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)
+    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, Path(output_dir) / PROPOSALS_FILE, write=main)
     keep = getattr(view_cfg, "proposal_keep", 1.0)
     if keep < 1.0:
         kept = surest(proposals, keep)

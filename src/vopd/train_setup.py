@@ -157,6 +157,27 @@ def _tracker_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _proposed_crops(
+    cfg: TrainConfig, acc: Any, policy: nn.Module, processor: Any, samples: list, origins: list[str],
+) -> tuple[list, list[str]]:
+    """`vopd.proposals.crops_from_model` on every rank, and the ``file:row`` of each sample kept.
+
+    The main process proposes and writes the cache first; the others then read it, so all ranks
+    train on the same crops. ``views.proposal_keep`` < 1 drops samples (order kept): their
+    origins go with them.
+    """
+    proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if proposed is None:
+        proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=False)
+    kept, i = [], 0
+    for sample, origin in zip(samples, origins):
+        if i < len(proposed) and proposed[i].id == sample.id:
+            kept.append(origin)
+            i += 1
+    return proposed, kept
+
+
 def setup(
     cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 ) -> tuple[TrainState, StepSampler, ViewDataset, int]:
@@ -220,7 +241,7 @@ def setup(
     if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
         samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
     if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
-        samples = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=acc.is_main_process)
+        samples, origins = _proposed_crops(cfg, acc, policy, processor, samples, origins)
     total_steps = _num_steps(cfg, len(samples))
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
