@@ -307,3 +307,13 @@ def test_other_processes_read_the_main_process_proposals(tmp_path, monkeypatch):
     view = dataclasses.replace(TOY_VIEW, crop_source="search")
     out = crops_from_model(samples, view, None, None, tmp_path, main=False)
     assert all(o.boxes == [Box(0, 0, 56, 56)] for o in out) and cache.read_bytes() == before
+
+
+def test_proposal_keep_without_a_proposed_crop_source_is_a_config_error():
+    """proposal_keep ranks proposals; with crop_source=box there are none, so a value < 1 would
+    be ignored in silence (every sample trains)."""
+    with pytest.raises(ConfigError, match="views.proposal_keep=0.5.*views.crop_source"):
+        load_config(None, ["views.proposal_keep=0.5"])
+    for order in (["views.proposal_keep=0.5", "views.crop_source=search"],
+                  ["views.crop_source=search", "views.proposal_keep=0.5"]):
+        assert load_config(None, order).views.proposal_keep == 0.5

@@ -141,7 +141,7 @@ class ViewConfig:
                                     "model)", choices=("box", "search", "attention", "grounding"))
     proposal_keep: float = knob(1.0, "with a proposed crop_source: train only on this fraction of the samples, "
                                      "those whose proposals are surest (highest proposal score); the rest are "
-                                     "dropped before training", gt=0, le=1)
+                                     "dropped before training (< 1 with crop_source=box is an error)", gt=0, le=1)
 
     def __post_init__(self) -> None:
         color = tuple(self.box_color) if isinstance(self.box_color, (list, tuple)) else ()
@@ -149,6 +149,9 @@ class ViewConfig:
             raise ConfigError(f"views.box_color must be 3 ints in 0-255, got {self.box_color!r}")
         self.box_color = color  # YAML gives lists
         check_knobs(self, "views")
+        if self.proposal_keep < 1 and self.crop_source == "box":  # nothing to rank: it would be ignored
+            raise ConfigError(f"views.proposal_keep={self.proposal_keep:g} ranks the model's own proposals; set "
+                              "views.crop_source to search, attention or grounding, or leave proposal_keep at 1")
 
 
 @dataclass
