@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "LABELLED_OBJECTIVES",
     "OBJECTIVES",
+    "SUPERVISED_OBJECTIVES",
     "DataConfig",
     "HealthConfig",
     "LoraConfig",
@@ -71,6 +72,8 @@ def recipe_path(name: str) -> Path:
 OBJECTIVES: tuple[str, ...] = ("opd", "sft_self", "opsd", "sft_gold")
 #: The objectives that read the records' reference answers.
 LABELLED_OBJECTIVES: tuple[str, ...] = ("opsd", "sft_gold")
+#: The objectives trained by cross-entropy on given target tokens (no teacher scoring, no divergence).
+SUPERVISED_OBJECTIVES: tuple[str, ...] = ("sft_self", "sft_gold")
 
 #: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
 #: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.

@@ -409,7 +409,6 @@ def surest(proposals: Sequence[Proposal], keep: float) -> list[Proposal]:
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     n = max(1, round(keep * len(proposals))) if proposals else 0
-    fallback = ("degenerate", "unparsed")
     order = sorted(range(len(proposals)),
-                   key=lambda i: (proposals[i].status in fallback, -proposals[i].score, i))[:n]
+                   key=lambda i: (proposals[i].status in FALLBACK_STATUSES, -proposals[i].score, i))[:n]
     return [proposals[i] for i in sorted(order)]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vopd.checkpoint import CheckpointError, save_checkpoint
-from vopd.config import TrainConfig, config_to_dict
+from vopd.config import SUPERVISED_OBJECTIVES, TrainConfig, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, ScoredBatch, SharedPrompts
 from vopd.fused_loss import TeacherLogits, distillation_loss, nll_loss
@@ -84,7 +84,7 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     """
     cfg, acc, timer = state.cfg, state.accelerator, PhaseTimer()
     sharing = sharing or ("none" if cfg.naive else "prefix")
-    supervised = cfg.objective in SUPERVISED
+    supervised = cfg.objective in SUPERVISED_OBJECTIVES
     # 1. On-policy rollouts from the student's full-image prompts (no gradient); the SFT baselines'
     #    targets instead (the teacher's crop answers, or the reference answers).
     with timer("sample"):
@@ -135,10 +135,6 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     if cfg.loss.rollout_correction:
         metrics["rollout_weight"] = _global_sum(acc, sums["weight"]) / max(num_tokens, 1.0)
     return metrics
-
-
-#: Objectives trained by cross-entropy on given target tokens (no teacher scoring).
-SUPERVISED = ("sft_self", "sft_gold")
 
 
 def _responses(state: TrainState, mb: PromptPair) -> Rollouts:

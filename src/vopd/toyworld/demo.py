@@ -156,7 +156,9 @@ def measure_proposals(train_cfg: TrainConfig, out: Path) -> dict[str, Any]:
 def _steps_word(conf: dict[str, Any] | None) -> str:
     """How the steps learned: label-free unless the objective reads the reference answers."""
     objective = (conf or {}).get("objective", "opd")
-    return "labelled" if objective in ("opsd", "sft_gold") else "label-free"
+    from vopd.config import LABELLED_OBJECTIVES
+
+    return "labelled" if objective in LABELLED_OBJECTIVES else "label-free"
 
 
 def _closed(base: dict[str, float], final: dict[str, float]) -> float:

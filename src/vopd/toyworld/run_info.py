@@ -43,6 +43,8 @@ def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
     supervised objectives have no divergence (estimator, beta and support are ``None``);
     ``sft_gold`` has no teacher either, and OPSD's teacher sees ``full+answer``.
     """
+    from vopd.config import SUPERVISED_OBJECTIVES  # not at import time: `vopd --help` stays fast
+
     kind, objective = cfg.teacher.kind, cfg.objective
     conf = {
         "objective": objective,
@@ -55,7 +57,7 @@ def run_configuration(cfg: TrainConfig) -> dict[str, Any]:
         "student_view": _student_view(cfg),
         "crop_source": cfg.views.crop_source,
     }
-    if objective in ("sft_self", "sft_gold"):  # cross-entropy: no divergence knob applies
+    if objective in SUPERVISED_OBJECTIVES:  # cross-entropy: no divergence knob applies
         conf.update(estimator=None, beta=None, support=None)
     if objective == "sft_gold":  # the reference answers are the targets: no teacher
         conf.update(teacher=None, teacher_rate=None, teacher_view=None, labels="gold answers")
