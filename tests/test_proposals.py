@@ -317,3 +317,19 @@ def test_proposal_keep_without_a_proposed_crop_source_is_a_config_error():
     for order in (["views.proposal_keep=0.5", "views.crop_source=search"],
                   ["views.crop_source=search", "views.proposal_keep=0.5"]):
         assert load_config(None, order).views.proposal_keep == 0.5
+
+
+def test_report_of_proposals_kept_on_training_data_without_gold_boxes():
+    """A demo trained on boxless records measures no proposal (n = 0, rates None): the report
+    says '-' for the kept share too instead of failing after training."""
+    from vopd.toyworld.report import proposal_summary
+
+    none = {"n": 0, "hit_rate": None, "centre_hit_rate": None, "mean_iou": None}
+    text = proposal_summary({"source": "attention", "file": "train/proposals.jsonl", **none,
+                             "kept": {"keep": 0.5, **none}})
+    assert "hit rate - (gold box" in text and "Training kept the surest 0.5 of them (views.proposal_keep), 0 scenes: " \
+        "hit rate -, mean IoU -." in text
+    kept = {"keep": 0.2, "n": 4, "hit_rate": 0.75, "centre_hit_rate": 1.0, "mean_iou": 0.5}
+    assert "4 scenes: hit rate 75.0 %, mean IoU 0.50." in proposal_summary(
+        {"source": "attention", "file": "p", "n": 20, "hit_rate": 0.5, "centre_hit_rate": 0.6, "mean_iou": 0.4,
+         "kept": kept})

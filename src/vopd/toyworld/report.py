@@ -162,15 +162,21 @@ def _provenance(conf: dict[str, Any]) -> str:
     return "No answer label was used in training: the student learned from the teacher's view of the crop."
 
 
-def proposal_summary(p: dict[str, Any]) -> str:
-    """One sentence on the quality of model-proposed training crops (``results["proposals"]``)."""
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * x:.1f} %"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
 
+
+def _iou(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def proposal_summary(p: dict[str, Any]) -> str:
+    """One sentence on the quality of model-proposed training crops (``results["proposals"]``);
+    ``-`` where nothing was measured (training records without gold boxes)."""
     return (f"Crops proposed by the model ({p['source']}, `{p['file']}`), measured against the gold boxes of the "
-            f"{p['n']} training scenes after training: hit rate {pct(p['hit_rate'])} (gold box wholly inside the "
-            f"crop), centre hit rate {pct(p['centre_hit_rate'])}, mean IoU with the gold crop "
-            f"{'-' if p['mean_iou'] is None else format(p['mean_iou'], '.2f')}." + _fallback_note(p) + _kept_note(p))
+            f"{p['n']} training scenes after training: hit rate {_pct(p['hit_rate'])} (gold box wholly inside the "
+            f"crop), centre hit rate {_pct(p['centre_hit_rate'])}, mean IoU with the gold crop "
+            f"{_iou(p['mean_iou'])}." + _fallback_note(p) + _kept_note(p))
 
 
 def _kept_note(p: dict[str, Any]) -> str:
@@ -179,7 +185,7 @@ def _kept_note(p: dict[str, Any]) -> str:
     if not kept:
         return ""
     return (f" Training kept the surest {kept['keep']:g} of them (views.proposal_keep), {kept['n']} scenes: "
-            f"hit rate {100 * kept['hit_rate']:.1f} %, mean IoU {kept['mean_iou']:.2f}.")
+            f"hit rate {_pct(kept['hit_rate'])}, mean IoU {_iou(kept['mean_iou'])}.")
 
 
 def _fallback_note(p: dict[str, Any]) -> str:
