@@ -125,3 +125,22 @@ def test_data_propose_never_uses_the_input_as_its_cache(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "would overwrite the input" in err[0] and "proposals.jsonl" in err[0]
     assert path.read_bytes() == before and not (tmp_path / "boxed.jsonl").exists()
+
+
+def test_data_propose_refuses_a_cache_made_by_another_model(tmp_path, scripted, capsys):
+    """Cached rows name the model that proposed them: a rerun with another --model into the same
+    --out is refused (it would stamp meta.box_model with a model that proposed nothing)."""
+    path, _ = _records(tmp_path, 2)
+    out = tmp_path / "boxed.jsonl"
+    args = ["data", "propose", str(path), "--source", "grounding", "--out", str(out), "--no-progress"]
+    scripted.answers = [BOX, BOX]
+    assert main([*args, "--model", "tiny:qwen2_5_vl"]) == 0
+    rows = [json.loads(line) for line in proposals_cache_path(out).read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["tiny:qwen2_5_vl"] * 2
+    capsys.readouterr()
+    written = out.read_bytes()
+    assert main([*args, "--model", "other/model"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiny:qwen2_5_vl" in err[0] and "other/model" in err[0] and "boxed.proposals.jsonl" in err[0]
+    assert out.read_bytes() == written
+    assert main([*args, "--model", "tiny:qwen2_5_vl"]) == 0  # the same model resumes as before

@@ -349,12 +349,12 @@ def read_proposals(path: str | Path, *, source: str | None = None) -> list[Propo
 
 def load_or_propose(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig,
-    cache: str | Path | None = None, *, write: bool = True,
+    cache: str | Path | None = None, *, write: bool = True, row_fields: dict[str, Any] | None = None,
 ) -> list[Proposal]:
     """:func:`propose`, reusing (and, if ``write``, extending) a JSONL cache of earlier proposals.
 
     The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``,
-    and ``status`` when it is not ``ok``);
+    ``status`` when it is not ``ok``, and ``row_fields`` if given, e.g. the proposing model);
     rows of another source are ignored, so an interrupted run resumes where it stopped.
     """
     path = Path(cache) if cache else None
@@ -368,7 +368,8 @@ def load_or_propose(
                 end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
             with path.open("a") as fh:
                 for p in new:
-                    row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source}
+                    row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source,
+                           **(row_fields or {})}
                     fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
         done.update({p.sample_id: p for p in new})
     return [done[s.id] for s in samples]
