@@ -26,6 +26,7 @@ from vopd.knobs import ConfigError, KnobInfo, build, check_knobs, describe, knob
 __all__ = [
     "VIEW_ALIASES",
     "VIEW_NAMES",
+    "CROP_SOURCES",
     "ConfigError",
     "LABELLED_OBJECTIVES",
     "OBJECTIVES",
@@ -74,6 +75,10 @@ OBJECTIVES: tuple[str, ...] = ("opd", "sft_self", "opsd", "sft_gold")
 LABELLED_OBJECTIVES: tuple[str, ...] = ("opsd", "sft_gold")
 #: The objectives trained by cross-entropy on given target tokens (no teacher scoring, no divergence).
 SUPERVISED_OBJECTIVES: tuple[str, ...] = ("sft_self", "sft_gold")
+
+#: Values of ``views.crop_source`` (and ``vopd gap --crop-source``): the gold boxes, or a region the
+#: model proposes itself (`vopd.proposals`).
+CROP_SOURCES: tuple[str, ...] = ("box", "search", "attention", "grounding")
 
 #: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
 #: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.
@@ -141,7 +146,7 @@ class ViewConfig:
                                     "boxes or provided crop), or a region the model proposes itself: search, "
                                     "attention or grounding (vopd.proposals; every gold box and provided crop is "
                                     "then dropped unread; grounding needs a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
-                                    "model)", choices=("box", "search", "attention", "grounding"))
+                                    "model)", choices=CROP_SOURCES)
     proposal_keep: float = knob(1.0, "with a proposed crop_source: train only on this fraction of the samples, "
                                      "those whose proposals are surest (highest proposal score); the rest are "
                                      "dropped before training (< 1 with crop_source=box is an error)", gt=0, le=1)

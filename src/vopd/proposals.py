@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vopd.config import CROP_SOURCES
 from vopd.grounding import FALLBACK_STATUSES, ground, status_counts
 from vopd.images import load_image
 from vopd.jsonl import end_with_newline, read_records
@@ -64,8 +65,7 @@ log = logging.getLogger(__name__)
 #: Proposals of a training run, beside its checkpoints (one JSON row per sample; resumable).
 PROPOSALS_FILE = "proposals.jsonl"
 
-#: Values of ``views.crop_source``: the gold boxes, or a proposal source.
-CROP_SOURCES = ("box", "search", "attention", "grounding")
+#: The proposal sources: every ``views.crop_source`` but the gold ``box``.
 PROPOSAL_SOURCES = CROP_SOURCES[1:]
 
 #: The generic prompt whose attention ViCrop divides by (it attends to salient, not asked-for, regions).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vopd.config import CROP_SOURCES
 from vopd.evaluation.backends import BackendConfig
 from vopd.evaluation.judge import JudgeConfig
 
@@ -83,7 +84,7 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--context", type=float, default=0.5, help="padding around the evidence, fraction of its size")
     parser.add_argument("--min-side", type=int, default=56, help="minimum crop side in source pixels")
     parser.add_argument("--no-provided-crop", action="store_true", help="crop from boxes even if the data ships a crop")
-    parser.add_argument("--crop-source", default="box", choices=("box", "search", "attention", "grounding"),
+    parser.add_argument("--crop-source", default="box", choices=CROP_SOURCES,
                         help="crop view from the data's boxes/crops (box), or from a region the model proposes "
                              "itself (search, attention, grounding; boxes are not read; works on records without "
                              "boxes)")
