@@ -333,3 +333,12 @@ def test_report_of_proposals_kept_on_training_data_without_gold_boxes():
     assert "4 scenes: hit rate 75.0 %, mean IoU 0.50." in proposal_summary(
         {"source": "attention", "file": "p", "n": 20, "hit_rate": 0.5, "centre_hit_rate": 0.6, "mean_iou": 0.4,
          "kept": kept})
+
+
+def test_proposed_crops_with_fsdp2_are_a_config_error():
+    """The proposers run the policy outside the sharded sampling path; under FSDP2 that died after
+    loading with 'aten.embedding got mixed torch.Tensor and DTensor' (an unexpected RuntimeError)."""
+    for source in ("search", "attention", "grounding"):
+        with pytest.raises(ConfigError, match=f"views.crop_source={source}.*parallel.strategy=fsdp2.*vopd data propose"):
+            load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema", f"views.crop_source={source}"])
+    load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema"])  # gold boxes (or written proposals): fine
