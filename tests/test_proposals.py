@@ -342,3 +342,9 @@ def test_proposed_crops_with_fsdp2_are_a_config_error():
         with pytest.raises(ConfigError, match=f"views.crop_source={source}.*parallel.strategy=fsdp2.*vopd data propose"):
             load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema", f"views.crop_source={source}"])
     load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema"])  # gold boxes (or written proposals): fine
+
+
+def test_proposal_config_rejects_empty_batches_and_budgets():
+    for bad in ({"batch_size": 0}, {"max_new_tokens": 0}, {"box_tokens": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            ProposalConfig(**bad)

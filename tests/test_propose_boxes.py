@@ -144,3 +144,12 @@ def test_data_propose_refuses_a_cache_made_by_another_model(tmp_path, scripted, 
     assert len(err) == 1 and "tiny:qwen2_5_vl" in err[0] and "other/model" in err[0] and "boxed.proposals.jsonl" in err[0]
     assert out.read_bytes() == written
     assert main([*args, "--model", "tiny:qwen2_5_vl"]) == 0  # the same model resumes as before
+
+
+def test_data_propose_names_a_bad_batch_size(tmp_path, capsys):
+    path, _ = _records(tmp_path, 2)
+    code = main(["data", "propose", str(path), "--model", "tiny:qwen2_vl", "--source", "search",
+                 "--out", str(tmp_path / "o.jsonl"), "--batch-size", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--batch-size must be >= 1, got 0" in err[0]
+    assert not (tmp_path / "o.jsonl").exists()

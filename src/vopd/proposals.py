@@ -98,6 +98,9 @@ class ProposalConfig:
             raise ValueError(f"proposal source {self.source!r} is not one of {', '.join(PROPOSAL_SOURCES)}")
         if not 0 < self.window <= 1 or not 0 < self.stride <= 1:
             raise ValueError(f"window ({self.window}) and stride ({self.stride}) must be in (0, 1]")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.box_tokens < 1:
+            raise ValueError(f"batch_size ({self.batch_size}), max_new_tokens ({self.max_new_tokens}) and "
+                             f"box_tokens ({self.box_tokens}) must be >= 1")
 
 
 @dataclass

@@ -102,13 +102,15 @@ def write_proposed_boxes(
 
     Raises:
         ValueError: ``out`` or its cache is the input file, the cache holds another model's
-            proposals, or a bad ``source`` / ``limit``.
+            proposals, or a bad ``source`` / ``limit`` / ``batch_size``.
         RecordError: the input is missing or a row is bad (``file:row``).
     """
     if source not in PROPOSAL_SOURCES:
         raise ValueError(f"source {source!r} is not one of {', '.join(PROPOSAL_SOURCES)}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     loaded = load_records(path)
     out, cache = Path(out), proposals_cache_path(out)
     if Path(loaded.source).resolve() in (out.resolve(), cache.resolve()):  # the cache is appended to
