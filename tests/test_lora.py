@@ -116,3 +116,19 @@ def test_lora_config_errors_name_the_key():
 def test_lora_target_that_matches_nothing_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="lora.target_modules=.'no_such_proj'. matches no module"):
         setup(load_config(None, [*ARGS, "lora.target_modules=[no_such_proj]", f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_health_probe_measures_the_lora_teacher_not_the_student(tmp_path):
+    """The probe's teacher accuracy is the teacher's answers (frozen: the base with adapters off),
+    not the student's adapter on crops: a frozen teacher's accuracy cannot move while the student's does."""
+    cfg = load_config(None, [
+        "model.path=toy-base", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=8",
+        "prompts_per_step=8", "micro_batch_prompts=8", "report_to=[jsonl]", "threads=1", "max_steps=3",
+        "lora.r=8", "lora.alpha=16", "teacher.kind=frozen", "health.every=1", "health.probe_data=toyworld:32:5",
+        "optim.lr=5e-2", "optim.warmup_steps=0", f"output_dir={tmp_path}"])
+    probes = train(cfg).health
+    teacher = [p["health/teacher_acc"] for p in probes]
+    crop = [p["health/student_crop_acc"] for p in probes]
+    assert len(probes) == 4 and len(set(crop)) > 1, crop  # the student's adapter moved its crop answers
+    assert teacher == [teacher[0]] * 4, teacher

@@ -20,8 +20,9 @@ checkpoint and stops; with ``rollback`` the teacher's weights return to the last
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,11 +52,17 @@ def default_grader(text: str, sample: Sample) -> bool:
     return grade(text, answer, kind, sample.options).correct
 
 
-def _generation_model(teacher: Any) -> Any | None:
-    """The module that generates like the teacher (None for mixed-logit teachers)."""
+@contextlib.contextmanager
+def _generation_model(teacher: Any) -> Iterator[Any | None]:
+    """The module that generates like the teacher (None for mixed-logit teachers). A teacher that
+    shares the student's model (LoRA adapters) switches it to the teacher's weights meanwhile."""
     if getattr(teacher, "kind", "") == "trust_region":
-        return None
-    return getattr(teacher, "model", None) or getattr(teacher, "student", None)
+        yield None
+    elif hasattr(teacher, "answering"):
+        with teacher.answering() as model:
+            yield model
+    else:
+        yield getattr(teacher, "model", None) or getattr(teacher, "student", None)
 
 
 class TeacherHealth:
@@ -127,9 +134,10 @@ class TeacherHealth:
         out = {"health/teacher_drift": self.drift(state)}
         device = state.accelerator.device
         if self.grader is not None:
-            teacher_model = _generation_model(state.teacher)
-            if teacher_model is not None:
-                out["health/teacher_acc"] = self._accuracy(teacher_model, self.pairs.teacher, state.processor, device)
+            with _generation_model(state.teacher) as teacher_model:
+                if teacher_model is not None:
+                    out["health/teacher_acc"] = self._accuracy(teacher_model, self.pairs.teacher, state.processor,
+                                                               device)
             out["health/student_acc"] = self._accuracy(state.policy, self.pairs.student, state.processor, device)
             out["health/student_crop_acc"] = self._accuracy(state.policy, self.pairs.teacher, state.processor, device)
         if self._check(state.step, out):

@@ -112,6 +112,13 @@ class AdapterTeacher:
                 if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
                     self.master[name] = p.detach().to(torch.float32, copy=True)
 
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[nn.Module]:
+        """The shared model with the teacher's weights active (frozen: adapters off; ema: the ``ema``
+        adapter), to generate as the teacher; the student adapter is active again afterwards."""
+        with active_adapter(self.peft_model, self._adapter):
+            yield self.model
+
     def score(self, batch: Any, mask_B_T: Tensor) -> Any:
         was_training = self.model.training
         with active_adapter(self.peft_model, self._adapter):
