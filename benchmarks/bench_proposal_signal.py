@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--base", default=None, help="base checkpoint folder (default: the shipped toy base)")
+    parser.add_argument("--world", default="M", help="toy world of the scenes (vopd.toyworld.scenes.WORLDS)")
     parser.add_argument("--sources", default="attention,search,search@0.5x0.25")
     parser.add_argument("--out", default=str(RESULTS / "proposal_signal_toy"))
     args = parser.parse_args()
@@ -61,13 +63,15 @@ def main() -> None:
     from vopd.proposals import ProposalConfig, propose, proposal_quality, surest, with_proposed_boxes
     from vopd.toyworld.evaluate import evaluate_views
     from vopd.toyworld.model import toy_base_path
-    from vopd.toyworld.scenes import TOY_VIEW, make_dataset
+    from vopd.toyworld.scenes import TOY_VIEW, make_dataset, world_config
 
     torch.set_num_threads(args.threads)
     command = (f"python benchmarks/bench_proposal_signal.py --n {args.n} --seed {args.seed} "
                f"--threads {args.threads} --sources {args.sources}")
-    model, processor = load_model(str(toy_base_path()))
-    samples = make_dataset(args.n, args.seed)
+    # Non-default base/world are named in the command; the shipped base's command stays as recorded.
+    command += (f" --base {args.base}" if args.base else "") + (f" --world {args.world}" if args.world != "M" else "")
+    model, processor = load_model(args.base or str(toy_base_path()))
+    samples = make_dataset(args.n, args.seed, world_config(args.world))
     student = evaluate_views(model, processor, samples, views=("full",)).responses["full"]
     gold = evaluate_views(model, processor, samples, views=("crop",)).responses["crop"]
     rows: dict[str, Any] = {"gold box": {**_signal(samples, gold, student), "hit_rate": 1.0}}
@@ -95,7 +99,7 @@ def main() -> None:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f} %"
 
-    lines = [f"# What each proposal source leaves OPD to learn ({args.n} toy scenes, seed {args.seed}, shipped base)",
+    lines = [f"# What each proposal source leaves OPD to learn ({args.n} toy scenes, seed {args.seed}, " + (f"base {args.base}, world {args.world})" if args.base else "shipped base)"),
              "", f"`{command}`", "",
              "| crop source | scenes | hit rate | teacher acc | student acc (full) | disagree | teacher right when they "
              "disagree | student right when they disagree |", "|---|---|---|---|---|---|---|---|"]

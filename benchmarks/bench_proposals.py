@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--base", default=None, help="base checkpoint folder (default: the shipped toy base)")
+    parser.add_argument("--world", default="M", help="toy world of the scenes (vopd.toyworld.scenes.WORLDS)")
     parser.add_argument("--sources", default="search,attention,grounding")
     parser.add_argument("--window", type=float, default=1 / 3, help="candidate window side / shorter image side")
     parser.add_argument("--stride", type=float, default=0.5, help="window step / window side")
@@ -44,14 +46,16 @@ def main() -> None:
     from vopd.proposals import ProposalConfig, propose, proposal_quality, with_proposed_boxes
     from vopd.toyworld.evaluate import evaluate_views
     from vopd.toyworld.model import toy_base_path
-    from vopd.toyworld.scenes import TOY_VIEW, make_dataset
+    from vopd.toyworld.scenes import TOY_VIEW, make_dataset, world_config
 
     torch.set_num_threads(args.threads)
     command = (f"python benchmarks/bench_proposals.py --n {args.n} --seed {args.seed} --threads {args.threads} "
                f"--window {args.window:.4g} --stride {args.stride:.4g} --sources {args.sources}")
     path = Path(args.out)
-    model, processor = load_model(str(toy_base_path()))
-    samples = make_dataset(args.n, args.seed)
+    # Non-default base/world are named in the command; the shipped base's command stays as recorded.
+    command += (f" --base {args.base}" if args.base else "") + (f" --world {args.world}" if args.world != "M" else "")
+    model, processor = load_model(args.base or str(toy_base_path()))
+    samples = make_dataset(args.n, args.seed, world_config(args.world))
     reference = evaluate_views(model, processor, samples, views=("full", "crop")).accuracy
     rows = {"gold box": {"teacher_acc": reference["crop"], "hit_rate": 1.0, "mean_iou": 1.0},
             "none (student's full image)": {"teacher_acc": reference["full"]}}
@@ -71,7 +75,7 @@ def main() -> None:
            "rows": rows, "command": command}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    lines = [f"# Crop proposals on {args.n} toy scenes (seed {args.seed}), shipped toy base", "",
+    lines = [f"# Crop proposals on {args.n} toy scenes (seed {args.seed}), " + (f"base {args.base}, world {args.world}" if args.base else "shipped toy base"), "",
              f"`{out['command']}`", "",
              "| crop source | teacher accuracy on its crop | hit rate | centre hit rate | mean IoU | s/scene "
              "| answers without a usable box |",

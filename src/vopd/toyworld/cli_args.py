@@ -17,6 +17,7 @@ def add_toyworld_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--snapshot-dir", default=None, help="also save a checkpoint at every evaluation step")
+    p.add_argument("--world", default="M", help="toy world of the scenes (M: the shipped one; R: resolution gap)")
     p.set_defaults(func=_pretrain)
 
 
@@ -24,9 +25,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     import dataclasses
 
     from vopd.toyworld.pretrain import PretrainConfig, pretrain_base
+    from vopd.toyworld.scenes import world_config
 
     given = {"out": args.out, "steps": args.steps, "seed": args.seed, "threads": args.threads,
-             "eval_every": args.eval_every, "snapshot_dir": args.snapshot_dir}
+             "eval_every": args.eval_every, "snapshot_dir": args.snapshot_dir,
+             "scene": None if args.world == "M" else world_config(args.world)}
     cfg = dataclasses.replace(PretrainConfig(), **{k: v for k, v in given.items() if v is not None})
     _, _, report = pretrain_base(cfg)
     held = report.get("heldout") or {}
@@ -50,6 +53,9 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--teacher", default=d.teacher, help="frozen (default here: stable in the toy world), ema, live")
     parser.add_argument("--teacher-rate", type=float, default=d.teacher_rate)
+    parser.add_argument("--world", default=d.world,
+                        help="toy world of the scenes (M: the shipped one; R: resolution gap, needs model.path=DIR "
+                             "of a base pretrained on it)")
     parser.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
                         help="run the ablation suite instead (all, or variants whose name contains NAME)")
     parser.add_argument("overrides", nargs="*", help="extra `vopd train` overrides, e.g. optim.lr=2e-4")
@@ -62,7 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(
         out=args.out, steps=args.steps, eval_every=args.eval_every, n_eval=args.n_eval, eval_seed=args.eval_seed,
         train_seed=args.train_seed, seed=args.seed, threads=args.threads, teacher=args.teacher,
-        teacher_rate=args.teacher_rate, overrides=tuple(args.overrides),
+        teacher_rate=args.teacher_rate, overrides=tuple(args.overrides), world=args.world,
     )
     if args.ablations is not None:
         from vopd.toyworld.ablations import run_ablations

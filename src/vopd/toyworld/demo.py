@@ -41,19 +41,26 @@ class DemoConfig:
     teacher: str = "frozen"  # frozen | ema | live | ...
     teacher_rate: float = 0.05
     overrides: tuple[str, ...] = ()  # extra `vopd train` key=value overrides
+    # Toy world of the training, probe and held-out scenes (vopd.toyworld.scenes.WORLDS). "M" is
+    # the shipped world and its base; another world needs its own base (model.path=DIR).
+    world: str = "M"
+
+    def _spec(self, n: int, seed: int) -> str:
+        # World M keeps the spec it always had, so its recorded configurations stay the same.
+        return f"toyworld:{n}:{seed}" + ("" if self.world == "M" else f":{self.world}")
 
     def train_overrides(self) -> list[str]:
         n_train = max(16, self.steps * 16)
         return [
             "model.path=toy-base",
-            f"data.train=toyworld:{n_train}:{self.train_seed}",
+            f"data.train={self._spec(n_train, self.train_seed)}",
             f"output_dir={Path(self.out) / 'train'}",
             f"max_steps={self.steps}",
             f"seed={self.seed}",
             f"threads={self.threads}",
             f"teacher.kind={self.teacher}",
             f"teacher.{'mix' if self.teacher == 'trust_region' else 'ema_rate'}={self.teacher_rate}",
-            f"health.probe_data=toyworld:64:{self.eval_seed + 1}",
+            f"health.probe_data={self._spec(64, self.eval_seed + 1)}",
             f"health.every={self.eval_every}",
             *self.overrides,
         ]
@@ -73,7 +80,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from vopd.evaluation.stats import mcnemar_exact, paired_table
     from vopd.toyworld.evaluate import HeldOutEvaluator
     from vopd.toyworld.model import toy_base_path
-    from vopd.toyworld.scenes import make_dataset
+    from vopd.toyworld.scenes import make_dataset, world_config
     from vopd.trainer import resolve_model, train
 
     start = time.perf_counter()
@@ -85,8 +92,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     conf = run_configuration(train_cfg)
     print(f"configuration: {describe_configuration(conf)}", flush=True)
     model, processor = resolve_model(train_cfg)
-    held_out = make_dataset(cfg.n_eval, cfg.eval_seed)
-    print(f"toy base: {toy_base_path()}; {cfg.n_eval} held-out scenes (seed {cfg.eval_seed})", flush=True)
+    held_out = make_dataset(cfg.n_eval, cfg.eval_seed, world_config(cfg.world))
+    base_name = toy_base_path() if train_cfg.model.path == "toy-base" else train_cfg.model.path
+    world = "" if cfg.world == "M" else f", world {cfg.world}"
+    if cfg.world != "M" and train_cfg.model.path == "toy-base":
+        print(f"warning: the shipped toy base was trained on world M, not {cfg.world}; "
+              "pass model.path=DIR with a base pretrained on this world", flush=True)
+    print(f"toy base: {base_name}; {cfg.n_eval} held-out scenes (seed {cfg.eval_seed}{world})", flush=True)
     evaluator = HeldOutEvaluator(held_out, cfg.eval_every, processor, views=BASE_VIEWS)
     evaluator.evaluate(model, processor, 0)
     base = evaluator.last
@@ -113,6 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "health": result.health,
         "n_eval": cfg.n_eval,
         "eval_seed": cfg.eval_seed,
+        **({} if cfg.world == "M" else {"world": cfg.world}),
         "steps": result.steps,
         "teacher": conf["teacher"],
         "config": conf,

@@ -40,6 +40,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (255, 255, 255)
 OUTLINE_COLOUR = (0, 0, 0)
+#: Fill of every object in a world with ``mark_size`` > 0 (world "R"): the colour is in the mark only.
+NEUTRAL_FILL = (150, 150, 150)
 CATEGORY = "toy/color"
 #: Seed of the held-out evaluation set (the demo's 500 scenes and the base's reported numbers).
 HELDOUT_SEED = 123
@@ -74,6 +76,11 @@ class SceneConfig:
         outline_width: outline thickness in pixels.
         shapes: the shapes a target or distractor can take (at least two).
         colours: object colour names, keys of ``COLOURS`` (never red: red is the evidence box).
+        mark_size: 0 (world "M"): objects are filled with their colour. > 0 (world "R", the
+            resolution-gap world): objects are filled grey (``NEUTRAL_FILL``) and the colour
+            is only in a centred square mark of this side in pixels, so at 1x it covers a small
+            part of a 14 px patch and in the 2x crop four times as many pixels. Must be smaller
+            than half of ``min_object_size`` (it sits inside every shape, triangles included).
     """
 
     size: int = 168
@@ -86,6 +93,7 @@ class SceneConfig:
     outline_width: int = 3
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)
+    mark_size: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects:
@@ -109,6 +117,11 @@ class SceneConfig:
             raise ValueError(
                 f"SceneConfig.shapes: need >= 2 distinct shapes from {SHAPES}, got {self.shapes}"
             )
+        if not 0 <= self.mark_size < self.min_object_size // 2:
+            raise ValueError(
+                f"SceneConfig.mark_size: need 0 <= mark_size < min_object_size / 2 (inside every "
+                f"shape), got {self.mark_size} with min_object_size {self.min_object_size}"
+            )
         bad = [c for c in self.colours if c not in COLOURS]
         if bad or not self.colours:
             raise ValueError(
@@ -130,6 +143,23 @@ class ToyObject:
         """Inclusive-exclusive square ``(x0, y0, x1, y1)`` the shape is inscribed in."""
         half = self.side // 2
         return self.cx - half, self.cy - half, self.cx - half + self.side, self.cy - half + self.side
+
+
+#: Named worlds (the data spec ``toyworld:N:SEED:WORLD``, ``vopd demo --world``). "M" is the
+#: shipped world (the default everywhere); "R" is the resolution-gap world of docs/proposals.md:
+#: the target keeps M's outline (easy to find) but its colour is only a 4 px mark (hard to read at 1x).
+WORLDS: dict[str, SceneConfig] = {
+    "M": SceneConfig(),
+    "R": SceneConfig(mark_size=4),
+}
+
+
+def world_config(name: str) -> SceneConfig:
+    """The ``SceneConfig`` of a named world (``WORLDS``); a clear error for an unknown name."""
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ValueError(f"unknown toy world {name!r}; choose from {sorted(WORLDS)}") from None
 
 
 def question_text(shape: str) -> str:
@@ -195,10 +225,16 @@ def render(objects: list[ToyObject], target: int, cfg: SceneConfig) -> tuple[Ima
         _draw(
             draw,
             obj,
-            fill=COLOURS[obj.colour],
+            fill=NEUTRAL_FILL if cfg.mark_size else COLOURS[obj.colour],
             outline=OUTLINE_COLOUR if marked else None,
             width=cfg.outline_width if marked else 0,
         )
+        if cfg.mark_size:
+            # The answer-bearing detail: a small square of the object's colour at its centre
+            # (the centre lies inside every shape: a triangle is side/2 wide at half height).
+            x0, y0 = obj.cx - cfg.mark_size // 2, obj.cy - cfg.mark_size // 2
+            draw.rectangle((x0, y0, x0 + cfg.mark_size - 1, y0 + cfg.mark_size - 1),
+                           fill=COLOURS[obj.colour])
     # The box comes from the target's own pixels (drawn alone on a mask), not from its nominal
     # square, so it is exact for every shape.
     mask = Image.new("L", (cfg.size, cfg.size), 0)

@@ -1,0 +1,75 @@
+"""Named toy worlds: the shipped world M is unchanged, the resolution-gap world R and its data spec."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+import vopd.toyworld  # noqa: F401  registers the toyworld:N[:SEED[:WORLD]] data spec
+from vopd.data import load_train_samples
+from vopd.toyworld.demo import DemoConfig
+from vopd.toyworld.scenes import COLOURS, NEUTRAL_FILL, OUTLINE_COLOUR, WORLDS, SceneConfig, make_dataset, world_config
+
+
+def _digest(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.image.tobytes())
+        h.update(repr(s.boxes).encode())
+        h.update((s.question + s.answer).encode())
+    return h.hexdigest()
+
+
+def test_world_m_is_bit_identical_to_the_shipped_scenes() -> None:
+    # Digest of make_dataset(5, 1) computed with the code before named worlds existed: the
+    # default world (and so the shipped base's numbers) must not move.
+    expected = "2d369b8ce0616296e248e69ccde9de9093515f8ce7e4e186cb588c53b6706d61"
+    assert _digest(make_dataset(5, 1)) == expected
+    assert _digest(make_dataset(5, 1, world_config("M"))) == expected
+    assert WORLDS["M"] == SceneConfig()
+
+
+def test_world_r_keeps_the_layout_and_puts_the_colour_in_a_small_mark() -> None:
+    m, r = make_dataset(6, 3), make_dataset(6, 3, world_config("R"))
+    size = world_config("R").mark_size
+    assert size == 4
+    for sm, sr in zip(m, r):
+        # Same layout, question, answer and gold box: only the drawing of the colour changes.
+        assert (sm.question, sm.answer, sm.boxes, sm.meta) == (sr.question, sr.answer, sr.boxes, sr.meta)
+        pixels = np.asarray(sr.image)
+        for obj in sr.meta["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            colour = COLOURS[obj["colour"]]
+            # The mark: size x size pixels of the object's colour at its centre, grey around it.
+            mark = pixels[cy - size // 2: cy - size // 2 + size, cx - size // 2: cx - size // 2 + size]
+            assert (mark == colour).all()
+            # Just right of the mark: the grey fill (or the target's outline, in a narrow triangle).
+            assert tuple(pixels[cy, cx + size]) in (NEUTRAL_FILL, OUTLINE_COLOUR)
+            inside = pixels[y0:y1, x0:x1].reshape(-1, 3)
+            assert (inside == colour).all(axis=1).sum() == size * size
+
+
+def test_mark_size_is_validated_and_worlds_are_named() -> None:
+    with pytest.raises(ValueError, match="mark_size"):
+        SceneConfig(mark_size=10)
+    with pytest.raises(ValueError, match="unknown toy world 'Q'"):
+        world_config("Q")
+
+
+def test_data_spec_names_the_world() -> None:
+    assert _digest(load_train_samples("toyworld:3:5")) == _digest(make_dataset(3, 5))
+    assert _digest(load_train_samples("toyworld:3:5:R")) == _digest(make_dataset(3, 5, world_config("R")))
+    with pytest.raises(ValueError, match="unknown toy world 'Q'"):
+        load_train_samples("toyworld:3:5:Q")
+    with pytest.raises(ValueError, match="toyworld:N:SEED:WORLD"):
+        load_train_samples("toyworld:3:5:R:1")
+
+
+def test_demo_world_reaches_training_and_probe_scenes() -> None:
+    shipped = DemoConfig(steps=2).train_overrides()
+    assert "data.train=toyworld:32:1" in shipped and "health.probe_data=toyworld:64:124" in shipped
+    world_r = DemoConfig(steps=2, world="R").train_overrides()
+    assert "data.train=toyworld:32:1:R" in world_r and "health.probe_data=toyworld:64:124:R" in world_r
