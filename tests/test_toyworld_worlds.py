@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -73,3 +74,18 @@ def test_demo_world_reaches_training_and_probe_scenes() -> None:
     assert "data.train=toyworld:32:1" in shipped and "health.probe_data=toyworld:64:124" in shipped
     world_r = DemoConfig(steps=2, world="R").train_overrides()
     assert "data.train=toyworld:32:1:R" in world_r and "health.probe_data=toyworld:64:124:R" in world_r
+
+
+def test_pretraining_full_scene_draws_full_rows_from_another_world() -> None:
+    from vopd.toyworld import pretrain
+
+    r, m = world_config("R"), world_config("M")
+    mixed = pretrain.PretrainConfig(crops=2, full=1, boxed_full=1, scene=r, full_scene=m)
+    views = pretrain._step_views(mixed)
+    scenes = pretrain._train_scenes(mixed, 0, len(views))
+    only_r = pretrain._train_scenes(dataclasses.replace(mixed, full_scene=None), 0, len(views))
+    only_m = pretrain._train_scenes(dataclasses.replace(mixed, scene=m, full_scene=None), 0, len(views))
+    for view, s, sr, sm in zip(views, scenes, only_r, only_m):
+        expected = sm if view in ("full", "boxed_full") else sr
+        assert s.image.tobytes() == expected.image.tobytes() and s.answer == expected.answer
+    assert only_r[0].image.tobytes() != only_m[0].image.tobytes()

@@ -112,7 +112,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = knob("", 'JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED]" for N generated toy scenes')
+    train: str = knob("", 'JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED[:WORLD]]" for N generated toy scenes (WORLD: M, the default, or R)')
     out_of_bounds: str = knob("clip", "evidence box partly outside the image: clip (and count) or reject",
                               choices=("clip", "reject"))
     on_error: str = knob("raise", "a bad record: raise (naming file:row) or skip (counted and reported)",

@@ -52,7 +52,7 @@ class ViewItem(NamedTuple):
 
 def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise") -> list[Sample]:
     """Load training samples from a JSONL path or folder, or from a registered data spec such as
-    ``toyworld:N[:SEED]`` (see :mod:`vopd.specs`)."""
+    ``toyworld:N[:SEED[:WORLD]]`` (see :mod:`vopd.specs`)."""
     return load_train_data(spec, out_of_bounds=out_of_bounds, on_error=on_error)[0]
 
 

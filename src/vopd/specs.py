@@ -6,7 +6,7 @@ One resolver for every command (train, gap, eval, demo):
   :mod:`vopd.tiny_models`) or a name that a higher layer registered with
   :func:`register_model_spec` (the toy world registers ``toy-base``);
 - a data spec is a JSONL file / folder, or ``<scheme>:<args>`` for a scheme registered with
-  :func:`register_data_spec` (the toy world registers ``toyworld:N[:SEED]``).
+  :func:`register_data_spec` (the toy world registers ``toyworld:N[:SEED[:WORLD]]``).
 
 Registries, not imports: this core module never imports the applications that add names. The
 ``vopd`` command line imports them (``vopd.toyworld`` registers on import), so from Python call

@@ -18,6 +18,9 @@ def add_toyworld_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--snapshot-dir", default=None, help="also save a checkpoint at every evaluation step")
     p.add_argument("--world", default="M", help="toy world of the scenes (M: the shipped one; R: resolution gap)")
+    p.add_argument("--full-world", default=None,
+                   help="world of the full-image training rows (default: --world); R's base uses M: it learns "
+                        "where the target is where the colour is readable")
     p.set_defaults(func=_pretrain)
 
 
@@ -29,7 +32,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     given = {"out": args.out, "steps": args.steps, "seed": args.seed, "threads": args.threads,
              "eval_every": args.eval_every, "snapshot_dir": args.snapshot_dir,
-             "scene": None if args.world == "M" else world_config(args.world)}
+             "scene": None if args.world == "M" else world_config(args.world),
+             "full_scene": None if args.full_world is None else world_config(args.full_world)}
     cfg = dataclasses.replace(PretrainConfig(), **{k: v for k, v in given.items() if v is not None})
     _, _, report = pretrain_base(cfg)
     held = report.get("heldout") or {}

@@ -68,6 +68,10 @@ class PretrainConfig:
         snapshot_dir: also save the model at every evaluation step to ``snapshot_dir/step-N``
             (to pick the stop step; the weights at step N do not depend on ``steps``).
         scene: the world.
+        full_scene: the world of the full-image rows (clean and boxed); None: ``scene``. A base
+            for world "R" learns where the target is on world "M" full images (colour readable at
+            1x) and reads R's small marks on crops: it knows where to look but cannot read the
+            detail at full resolution, the premise of crop proposals (docs/proposals.md).
     """
 
     out: str | None = None
@@ -85,6 +89,7 @@ class PretrainConfig:
     threads: int = 2
     snapshot_dir: str | None = None
     scene: SceneConfig = dataclasses.field(default_factory=SceneConfig)
+    full_scene: SceneConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "crops", "full", "boxed_full", "eval_n", "final_eval_n", "threads"):
@@ -128,8 +133,10 @@ def _step_views(cfg: PretrainConfig) -> list[str]:
 def _train_scenes(cfg: PretrainConfig, step: int, count: int) -> list[Sample]:
     """The scenes of one step: a pure function of (seed, step), so a run can be replayed."""
     first = step * count
-    return [make_scene(scene_rng(_TRAIN_STREAM + cfg.seed, first + j), cfg.scene,
-                       scene_id=f"train-{first + j}")[1] for j in range(count)]
+    views = _step_views(cfg)
+    return [make_scene(scene_rng(_TRAIN_STREAM + cfg.seed, first + j),
+                       cfg.full_scene if cfg.full_scene is not None and views[j] in ("full", "boxed_full")
+                       else cfg.scene, scene_id=f"train-{first + j}")[1] for j in range(count)]
 
 
 def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -183,6 +190,8 @@ def _report(cfg: PretrainConfig, curve: list[dict[str, Any]], final: Any, train_
     config = dataclasses.asdict(cfg)
     config.pop("out")
     config.pop("snapshot_dir")
+    if config["full_scene"] is None:  # the shipped recipe's report keeps its keys
+        config.pop("full_scene")
     return {
         "recipe": "vopd.toyworld.pretrain.pretrain_base",
         "config": config,
