@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--n-signal", type=int, default=400, help="scenes for the premise check")
     parser.add_argument("--sources", default="attention", help="label-free crop sources to train with")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
     parser.add_argument("--out", default=str(RESULTS / "world_r"))
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out) / f"full{args.full_world}_base{args.base_steps}"
@@ -71,7 +72,7 @@ def main() -> None:
               "--out", str(signal)])
 
     demos: dict[str, dict] = {}
-    for source in ["box", *args.sources.split(",")]:
+    for source in [] if args.premise_only else ["box", *args.sources.split(",")]:
         run = work / f"{base.name}_{source}_{args.steps}steps"
         if not (run / "results.json").exists():
             _run([py, "-m", "vopd.cli", "demo", "--world", "R", "--out", str(run), "--steps", str(args.steps),
@@ -84,8 +85,8 @@ def main() -> None:
 
 
 def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[str, dict]) -> None:
-    start = demos["box"]["base"]["full"]
-    gold_gain = demos["box"]["final"]["full"] - start
+    start = demos["box"]["base"]["full"] if demos else float("nan")
+    gold_gain = demos["box"]["final"]["full"] - start if demos else float("nan")
     rows = []
     for source, r in demos.items():
         curve = " -> ".join(f"{100 * c['full']:.1f}" for c in r["curve"])
@@ -95,7 +96,8 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[s
                      "p_value": r["full_gain_p_value"], "proposal_hit_rate": p.get("hit_rate"),
                      "proposal_iou": p.get("mean_iou"), "train_seconds": r["train_seconds"]})
     summary = {"command": "python benchmarks/bench_world_r.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out")),
+                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if k not in ("work", "out", "premise_only")) + (" --premise-only" if args.premise_only else ""),
                "base": {"steps": args.base_steps, "heldout": base.get("heldout"),
                         "validation_curve": base.get("validation_curve")},
                "signal": signal["rows"], "demos": rows}
@@ -110,22 +112,28 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[s
              f"Base: world R crops, world {args.full_world} full images, pretrained {args.base_steps} steps "
              f"(shipped recipe otherwise); held-out world R "
              f"(500 scenes): full {pct(held.get('full'))}, crop {pct(held.get('crop'))}, "
-             f"boxed full {pct(held.get('boxed_full'))}.", "",
+             f"boxed full {pct(held.get('boxed_full'))}. Validation curve (200 world-R scenes, step: full / "
+             "crop): " + ", ".join(f"{c['step']}: {pct(c['full'])} / {pct(c['crop'])}"
+                                   for c in base.get("validation_curve", [])) + ".", "",
              f"## Premise: do the proposals find the target? ({signal['n']} scenes, seed 7)", "",
              "| crop source | hit rate | teacher acc on its crop | student acc (full) | disagree | teacher right "
              "when they disagree | student right when they disagree |", "|---|---|---|---|---|---|---|"]
-    for name, r in signal["rows"].items():
-        lines.append(f"| {name} | {pct(r['hit_rate'])} | {pct(r['teacher_acc'])} | {pct(r['student_acc'])} | "
+    for label, r in [(n, row) for name, r0 in signal["rows"].items()
+                     for n, row in ((name, r0), (f"{name}, surest fifth by score", r0.get("surest_fifth"))) if row]:
+        lines.append(f"| {label} | {pct(r['hit_rate'])} | {pct(r['teacher_acc'])} | {pct(r['student_acc'])} | "
                      f"{pct(r['disagree'])} | {pct(r['teacher_right_when_disagree'])} | "
                      f"{pct(r['student_right_when_disagree'])} |")
-    lines += ["", f"## Training at equal steps ({args.steps} label-free steps, {args.n_eval} held-out scenes)", "",
-              "| crop source | clean full (evaluations) | crop at end | share of the gold-box gain | McNemar p "
-              "| proposals vs gold (training scenes) | train s |", "|---|---|---|---|---|---|---|"]
+    if args.premise_only:
+        lines += ["", "(`--premise-only`: no training runs.)"]
+    else:
+        lines += ["", f"## Training at equal steps ({args.steps} label-free steps, {args.n_eval} held-out scenes)", "",
+                  "| crop source | clean full (evaluations) | gain (points) | crop at end | share of the gold-box gain "
+                  "| McNemar p | proposals vs gold (training scenes) | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         prop = "-" if r["proposal_hit_rate"] is None else \
             f"hit {pct(r['proposal_hit_rate'])}, IoU {r['proposal_iou']:.2f}"
-        lines.append(f"| {r['source']} | {r['full_curve']} | {pct(r['final']['crop'])} | "
-                     f"{r['share_of_gold_gain']:.2f} | {r['p_value']:.2g} | {prop} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['source']} | {r['full_curve']} | {100 * (r['final']['full'] - start):+.1f} | "
+                     f"{pct(r['final']['crop'])} | {r['share_of_gold_gain']:.3f} | {r['p_value']:.2g} | {prop} | {r['train_seconds']:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
