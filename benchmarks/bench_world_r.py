@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--n-signal", type=int, default=400, help="scenes for the premise check")
     parser.add_argument("--sources", default="attention", help="label-free crop sources to train with")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="trainer seed of the demos (vopd demo --seed)")
     parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
     parser.add_argument("--out", default=str(RESULTS / "world_r"))
     args = parser.parse_args()
@@ -71,20 +72,43 @@ def main() -> None:
               "--threads", str(args.threads), "--sources", args.sources, "--base", str(base), "--world", "R",
               "--out", str(signal)])
 
+    # Does the base know where to look? Its full-image accuracy on world M, where the colour is
+    # readable at 1x, against world R (same layouts at the same seed): localisation vs reading.
+    where = out / "base_full_by_world.json"
+    if not where.exists():
+        _run([py, "-c", _WHERE.format(base=str(base), n=args.n_signal, threads=args.threads, out=str(where))])
+    by_world = json.loads(where.read_text())
+
     demos: dict[str, dict] = {}
+    tag = f"{args.steps}steps" + (f"_seed{args.seed}" if args.seed else "")
     for source in [] if args.premise_only else ["box", *args.sources.split(",")]:
-        run = work / f"{base.name}_{source}_{args.steps}steps"
+        run = work / f"{base.name}_{source}_{tag}"
         if not (run / "results.json").exists():
             _run([py, "-m", "vopd.cli", "demo", "--world", "R", "--out", str(run), "--steps", str(args.steps),
                   "--eval-every", str(max(1, args.steps // 2)), "--n-eval", str(args.n_eval),
-                  "--threads", str(args.threads), f"model.path={base}", f"views.crop_source={source}"])
-        shutil.copy(run / "results.json", out / f"{source}_{args.steps}steps_results.json")
+                  "--seed", str(args.seed), "--threads", str(args.threads), f"model.path={base}",
+                  f"views.crop_source={source}"])
+        shutil.copy(run / "results.json", out / f"{source}_{tag}_results.json")
         demos[source] = json.loads((run / "results.json").read_text())
     _summarise(args, json.loads((base / "toy_base.json").read_text()),
-               json.loads(signal.with_suffix(".json").read_text()), demos)
+               json.loads(signal.with_suffix(".json").read_text()), by_world, demos, tag)
 
 
-def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[str, dict]) -> None:
+_WHERE = """
+import json, torch
+from vopd.models import load_model
+from vopd.toyworld.evaluate import evaluate_views
+from vopd.toyworld.scenes import make_dataset, world_config
+torch.set_num_threads({threads})
+model, processor = load_model({base!r})
+acc = {{w: evaluate_views(model, processor, make_dataset({n}, 7, world_config(w)), views=("full", "crop")).accuracy
+        for w in ("M", "R")}}
+open({out!r}, "w").write(json.dumps({{"n": {n}, "seed": 7, "accuracy": acc}}, indent=2) + "\\n")
+"""
+
+
+def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dict, demos: dict[str, dict],
+               tag: str) -> None:
     start = demos["box"]["base"]["full"] if demos else float("nan")
     gold_gain = demos["box"]["final"]["full"] - start if demos else float("nan")
     rows = []
@@ -101,7 +125,8 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[s
                "base": {"steps": args.base_steps, "heldout": base.get("heldout"),
                         "validation_curve": base.get("validation_curve")},
                "signal": signal["rows"], "demos": rows}
-    path = Path(args.out) / f"full{args.full_world}_base{args.base_steps}"
+    summary["base_full_by_world"] = by_world
+    path = Path(args.out) / (f"full{args.full_world}_base{args.base_steps}" + ("" if args.premise_only else f"_{tag}"))
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def pct(x: float | None) -> str:
@@ -115,6 +140,10 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, demos: dict[s
              f"boxed full {pct(held.get('boxed_full'))}. Validation curve (200 world-R scenes, step: full / "
              "crop): " + ", ".join(f"{c['step']}: {pct(c['full'])} / {pct(c['crop'])}"
                                    for c in base.get("validation_curve", [])) + ".", "",
+             f"Where it looks vs what it reads ({by_world['n']} scenes, seed 7, the same layouts in both "
+             f"worlds): full image {pct(by_world['accuracy']['M']['full'])} on world M (colour filling the "
+             f"object) against {pct(by_world['accuracy']['R']['full'])} on world R (colour in a "
+             f"4-px mark); crop {pct(by_world['accuracy']['M']['crop'])} / {pct(by_world['accuracy']['R']['crop'])}.", "",
              f"## Premise: do the proposals find the target? ({signal['n']} scenes, seed 7)", "",
              "| crop source | hit rate | teacher acc on its crop | student acc (full) | disagree | teacher right "
              "when they disagree | student right when they disagree |", "|---|---|---|---|---|---|---|"]
