@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="label-free training steps per demo")
     parser.add_argument("--n-eval", type=int, default=500)
     parser.add_argument("--n-signal", type=int, default=400, help="scenes for the premise check")
-    parser.add_argument("--sources", default="attention", help="label-free crop sources to train with")
+    parser.add_argument("--sources", default="attention",
+                        help="label-free crop sources to train with (SOURCE@keepF: the surest fraction F only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="trainer seed of the demos (vopd demo --seed)")
     parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
@@ -68,8 +69,9 @@ def main() -> None:
 
     signal = out / "proposal_signal"
     if not signal.with_suffix(".json").exists():
+        sources = ",".join(dict.fromkeys(s.partition("@keep")[0] for s in args.sources.split(",")))
         _run([py, "benchmarks/bench_proposal_signal.py", "--n", str(args.n_signal), "--seed", "7",
-              "--threads", str(args.threads), "--sources", args.sources, "--base", str(base), "--world", "R",
+              "--threads", str(args.threads), "--sources", sources, "--base", str(base), "--world", "R",
               "--out", str(signal)])
 
     # Does the base know where to look? Its full-image accuracy on world M, where the colour is
@@ -84,10 +86,12 @@ def main() -> None:
     for source in [] if args.premise_only else ["box", *args.sources.split(",")]:
         run = work / f"{base.name}_{source}_{tag}"
         if not (run / "results.json").exists():
+            # SOURCE@keepF trains on the surest fraction F of the proposals (views.proposal_keep).
+            name, _, keep = source.partition("@keep")
             _run([py, "-m", "vopd.cli", "demo", "--world", "R", "--out", str(run), "--steps", str(args.steps),
                   "--eval-every", str(max(1, args.steps // 2)), "--n-eval", str(args.n_eval),
                   "--seed", str(args.seed), "--threads", str(args.threads), f"model.path={base}",
-                  f"views.crop_source={source}"])
+                  f"views.crop_source={name}", *([f"views.proposal_keep={keep}"] if keep else [])])
         shutil.copy(run / "results.json", out / f"{source}_{tag}_results.json")
         demos[source] = json.loads((run / "results.json").read_text())
     _summarise(args, json.loads((base / "toy_base.json").read_text()),
@@ -118,7 +122,8 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dic
         p = r.get("proposals") or {}
         rows.append({"source": source, "full_curve": curve, "final": r["final"], "share_of_gold_gain": share,
                      "p_value": r["full_gain_p_value"], "proposal_hit_rate": p.get("hit_rate"),
-                     "proposal_iou": p.get("mean_iou"), "train_seconds": r["train_seconds"]})
+                     "proposal_iou": p.get("mean_iou"), "kept_hit_rate": (p.get("kept") or {}).get("hit_rate"),
+                     "train_seconds": r["train_seconds"]})
     summary = {"command": "python benchmarks/bench_world_r.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                    if k not in ("work", "out", "premise_only")) + (" --premise-only" if args.premise_only else ""),
@@ -160,7 +165,8 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dic
                   "| McNemar p | proposals vs gold (training scenes) | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         prop = "-" if r["proposal_hit_rate"] is None else \
-            f"hit {pct(r['proposal_hit_rate'])}, IoU {r['proposal_iou']:.2f}"
+            f"hit {pct(r['proposal_hit_rate'])}, IoU {r['proposal_iou']:.2f}" + \
+            ("" if r["kept_hit_rate"] is None else f"; kept: hit {pct(r['kept_hit_rate'])}")
         lines.append(f"| {r['source']} | {r['full_curve']} | {100 * (r['final']['full'] - start):+.1f} | "
                      f"{pct(r['final']['crop'])} | {r['share_of_gold_gain']:.3f} | {r['p_value']:.2g} | {prop} | {r['train_seconds']:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
