@@ -15,7 +15,7 @@ the 2x crop. This script, deterministic at one thread, runs the experiment end t
    sources in ``--sources`` (attention by default), and report each one's share of the gold-box
    gain: (full_final - full_0) / (full_final(box) - full_0).
 
-    python benchmarks/bench_world_r.py [--work runs/world_r] [--base-steps 300] [--steps 100]
+    python benchmarks/bench_world_r.py [--work runs/world_r] [--base-steps 500] [--steps 100]
         [--n-eval 500] [--sources attention] [--threads 1]
 
 Every stage is skipped when its output is already in ``--work`` (rerun after an interruption).
@@ -44,7 +44,7 @@ def _run(cmd: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/world_r", help="folder for the base and the demo runs")
-    parser.add_argument("--base-steps", type=int, default=300, help="pretraining stop step of the world-R base")
+    parser.add_argument("--base-steps", type=int, default=500, help="pretraining stop step of the world-R base")
     parser.add_argument("--full-world", default="M", help="world of the base's full-image pretraining rows")
     parser.add_argument("--steps", type=int, default=100, help="label-free training steps per demo")
     parser.add_argument("--n-eval", type=int, default=500)
