@@ -89,3 +89,36 @@ def test_pretraining_full_scene_draws_full_rows_from_another_world() -> None:
         expected = sm if view in ("full", "boxed_full") else sr
         assert s.image.tobytes() == expected.image.tobytes() and s.answer == expected.answer
     assert only_r[0].image.tobytes() != only_m[0].image.tobytes()
+
+
+@pytest.mark.slow
+def test_demo_on_world_r_trains_and_evaluates_world_r_scenes(tmp_path, monkeypatch, capsys) -> None:
+    """`vopd demo --world R`, reduced: training and held-out scenes are world R's; results.json
+    names the world; with the shipped (world-M) base it warns."""
+    import vopd.train_setup as train_setup
+    from vopd.toyworld import demo as demo_mod
+    from vopd.toyworld.evaluate import HeldOutEvaluator
+
+    trained_on, held_out = [], []
+
+    class SpyDataset(train_setup.ViewDataset):
+        def __init__(self, samples, *a, **k):
+            trained_on.extend(samples)
+            super().__init__(samples, *a, **k)
+
+    class SpyEvaluator(HeldOutEvaluator):
+        def __init__(self, samples, *a, **k):
+            held_out.extend(samples)
+            super().__init__(samples, *a, **k)
+
+    monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
+    monkeypatch.setattr("vopd.toyworld.evaluate.HeldOutEvaluator", SpyEvaluator)
+    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=6, threads=1, world="R",
+                     overrides=("prompts_per_step=4", "micro_batch_prompts=4"))
+    results = demo_mod.run_demo(cfg)
+    assert results["world"] == "R"
+    assert "trained on world M, not R" in capsys.readouterr().out
+    r = world_config("R")
+    assert [s.image.tobytes() for s in held_out] == [s.image.tobytes() for s in make_dataset(6, 123, r)]
+    assert len(trained_on) == 16
+    assert [s.image.tobytes() for s in trained_on] == [s.image.tobytes() for s in make_dataset(16, 1, r)]
