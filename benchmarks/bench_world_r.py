@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/world_r", help="folder for the base and the demo runs")
     parser.add_argument("--base-steps", type=int, default=500, help="pretraining stop step of the world-R base")
+    parser.add_argument("--base-seed", type=int, default=0, help="pretraining seed of the world-R base")
     parser.add_argument("--full-world", default="M", help="world of the base's full-image pretraining rows")
     parser.add_argument("--steps", type=int, default=100, help="label-free training steps per demo")
     parser.add_argument("--n-eval", type=int, default=500)
@@ -56,14 +57,15 @@ def main() -> None:
     parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
     parser.add_argument("--out", default=str(RESULTS / "world_r"))
     args = parser.parse_args()
-    work, out = Path(args.work), Path(args.out) / f"full{args.full_world}_base{args.base_steps}"
+    name = f"full{args.full_world}_base{args.base_steps}" + (f"_seed{args.base_seed}" if args.base_seed else "")
+    work, out = Path(args.work), Path(args.out) / name
     (out).mkdir(parents=True, exist_ok=True)
     py = sys.executable
 
-    base = work / f"base-{args.full_world}-{args.base_steps}"
+    base = work / (f"base-{args.full_world}-{args.base_steps}" + (f"-seed{args.base_seed}" if args.base_seed else ""))
     if not (base / "toy_base.json").exists():
         _run([py, "-m", "vopd.cli", "toyworld", "pretrain", "--world", "R", "--full-world", args.full_world,
-              "--out", str(base),
+              "--seed", str(args.base_seed), "--out", str(base),
               "--steps", str(args.base_steps), "--threads", str(args.threads), "--eval-every", "25"])
     shutil.copy(base / "toy_base.json", out / "toy_base.json")
 
@@ -131,7 +133,9 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dic
                         "validation_curve": base.get("validation_curve")},
                "signal": signal["rows"], "demos": rows}
     summary["base_full_by_world"] = by_world
-    path = Path(args.out) / (f"full{args.full_world}_base{args.base_steps}" + ("" if args.premise_only else f"_{tag}"))
+    path = Path(args.out) / (f"full{args.full_world}_base{args.base_steps}"
+                             + (f"_seed{args.base_seed}" if args.base_seed else "")
+                             + ("" if args.premise_only else f"_{tag}"))
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def pct(x: float | None) -> str:
@@ -140,6 +144,7 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dic
     held = (base.get("heldout") or {}).get("accuracy", {})
     lines = ["# Crop proposals in the resolution-gap toy world R", "", f"`{summary['command']}`", "",
              f"Base: world R crops, world {args.full_world} full images, pretrained {args.base_steps} steps "
+             f"(seed {args.base_seed}) "
              f"(shipped recipe otherwise); held-out world R "
              f"(500 scenes): full {pct(held.get('full'))}, crop {pct(held.get('crop'))}, "
              f"boxed full {pct(held.get('boxed_full'))}. Validation curve (200 world-R scenes, step: full / "
