@@ -56,3 +56,19 @@ def test_gap_leaves_out_the_records_without_boxes_and_says_so(tmp_path, caplog):
     assert "1 of 3 questions have neither boxes nor a crop" in caplog.text
     result = json.loads((tmp_path / "out" / "gap.json").read_text())
     assert result["views"]["crop"]["n"] == 2 and result["views"]["full"]["n"] == 2
+
+
+def test_gap_refuses_proposals_cached_by_another_model(tmp_path, capsys):
+    """A rerun into the same --out with another --model must not reuse the first model's crops."""
+    scenes = make_dataset(3, 11)
+    records = write_records([dataclasses.replace(s, boxes=[]) for s in scenes], tmp_path / "r.jsonl")
+    args = ["gap", str(records), "--crop-source", "attention", "--context", "0", "--n-boot", "100",
+            "--out", str(tmp_path / "out")]
+    assert main([*args, "--model", "toy-base"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "proposals.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {r["model"] for r in rows} == {"toy-base"}
+    capsys.readouterr()
+    assert main([*args, "--model", "tiny:qwen2_vl"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made by toy-base, not tiny:qwen2_vl" in err[0] and "--out" in err[0]
+    assert main([*args, "--model", "toy-base"]) == 0  # the same model reuses its cache

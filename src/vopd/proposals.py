@@ -54,6 +54,7 @@ __all__ = [
     "proposal_quality",
     "with_proposed_boxes",
     "load_or_propose",
+    "check_cache_model",
     "read_proposals",
     "crops_from_model",
     "surest",
@@ -350,17 +351,35 @@ def read_proposals(path: str | Path, *, source: str | None = None) -> list[Propo
     return list(done.values())
 
 
+def check_cache_model(cache: str | Path, source: str, model_name: str) -> None:
+    """Refuse to reuse ``source`` proposals in ``cache`` that another model made.
+
+    Rows older than the ``model`` field name none and are accepted.
+    """
+    others = {r.get("model") for r in read_records(Path(cache), ("id", "source")) if r["source"] == source}
+    others -= {model_name, None}
+    if others:
+        raise ValueError(f"{cache} holds {source} proposals made by {', '.join(sorted(map(str, others)))}, not "
+                         f"{model_name}: delete that cache or write to another --out")
+
+
 def load_or_propose(
     model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig,
-    cache: str | Path | None = None, *, write: bool = True, row_fields: dict[str, Any] | None = None,
+    cache: str | Path | None = None, *, write: bool = True, model_name: str | None = None,
 ) -> list[Proposal]:
     """:func:`propose`, reusing (and, if ``write``, extending) a JSONL cache of earlier proposals.
 
     The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``,
-    ``status`` when it is not ``ok``, and ``row_fields`` if given, e.g. the proposing model);
-    rows of another source are ignored, so an interrupted run resumes where it stopped.
+    ``status`` when it is not ``ok``, and ``model`` when ``model_name`` is given); rows of another
+    source are ignored, so an interrupted run resumes where it stopped.
+
+    Raises:
+        ValueError: ``model_name`` is given and the cache holds this source's proposals made by
+            another model (rows that name no model, written before the field existed, are reused).
     """
     path = Path(cache) if cache else None
+    if model_name and path and path.is_file():
+        check_cache_model(path, cfg.source, model_name)
     done = {p.sample_id: p for p in read_proposals(path, source=cfg.source)} if path and path.is_file() else {}
     todo = [s for s in samples if s.id not in done]
     for chunk in _batches(todo, max(1, 4 * cfg.batch_size)):
@@ -372,7 +391,7 @@ def load_or_propose(
             with path.open("a") as fh:
                 for p in new:
                     row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source,
-                           **(row_fields or {})}
+                           **({"model": model_name} if model_name else {})}
                     fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
         done.update({p.sample_id: p for p in new})
     return [done[s.id] for s in samples]

@@ -25,8 +25,14 @@ from tqdm.auto import tqdm
 
 from vopd.datasets import load_records
 from vopd.grounding import FALLBACK_STATUSES
-from vopd.jsonl import read_records
-from vopd.proposals import PROPOSAL_SOURCES, ProposalConfig, load_or_propose, proposal_quality, read_proposals
+from vopd.proposals import (
+    PROPOSAL_SOURCES,
+    ProposalConfig,
+    check_cache_model,
+    load_or_propose,
+    proposal_quality,
+    read_proposals,
+)
 from vopd.records import Sample, write_records
 from vopd.views import ViewConfig
 
@@ -71,18 +77,6 @@ def _with_box(sample: Sample, proposal: Any, model_name: str) -> Sample:
     return dataclasses.replace(sample, boxes=[proposal.box], teacher_image=None, meta=meta)
 
 
-def _check_cache_model(cache: Path, source: str, model_name: str) -> None:
-    """Refuse to reuse cached proposals that another model made (rows older than the ``model``
-    field name none and are reused)."""
-    if not cache.is_file():
-        return
-    others = {r.get("model") for r in read_records(cache, ("id", "source")) if r["source"] == source}
-    others -= {model_name, None}
-    if others:
-        raise ValueError(f"{cache} holds {source} proposals made by {', '.join(sorted(map(str, others)))}, not "
-                         f"{model_name}: delete that cache or write to another --out")
-
-
 def write_proposed_boxes(
     path: str | Path, out: str | Path, load_model: Callable[[], tuple[Any, Any]], *, source: str, model_name: str = "",
     view_cfg: ViewConfig | None = None, limit: int | None = None, skip_fallbacks: bool = False,
@@ -120,7 +114,8 @@ def write_proposed_boxes(
     view_cfg = view_cfg or ViewConfig()
     cfg = ProposalConfig(source=source, batch_size=batch_size)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
-    _check_cache_model(cache, source, model_name)
+    if cache.is_file():
+        check_cache_model(cache, source, model_name)
     done = {p.sample_id for p in read_proposals(cache, source=source)} if cache.is_file() else set()
     todo = [s for s in blind if s.id not in done]
     model, processor = load_model() if todo else (None, None)
@@ -129,7 +124,7 @@ def write_proposed_boxes(
               disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            load_or_propose(model, processor, part, view_cfg, cfg, cache, row_fields={"model": model_name})
+            load_or_propose(model, processor, part, view_cfg, cfg, cache, model_name=model_name)
             bar.update(len(part))
     proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)  # all cached by now
     keep = [(s, p) for s, p in zip(samples, proposals) if not (skip_fallbacks and p.status in FALLBACK_STATUSES)]

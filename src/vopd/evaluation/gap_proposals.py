@@ -16,15 +16,19 @@ from typing import Any
 __all__ = ["propose_gap_crops"]
 
 
-def propose_gap_crops(samples: list[Any], backend: Any, view_cfg: Any, out: str | Path) -> tuple[list[Any], dict[str, Any]]:
+def propose_gap_crops(
+    samples: list[Any], backend: Any, view_cfg: Any, out: str | Path, *, model_name: str | None = None,
+) -> tuple[list[Any], dict[str, Any]]:
     """``samples`` with the model's proposals as their only evidence box, and a quality summary.
 
     Args:
         backend: a local Hugging Face backend (``.model``, ``.processor``); servers cannot
             return the log-probs or attention the proposals are scored with.
+        model_name: the proposing model (path or id), written into each cached row; a cache in
+            ``out`` made by another model is refused rather than reused.
 
     Raises:
-        ValueError: ``backend`` is not a local model.
+        ValueError: ``backend`` is not a local model, or ``out`` caches another model's proposals.
     """
     from vopd.proposals import PROPOSALS_FILE, ProposalConfig, load_or_propose, proposal_quality, with_proposed_boxes
 
@@ -33,7 +37,8 @@ def propose_gap_crops(samples: list[Any], backend: Any, view_cfg: Any, out: str 
         raise ValueError(f"--crop-source {view_cfg.crop_source} needs a local model (--backend hf with --model); "
                          f"the {type(backend).__name__} cannot score crops or return attention")
     cache = Path(out) / PROPOSALS_FILE
-    proposals = load_or_propose(model, processor, samples, view_cfg, ProposalConfig(source=view_cfg.crop_source), cache)
+    proposals = load_or_propose(model, processor, samples, view_cfg, ProposalConfig(source=view_cfg.crop_source), cache,
+                                model_name=model_name)
     info = {"source": view_cfg.crop_source, "n_proposed": len(proposals), "file": os.path.basename(cache),
             **proposal_quality(proposals, samples, view_cfg)}
     return with_proposed_boxes(samples, proposals), info
