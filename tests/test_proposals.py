@@ -348,3 +348,25 @@ def test_proposal_config_rejects_empty_batches_and_budgets():
     for bad in ({"batch_size": 0}, {"max_new_tokens": 0}, {"box_tokens": 0}):
         with pytest.raises(ValueError, match="must be >= 1"):
             ProposalConfig(**bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["search", "attention", "grounding"])
+def test_the_proposer_prompts_follow_the_thinking_switch(tiny_qwen2_vl, monkeypatch, tmp_path, source):
+    """model.thinking reaches every prompt a proposer builds, as it reaches training's prompts."""
+    import vopd.grounding as grounding_mod
+
+    model, processor = tiny_qwen2_vl
+    seen: list = []
+
+    def spy(real):
+        def build(*args, **kwargs):
+            seen.append(kwargs.get("thinking", "missing"))
+            return real(*args, **kwargs)
+        return build
+
+    monkeypatch.setattr(proposals_mod, "build_prompts", spy(proposals_mod.build_prompts))
+    monkeypatch.setattr(grounding_mod, "build_prompts", spy(grounding_mod.build_prompts))
+    view = dataclasses.replace(TOY_VIEW, crop_source=source)
+    out = crops_from_model(make_dataset(2, 5), view, model, processor, tmp_path, thinking=False)
+    assert len(out) == 2 and seen and set(seen) == {False}

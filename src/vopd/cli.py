@@ -73,7 +73,7 @@ def _data_propose(args: argparse.Namespace) -> int:
     done = write_proposed_boxes(
         args.path, args.out, load, source=args.source, model_name=args.model, view_cfg=cfg.views,
         limit=args.limit, skip_fallbacks=args.skip_fallbacks, batch_size=args.batch_size,
-        progress=not args.no_progress)
+        progress=not args.no_progress, thinking=cfg.model.thinking)
     print(done.report())
     return 0
 

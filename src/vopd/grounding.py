@@ -246,7 +246,7 @@ def model_input_size(model: Any, batch: Any, row: int) -> tuple[int, int]:
 
 def ground(
     model: Any, processor: Any, engine: Any, samples: Sequence[Sample], *, batch_size: int = 16,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 64, thinking: bool | None = None,
 ) -> list[Grounding]:
     """Ask the model for the evidence box of each sample (greedy, in batches) and read the answers.
 
@@ -254,6 +254,8 @@ def ground(
         engine: a rollout engine (``engine.sample(model, batch, cfg) -> Rollouts``), e.g.
             :class:`vopd.rollout.HFGenerateEngine`.
         max_new_tokens: answer budget; the first box is read, so a cut-off tail does not matter.
+        thinking: the chat template's thinking switch (None: the template's default); a thinking
+            model left thinking may spend the budget before the box (``unparsed``).
 
     Raises:
         ConfigError: the model's family has no grounding format.
@@ -265,7 +267,7 @@ def ground(
     for start in range(0, len(samples), max(1, batch_size)):
         chunk = samples[start:start + max(1, batch_size)]
         images = [load_image(s.image, where=f"sample {s.id!r}") for s in chunk]
-        batch = build_prompts(processor, images, [grounding_prompt(fmt, s) for s in chunk])
+        batch = build_prompts(processor, images, [grounding_prompt(fmt, s) for s in chunk], thinking=thinking)
         rollouts = engine.sample(model, batch, greedy)
         for row, image in enumerate(images):
             keep = rollouts.mask_B_T[row].bool()

@@ -85,6 +85,8 @@ class ProposalConfig:
         max_new_tokens: greedy answer budget per window (``search``).
         box_tokens: greedy answer budget for the box (``grounding``; the first box is read).
         batch_size: prompts per forward pass.
+        thinking: the chat template's thinking switch for the proposer's prompts (``model.thinking``
+            in training, ``--thinking`` in ``vopd gap``); None is the template's default.
     """
 
     source: str = "search"
@@ -93,6 +95,7 @@ class ProposalConfig:
     max_new_tokens: int = 16
     box_tokens: int = 64
     batch_size: int = 100
+    thinking: bool | None = None
 
     def __post_init__(self) -> None:
         if self.source not in PROPOSAL_SOURCES:
@@ -156,7 +159,7 @@ def search_proposals(
             jobs.append((i, window, teacher_view(image, [window], view_cfg), text))
     best: dict[int, tuple[float, Box]] = {}
     for chunk in _batches(jobs, cfg.batch_size):
-        batch = build_prompts(processor, [j[2] for j in chunk], [j[3] for j in chunk])
+        batch = build_prompts(processor, [j[2] for j in chunk], [j[3] for j in chunk], thinking=cfg.thinking)
         rollouts = engine.sample(model, batch, greedy)
         mask = rollouts.mask_B_T.float()
         scores = (rollouts.sampler_logp_B_T * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -233,8 +236,9 @@ def attention_proposals(
     try:
         for chunk in _batches(list(samples), max(1, cfg.batch_size // 2)):
             images = [load_image(s.image, where=f"sample {s.id!r}") for s in chunk]
-            asked = build_prompts(processor, images, [prompt_text(s, hint=view_cfg.hint) for s in chunk])
-            generic = build_prompts(processor, images, [GENERIC_PROMPT] * len(chunk))
+            asked = build_prompts(processor, images, [prompt_text(s, hint=view_cfg.hint) for s in chunk],
+                                  thinking=cfg.thinking)
+            generic = build_prompts(processor, images, [GENERIC_PROMPT] * len(chunk), thinking=cfg.thinking)
             a_q = _image_token_attention(model, asked, image_token_id)
             a_g = _image_token_attention(model, generic, image_token_id)
             for row, (sample, image) in enumerate(zip(chunk, images)):
@@ -265,7 +269,7 @@ def grounding_proposals(
     model.eval()
     try:
         found = ground(model, processor, HFGenerateEngine(processor), samples, batch_size=cfg.batch_size,
-                       max_new_tokens=cfg.box_tokens)
+                       max_new_tokens=cfg.box_tokens, thinking=cfg.thinking)
     finally:
         model.train(was_training)
     fallbacks = [g for g in found if g.status in FALLBACK_STATUSES]
@@ -399,7 +403,7 @@ def load_or_propose(
 
 def crops_from_model(
     samples: Sequence[Sample], view_cfg: ViewConfig, model: Any, processor: Any, output_dir: str | Path,
-    *, main: bool = True,
+    *, main: bool = True, thinking: bool | None = None,
 ) -> list[Sample]:
     """Training samples whose evidence box is the model's own proposal (``views.crop_source``).
 
@@ -409,7 +413,7 @@ def crops_from_model(
     barrier) in the others with ``main=False``, which read the main process's proposals, so every
     rank trains on the same crops (on resume the policy is the checkpoint's and would propose others).
     """
-    cfg = ProposalConfig(source=view_cfg.crop_source)
+    cfg = ProposalConfig(source=view_cfg.crop_source, thinking=thinking)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
     proposals = load_or_propose(model, processor, blind, view_cfg, cfg, Path(output_dir) / PROPOSALS_FILE, write=main)
     keep = getattr(view_cfg, "proposal_keep", 1.0)

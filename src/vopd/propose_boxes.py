@@ -80,7 +80,7 @@ def _with_box(sample: Sample, proposal: Any, model_name: str) -> Sample:
 def write_proposed_boxes(
     path: str | Path, out: str | Path, load_model: Callable[[], tuple[Any, Any]], *, source: str, model_name: str = "",
     view_cfg: ViewConfig | None = None, limit: int | None = None, skip_fallbacks: bool = False,
-    batch_size: int = 100, progress: bool = True,
+    batch_size: int = 100, progress: bool = True, thinking: bool | None = None,
 ) -> ProposedBoxes:
     """Propose a box for each record of ``path`` and write the records to ``out``.
 
@@ -93,6 +93,8 @@ def write_proposed_boxes(
         limit: only the first ``limit`` records.
         skip_fallbacks: leave out records whose grounding answer held no usable box (counted)
             instead of writing them with the whole image as their box.
+        thinking: the chat template's thinking switch for the proposer's prompts (the
+            ``--config``'s ``model.thinking``).
 
     Raises:
         ValueError: ``out`` or its cache is the input file, the cache holds another model's
@@ -112,7 +114,7 @@ def write_proposed_boxes(
                          "write to another file")
     samples = list(loaded.samples)[:limit]
     view_cfg = view_cfg or ViewConfig()
-    cfg = ProposalConfig(source=source, batch_size=batch_size)
+    cfg = ProposalConfig(source=source, batch_size=batch_size, thinking=thinking)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
     if cache.is_file():
         check_cache_model(cache, source, model_name)

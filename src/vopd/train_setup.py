@@ -166,10 +166,12 @@ def _proposed_crops(
     train on the same crops. ``views.proposal_keep`` < 1 drops samples (order kept): their
     origins go with them.
     """
-    proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir) if acc.is_main_process else None
+    proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir,
+                                thinking=cfg.model.thinking) if acc.is_main_process else None
     acc.wait_for_everyone()
     if proposed is None:
-        proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=False)
+        proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=False,
+                                    thinking=cfg.model.thinking)
     kept, i = [], 0
     for sample, origin in zip(samples, origins):
         if i < len(proposed) and proposed[i].id == sample.id:

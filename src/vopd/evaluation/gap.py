@@ -302,7 +302,8 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
 
         model = cfg.backend.model or (sorted(cfg.checkpoints, key=lambda p: _step(p, 0))[0] if cfg.checkpoints else "")
         proposer = backend or make_backend(dataclasses.replace(cfg.backend, model=model))
-        samples, proposals = propose_gap_crops(samples, proposer, cfg.view, out, model_name=model or None)
+        samples, proposals = propose_gap_crops(samples, proposer, cfg.view, out, model_name=model or None,
+                                                thinking=cfg.backend.thinking)
     else:
         samples = _with_evidence(samples, cfg.data)
     if not cfg.checkpoints:

@@ -18,6 +18,7 @@ __all__ = ["propose_gap_crops"]
 
 def propose_gap_crops(
     samples: list[Any], backend: Any, view_cfg: Any, out: str | Path, *, model_name: str | None = None,
+    thinking: bool | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """``samples`` with the model's proposals as their only evidence box, and a quality summary.
 
@@ -26,6 +27,7 @@ def propose_gap_crops(
             return the log-probs or attention the proposals are scored with.
         model_name: the proposing model (path or id), written into each cached row; a cache in
             ``out`` made by another model is refused rather than reused.
+        thinking: the chat template's thinking switch for the proposer's prompts (``--thinking``).
 
     Raises:
         ValueError: ``backend`` is not a local model, or ``out`` caches another model's proposals.
@@ -37,7 +39,7 @@ def propose_gap_crops(
         raise ValueError(f"--crop-source {view_cfg.crop_source} needs a local model (--backend hf with --model); "
                          f"the {type(backend).__name__} cannot score crops or return attention")
     cache = Path(out) / PROPOSALS_FILE
-    proposals = load_or_propose(model, processor, samples, view_cfg, ProposalConfig(source=view_cfg.crop_source), cache,
+    proposals = load_or_propose(model, processor, samples, view_cfg, ProposalConfig(source=view_cfg.crop_source, thinking=thinking), cache,
                                 model_name=model_name)
     info = {"source": view_cfg.crop_source, "n_proposed": len(proposals), "file": os.path.basename(cache),
             **proposal_quality(proposals, samples, view_cfg)}
