@@ -108,6 +108,8 @@ def test_objective_knob_default_choices_and_bad_value():
         with pytest.raises(ConfigError, match=f"objective=sft_self.*{key}"):
             load_config(None, ["objective=sft_self", *extra])
     load_config(None, ["objective=opsd", "rollout.engine=vllm"])  # the student samples: any engine
+    with pytest.raises(ConfigError, match="objective=sft_gold.*rollout.engine=hf"):  # nothing to sample
+        load_config(None, ["objective=sft_gold", "rollout.engine=vllm"])
 
 
 #: train_step's divergence, log-prob gap and gradient norm at BASE (max_new_tokens=5) before the

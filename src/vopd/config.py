@@ -359,6 +359,9 @@ class TrainConfig:
 
 def _check_objective(cfg: TrainConfig) -> None:
     """Refuse the objective combinations that cannot run (one line naming the keys)."""
+    if cfg.objective == "sft_gold" and cfg.rollout.engine == "vllm":  # nothing is sampled: a server would idle
+        raise ConfigError("objective=sft_gold trains on the reference answers and samples nothing, so "
+                          "rollout.engine=vllm would only start an idle server: use rollout.engine=hf")
     if cfg.objective != "sft_self":
         return
     # sft_self samples from the teacher model: it needs a model to generate from in this process.
