@@ -203,8 +203,8 @@ def _peak_margin(ratio: torch.Tensor, window: Box, size: tuple[int, int]) -> flo
     against 44 % for all samples (``docs/proposals.md``); the raw peak value ranks worse.
     """
     gh, gw = ratio.shape
-    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) * size[0] / gw
-    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) * size[1] / gh
+    xs = (torch.arange(gw, dtype=torch.float32, device=ratio.device) + 0.5) * size[0] / gw  # on the map's device
+    ys = (torch.arange(gh, dtype=torch.float32, device=ratio.device) + 0.5) * size[1] / gh
     inside = ((ys[:, None] >= window.y1) & (ys[:, None] <= window.y2)
               & (xs[None, :] >= window.x1) & (xs[None, :] <= window.x2))
     outside = ratio[~inside]
