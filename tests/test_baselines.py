@@ -10,6 +10,7 @@ import torch
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.trainer as trainer_mod
+from support.steps import capture_grads, seeded_step
 from vopd.config import ConfigError, load_config
 from vopd.data import PairCollator
 from vopd.fused_loss import nll_loss
@@ -34,20 +35,6 @@ def _setup(tmp_path, *extra, strip_answers=False):
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
     batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:2]]
     return state, batches, dataset
-
-
-def _capture_grads(monkeypatch, store: dict):
-    def capture(st, *, loss_value):
-        store["grads"] = {k: p.grad.clone() for k, p in st.policy.named_parameters() if p.grad is not None}
-        st.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}
-
-    monkeypatch.setattr(trainer_mod, "_optimizer_step", capture)
-
-
-def _step(state, batches, seed=11):
-    torch.manual_seed(seed)
-    return trainer_mod.train_step(state, batches)
 
 
 @torch.no_grad()
@@ -121,7 +108,7 @@ def test_default_objective_is_the_unchanged_vision_opd_step(tmp_path):
     metrics = []
     for i, extra in enumerate(([], ["objective=opd"])):
         state, batches, _ = _setup(tmp_path / str(i), "rollout.max_new_tokens=5", *extra)
-        metrics.append(_step(state, batches))
+        metrics.append(seeded_step(state, batches))
     assert metrics[0]["divergence"] == metrics[1]["divergence"]
     got = (metrics[0]["divergence"], metrics[0]["logp_gap"], metrics[0]["grad_norm"])
     assert got == pytest.approx(PINNED_OPD, rel=1e-4)
@@ -146,11 +133,11 @@ def test_sft_self_is_the_student_nll_of_the_teachers_greedy_crop_answers(tmp_pat
     want_grads = {k: p.grad.clone() for k, p in state.policy.named_parameters() if p.grad is not None}
     state.policy.zero_grad(set_to_none=True)
     store: dict = {}
-    _capture_grads(monkeypatch, store)
+    capture_grads(monkeypatch, store)
     calls, sample = [], state.engine.sample
     monkeypatch.setattr(state.engine, "sample", lambda model, prompts, cfg: calls.append((model, prompts)) or
                         sample(model, prompts, cfg))
-    metrics = _step(state, batches)
+    metrics = seeded_step(state, batches)
     assert len(calls) == len(batches)  # the teacher answered, on its crop prompts
     assert all(m is teacher and p is b.teacher for (m, p), b in zip(calls, batches))
     assert metrics["divergence"] == pytest.approx(want.item(), rel=1e-5)
@@ -165,7 +152,7 @@ def test_sft_self_real_step_moves_the_student_not_the_frozen_teacher(tmp_path):
     state, batches, _ = _setup(tmp_path, "objective=sft_self", "teacher.kind=frozen", strip_answers=True)
     before_t = {k: v.detach().clone() for k, v in state.teacher.model.named_parameters()}
     before_s = {k: v.detach().clone() for k, v in state.policy.named_parameters()}
-    metrics = _step(state, batches)  # sampled answers (temperature 1, n=2)
+    metrics = seeded_step(state, batches)  # sampled answers (temperature 1, n=2)
     assert metrics["skipped"] == 0.0 and metrics["divergence"] > 0
     assert max(float((p.detach() - before_s[k]).abs().max()) for k, p in state.policy.named_parameters()) > 1e-4
     for k, p in state.teacher.model.named_parameters():
@@ -196,14 +183,14 @@ def test_opsd_teacher_sees_the_full_image_and_the_answer_student_prompt_unchange
 def test_opsd_loss_comes_from_the_answer_in_the_teacher_text(tmp_path, monkeypatch):
     state, batches, _ = _setup(tmp_path / "a", "objective=opsd")
     store: dict = {}
-    _capture_grads(monkeypatch, store)
-    metrics = _step(state, batches)
+    capture_grads(monkeypatch, store)
+    metrics = seeded_step(state, batches)
     assert metrics["divergence"] > 1e-4 and "logp_gap" in metrics
     assert max(float(g.abs().max()) for g in store["grads"].values()) > 1e-6
     assert all(p.grad is None for p in state.teacher.model.parameters())
     # The same step with the answer taken out of the teacher's text: identical views, same weights, loss 0.
     same = [dataclasses.replace(b, teacher=b.student) for b in batches]
-    assert _step(state, same)["divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert seeded_step(state, same)["divergence"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_opsd_without_answers_is_an_error_naming_the_row_or_a_counted_skip(tmp_path, monkeypatch):
@@ -242,7 +229,7 @@ def test_sft_gold_is_the_student_nll_of_the_reference_answers(tmp_path):
         targets.append((b.student, ids, mask))
     with torch.no_grad():
         want = _hand_nll(state.policy, targets)
-    assert _step(state, batches)["divergence"] == pytest.approx(float(want), rel=1e-5)
+    assert seeded_step(state, batches)["divergence"] == pytest.approx(float(want), rel=1e-5)
 
 
 def test_reference_rollouts_repeat_and_refuse_missing_answers(tiny_qwen2_vl):

@@ -18,6 +18,20 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+def _config_raising(monkeypatch, capsys, error: BaseException) -> tuple[int, str]:
+    """Run ``vopd config`` with its handler raising ``error``; its exit status and its one stderr line."""
+    import vopd.cli as cli
+
+    monkeypatch.delenv("VOPD_DEBUG", raising=False)
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_config", fail)
+    code = main(["config"])
+    return code, _one_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "argv, code, needles",
     [
@@ -52,16 +66,8 @@ def test_debug_flag_anywhere_or_env_shows_the_traceback(monkeypatch):
 
 
 def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys):
-    import vopd.cli as cli
-
-    monkeypatch.delenv("VOPD_DEBUG", raising=False)
-
-    def boom(args):
-        raise KeyError("surprise")
-
-    monkeypatch.setattr(cli, "_config", boom)
-    assert main(["config"]) == 1
-    line = _one_line(capsys.readouterr().err)
+    code, line = _config_raising(monkeypatch, capsys, KeyError("surprise"))
+    assert code == 1
     assert "unexpected error (KeyError)" in line and "--debug" in line and "VOPD_DEBUG=1" in line
 
 
@@ -71,33 +77,17 @@ def test_every_expected_error_class_exists_and_maps_to_its_line(module, name, la
     """The table names real classes (a rename would silently turn them into 'unexpected error')."""
     import importlib
 
-    import vopd.cli as cli
-
-    monkeypatch.delenv("VOPD_DEBUG", raising=False)
     cls = getattr(importlib.import_module(module), name)
     err = cls.__new__(cls)
     Exception.__init__(err, "what went wrong\nsecond line")
-
-    def fail(args):
-        raise err
-
-    monkeypatch.setattr(cli, "_config", fail)
-    assert main(["config"]) == code
-    line = _one_line(capsys.readouterr().err)
+    got, line = _config_raising(monkeypatch, capsys, err)
+    assert got == code
     assert line.startswith(f"vopd config: {label}: what went wrong; second line")
 
 
 def test_library_value_errors_are_invalid_input_not_unexpected(monkeypatch, capsys):
-    import vopd.cli as cli
-
-    monkeypatch.delenv("VOPD_DEBUG", raising=False)
-
-    def bad(args):
-        raise ValueError("data.jsonl: no questions to measure")
-
-    monkeypatch.setattr(cli, "_config", bad)
-    assert main(["config"]) == 1
-    line = _one_line(capsys.readouterr().err)
+    code, line = _config_raising(monkeypatch, capsys, ValueError("data.jsonl: no questions to measure"))
+    assert code == 1
     assert line.startswith("vopd config: invalid input: data.jsonl: no questions to measure -> fix what")
 
 

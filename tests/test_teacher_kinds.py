@@ -13,6 +13,7 @@ import torch
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.trainer as trainer_mod
+from support.steps import capture_grads, seeded_step
 from vopd.config import load_config
 from vopd.data import PairCollator
 from vopd.models import append_responses, repeat_prompts, response_logits
@@ -33,22 +34,6 @@ def _setup(tmp_path, *extra):
     return state, batches
 
 
-def _capture_grads(monkeypatch, store: dict):
-    """Replace the optimiser step: keep the gradients, change no weight."""
-
-    def capture(st, *, loss_value):
-        store["grads"] = {k: p.grad.clone() for k, p in st.policy.named_parameters() if p.grad is not None}
-        st.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}
-
-    monkeypatch.setattr(trainer_mod, "_optimizer_step", capture)
-
-
-def _step(state, batches, seed=11):
-    torch.manual_seed(seed)  # the same rollouts for every call at the same weights
-    return trainer_mod.train_step(state, batches)
-
-
 def _close_grads(got, want, *, scale=1.0, rtol=2e-3):
     assert got.keys() == want.keys()
     assert max(float(g.abs().max()) for g in want.values()) > 1e-6  # not a comparison of zeros
@@ -64,10 +49,10 @@ def first_step_reference(tmp_path_factory):
     """Divergence and gradients of step 1 with a frozen teacher (the initial model on the crop)."""
     mp = pytest.MonkeyPatch()
     store: dict = {}
-    _capture_grads(mp, store)
+    capture_grads(mp, store)
     try:
         state, batches = _setup(tmp_path_factory.mktemp("ref"), "teacher.kind=frozen")
-        metrics = _step(state, batches)
+        metrics = seeded_step(state, batches)
     finally:
         mp.undo()
     return metrics, store["grads"]
@@ -85,8 +70,8 @@ def test_every_teacher_kind_equals_the_initial_model_at_step_one(kind, tmp_path,
     else:
         state, batches = _setup(tmp_path, *extra)
     store: dict = {}
-    _capture_grads(monkeypatch, store)
-    metrics = _step(state, batches)
+    capture_grads(monkeypatch, store)
+    metrics = seeded_step(state, batches)
     ref_metrics, ref_grads = first_step_reference
     assert state.teacher.kind == kind
     assert ref_metrics["divergence"] > 1e-3  # the crop teacher disagrees with the full-image student
@@ -105,7 +90,7 @@ def test_teacher_weights_policy_after_optimiser_steps(kind, tmp_path):
     initial = {k: v.detach().clone() for k, v in state.policy.named_parameters()}
     teacher = state.teacher
     ema_before = {k: v.detach().clone() for k, v in teacher.model.named_parameters()} if kind == "ema" else None
-    metrics = _step(state, batches)
+    metrics = seeded_step(state, batches)
     assert metrics["skipped"] == 0.0
     student = dict(state.policy.named_parameters())
     moved = max(float((student[k].detach() - initial[k]).abs().max()) for k in initial)
@@ -150,8 +135,8 @@ def test_teacher_view_full_gives_about_zero_loss_at_step_one(tmp_path, monkeypat
     step 1 teacher and student distributions coincide: zero loss, zero gradient."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen", "teacher.view=full")
     store: dict = {}
-    _capture_grads(monkeypatch, store)
-    metrics = _step(state, batches)
+    capture_grads(monkeypatch, store)
+    metrics = seeded_step(state, batches)
     assert metrics["response_tokens"] > 8
     assert abs(metrics["divergence"]) < 1e-6
     assert abs(metrics["logp_gap"]) < 1e-5
@@ -180,9 +165,9 @@ def test_aggregation_gradients_match_the_formula(aggregation, tmp_path, monkeypa
     sum of all token losses / all tokens; seq_mean = mean over rows of each row's token mean."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen", f"loss.aggregation={aggregation}", "loss.estimator=full")
     store: dict = {}
-    _capture_grads(monkeypatch, store)
+    capture_grads(monkeypatch, store)
     rollouts = _recorded_rollouts(monkeypatch, state)
-    _step(state, batches)
+    seeded_step(state, batches)
     got = store["grads"]
 
     # The reference: full logits of both models, per-token JSD, then the sums by hand.
@@ -216,8 +201,8 @@ def test_rollout_correction_scales_the_gradient(shift, scale, tol, tmp_path, mon
     min(exp(shift), ratio_clip=2), so the gradient is that multiple of the uncorrected one."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen")
     store: dict = {}
-    _capture_grads(monkeypatch, store)
-    plain = _step(state, batches)
+    capture_grads(monkeypatch, store)
+    plain = seeded_step(state, batches)
     plain_grads = store.pop("grads")
 
     real = state.engine.sample
@@ -229,7 +214,7 @@ def test_rollout_correction_scales_the_gradient(shift, scale, tol, tmp_path, mon
 
     monkeypatch.setattr(state.engine, "sample", biased)
     monkeypatch.setattr(state.cfg.loss, "rollout_correction", True)
-    corrected = _step(state, batches)
+    corrected = seeded_step(state, batches)
     assert corrected["rollout_weight"] == pytest.approx(scale, rel=tol)
     assert corrected["divergence"] == pytest.approx(scale * plain["divergence"], rel=tol)
     if scale == 2.0:  # clipped: every token's weight is exactly 2, so the gradient is exactly doubled
