@@ -32,29 +32,56 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vopd_lora_toy_"))
     runs = {
         "full fine-tuning (lr 1e-4, the toy recipe)": (),
-        f"LoRA r={args.lora_r} (lr {args.lora_lr:g})": (f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}",
-                                                      f"optim.lr={args.lora_lr}"),
+        f"LoRA r={args.lora_r} (lr {args.lora_lr:g})": (
+            f"lora.r={args.lora_r}",
+            f"lora.alpha={2 * args.lora_r}",
+            f"optim.lr={args.lora_lr}",
+        ),
     }
     results = {}
     for name, overrides in runs.items():
-        cfg = DemoConfig(out=str(tmp / str(len(results))), steps=args.steps, eval_every=args.steps,
-                         n_eval=args.n_eval, threads=args.threads, overrides=overrides)
+        cfg = DemoConfig(
+            out=str(tmp / str(len(results))),
+            steps=args.steps,
+            eval_every=args.steps,
+            n_eval=args.n_eval,
+            threads=args.threads,
+            overrides=overrides,
+        )
         r = run_demo(cfg)
-        results[name] = {"base": r["base"], "final": r["final"], "gap_closed": r["gap_closed"],
-                         "p_value": r["full_gain_p_value"], "wall_seconds": r.get("wall_seconds")}
+        results[name] = {
+            "base": r["base"],
+            "final": r["final"],
+            "gap_closed": r["gap_closed"],
+            "p_value": r["full_gain_p_value"],
+            "wall_seconds": r.get("wall_seconds"),
+        }
     mach = machine()
-    lines = ["# Benchmark 7: LoRA vs full fine-tuning on the toy world, equal steps", "", machine_markdown(mach), "",
-             f"Toy recipe (`configs/toy_demo.yaml`: frozen crop teacher, 16 prompts x 2 rollouts per step), "
-             f"{args.steps} steps, {args.n_eval} held-out scenes (seed 123); reduced demo settings as in "
-             "tests/test_demo.py. LoRA on q/k/v/o/gate/up/down of the language model.", "",
-             "| run | full (base -> final) | crop (base -> final) | share of the gap closed | McNemar p (full) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Benchmark 7: LoRA vs full fine-tuning on the toy world, equal steps",
+        "",
+        machine_markdown(mach),
+        "",
+        f"Toy recipe (`configs/toy_demo.yaml`: frozen crop teacher, 16 prompts x 2 rollouts per step), "
+        f"{args.steps} steps, {args.n_eval} held-out scenes (seed 123); reduced demo settings as in "
+        "tests/test_demo.py. LoRA on q/k/v/o/gate/up/down of the language model.",
+        "",
+        "| run | full (base -> final) | crop (base -> final) | share of the gap closed | McNemar p (full) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['base']['full']:.1%} -> {r['final']['full']:.1%} | {r['base']['crop']:.1%} -> "
-                     f"{r['final']['crop']:.1%} | {r['gap_closed']:.0%} | {r['p_value']:.2g} |")
+        lines.append(
+            f"| {name} | {r['base']['full']:.1%} -> {r['final']['full']:.1%} | {r['base']['crop']:.1%} -> "
+            f"{r['final']['crop']:.1%} | {r['gap_closed']:.0%} | {r['p_value']:.2g} |"
+        )
     full, lora = (results[k]["gap_closed"] for k in runs)
-    lines += ["", f"LoRA closes {lora:.0%} of the gap where full fine-tuning closes {full:.0%} at equal steps "
-              f"(ratio {lora / full:.2f})." if full > 0 else ""]
+    lines += [
+        "",
+        f"LoRA closes {lora:.0%} of the gap where full fine-tuning closes {full:.0%} at equal steps "
+        f"(ratio {lora / full:.2f})."
+        if full > 0
+        else "",
+    ]
     write_results("lora_toyworld", {"machine": mach, "args": vars(args), "results": results}, "\n".join(lines) + "\n")
 
 

@@ -75,8 +75,14 @@ def fused(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
     n = student_h.shape[0]
     weights_N = torch.full((n,), 1.0 / n)
     loss, _ = fused_chunked_divergence(
-        student_h, head.weight, head.bias, lambda rows: teacher_head(teacher_h[rows]), weights_N,
-        chunk_size=chunk, beta=0.5, top_k=K,
+        student_h,
+        head.weight,
+        head.bias,
+        lambda rows: teacher_head(teacher_h[rows]),
+        weights_N,
+        chunk_size=chunk,
+        beta=0.5,
+        top_k=K,
     )
     loss.backward()
     return float(loss.detach())
@@ -87,9 +93,16 @@ def worker(path: str, n: int, chunk: int) -> dict:
     head, teacher_head, student_h, teacher_h = _setup(n)
     gc.collect()
     value, seconds, peak = timed(globals()[path], student_h, teacher_h, head, teacher_head, chunk)
-    return {"path": path, "tokens": n, "chunk": chunk if path != "straightforward" else None, "seconds": seconds,
-            "peak_mb": peak, "loss": value, "hidden_grad_norm": float(student_h.grad.norm()),
-            "weight_grad_norm": float(head.weight.grad.norm())}
+    return {
+        "path": path,
+        "tokens": n,
+        "chunk": chunk if path != "straightforward" else None,
+        "seconds": seconds,
+        "peak_mb": peak,
+        "loss": value,
+        "hidden_grad_norm": float(student_h.grad.norm()),
+        "weight_grad_norm": float(head.weight.grad.norm()),
+    }
 
 
 def _spawn(path: str, n: int, chunk: int, limit_gb: float) -> dict:
@@ -105,8 +118,14 @@ def _spawn(path: str, n: int, chunk: int, limit_gb: float) -> dict:
     return row
 
 
-def run(sizes: list[int], chunks: dict[str, list[int]], repeats: int, limit_gb: float, paths: list[str],
-        skip: set[tuple[str, int]]) -> dict:
+def run(
+    sizes: list[int],
+    chunks: dict[str, list[int]],
+    repeats: int,
+    limit_gb: float,
+    paths: list[str],
+    skip: set[tuple[str, int]],
+) -> dict:
     rows = []
     for n in sizes:
         for _ in range(repeats):  # alternate the paths at each size
@@ -122,7 +141,9 @@ def report(result: dict, mach: dict) -> str:
     rows = [r for r in result["rows"] if "failed" not in r]
 
     def agg(path, n, key, chunk=None):
-        vals = [r[key] for r in rows if r["path"] == path and r["tokens"] == n and (chunk is None or r["chunk"] == chunk)]
+        vals = [
+            r[key] for r in rows if r["path"] == path and r["tokens"] == n and (chunk is None or r["chunk"] == chunk)
+        ]
         return summary(vals)["median"] if vals else None
 
     def cell(x, fmt):
@@ -132,11 +153,15 @@ def report(result: dict, mach: dict) -> str:
         return "n/a" if a is None or b is None else format(a / b, fmt)
 
     lines = [
-        "# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)", "",
-        machine_markdown(mach), "",
+        "# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)",
+        "",
+        machine_markdown(mach),
+        "",
         f"Median of {result['repeats']} run(s) per cell, each in a fresh process, paths alternating at each N. "
-        "Memory = peak MB above the start; ratios are against the straightforward path at the same N.", "",
-        "| N | path | chunk | peak MB | memory ratio | seconds | time ratio |", "|---|---|---|---|---|---|---|",
+        "Memory = peak MB above the start; ratios are against the straightforward path at the same N.",
+        "",
+        "| N | path | chunk | peak MB | memory ratio | seconds | time ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in result["sizes"]:
         sp, st = agg("straightforward", n, "peak_mb"), agg("straightforward", n, "seconds")
@@ -145,16 +170,22 @@ def report(result: dict, mach: dict) -> str:
                 p, t = agg(path, n, "peak_mb", chunk), agg(path, n, "seconds", chunk)
                 if p is None:
                     continue
-                lines.append(f"| {n} | {path} | {chunk or '-'} | {p:.0f} | {ratio(p, sp)} | {t:.2f} | {ratio(t, st, '.2f')} |")
+                lines.append(
+                    f"| {n} | {path} | {chunk or '-'} | {p:.0f} | {ratio(p, sp)} | {t:.2f} | {ratio(t, st, '.2f')} |"
+                )
     lines += _extrapolation(result["sizes"], agg, result["chunks"].get("fused", []))
     failed = [r for r in result["rows"] if "failed" in r]
     if failed:
         lines += ["", "Did not complete: " + "; ".join(f"{r['path']} N={r['tokens']} ({r['failed']})" for r in failed)]
     loads = [r["load_average"][0] for r in result["rows"]]
-    lines += ["", f"1-minute load average after each measurement: {min(loads):.2f} .. {max(loads):.2f} (2 cores, shared).",
-              "", "Peak = resident memory above the level before the call, sampled every 1 ms (see benchmarks/common.py); "
-              "the weights of the two heads (2 x 1.16 GB) and the inputs are allocated before and not counted; the head's "
-              "weight gradient (1.16 GB float32) is counted in every path, and it is most of the fused path's peak."]
+    lines += [
+        "",
+        f"1-minute load average after each measurement: {min(loads):.2f} .. {max(loads):.2f} (2 cores, shared).",
+        "",
+        "Peak = resident memory above the level before the call, sampled every 1 ms (see benchmarks/common.py); "
+        "the weights of the two heads (2 x 1.16 GB) and the inputs are allocated before and not counted; the head's "
+        "weight gradient (1.16 GB float32) is counted in every path, and it is most of the fused path's peak.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -171,9 +202,15 @@ def _extrapolation(sizes: list[int], agg, fused_chunks: list[int]) -> list[str]:
         slope = (b - a) / (n1 - n0)
         for n in missing:
             guess = b + slope * (n - n1)
-            parts = [f"fused chunk {c}: {agg('fused', n, key, c) / guess:.3f}" for c in fused_chunks if agg("fused", n, key, c)]
-            out.append(f"- N = {n}: straightforward {key} by a linear fit through N = {n0}, {n1} "
-                       f"({slope:.3f} {unit} per token): ~{guess:.0f} {unit}; ratio " + ", ".join(parts) + ".")
+            parts = [
+                f"fused chunk {c}: {agg('fused', n, key, c) / guess:.3f}"
+                for c in fused_chunks
+                if agg("fused", n, key, c)
+            ]
+            out.append(
+                f"- N = {n}: straightforward {key} by a linear fit through N = {n0}, {n1} "
+                f"({slope:.3f} {unit} per token): ~{guess:.0f} {unit}; ratio " + ", ".join(parts) + "."
+            )
     return out
 
 
@@ -184,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", default="64", help="fused chunk size(s), comma-separated (default 64)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
     parser.add_argument("--skip", default="", help="path:N pairs not to run, e.g. chunked:8192")
-    parser.add_argument("--chunked-chunk", type=int, default=None, help="checkpointed path's chunk (default: quick 128, full 1024)")
+    parser.add_argument(
+        "--chunked-chunk", type=int, default=None, help="checkpointed path's chunk (default: quick 128, full 1024)"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--limit-gb", type=float, default=19.0, help="address-space limit of each worker")
     parser.add_argument("--append", action="store_true", help="add to the rows of the existing results file")
@@ -197,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(path, int(n), int(chunk))))
         return
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([256, 512] if args.quick else [512, 1024, 8192])
-    chunks = {"chunked": [args.chunked_chunk or (128 if args.quick else 1024)],
-              "fused": [int(x) for x in args.chunk.split(",")]}
+    chunks = {
+        "chunked": [args.chunked_chunk or (128 if args.quick else 1024)],
+        "fused": [int(x) for x in args.chunk.split(",")],
+    }
     repeats = args.repeats or (1 if args.quick else 2)
     skip = {(p, int(n)) for p, n in (x.split(":") for x in args.skip.split(",") if x)}
     mach = machine()

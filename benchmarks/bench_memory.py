@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import ProcessPeak, machine, machine_markdown, rss_mb, write_results  # noqa: E402
-from memplan import GB, ModelShape, state_bytes  # noqa: E402
+from memplan import ModelShape, state_bytes  # noqa: E402
 
 CONFIGS = {  # name: (processes, overrides)
     "ddp-1": (1, []),
@@ -64,11 +64,25 @@ def worker(model_dir: str, out: str, overrides: list[str]) -> None:
             os._exit(0)
         return {}
 
-    cfg = load_config(None, [
-        f"model.path={model_dir}", "data.train=toyworld:8:0", "rollout.n=2", "rollout.max_new_tokens=8",
-        "teacher.kind=ema", "prompts_per_step=2", "micro_batch_prompts=1", "max_steps=2", "save_every=0",
-        "report_to=[jsonl]", "device=cpu", "optim.warmup_steps=0", f"output_dir={out}.run", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "data.train=toyworld:8:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=8",
+            "teacher.kind=ema",
+            "prompts_per_step=2",
+            "micro_batch_prompts=1",
+            "max_steps=2",
+            "save_every=0",
+            "report_to=[jsonl]",
+            "device=cpu",
+            "optim.warmup_steps=0",
+            f"output_dir={out}.run",
+            *overrides,
+        ],
+    )
     trainer.train(cfg, callbacks=[after_step])
     raise RuntimeError("the run ended before step 2")
 
@@ -78,8 +92,11 @@ def measure(model_dir: Path, tmp: Path, name: str, threads: int) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
     out = tmp / name
     args = [str(HERE / "bench_memory.py"), "--worker", str(model_dir), str(out), *overrides]
-    cmd = [sys.executable, *args] if nproc == 1 else \
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc), *args]
+    cmd = (
+        [sys.executable, *args]
+        if nproc == 1
+        else [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc), *args]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -87,9 +104,9 @@ def measure(model_dir: Path, tmp: Path, name: str, threads: int) -> list[dict]:
 
 
 def model_shape(model_dir: Path) -> tuple[ModelShape, int]:
-    from safetensors import safe_open
-
     import math
+
+    from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as fh:
         params = sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
@@ -99,32 +116,44 @@ def model_shape(model_dir: Path) -> tuple[ModelShape, int]:
 
 def report(result: dict, mach: dict) -> str:
     shape = ModelShape(**result["shape"])
-    lines = ["# Benchmark 6: peak memory per rank by strategy (EMA teacher)", "", machine_markdown(mach), "",
-             f"Model: random Qwen2-VL, {shape.params / 1e6:.0f}M parameters (text {SHAPE['text_hidden']} x "
-             f"{SHAPE['text_layers']} layers, vocabulary {SHAPE['vocab']}, vision {SHAPE['vision_dim']} x "
-             f"{SHAPE['vision_depth']}), fp32, EMA teacher (fp32 copy; LoRA: a second adapter), 2 steps of 2 prompts "
-             "x 2 rollouts x up to 8 tokens (toy-world images), one prompt per micro-batch. Each configuration in "
-             "its own process(es); 2 processes = `torchrun --standalone`, gloo. LoRA: r=16 on q/k/v/o/gate/up/down.",
-             "",
-             "Columns per rank: **footprint** = peak RSS - RSS after imports (what training holds); **above "
-             "loaded** = peak RSS during the steps - RSS after loading (kernel peak counter reset after setup: "
-             "activations, gradients, AdamW moments created at step 1); **estimate** = `memplan.state_bytes` "
-             "(weights + teacher + gradients + AdamW, + FSDP2's gathered units), activations not included.", "",
-             "| strategy | processes | footprint MB per rank (max over ranks) | above loaded MB | estimate MB | "
-             "footprint / estimate |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Benchmark 6: peak memory per rank by strategy (EMA teacher)",
+        "",
+        machine_markdown(mach),
+        "",
+        f"Model: random Qwen2-VL, {shape.params / 1e6:.0f}M parameters (text {SHAPE['text_hidden']} x "
+        f"{SHAPE['text_layers']} layers, vocabulary {SHAPE['vocab']}, vision {SHAPE['vision_dim']} x "
+        f"{SHAPE['vision_depth']}), fp32, EMA teacher (fp32 copy; LoRA: a second adapter), 2 steps of 2 prompts "
+        "x 2 rollouts x up to 8 tokens (toy-world images), one prompt per micro-batch. Each configuration in "
+        "its own process(es); 2 processes = `torchrun --standalone`, gloo. LoRA: r=16 on q/k/v/o/gate/up/down.",
+        "",
+        "Columns per rank: **footprint** = peak RSS - RSS after imports (what training holds); **above "
+        "loaded** = peak RSS during the steps - RSS after loading (kernel peak counter reset after setup: "
+        "activations, gradients, AdamW moments created at step 1); **estimate** = `memplan.state_bytes` "
+        "(weights + teacher + gradients + AdamW, + FSDP2's gathered units), activations not included.",
+        "",
+        "| strategy | processes | footprint MB per rank (max over ranks) | above loaded MB | estimate MB | "
+        "footprint / estimate |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, ranks in result["configs"].items():
         strategy, nproc = name.rsplit("-", 1)
         foot = max(r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in ranks)
         above = max(r["peak_above_loaded_mb"] for r in ranks)
-        est = sum(state_bytes(shape, strategy=strategy, world=int(nproc), bf16=False, lora_r=16,
-                              base_bytes=4).values()) / 2**20
+        est = (
+            sum(state_bytes(shape, strategy=strategy, world=int(nproc), bf16=False, lora_r=16, base_bytes=4).values())
+            / 2**20
+        )
         lines.append(f"| {strategy} | {nproc} | {foot:.0f} | {above:.0f} | {est:.0f} | {foot / est:.2f} |")
-    lines += ["", "The estimate counts state only; the measured footprint adds activations, the processor, "
-              "allocator slack and (fsdp2) communication buffers. Reset of the peak counter worked: "
-              f"{all(r['reset'] for ranks in result['configs'].values() for r in ranks)}. Compare strategies by "
-              "footprint: a frozen base that nothing has touched yet can still be a lazily mapped file after setup "
-              "(lora, 1 process: its pages count only once the steps read them, so they land in \"above loaded\"); "
-              "2-process runs touch every weight at setup (DDP's broadcast, FSDP2's sharding)."]
+    lines += [
+        "",
+        "The estimate counts state only; the measured footprint adds activations, the processor, "
+        "allocator slack and (fsdp2) communication buffers. Reset of the peak counter worked: "
+        f"{all(r['reset'] for ranks in result['configs'].values() for r in ranks)}. Compare strategies by "
+        "footprint: a frozen base that nothing has touched yet can still be a lazily mapped file after setup "
+        '(lora, 1 process: its pages count only once the steps read them, so they land in "above loaded"); '
+        "2-process runs touch every weight at setup (DDP's broadcast, FSDP2's sharding).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,9 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     from common import build_workload_model
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_memory_"))
-    model_dir = build_workload_model(tmp / "model", text_hidden=SHAPE["text_hidden"], text_layers=SHAPE["text_layers"],
-                                     vision_dim=SHAPE["vision_dim"], vision_depth=SHAPE["vision_depth"],
-                                     vocab=SHAPE["vocab"], max_pixels=256 * 28 * 28)
+    model_dir = build_workload_model(
+        tmp / "model",
+        text_hidden=SHAPE["text_hidden"],
+        text_layers=SHAPE["text_layers"],
+        vision_dim=SHAPE["vision_dim"],
+        vision_depth=SHAPE["vision_depth"],
+        vocab=SHAPE["vocab"],
+        max_pixels=256 * 28 * 28,
+    )
     shape, _ = model_shape(model_dir)
     mach = machine()
     configs = {}

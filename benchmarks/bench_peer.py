@@ -30,15 +30,23 @@ import tempfile
 import warnings
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    QUESTION, ProcessPeak, build_workload_model, machine, machine_markdown, scene, summary, timed, write_results,
+    QUESTION,
+    ProcessPeak,
+    build_workload_model,
+    machine,
+    machine_markdown,
+    scene,
+    summary,
+    timed,
+    write_results,
 )
 
 
-def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: int, warmup: int, out: Path,
-              meter: ProcessPeak) -> list[dict]:
+def trl_block(
+    model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: int, warmup: int, out: Path, meter: ProcessPeak
+) -> list[dict]:
     """Run TRL's DistillationTrainer for warmup + steps steps; per-step seconds (``meter`` starts at step 1)."""
     import time
 
@@ -50,8 +58,11 @@ def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: in
 
     model, processor = load_model(str(model_dir))
     teacher = copy.deepcopy(model).eval()
-    rows = [{"prompt": [{"role": "user", "content": QUESTION}], "image": scene(i)}
-            for i in range(P * (warmup + steps)) for _ in range(n)]
+    rows = [
+        {"prompt": [{"role": "user", "content": QUESTION}], "image": scene(i)}
+        for i in range(P * (warmup + steps))
+        for _ in range(n)
+    ]
     records: list[dict] = []
 
     class StepMeter(TrainerCallback):
@@ -64,14 +75,36 @@ def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: in
             records.append({"seconds": time.perf_counter() - self.t0})
 
     args = DistillationConfig(
-        output_dir=str(out), per_device_train_batch_size=P * n, gradient_accumulation_steps=1,
-        max_steps=warmup + steps, max_completion_length=T, temperature=1.0, top_p=1.0, beta=beta,
-        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
-        bf16=False, use_cpu=True, logging_steps=10_000, report_to=[], save_strategy="no",
-        dataloader_num_workers=0, shuffle_dataset=False, seed=0, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=P * n,
+        gradient_accumulation_steps=1,
+        max_steps=warmup + steps,
+        max_completion_length=T,
+        temperature=1.0,
+        top_p=1.0,
+        beta=beta,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        logging_steps=10_000,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        seed=0,
+        disable_tqdm=True,
     )
-    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=processor, callbacks=[StepMeter()])
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        callbacks=[StepMeter()],
+    )
     trainer.train()
     return records[warmup:]
 
@@ -79,19 +112,45 @@ def trl_block(model_dir: Path, *, P: int, n: int, T: int, beta: float, steps: in
 class VopdRunner:
     """vopd's train_step on prompt batches built the same way (one micro-batch of P prompts)."""
 
-    def __init__(self, model_dir: Path, *, P: int, n: int, T: int, beta: float, out: Path, naive: bool = False,
-                 sharing: str | None = None, image_size: int = 336):
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        P: int,
+        n: int,
+        T: int,
+        beta: float,
+        out: Path,
+        naive: bool = False,
+        sharing: str | None = None,
+        image_size: int = 336,
+    ):
+        import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
         from vopd.config import load_config
         from vopd.trainer import setup
-        import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 
-        cfg = load_config(None, [
-            f"model.path={model_dir}", "data.train=toyworld:4:0", f"rollout.n={n}", f"rollout.max_new_tokens={T}",
-            "rollout.temperature=1.0", f"loss.beta={beta}", "loss.estimator=full", "teacher.kind=frozen",
-            "teacher.view=full", f"prompts_per_step={P}", f"micro_batch_prompts={P}", "optim.lr=1e-5",
-            "optim.warmup_steps=0", "report_to=[jsonl]", f"output_dir={out}", f"naive={str(naive).lower()}",
-            "device=cpu",
-        ])
+        cfg = load_config(
+            None,
+            [
+                f"model.path={model_dir}",
+                "data.train=toyworld:4:0",
+                f"rollout.n={n}",
+                f"rollout.max_new_tokens={T}",
+                "rollout.temperature=1.0",
+                f"loss.beta={beta}",
+                "loss.estimator=full",
+                "teacher.kind=frozen",
+                "teacher.view=full",
+                f"prompts_per_step={P}",
+                f"micro_batch_prompts={P}",
+                "optim.lr=1e-5",
+                "optim.warmup_steps=0",
+                "report_to=[jsonl]",
+                f"output_dir={out}",
+                f"naive={str(naive).lower()}",
+                "device=cpu",
+            ],
+        )
         self.state, *_ = setup(cfg)
         self.P, self.sharing, self.image_size, self.count = P, sharing, image_size, 0
 
@@ -107,8 +166,12 @@ class VopdRunner:
         # peak_mb: the sampled per-step meter, kept for bench_vopd.py's ablation table only (peak above the
         # step start in a warmed-up process: see common.py); this benchmark reports ProcessPeak instead.
         metrics, seconds, peak = timed(train_step, self.state, [pair], sharing=self.sharing)
-        return {"seconds": seconds, "peak_mb": peak, "response_tokens": metrics["response_tokens"],
-                **{k: v for k, v in metrics.items() if k.startswith("time_")}}
+        return {
+            "seconds": seconds,
+            "peak_mb": peak,
+            "response_tokens": metrics["response_tokens"],
+            **{k: v for k, v in metrics.items() if k.startswith("time_")},
+        }
 
 
 def _settings(quick: bool) -> tuple[dict, tuple[int, int, int]]:
@@ -138,15 +201,27 @@ def run(quick: bool) -> dict:
     out: dict[str, list] = {"trl": [], "vopd": [], "trl_memory": [], "vopd_memory": []}
     for r in range(rounds):
         for kind in ("trl", "vopd"):
-            cmd = [sys.executable, __file__, "--block", kind, "--model-dir", str(model_dir), "--out", str(tmp / f"{kind}{r}")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--block",
+                kind,
+                "--model-dir",
+                str(model_dir),
+                "--out",
+                str(tmp / f"{kind}{r}"),
+            ]
             proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{kind} block failed:\n{proc.stderr[-3000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             out[kind] += res["records"]
             out[f"{kind}_memory"].append(res["memory"])
-            print(f"round {r}: {kind} {[round(x['seconds'], 2) for x in res['records']]} s, "
-                  f"peak {res['memory']['peak_above_loaded_mb']:.0f} MB above loaded", flush=True)
+            print(
+                f"round {r}: {kind} {[round(x['seconds'], 2) for x in res['records']]} s, "
+                f"peak {res['memory']['peak_above_loaded_mb']:.0f} MB above loaded",
+                flush=True,
+            )
     return {"workload": work, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, **out}
 
 
@@ -157,25 +232,33 @@ def report(result: dict, mach: dict) -> str:
     loaded = {k: summary([m["loaded_rss_mb"] for m in result[f"{k}_memory"]])["median"] for k in ("trl", "vopd")}
     phases = {k: summary([r[k] for r in result["vopd"]])["median"] for k in result["vopd"][0] if k.startswith("time_")}
     lines = [
-        "# Benchmark 1: vopd vs TRL DistillationTrainer, equal work, alternating blocks (each in its own process)", "",
-        machine_markdown(mach), "",
+        "# Benchmark 1: vopd vs TRL DistillationTrainer, equal work, alternating blocks (each in its own process)",
+        "",
+        machine_markdown(mach),
+        "",
         f"Workload: random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192), 336 px images (144 image "
         f"tokens, prompt ~166 tokens), P={w['P']} prompts x n={w['n']} rollouts, up to T={w['T']} sampled tokens, "
         f"JSD beta={w['beta']} over the full vocabulary, frozen teacher on the same image, fp32, AdamW. "
         f"{result['rounds']} alternating rounds x {result['steps_per_round']} measured steps "
-        f"(+{result['warmup']} warm-up per block).", "",
+        f"(+{result['warmup']} warm-up per block).",
+        "",
         "Memory: per block (its own process), the kernel's peak RSS over all its steps minus the RSS after "
         "loading model, teacher and data (`common.ProcessPeak`; reset of the peak counter: "
         f"{all(m['reset'] for k in ('trl', 'vopd') for m in result[f'{k}_memory'])}). RSS after loading "
-        f"(median): TRL {loaded['trl']:.0f} MB, vopd {loaded['vopd']:.0f} MB.", "",
-        "| trainer | median s/step (min-max) | median peak MB above loaded, per block (min-max) |", "|---|---|---|",
+        f"(median): TRL {loaded['trl']:.0f} MB, vopd {loaded['vopd']:.0f} MB.",
+        "",
+        "| trainer | median s/step (min-max) | median peak MB above loaded, per block (min-max) |",
+        "|---|---|---|",
         f"| TRL DistillationTrainer | {t_trl['median']:.2f} ({t_trl['min']:.2f}-{t_trl['max']:.2f}) | "
         f"{m_trl['median']:.0f} ({m_trl['min']:.0f}-{m_trl['max']:.0f}) |",
         f"| vopd | {t_vopd['median']:.2f} ({t_vopd['min']:.2f}-{t_vopd['max']:.2f}) | "
-        f"{m_vopd['median']:.0f} ({m_vopd['min']:.0f}-{m_vopd['max']:.0f}) |", "",
+        f"{m_vopd['median']:.0f} ({m_vopd['min']:.0f}-{m_vopd['max']:.0f}) |",
+        "",
         f"Ratio vopd / TRL: time {t_vopd['median'] / t_trl['median']:.2f} (target <= 0.5), "
-        f"peak memory {m_vopd['median'] / m_trl['median']:.2f} (target <= 1).", "",
-        "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".", "",
+        f"peak memory {m_vopd['median'] / m_trl['median']:.2f} (target <= 1).",
+        "",
+        "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".",
+        "",
         "vopd samples from one prefill per prompt (the KV cache expanded to its n rollouts, "
         "`rollout.SHARED_PREFILL_FAMILIES`); TRL's `generate` runs each prompt's prefill once per row. "
         f"Load average (1 min) at start {mach['load_average_at_start'][0]:.2f}, at the end "

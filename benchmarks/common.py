@@ -47,9 +47,14 @@ def machine() -> dict[str, Any]:
     import transformers
 
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(mem_gb, 1), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "platform": platform.platform(),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
     }
@@ -95,8 +100,12 @@ class ProcessPeak:
 
     def stop(self) -> dict[str, float]:
         peak = hwm_mb()
-        return {"loaded_rss_mb": self.loaded_mb, "peak_rss_mb": peak, "peak_above_loaded_mb": peak - self.loaded_mb,
-                "reset": self.reset}
+        return {
+            "loaded_rss_mb": self.loaded_mb,
+            "peak_rss_mb": peak,
+            "peak_above_loaded_mb": peak - self.loaded_mb,
+            "reset": self.reset,
+        }
 
 
 class PeakRSS:
@@ -155,15 +164,29 @@ def scene(i: int, size: int = 336) -> Image.Image:
     return img
 
 
-def build_workload_model(out_dir: Path, *, text_hidden: int = 256, text_layers: int = 4, vision_dim: int = 128,
-                         vision_depth: int = 4, vocab: int = 8192, max_pixels: int = 1024 * 28 * 28) -> Path:
+def build_workload_model(
+    out_dir: Path,
+    *,
+    text_hidden: int = 256,
+    text_layers: int = 4,
+    vision_dim: int = 128,
+    vision_depth: int = 4,
+    vocab: int = 8192,
+    max_pixels: int = 1024 * 28 * 28,
+) -> Path:
     """The benchmark model (random Qwen2-VL, built from a config), saved so both trainers load the same files."""
     from vopd.tiny_models import build_tiny_model, save_tiny
 
     heads = max(2, text_hidden // 64)
-    text = {"hidden_size": text_hidden, "num_hidden_layers": text_layers, "intermediate_size": 4 * text_hidden,
-            "vocab_size": vocab, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}}
+    text = {
+        "hidden_size": text_hidden,
+        "num_hidden_layers": text_layers,
+        "intermediate_size": 4 * text_hidden,
+        "vocab_size": vocab,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+    }
     vision = {"embed_dim": vision_dim, "depth": vision_depth, "num_heads": max(2, vision_dim // 64)}
     model, processor = build_tiny_model("qwen2_vl", seed=0, text=text, vision=vision)
     processor.image_processor.max_pixels = max_pixels
@@ -179,6 +202,8 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
 
 
 def machine_markdown(m: dict[str, Any]) -> str:
-    return (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores (torch threads {m['torch_threads']}), "
-            f"{m['memory_gb']} GB RAM; torch {m['torch']}, transformers {m['transformers']}; load average at start "
-            f"{m['load_average_at_start']} (shared machine); MALLOC_MMAP_THRESHOLD_={m['malloc_mmap_threshold']}.\n")
+    return (
+        f"Machine: {m['cpu']}, {m['logical_cores']} logical cores (torch threads {m['torch_threads']}), "
+        f"{m['memory_gb']} GB RAM; torch {m['torch']}, transformers {m['transformers']}; load average at start "
+        f"{m['load_average_at_start']} (shared machine); MALLOC_MMAP_THRESHOLD_={m['malloc_mmap_threshold']}.\n"
+    )

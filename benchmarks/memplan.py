@@ -46,8 +46,16 @@ def lora_params(shape: ModelShape, r: int) -> float:
     return per_layer * shape.layers
 
 
-def state_bytes(shape: ModelShape, *, strategy: str, world: int = 1, teacher: str = "ema",
-                bf16: bool = True, lora_r: int = 0, base_bytes: int = 2) -> dict[str, float]:
+def state_bytes(
+    shape: ModelShape,
+    *,
+    strategy: str,
+    world: int = 1,
+    teacher: str = "ema",
+    bf16: bool = True,
+    lora_r: int = 0,
+    base_bytes: int = 2,
+) -> dict[str, float]:
     """Bytes per rank that live through a step, by component.
 
     ``strategy``: ddp | fsdp2 | lora. Full fine-tuning keeps fp32 master weights, fp32 gradients and
@@ -58,18 +66,26 @@ def state_bytes(shape: ModelShape, *, strategy: str, world: int = 1, teacher: st
     P = shape.params
     if strategy == "lora":
         A = lora_params(shape, lora_r or 16)
-        out = {"base weights": base_bytes * P, "adapter + grad + AdamW": 16 * A,
-               "teacher": 4 * A if teacher == "ema" else 0.0}
+        out = {
+            "base weights": base_bytes * P,
+            "adapter + grad + AdamW": 16 * A,
+            "teacher": 4 * A if teacher == "ema" else 0.0,
+        }
         return out
     shard = world if strategy == "fsdp2" else 1
     teacher_bytes = (2 + (4 if teacher == "ema" else 0)) if bf16 else 4
-    out = {"student weights (fp32)": 4 * P / shard, "gradients (fp32)": 4 * P / shard,
-           "AdamW moments (fp32)": 8 * P / shard, "teacher": teacher_bytes * P / shard}
+    out = {
+        "student weights (fp32)": 4 * P / shard,
+        "gradients (fp32)": 4 * P / shard,
+        "AdamW moments (fp32)": 8 * P / shard,
+        "teacher": teacher_bytes * P / shard,
+    }
     if strategy == "fsdp2":
         compute = 2 if bf16 else 4
         # Gathered while in use: both roots (embeddings, head) and ~2 layers (current + the next one).
-        out["gathered units (fsdp2)"] = compute * shape.root_params + (2 if bf16 else 4) * shape.root_params \
-            + 2 * compute * shape.layer_params
+        out["gathered units (fsdp2)"] = (
+            compute * shape.root_params + (2 if bf16 else 4) * shape.root_params + 2 * compute * shape.layer_params
+        )
     return out
 
 
@@ -86,8 +102,11 @@ def paper_table() -> str:
     """Markdown: per-GPU estimate of the paper recipe (EMA teacher, bf16, 8 rollouts x up to 1024
     tokens, one prompt per micro-batch) at 4B and 9B for each strategy."""
     tokens = 8 * (1024 + 1024)  # n=8 sequences x (prompt ~1024 incl. image tokens + 1024 response)
-    rows = ["| model | strategy | GPUs | weights+teacher+grads+AdamW per GPU | + gathered units | + activations "
-            "(1 prompt x 8 x ~2k tokens, checkpointed) | total per GPU |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | strategy | GPUs | weights+teacher+grads+AdamW per GPU | + gathered units | + activations "
+        "(1 prompt x 8 x ~2k tokens, checkpointed) | total per GPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for shape in (QWEN35_4B, QWEN35_9B):
         act = activation_bytes(shape, tokens=tokens)
         for strategy, world in (("ddp", 8), ("fsdp2", 8), ("lora", 1)):
@@ -95,8 +114,10 @@ def paper_table() -> str:
             gathered = parts.pop("gathered units (fsdp2)", 0.0)
             state = sum(parts.values())
             name = "lora (r=16, bf16 base)" if strategy == "lora" else strategy
-            rows.append(f"| {shape.name} | {name} | {world} | {state / GB:.1f} GB | {gathered / GB:.1f} GB | "
-                        f"{act / GB:.1f} GB | **{(state + gathered + act) / GB:.0f} GB** |")
+            rows.append(
+                f"| {shape.name} | {name} | {world} | {state / GB:.1f} GB | {gathered / GB:.1f} GB | "
+                f"{act / GB:.1f} GB | **{(state + gathered + act) / GB:.0f} GB** |"
+            )
     return "\n".join(rows) + "\n"
 
 

@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(SCRIPTS), action="append", help="run only these (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per benchmark (default 2)")
     args = parser.parse_args(argv)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(args.threads),
+    )
     failed = []
     for name in args.only or list(SCRIPTS):
         start = time.perf_counter()

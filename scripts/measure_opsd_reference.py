@@ -31,20 +31,25 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, processor = resolve_model_spec(args.model, dtype="float32", trust_remote_code=False,
-                                          attn_implementation=None, seed=0)
+    model, processor = resolve_model_spec(
+        args.model, dtype="float32", trust_remote_code=False, attn_implementation=None, seed=0
+    )
     samples = make_dataset(args.n, HELDOUT_SEED)
     engine, greedy = HFGenerateEngine(processor), RolloutConfig(n=1, temperature=0, max_new_tokens=8)
-    texts = {"question only (student prompt)": lambda s: view_input(s, "full")[1],
-             "question + reference answer (OPSD teacher)": lambda s: reference_text(s, hint=False)}
+    texts = {
+        "question only (student prompt)": lambda s: view_input(s, "full")[1],
+        "question + reference answer (OPSD teacher)": lambda s: reference_text(s, hint=False),
+    }
     for name, text in texts.items():
         right = 0
         for i in range(0, len(samples), 100):
             batch = samples[i : i + 100]
             prompts = build_prompts(processor, [view_input(s, "full")[0] for s in batch], [text(s) for s in batch])
             ro = engine.sample(model, prompts, greedy)
-            right += sum(toy_answer_correct(processor.tokenizer.decode(ids[m]), s)
-                         for s, ids, m in zip(batch, ro.response_ids_B_T, ro.mask_B_T))
+            right += sum(
+                toy_answer_correct(processor.tokenizer.decode(ids[m]), s)
+                for s, ids, m in zip(batch, ro.response_ids_B_T, ro.mask_B_T)
+            )
         print(f"full image, {name}: {100 * right / len(samples):.1f} % of {len(samples)}")
 
 

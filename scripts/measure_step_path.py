@@ -37,11 +37,22 @@ def main() -> None:
 
     root = Path(vopd.__file__).resolve().parent
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [
-            "model.path=tiny:qwen2_vl", "data.train=toyworld:4:0", "rollout.n=2", "rollout.max_new_tokens=4",
-            "prompts_per_step=2", "micro_batch_prompts=2", "report_to=[jsonl]", "threads=1",
-            "teacher.kind=frozen", f"naive={str(args.naive).lower()}", f"output_dir={out}",
-        ])
+        cfg = load_config(
+            None,
+            [
+                "model.path=tiny:qwen2_vl",
+                "data.train=toyworld:4:0",
+                "rollout.n=2",
+                "rollout.max_new_tokens=4",
+                "prompts_per_step=2",
+                "micro_batch_prompts=2",
+                "report_to=[jsonl]",
+                "threads=1",
+                "teacher.kind=frozen",
+                f"naive={str(args.naive).lower()}",
+                f"output_dir={out}",
+            ],
+        )
         state, sampler, dataset, _ = trainer_mod.setup(cfg)
         collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
         batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:1]]

@@ -95,7 +95,9 @@ def vllm_python():
     """
     from pathlib import Path
 
-    path = Path(os.environ.get("VOPD_VLLM_PYTHON") or Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+    path = Path(
+        os.environ.get("VOPD_VLLM_PYTHON") or Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    )
     if not path.exists():
         reason = f"vLLM environment absent ({path}): run `bash scripts/setup_vllm.sh` or set VOPD_VLLM_PYTHON"
         if os.environ.get("VOPD_REQUIRE_VLLM") == "1":

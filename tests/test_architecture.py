@@ -120,7 +120,7 @@ def _imports(module: str, *, top_level_only: bool = False) -> list[tuple[str, st
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(file: Path) -> ast.Module:
     return ast.parse(file.read_text(), filename=str(file))
 
@@ -241,10 +241,13 @@ def test_known_violations_still_exist():
     assert not fixed, f"these known violations are gone: delete them from KNOWN: {fixed}"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
-    ({"a": {"b"}, "b": set()}, []),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+        ({"a": {"b"}, "b": set()}, []),
+    ],
+)
 def test_cycle_finder(source, expected):
     assert _cycles(source) == expected
 

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from support.steps import capture_grads, seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.trainer as trainer_mod
-from support.steps import capture_grads, seeded_step
 from vopd.config import ConfigError, load_config
 from vopd.data import PairCollator
 from vopd.fused_loss import nll_loss
@@ -21,9 +21,20 @@ from vopd.rollout import reference_rollouts
 from vopd.views import REFERENCE_TEMPLATE
 
 BASE = [
-    "model.path=toy-base", "data.train=toyworld:4:0", "rollout.n=2", "rollout.max_new_tokens=8",
-    "loss.top_k=16", "loss.chunk_size=5", "prompts_per_step=4", "micro_batch_prompts=2", "report_to=[jsonl]",
-    "threads=1", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.weight_decay=0.0", "seed=3",
+    "model.path=toy-base",
+    "data.train=toyworld:4:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=8",
+    "loss.top_k=16",
+    "loss.chunk_size=5",
+    "prompts_per_step=4",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+    "optim.weight_decay=0.0",
+    "seed=3",
 ]
 
 
@@ -89,9 +100,12 @@ def test_objective_knob_default_choices_and_bad_value():
     assert load_config(None, ["model.path=toy-base"]).objective == "opd"
     with pytest.raises(ConfigError, match="objective='sft' is not one of opd"):
         load_config(None, ["objective=sft"])
-    for extra, key in ((["teacher.kind=trust_region"], "teacher.kind=trust_region"),
-                       (["rollout.engine=vllm"], "rollout.engine=vllm"), (["lora.r=4"], "lora.r"),
-                       (["parallel.strategy=fsdp2", "teacher.kind=frozen"], "parallel.strategy=fsdp2")):
+    for extra, key in (
+        (["teacher.kind=trust_region"], "teacher.kind=trust_region"),
+        (["rollout.engine=vllm"], "rollout.engine=vllm"),
+        (["lora.r=4"], "lora.r"),
+        (["parallel.strategy=fsdp2", "teacher.kind=frozen"], "parallel.strategy=fsdp2"),
+    ):
         with pytest.raises(ConfigError, match=f"objective=sft_self.*{key}"):
             load_config(None, ["objective=sft_self", *extra])
     load_config(None, ["objective=opsd", "rollout.engine=vllm"])  # the student samples: any engine
@@ -118,8 +132,9 @@ def test_default_objective_is_the_unchanged_vision_opd_step(tmp_path):
 
 
 def test_sft_self_is_the_student_nll_of_the_teachers_greedy_crop_answers(tmp_path, monkeypatch):
-    state, batches, dataset = _setup(tmp_path, "objective=sft_self", "rollout.temperature=0", "rollout.n=1",
-                                     strip_answers=True)
+    state, batches, dataset = _setup(
+        tmp_path, "objective=sft_self", "rollout.temperature=0", "rollout.n=1", strip_answers=True
+    )
     assert all(b.answers is None for b in batches) and dataset[0].answer is None  # no answer leaves the data
     teacher = state.teacher.model
     assert teacher is not state.policy
@@ -135,8 +150,11 @@ def test_sft_self_is_the_student_nll_of_the_teachers_greedy_crop_answers(tmp_pat
     store: dict = {}
     capture_grads(monkeypatch, store)
     calls, sample = [], state.engine.sample
-    monkeypatch.setattr(state.engine, "sample", lambda model, prompts, cfg: calls.append((model, prompts)) or
-                        sample(model, prompts, cfg))
+    monkeypatch.setattr(
+        state.engine,
+        "sample",
+        lambda model, prompts, cfg: calls.append((model, prompts)) or sample(model, prompts, cfg),
+    )
     metrics = seeded_step(state, batches)
     assert len(calls) == len(batches)  # the teacher answered, on its crop prompts
     assert all(m is teacher and p is b.teacher for (m, p), b in zip(calls, batches))
@@ -171,8 +189,9 @@ def test_opsd_teacher_sees_the_full_image_and_the_answer_student_prompt_unchange
             assert torch.equal(b.student[key], ob.student[key]), key
         # The teacher's image is the student's full image (same pixels), not the crop opd's teacher gets.
         assert torch.equal(b.teacher["pixel_values"], b.student["pixel_values"])
-        assert not torch.equal(ob.teacher["image_grid_thw"], ob.student["image_grid_thw"]) or \
-            not torch.equal(ob.teacher["pixel_values"], ob.student["pixel_values"])
+        assert not torch.equal(ob.teacher["image_grid_thw"], ob.student["image_grid_thw"]) or not torch.equal(
+            ob.teacher["pixel_values"], ob.student["pixel_values"]
+        )
         answers = {s.id: s.answer for s in dataset.samples}
         for row, sid in enumerate(ids):
             teacher_text = tok.decode(b.teacher["input_ids"][row])
@@ -221,8 +240,10 @@ def test_sft_gold_is_the_student_nll_of_the_reference_answers(tmp_path):
     targets = []
     for b in batches:
         assert b.answers == [answers[i] for i in b.sample_ids]
-        rows = [tok(answers[i], add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
-                for i in b.sample_ids]
+        rows = [
+            tok(answers[i], add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+            for i in b.sample_ids
+        ]
         width = max(map(len, rows))
         ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
         mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
@@ -269,11 +290,23 @@ def test_baseline_ablation_rows_name_their_objective():
     from vopd.toyworld.demo import DemoConfig, demo_train_config
     from vopd.toyworld.run_info import describe_configuration, run_configuration
 
-    conf = {name: run_configuration(demo_train_config(DemoConfig(overrides=tuple(ov))))
-            for name, ov in {**OPD_VARIANTS, **BASELINE_VARIANTS}.items()}
+    conf = {
+        name: run_configuration(demo_train_config(DemoConfig(overrides=tuple(ov))))
+        for name, ov in {**OPD_VARIANTS, **BASELINE_VARIANTS}.items()
+    }
     gold, self_, opsd = (conf[n] for n in BASELINE_VARIANTS)
-    assert (gold["objective"], gold["teacher"], gold["estimator"], gold["labels"]) == ("sft_gold", None, None, "gold answers")
-    assert (self_["objective"], self_["teacher"], self_["teacher_view"], self_["beta"]) == ("sft_self", "frozen", "crop", None)
+    assert (gold["objective"], gold["teacher"], gold["estimator"], gold["labels"]) == (
+        "sft_gold",
+        None,
+        None,
+        "gold answers",
+    )
+    assert (self_["objective"], self_["teacher"], self_["teacher_view"], self_["beta"]) == (
+        "sft_self",
+        "frozen",
+        "crop",
+        None,
+    )
     assert (opsd["objective"], opsd["teacher_view"], opsd["estimator"]) == ("opsd", "full+answer", "topk")
     texts = [describe_configuration(c) for c in conf.values()]
     assert len(set(texts)) == len(texts)
@@ -289,9 +322,26 @@ def test_tiny_sft_self_ablation_runs_through_the_library_trainer(tmp_path, capsy
     from vopd.cli import main
 
     out = tmp_path / "D"
-    rc = main(["demo", "--out", str(out), "--ablations", "self-teacher", "--steps", "2", "--eval-every", "2",
-               "--n-eval", "20", "--threads", "1", "prompts_per_step=4", "micro_batch_prompts=4",
-               "health.probe_data=toyworld:8:124"])
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--ablations",
+            "self-teacher",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--n-eval",
+            "20",
+            "--threads",
+            "1",
+            "prompts_per_step=4",
+            "micro_batch_prompts=4",
+            "health.probe_data=toyworld:8:124",
+        ]
+    )
     assert rc == 0
     ablations = json.loads((out / "ablations.json").read_text())
     assert list(ablations) == ["SFT on self-teacher crop answers"]
@@ -301,5 +351,7 @@ def test_tiny_sft_self_ablation_runs_through_the_library_trainer(tmp_path, capsy
     lines = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all("logp_gap" not in m for m in lines)
     assert (train / "checkpoint-2" / "model.safetensors").is_file()
-    assert "No answer label was used in training: the student was fine-tuned" in \
-        (out / "sft_on_self_teacher_crop_answers" / "report.md").read_text()
+    assert (
+        "No answer label was used in training: the student was fine-tuned"
+        in (out / "sft_on_self_teacher_crop_answers" / "report.md").read_text()
+    )

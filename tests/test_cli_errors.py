@@ -71,8 +71,9 @@ def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys)
     assert "unexpected error (KeyError)" in line and "--debug" in line and "VOPD_DEBUG=1" in line
 
 
-@pytest.mark.parametrize("module, name, label, code", [(m, n, lab, 2 if n == "ConfigError" else 1)
-                                                     for m, n, lab, _ in EXPECTED_ERRORS])
+@pytest.mark.parametrize(
+    "module, name, label, code", [(m, n, lab, 2 if n == "ConfigError" else 1) for m, n, lab, _ in EXPECTED_ERRORS]
+)
 def test_every_expected_error_class_exists_and_maps_to_its_line(module, name, label, code, monkeypatch, capsys):
     """The table names real classes (a rename would silently turn them into 'unexpected error')."""
     import importlib
@@ -102,7 +103,8 @@ def test_command_return_value_is_the_exit_status(monkeypatch):
 
 
 def test_exit_status_reaches_the_shell():
-    out = subprocess.run([sys.executable, "-m", "vopd.cli", "train", "device=tpu"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vopd.cli", "train", "device=tpu"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert "device='tpu' is not one of auto | cpu | cuda" in _one_line(out.stderr)

@@ -182,7 +182,9 @@ def test_yaml_tags_are_refused_not_executed(tmp_path):
     path = tmp_path / "tag.yaml"
     marker = tmp_path / "pwned"
     path.write_text(f"output_dir: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(ConfigError, match=r"tag\.yaml, line 1: the YAML tag !!python/object/apply:os\.system is not allowed"):
+    with pytest.raises(
+        ConfigError, match=r"tag\.yaml, line 1: the YAML tag !!python/object/apply:os\.system is not allowed"
+    ):
         load_config(path)
     assert not marker.exists()
 
@@ -202,9 +204,11 @@ def test_renamed_key_still_works_with_a_note():
 def test_every_section_raises_config_error_when_built_in_python():
     from vopd.config import HealthConfig, RolloutConfig, ViewConfig
 
-    for make, key in [(lambda: HealthConfig(probe_size=0), "health.probe_size"),
-                      (lambda: RolloutConfig(n=0), "rollout.n"),
-                      (lambda: ViewConfig(zoom=-1.0), "views.zoom")]:
+    for make, key in [
+        (lambda: HealthConfig(probe_size=0), "health.probe_size"),
+        (lambda: RolloutConfig(n=0), "rollout.n"),
+        (lambda: ViewConfig(zoom=-1.0), "views.zoom"),
+    ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             make()
 
@@ -251,9 +255,11 @@ def test_vopd_config_imports_no_model_code():
     import subprocess
     import sys
 
-    code = ("import sys; from vopd.cli import main; rc = main(['config']); "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "print('LOADED', bad); sys.exit(rc or (3 if bad else 0))")
+    code = (
+        "import sys; from vopd.cli import main; rc = main(['config']); "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print('LOADED', bad); sys.exit(rc or (3 if bad else 0))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-500:] + out.stderr[-2000:]
     assert "LOADED []" in out.stdout and "optim.lr" in out.stdout

@@ -42,12 +42,14 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 def _bomb_png(path: Path) -> Path:
     """A valid-looking PNG header claiming 100000 x 100000 pixels (a few bytes on disk)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -56,7 +58,7 @@ def hostile(tmp_path) -> Path:
     """records.jsonl: rows 1 and 10 good; rows 2-9 each broken in one way."""
     d = tmp_path / "data"
     d.mkdir()
-    good = _noise_png(d / "good.png")
+    _noise_png(d / "good.png")
     trunc = _noise_png(d / "trunc.png")
     _truncate(trunc)
     (d / "empty.png").write_bytes(b"")
@@ -65,19 +67,20 @@ def hostile(tmp_path) -> Path:
     os.symlink("loop.png", d / "loop.png")
     q = {"question": "What colour?", "boxes": [[10, 10, 50, 50]]}
     rows = [
-        json.dumps({"image": "good.png", **q}),                              # 1 good
-        json.dumps({"image": "missing.png", **q}),                           # 2 missing
-        json.dumps({"image": "empty.png", **q}),                             # 3 zero bytes
-        json.dumps({"image": "text.png", **q}),                              # 4 not an image
-        json.dumps({"image": "bomb.png", **q}),                              # 5 header bomb
+        json.dumps({"image": "good.png", **q}),  # 1 good
+        json.dumps({"image": "missing.png", **q}),  # 2 missing
+        json.dumps({"image": "empty.png", **q}),  # 3 zero bytes
+        json.dumps({"image": "text.png", **q}),  # 4 not an image
+        json.dumps({"image": "bomb.png", **q}),  # 5 header bomb
         json.dumps({"image": "good.png", "question": "x", "boxes": [[500, 500, 600, 600]]}),  # 6 box outside
-        json.dumps({"image": "trunc.png", **q}),                             # 7 truncated pixels
-        None,                                                                # 8 non-UTF-8 bytes
-        json.dumps({"image": "loop.png", **q}),                              # 9 symlink loop
+        json.dumps({"image": "trunc.png", **q}),  # 7 truncated pixels
+        None,  # 8 non-UTF-8 bytes
+        json.dumps({"image": "loop.png", **q}),  # 9 symlink loop
         json.dumps({"image": "good.png", "question": "fine", "boxes": [[0, 0, 40, 40]]}),  # 10 good
     ]
-    raw = b"".join((r.encode() if r is not None else b'{"image": "good.png", "question": "caf\xe9"}') + b"\n"
-                   for r in rows)
+    raw = b"".join(
+        (r.encode() if r is not None else b'{"image": "good.png", "question": "caf\xe9"}') + b"\n" for r in rows
+    )
     (d / "records.jsonl").write_bytes(raw)
     return d / "records.jsonl"
 
@@ -125,9 +128,19 @@ def test_an_image_that_fails_to_decode_mid_run_is_replaced_or_named(hostile):
         strict[1]
 
 
-BASE = ["model.path=tiny:qwen2_vl", "rollout.n=2", "rollout.max_new_tokens=4", "loss.top_k=16", "optim.lr=1e-3",
-        "optim.warmup_steps=0", "prompts_per_step=2", "micro_batch_prompts=2", "report_to=[jsonl]", "threads=1",
-        "data.shuffle=false"]
+BASE = [
+    "model.path=tiny:qwen2_vl",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "loss.top_k=16",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=0",
+    "prompts_per_step=2",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+    "data.shuffle=false",
+]
 
 
 @pytest.fixture()
@@ -139,16 +152,33 @@ def toy_with_truncated(tmp_path) -> Path:
 
 
 def test_training_skips_and_counts_a_truncated_image_under_skip(toy_with_truncated, tmp_path):
-    cfg = load_config(None, [*BASE, f"data.train={toy_with_truncated}", "data.on_error=skip",
-                             f"output_dir={tmp_path / 'run'}", "max_steps=3"])
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            f"data.train={toy_with_truncated}",
+            "data.on_error=skip",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=3",
+        ],
+    )
     with pytest.warns(UserWarning, match=rf"(?s)step 2: skipped 1 row.*{toy_with_truncated}:4: "):
         res = train(cfg)
     assert res.steps == 3 and [h.get("data_skipped", 0.0) for h in res.history] == [0.0, 1.0, 0.0]
 
 
 def test_training_stops_naming_the_row_and_keeps_the_finished_step_under_raise(toy_with_truncated, tmp_path, capsys):
-    cfg = load_config(None, [*BASE, f"data.train={toy_with_truncated}", f"output_dir={tmp_path / 'run'}",
-                             "max_steps=3", "save_every=0", "data.num_workers=1"])
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            f"data.train={toy_with_truncated}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=3",
+            "save_every=0",
+            "data.num_workers=1",
+        ],
+    )
     with pytest.raises(RecordError, match=rf"^{toy_with_truncated}:4: .*cannot be decoded") as err:
         train(cfg)
     assert "Traceback" not in str(err.value)  # raised in the main process, not wrapped by the worker
@@ -170,8 +200,10 @@ def test_an_over_long_question_is_found_before_step_one(tmp_path, tiny_qwen2_vl)
     with pytest.warns(UserWarning, match=rf"(?s)skipped 1 over-long row.*{path}:2"):
         kept, kept_origins = drop_over_long_texts(processor, samples, origins, on_error="skip", **kw)
     assert kept_origins == [f"{path}:1", f"{path}:3"]
-    cfg = load_config(None, [*BASE, f"data.train={path}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
-                             "data.max_prompt_tokens=200"])
+    cfg = load_config(
+        None,
+        [*BASE, f"data.train={path}", f"output_dir={tmp_path / 'run'}", "max_steps=1", "data.max_prompt_tokens=200"],
+    )
     with pytest.raises(RecordError, match=rf"{path}:2: prompt text alone"):
         train(cfg)
     assert latest_checkpoint(tmp_path / "run") is None

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 from vopd.checkpoint import _to_plain, restore_rng, rng_state
 from vopd.data import StepSampler
-import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 
 def _sampler(**kw):
@@ -107,10 +107,13 @@ def test_train_samples_missing_image_is_named_before_training(tmp_path):
     from vopd.data import load_train_samples
     from vopd.records import RecordError
 
-    path = _write_rows(tmp_path, [
-        {"id": "a", "image": "ok.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
-        {"id": "b", "image": "missing.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
-    ])
+    path = _write_rows(
+        tmp_path,
+        [
+            {"id": "a", "image": "ok.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
+            {"id": "b", "image": "missing.png", "question": "q?", "boxes": [[1, 1, 10, 10]]},
+        ],
+    )
     with pytest.raises(RecordError, match=r"train\.jsonl:2: field 'image'.*missing\.png"):
         load_train_samples(str(path))
     with pytest.warns(UserWarning, match=r"1 rows skipped[\s\S]*train\.jsonl:2"):

@@ -13,21 +13,27 @@ from vopd.images import load_image
 from vopd.records import Box, RecordError, Sample, load_records
 from vopd.views import HINT, INSTRUCTION, ViewConfig, make_views, prompt_text, teacher_view
 
-PROBLEM = (f"<image>\nWhat color is the car?\n\n{HINT}\n\nA. red\nB. blue\nC. green\n"
-           f"D. white\n\n{INSTRUCTION}")
+PROBLEM = f"<image>\nWhat color is the car?\n\n{HINT}\n\nA. red\nB. blue\nC. green\nD. white\n\n{INSTRUCTION}"
 
 
 def _fake_release(root, rows=None):
     """A tiny data folder in the released layout: three image folders + train.jsonl."""
     clean = Image.new("RGB", (64, 48), (0, 90, 200))
-    for folder, im in (("original_images", clean), ("images", clean),
-                       ("teacher_images", clean.crop((8, 8, 24, 24)).resize((32, 32)))):
+    for folder, im in (
+        ("original_images", clean),
+        ("images", clean),
+        ("teacher_images", clean.crop((8, 8, 24, 24)).resize((32, 32))),
+    ):
         (root / folder).mkdir(parents=True, exist_ok=True)
         im.save(root / folder / "0001.png")
-    row = {"problem": PROBLEM, "images": ["images/0001.png"],
-           "teacher_images": ["teacher_images/0001.png"],
-           "original_images": ["original_images/0001.png"],
-           "bbox": [8, 8, 24, 24], "answer": "B"}
+    row = {
+        "problem": PROBLEM,
+        "images": ["images/0001.png"],
+        "teacher_images": ["teacher_images/0001.png"],
+        "original_images": ["original_images/0001.png"],
+        "bbox": [8, 8, 24, 24],
+        "answer": "B",
+    }
     rows = rows if rows is not None else [row, {**row, "answer": "D", "source": "sa1b"}]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return row
@@ -93,18 +99,27 @@ def test_release_bbox_checked_against_image(tmp_path):
     rows = [row, {**row, "bbox": [100, 100, 120, 120]}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = load_records(tmp_path, check_images=True, on_error="skip")
-    assert len(recs) == 1 and recs.skipped[0].row == 2 and "entirely outside" in \
-        recs.skipped[0].reason
+    assert len(recs) == 1 and recs.skipped[0].row == 2 and "entirely outside" in recs.skipped[0].reason
 
 
 def test_write_release_layout_round_trip(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     arr[..., 0] = 0  # no red anywhere in the clean image
     samples = [
-        Sample(id="a/1", image=Image.fromarray(arr), question="Which digit?",
-               options=["1", "7", "9"], answer="C", boxes=[Box(20, 10, 40, 30)]),
-        Sample(id="b", image=Image.fromarray(arr), question="Open question.",
-               boxes=[Box(5, 5, 10, 10), Box(50, 40, 60, 50)]),
+        Sample(
+            id="a/1",
+            image=Image.fromarray(arr),
+            question="Which digit?",
+            options=["1", "7", "9"],
+            answer="C",
+            boxes=[Box(20, 10, 40, 30)],
+        ),
+        Sample(
+            id="b",
+            image=Image.fromarray(arr),
+            question="Open question.",
+            boxes=[Box(5, 5, 10, 10), Box(50, 40, 60, 50)],
+        ),
     ]
     path = write_visionopd6k(samples, tmp_path / "export")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -114,7 +129,9 @@ def test_write_release_layout_round_trip(tmp_path):
     back = load_records(path, check_images=True)
     assert back.layout == "visionopd6k"
     assert [(s.id, s.question, s.options, s.answer) for s in back] == [
-        ("a/1", "Which digit?", ["1", "7", "9"], "C"), ("b", "Open question.", None, None)]
+        ("a/1", "Which digit?", ["1", "7", "9"], "C"),
+        ("b", "Open question.", None, None),
+    ]
     assert back[0].boxes == [Box(20, 10, 40, 30)]
     np.testing.assert_array_equal(np.asarray(load_image(back[0].image)), arr)
     boxed = np.asarray(load_image(back[0].meta["boxed_image"]))
@@ -122,13 +139,11 @@ def test_write_release_layout_round_trip(tmp_path):
     crop = load_image(back[0].teacher_image)
     # Default export: tight crop, zoom 2, as in the release; identical to teacher_view.
     assert crop.size == (40, 40)
-    expected = teacher_view(Image.fromarray(arr), [Box(20, 10, 40, 30)],
-                            ViewConfig(context=0, min_side=1, zoom=2))
+    expected = teacher_view(Image.fromarray(arr), [Box(20, 10, 40, 30)], ViewConfig(context=0, min_side=1, zoom=2))
     np.testing.assert_array_equal(np.asarray(crop), np.asarray(expected))
     assert int(np.asarray(crop)[..., 0].max()) == 0
 
 
 def test_write_release_needs_boxes(tmp_path):
     with pytest.raises(RecordError, match="field 'boxes'"):
-        write_visionopd6k([Sample(id="x", image=Image.new("RGB", (4, 4)), question="Q?")],
-                          tmp_path)
+        write_visionopd6k([Sample(id="x", image=Image.new("RGB", (4, 4)), question="Q?")], tmp_path)

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from support.synthetic import COLOURS, write_synthetic
 
 from vopd.evaluation.benchmarks import BENCHMARKS, get_benchmark
 from vopd.evaluation.benchmarks.files import BenchmarkFormatError
-from support.synthetic import COLOURS, write_synthetic
 
 
 def _colour(image):

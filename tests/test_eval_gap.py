@@ -7,10 +7,11 @@ import json
 
 import pytest
 from PIL import Image
+from support.fake_server import FakeChatServer
+from support.synthetic import oracle_answer, write_synthetic
 
 from vopd.evaluation import BackendConfig, HFBackend, PredictionStore
 from vopd.evaluation.cli_args import add_gap_arguments, gap_config_from_args, run_gap
-from support.fake_server import FakeChatServer
 from vopd.evaluation.gap import (
     GapConfig,
     _eval_item,
@@ -21,7 +22,6 @@ from vopd.evaluation.gap import (
     view_prompt,
 )
 from vopd.evaluation.stats import mcnemar_exact
-from support.synthetic import oracle_answer, write_synthetic
 from vopd.records import load_records
 
 N = 10
@@ -50,8 +50,13 @@ def test_gap_on_records_matches_hand_count(tmp_path):
     samples = list(load_records(path))
     right = _expected_global(samples)
     with FakeChatServer(oracle) as server:
-        cfg = GapConfig(data=str(path), out_dir=str(tmp_path / "out"), views=("full", "crop", "boxed_full"),
-                        backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url), n_boot=2000)
+        cfg = GapConfig(
+            data=str(path),
+            out_dir=str(tmp_path / "out"),
+            views=("full", "crop", "boxed_full"),
+            backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url),
+            n_boot=2000,
+        )
         result = main_gap(cfg)
         assert len(server.requests) == 3 * N
         main_gap(cfg)  # rerun: everything is in predictions.jsonl
@@ -60,8 +65,12 @@ def test_gap_on_records_matches_hand_count(tmp_path):
     assert result["views"]["crop"]["accuracy"] == 100.0
     assert result["views"]["full"]["accuracy"] == pytest.approx(100 * sum(right) / N)
     assert result["gap"]["value"] == pytest.approx(100 * k / N)
-    assert result["gap"]["table"] == {"both_right": sum(right), "only_crop_right": k,
-                                      "only_full_right": 0, "both_wrong": 0}
+    assert result["gap"]["table"] == {
+        "both_right": sum(right),
+        "only_crop_right": k,
+        "only_full_right": 0,
+        "both_wrong": 0,
+    }
     assert result["gap"]["mcnemar_p"] == pytest.approx(mcnemar_exact(0, k))
     lo, hi = result["gap"]["ci"]
     assert 0 <= lo <= result["gap"]["value"] <= hi
@@ -76,8 +85,13 @@ def test_gap_on_records_matches_hand_count(tmp_path):
 def test_gap_on_zoombench_uses_shipped_crops(tmp_path):
     path = write_synthetic("zoombench", tmp_path / "zb", n=6)
     with FakeChatServer(oracle) as server:
-        cfg = GapConfig(data=str(path), benchmark="zoombench", out_dir=str(tmp_path / "out"), n_boot=500,
-                        backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url))
+        cfg = GapConfig(
+            data=str(path),
+            benchmark="zoombench",
+            out_dir=str(tmp_path / "out"),
+            n_boot=500,
+            backend=BackendConfig(kind="openai", model="ckpt-0", url=server.url),
+        )
         result = main_gap(cfg)
     assert result["views"]["crop"]["accuracy"] == 100.0
     assert set(result["categories"]) == {"colour", "attribute"}
@@ -86,9 +100,13 @@ def test_gap_on_zoombench_uses_shipped_crops(tmp_path):
 def test_gap_over_checkpoints(tmp_path):
     path = write_synthetic("records", tmp_path / "data", n=N)
     with FakeChatServer(oracle) as server:
-        cfg = GapConfig(data=str(path), out_dir=str(tmp_path / "out"), n_boot=500,
-                        checkpoints=[str(tmp_path / "run" / "ckpt-10"), str(tmp_path / "run" / "ckpt-0")],
-                        backend=BackendConfig(kind="openai", model="unused", url=server.url))
+        cfg = GapConfig(
+            data=str(path),
+            out_dir=str(tmp_path / "out"),
+            n_boot=500,
+            checkpoints=[str(tmp_path / "run" / "ckpt-10"), str(tmp_path / "run" / "ckpt-0")],
+            backend=BackendConfig(kind="openai", model="unused", url=server.url),
+        )
         summary = main_gap(cfg)
     runs = summary["checkpoints"]
     assert [r["step"] for r in runs] == [0.0, 10.0]
@@ -101,8 +119,24 @@ def test_gap_cli_arguments_round_trip(tmp_path):
     path = write_synthetic("records", tmp_path / "data", n=4)
     parser = add_gap_arguments(argparse.ArgumentParser())
     with FakeChatServer(oracle) as server:
-        args = parser.parse_args([str(path), "--out", str(tmp_path / "o"), "--backend", "openai", "--model", "m",
-                                  "--url", server.url, "--student-view", "--zoom", "3", "--n-boot", "300"])
+        args = parser.parse_args(
+            [
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+                "--backend",
+                "openai",
+                "--model",
+                "m",
+                "--url",
+                server.url,
+                "--student-view",
+                "--zoom",
+                "3",
+                "--n-boot",
+                "300",
+            ]
+        )
         cfg = gap_config_from_args(args)
         assert cfg.views == ("full", "crop", "boxed_full") and cfg.view.zoom == 3.0  # --student-view: old name
         assert run_gap(args) == 0
@@ -145,8 +179,9 @@ def test_gap_with_tiny_hf_model(tmp_path, tiny_qwen2_vl):
     model, processor = tiny_qwen2_vl
     samples = load_gap_samples(str(write_synthetic("records", tmp_path / "data", n=4)))
     backend = _Counting(HFBackend(model, processor, max_new_tokens=4))
-    cfg = GapConfig(data="unused", out_dir=str(tmp_path), n_boot=200,
-                    backend=BackendConfig(kind="hf", model="tiny", batch_size=4))
+    cfg = GapConfig(
+        data="unused", out_dir=str(tmp_path), n_boot=200, backend=BackendConfig(kind="hf", model="tiny", batch_size=4)
+    )
     store = PredictionStore(tmp_path / "pred.jsonl")
     result = measure_gap(samples, backend, cfg, store=store)
     assert backend.calls == 2  # one batch per view

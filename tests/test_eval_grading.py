@@ -67,8 +67,17 @@ def test_grade_open_rules():
 
 @pytest.mark.parametrize(
     "reply, verdict",
-    [("Yes", True), ("yes.", True), ("**Yes**", True), (" YES, because", True), ("No.", False),
-     ("Answer: no", False), ("I think yes", None), ("", None), ("Yesterday", None)],
+    [
+        ("Yes", True),
+        ("yes.", True),
+        ("**Yes**", True),
+        (" YES, because", True),
+        ("No.", False),
+        ("Answer: no", False),
+        ("I think yes", None),
+        ("", None),
+        ("Yesterday", None),
+    ],
 )
 def test_parse_judge_reply(reply, verdict):
     assert parse_judge_reply(reply) is verdict

@@ -57,8 +57,11 @@ def test_a_truncated_body_fails_only_its_item(tmp_path):
     items[1].prompt = "CUT " + items[1].prompt
     store = PredictionStore(tmp_path / "predictions.jsonl")
     with BadServer(_cut_or_answer) as server:
-        backend = OpenAIBackend(BackendConfig(kind="openai", model="m", url=server.url, retries=1, backoff_s=0.01,
-                                              concurrency=3, timeout_s=5))
+        backend = OpenAIBackend(
+            BackendConfig(
+                kind="openai", model="m", url=server.url, retries=1, backoff_s=0.01, concurrency=3, timeout_s=5
+            )
+        )
         answers = predict(items, backend, store, batch_size=3)
     assert [answers[it.key] for it in items] == ["A", None, "A"]
     error = store.get("mmstar", "default", items[1].key)["error"]
@@ -66,7 +69,9 @@ def test_a_truncated_body_fails_only_its_item(tmp_path):
 
 
 def _echo_key_401(request):
-    request.send(reply(401, {"error": {"message": f"Incorrect API key provided: {request.headers.get('authorization')}"}}))
+    request.send(
+        reply(401, {"error": {"message": f"Incorrect API key provided: {request.headers.get('authorization')}"}})
+    )
 
 
 def _echo_key_400(request):
@@ -78,9 +83,13 @@ def test_no_key_and_no_key_echoing_body_is_stored(tmp_path, monkeypatch, behavio
     monkeypatch.setenv("VOPD_TEST_EVAL_KEY", SECRET)
     out = tmp_path / "out"
     with BadServer(behaviour) as server:
-        cfg = EvalConfig(benchmarks={"mmstar": str(_mmstar(tmp_path, 2))}, out_dir=str(out),
-                         backend=BackendConfig(kind="openai", model="m", url=server.url, retries=0,
-                                               api_key_env="VOPD_TEST_EVAL_KEY"))
+        cfg = EvalConfig(
+            benchmarks={"mmstar": str(_mmstar(tmp_path, 2))},
+            out_dir=str(out),
+            backend=BackendConfig(
+                kind="openai", model="m", url=server.url, retries=0, api_key_env="VOPD_TEST_EVAL_KEY"
+            ),
+        )
         summary = main_eval(cfg)
         assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"  # the key was sent
     assert summary["failures"] == 2
@@ -100,9 +109,12 @@ def test_a_judge_that_echoes_the_key_is_redacted_too(tmp_path, monkeypatch):
     path = write_synthetic("visualprobe", tmp_path / "vp", n=3)
     out = tmp_path / "out"
     with FakeChatServer(lambda t, b: "hmm, something else") as model, BadServer(_echo_key_400) as judge:
-        cfg = EvalConfig(benchmarks={"visualprobe": str(path)}, out_dir=str(out),
-                         backend=BackendConfig(kind="openai", model="m", url=model.url, retries=0),
-                         judge=JudgeConfig(url=judge.url, model="j", retries=0, api_key_env="VOPD_TEST_JUDGE_KEY"))
+        cfg = EvalConfig(
+            benchmarks={"visualprobe": str(path)},
+            out_dir=str(out),
+            backend=BackendConfig(kind="openai", model="m", url=model.url, retries=0),
+            judge=JudgeConfig(url=judge.url, model="j", retries=0, api_key_env="VOPD_TEST_JUDGE_KEY"),
+        )
         summary = main_eval(cfg)
     assert summary["rows"][0]["judge_failed"] == 3 and summary["rows"][0]["overall"] == 0.0
     log = (out / "judge.jsonl").read_text()
@@ -120,8 +132,13 @@ def test_a_key_pasted_as_the_variable_name_is_refused_without_echo():
 def test_credentials_in_the_url_are_not_written(tmp_path):
     with FakeChatServer(lambda t, b: "A") as server:
         url = server.url.replace("http://", "http://user:pw-secret@")
-        summary = main_eval(EvalConfig(benchmarks={"mmstar": str(_mmstar(tmp_path, 1))}, out_dir=str(tmp_path / "o"),
-                                       backend=BackendConfig(kind="openai", model="m", url=url)))
+        summary = main_eval(
+            EvalConfig(
+                benchmarks={"mmstar": str(_mmstar(tmp_path, 1))},
+                out_dir=str(tmp_path / "o"),
+                backend=BackendConfig(kind="openai", model="m", url=url),
+            )
+        )
     assert "pw-secret" not in (tmp_path / "o" / "summary.json").read_text()
     assert summary["settings"]["backend"]["url"] == server.url
 
@@ -132,12 +149,24 @@ def test_malformed_prediction_lines_are_skipped_with_a_warning_on_resume(tmp_pat
     out.mkdir()
     items = get_benchmark("mmstar").load(root)
     good = {"benchmark": "mmstar", "view": "default", "id": items[0].key, "prediction": "A", "error": None}
-    lines = ["{}", "[1, 2]", json.dumps({"benchmark": "mmstar"}), "not json at all", json.dumps(good),
-             json.dumps({**good, "id": items[1].key, "prediction": 7}), '{"benchmark": "mmstar", "vi']
+    lines = [
+        "{}",
+        "[1, 2]",
+        json.dumps({"benchmark": "mmstar"}),
+        "not json at all",
+        json.dumps(good),
+        json.dumps({**good, "id": items[1].key, "prediction": 7}),
+        '{"benchmark": "mmstar", "vi',
+    ]
     (out / "predictions.jsonl").write_text("\n".join(lines))  # the last line half-written, no newline
     with caplog.at_level(logging.WARNING), FakeChatServer(lambda t, b: "A") as server:
-        summary = main_eval(EvalConfig(benchmarks={"mmstar": str(root)}, out_dir=str(out),
-                                       backend=BackendConfig(kind="openai", model="m", url=server.url)))
+        summary = main_eval(
+            EvalConfig(
+                benchmarks={"mmstar": str(root)},
+                out_dir=str(out),
+                backend=BackendConfig(kind="openai", model="m", url=server.url),
+            )
+        )
         assert len(server.requests) == 3  # item 0 was answered; item 1's prediction was not text
     assert summary["rows"][0]["n"] == 4 and summary["failures"] == 0
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -170,9 +199,26 @@ def test_vopd_eval_with_a_server_imports_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     with FakeChatServer(lambda t, b: "A") as server:
         proc = subprocess.run(
-            [sys.executable, "-c", NO_TORCH_SCRIPT, "eval", f"mmstar={root}", "--out", str(tmp_path / "o"),
-             "--backend", "openai", "--model", "m", "--url", server.url],
-            capture_output=True, text=True, timeout=120, env=env)
+            [
+                sys.executable,
+                "-c",
+                NO_TORCH_SCRIPT,
+                "eval",
+                f"mmstar={root}",
+                "--out",
+                str(tmp_path / "o"),
+                "--backend",
+                "openai",
+                "--model",
+                "m",
+                "--url",
+                server.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"rc": 0, "heavy": []}
@@ -195,12 +241,37 @@ def test_vopd_eval_exit_status_through_the_cli(tmp_path, capsys):
 
     root = _mmstar(tmp_path, 2)
     with FakeChatServer(lambda t, b: 500) as server:  # every request fails
-        argv = ["eval", f"mmstar={root}", "--out", str(tmp_path / "o"), "--backend", "openai", "--model", "m",
-                "--url", server.url, "--retries", "0"]
+        argv = [
+            "eval",
+            f"mmstar={root}",
+            "--out",
+            str(tmp_path / "o"),
+            "--backend",
+            "openai",
+            "--model",
+            "m",
+            "--url",
+            server.url,
+            "--retries",
+            "0",
+        ]
         assert main(argv) == 3
         assert main(argv + ["--allow-failures"]) == 0
-    assert main(["eval", f"mmstar={tmp_path / 'missing'}", "--out", str(tmp_path / "o2"), "--backend", "openai",
-                 "--model", "m"]) != 0
+    assert (
+        main(
+            [
+                "eval",
+                f"mmstar={tmp_path / 'missing'}",
+                "--out",
+                str(tmp_path / "o2"),
+                "--backend",
+                "openai",
+                "--model",
+                "m",
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err
     assert "2 items failed" in err and "missing" in err and "Traceback" not in err
 

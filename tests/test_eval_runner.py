@@ -6,13 +6,13 @@ import json
 
 import pytest
 from PIL import Image
+from support.fake_server import FakeChatServer
+from support.synthetic import oracle_answer, write_synthetic
 
 from vopd.evaluation import BackendConfig, EvalConfig, JudgeConfig, LLMJudge, PredictionStore, main_eval, predict
 from vopd.evaluation.backends import OpenAIBackend, PartialFailure
 from vopd.evaluation.benchmarks import BENCHMARKS, get_benchmark
-from support.fake_server import FakeChatServer
 from vopd.evaluation.runner import grade_items
-from support.synthetic import oracle_answer, write_synthetic
 from vopd.evaluation.types import PromptItem
 
 
@@ -42,8 +42,11 @@ class CountingBackend:
 def test_eval_all_benchmarks_through_fake_server(tmp_path):
     benches = {name: str(write_synthetic(name, tmp_path / name, n=6)) for name in BENCHMARKS}
     with FakeChatServer(oracle) as server:
-        cfg = EvalConfig(benchmarks=benches, out_dir=str(tmp_path / "out"),
-                         backend=BackendConfig(kind="openai", model="fake", url=server.url, batch_size=8))
+        cfg = EvalConfig(
+            benchmarks=benches,
+            out_dir=str(tmp_path / "out"),
+            backend=BackendConfig(kind="openai", model="fake", url=server.url, batch_size=8),
+        )
         summary = main_eval(cfg)
         asked = len(server.requests)
     rows = {r["benchmark"]: r for r in summary["rows"]}
@@ -97,7 +100,9 @@ def test_server_errors_are_retried_on_rerun(tmp_path):
 
 def test_backend_retries_transient_errors():
     with FakeChatServer(lambda t, b: "B", fail_first=2) as server:
-        backend = OpenAIBackend(BackendConfig(kind="openai", model="m", url=server.url, retries=2, concurrency=1, backoff_s=0.01))
+        backend = OpenAIBackend(
+            BackendConfig(kind="openai", model="m", url=server.url, retries=2, concurrency=1, backoff_s=0.01)
+        )
         assert backend.generate([PromptItem("1", Image.new("RGB", (4, 4)), "q")]) == ["B"]
     with FakeChatServer(lambda t, b: "B", fail_first=5) as server:
         backend = OpenAIBackend(BackendConfig(kind="openai", model="m", url=server.url, retries=0, concurrency=2))
@@ -118,10 +123,12 @@ def test_judge_settles_only_what_rules_cannot(tmp_path):
     items = get_benchmark("visualprobe").load(write_synthetic("visualprobe", tmp_path, n=4))
     colours = {it.key: it.answer for it in items}
     ids = list(colours)
-    preds = {ids[0]: colours[ids[0]],                  # exact: rules settle, no judge call
-             ids[1]: f"I believe it is {colours[ids[1]]}-ish",  # judge: yes
-             ids[2]: "crash",                          # judge out of format -> unjudged
-             ids[3]: None}                             # no prediction -> unjudged
+    preds = {
+        ids[0]: colours[ids[0]],  # exact: rules settle, no judge call
+        ids[1]: f"I believe it is {colours[ids[1]]}-ish",  # judge: yes
+        ids[2]: "crash",  # judge out of format -> unjudged
+        ids[3]: None,
+    }  # no prediction -> unjudged
     with FakeChatServer(_judge_reply) as server:
         judge = LLMJudge(JudgeConfig(url=server.url, model="j", retries=0), tmp_path / "judge.jsonl")
         graded = grade_items(items, preds, judge=judge)
@@ -158,8 +165,12 @@ def test_eval_every_format_with_tiny_hf_model(tmp_path, tiny_qwen2_vl):
 
     model, processor = tiny_qwen2_vl
     benches = {name: str(write_synthetic(name, tmp_path / name, n=2)) for name in BENCHMARKS}
-    cfg = EvalConfig(benchmarks=benches, out_dir=str(tmp_path / "out"), label="tiny",
-                     backend=BackendConfig(kind="hf", model="tiny", batch_size=8, max_new_tokens=3))
+    cfg = EvalConfig(
+        benchmarks=benches,
+        out_dir=str(tmp_path / "out"),
+        label="tiny",
+        backend=BackendConfig(kind="hf", model="tiny", batch_size=8, max_new_tokens=3),
+    )
     summary = main_eval(cfg, backend=HFBackend(model, processor, max_new_tokens=3))
     assert [r["benchmark"] for r in summary["rows"]] == list(BENCHMARKS)
     graded = [json.loads(line) for line in (tmp_path / "out" / "graded" / "hrbench_4k.jsonl").read_text().splitlines()]
@@ -177,8 +188,22 @@ def test_eval_cli_arguments(tmp_path):
     path = write_synthetic("vstar", tmp_path / "v", n=2)
     parser = add_eval_arguments(argparse.ArgumentParser())
     with FakeChatServer(oracle) as server:
-        args = parser.parse_args([f"vstar={path}", "--out", str(tmp_path / "o"), "--backend", "openai",
-                                  "--model", "m", "--url", server.url, "--no-thinking", "--limit", "1"])
+        args = parser.parse_args(
+            [
+                f"vstar={path}",
+                "--out",
+                str(tmp_path / "o"),
+                "--backend",
+                "openai",
+                "--model",
+                "m",
+                "--url",
+                server.url,
+                "--no-thinking",
+                "--limit",
+                "1",
+            ]
+        )
         cfg = eval_config_from_args(args)
         assert cfg.backend.thinking is False and cfg.limit == 1 and cfg.judge is None
         assert run_eval(args) == 0

@@ -14,8 +14,14 @@ from vopd.evaluation.types import EvalItem, GradedItem
 
 def _g(correct, *, answer="A", category=None, extracted=None, **meta):
     item = EvalItem("b", str(id(meta)), b"", "", answer, category=category, meta=meta)
-    return GradedItem(item, "x" if correct is not None else None, correct, "test", extracted,
-                      status="graded" if correct is not None else "failed")
+    return GradedItem(
+        item,
+        "x" if correct is not None else None,
+        correct,
+        "test",
+        extracted,
+        status="graded" if correct is not None else "failed",
+    )
 
 
 @pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (5, 2), (10, 10), (1, 12)])
@@ -60,16 +66,29 @@ def test_wilson_by_hand():
 def test_accuracy_counts_failed_as_wrong_and_reports_judged_only():
     # the official scripts count a missing answer as wrong: 2 right of 4, not of the 3 answered
     acc = accuracy([_g(True), _g(False), _g(None), _g(True)])
-    assert acc == {"accuracy": pytest.approx(50.0), "judged_accuracy": pytest.approx(200 / 3), "n": 4,
-                   "judged": 3, "correct": 2, "unjudged": 1, "failed": 1, "judge_failed": 0, "unparsed": 0}
+    assert acc == {
+        "accuracy": pytest.approx(50.0),
+        "judged_accuracy": pytest.approx(200 / 3),
+        "n": 4,
+        "judged": 3,
+        "correct": 2,
+        "unjudged": 1,
+        "failed": 1,
+        "judge_failed": 0,
+        "unparsed": 0,
+    }
 
 
 def test_hrbench_mean_over_rotations_by_hand():
     # rotation 0: single 2/2, cross 0/2 -> 50 ; rotation 1: single 1/2, cross 1/2 -> 50
     # rotation 2: single 2/2, cross 2/2 -> 100 ; rotation 3: single 0/2, cross 1/2 -> 25
     table = {"0": ([1, 1], [0, 0]), "1": ([1, 0], [1, 0]), "2": ([1, 1], [1, 1]), "3": ([0, 0], [1, 0])}
-    graded = [_g(bool(v), category=cat, rotation=r) for r, (s, c) in table.items()
-              for cat, vals in (("single", s), ("cross", c)) for v in vals]
+    graded = [
+        _g(bool(v), category=cat, rotation=r)
+        for r, (s, c) in table.items()
+        for cat, vals in (("single", s), ("cross", c))
+        for v in vals
+    ]
     out = hrbench.score(graded)
     assert out["overall"] == pytest.approx((50 + 50 + 100 + 25) / 4)
     assert out["groups"]["FSP (single)"] == pytest.approx((100 + 50 + 100 + 0) / 4)
@@ -111,9 +130,13 @@ def test_pope_by_hand():
 
 
 def test_cvbench_2d_is_mean_over_sources():
-    graded = ([_g(True, category="2D", source="ADE20K")] * 1 + [_g(False, category="2D", source="ADE20K")] * 3
-              + [_g(True, category="2D", source="COCO")] * 1
-              + [_g(True, category="3D", source="Omni3D")] * 3 + [_g(False, category="3D", source="Omni3D")])
+    graded = (
+        [_g(True, category="2D", source="ADE20K")] * 1
+        + [_g(False, category="2D", source="ADE20K")] * 3
+        + [_g(True, category="2D", source="COCO")] * 1
+        + [_g(True, category="3D", source="Omni3D")] * 3
+        + [_g(False, category="3D", source="Omni3D")]
+    )
     out = cvbench.score(graded)
     assert out["2D"] == pytest.approx((25 + 100) / 2)
     assert out["3D"] == pytest.approx(75)

@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 import vopd.trainer as trainer_mod
 from vopd.fastpath import NaiveInputs, SharedPrompts, sharing_mode
 from vopd.models import build_prompts
-import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 N, T = 3, 5
@@ -44,8 +44,13 @@ def test_sharing_equals_straightforward_values_and_gradients(tiny_models, tiny_i
     model = copy.deepcopy(model).double().train()
     prompts, ids_B_T, mask_B_T = _batch(processor, tiny_images)
     assert prompts["attention_mask"].sum(1).unique().numel() == 2, "prompts must differ in length (padding)"
-    weight = torch.randn(2 * N, T, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(1),
-                         dtype=torch.float64)
+    weight = torch.randn(
+        2 * N,
+        T,
+        model.config.get_text_config().hidden_size,
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     ref_h, ref_g = _hidden_and_grads(model, SharedPrompts(prompts, ids_B_T, mask_B_T, N, "none"), weight)
     assert len(ref_g) > 10 and any("visual" in k for k in ref_g), "gradients must reach the vision tower"
     for mode in ("image", "prefix"):
@@ -71,7 +76,9 @@ def _count_work(model, shared):
     """(image patches through the vision tower, token rows through the decoder) for one scoring."""
     seen = {"patches": 0, "tokens": 0}
     backbone = model.model
-    h1 = backbone.visual.register_forward_hook(lambda m, a, out: seen.__setitem__("patches", seen["patches"] + a[0].shape[0]))
+    h1 = backbone.visual.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("patches", seen["patches"] + a[0].shape[0])
+    )
     h2 = backbone.language_model.register_forward_hook(
         lambda m, a, out: seen.__setitem__("tokens", seen["tokens"] + out.last_hidden_state.shape[:2].numel())
     )
@@ -127,11 +134,23 @@ def step_setup(tmp_path_factory):
     from vopd.config import load_config
     from vopd.data import PairCollator
 
-    cfg = load_config(None, [
-        "model.path=tiny:qwen2_vl", "data.train=toyworld:4:0", "rollout.n=3", "rollout.max_new_tokens=5",
-        "loss.top_k=16", "loss.chunk_size=7", "prompts_per_step=4", "micro_batch_prompts=2", "report_to=[jsonl]",
-        "threads=1", "teacher.kind=frozen", f"output_dir={tmp_path_factory.mktemp('fastpath_step')}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.path=tiny:qwen2_vl",
+            "data.train=toyworld:4:0",
+            "rollout.n=3",
+            "rollout.max_new_tokens=5",
+            "loss.top_k=16",
+            "loss.chunk_size=7",
+            "prompts_per_step=4",
+            "micro_batch_prompts=2",
+            "report_to=[jsonl]",
+            "threads=1",
+            "teacher.kind=frozen",
+            f"output_dir={tmp_path_factory.mktemp('fastpath_step')}",
+        ],
+    )
     state, sampler, dataset, _ = trainer_mod.setup(cfg)
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
     batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:2]]
@@ -152,8 +171,12 @@ def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatc
     monkeypatch.setattr(trainer_mod, "_optimizer_step", capture)
     monkeypatch.setattr(state.cfg.loss, "estimator", estimator)
     results = {}
-    for name, naive, sharing in [("naive", True, None), ("none", False, "none"), ("image", False, "image"),
-                                 ("prefix", False, "prefix")]:
+    for name, naive, sharing in [
+        ("naive", True, None),
+        ("none", False, "none"),
+        ("image", False, "image"),
+        ("prefix", False, "prefix"),
+    ]:
         monkeypatch.setattr(state.cfg, "naive", naive)
         torch.manual_seed(123)  # same rollouts in every mode (the weights never change here)
         metrics = trainer_mod.train_step(state, batches, sharing=sharing)
@@ -178,8 +201,10 @@ def test_image_mode_with_several_images_per_prompt(tiny_models, tiny_images, fam
     model = copy.deepcopy(model).double()
     big, small = tiny_images
     slot = "<|vision_start|><|image_pad|><|vision_end|>"
-    texts = [f"<|im_start|>user\n{slot}{slot}Compare them.<|im_end|>\n<|im_start|>assistant\n",
-             f"<|im_start|>user\n{slot}{slot}Which?<|im_end|>\n<|im_start|>assistant\n"]
+    texts = [
+        f"<|im_start|>user\n{slot}{slot}Compare them.<|im_end|>\n<|im_start|>assistant\n",
+        f"<|im_start|>user\n{slot}{slot}Which?<|im_end|>\n<|im_start|>assistant\n",
+    ]
     monkeypatch.setattr(processor.tokenizer, "padding_side", "left")
     prompts = processor(images=[[big, small], [small, big]], text=texts, padding=True, return_tensors="pt")
     grid = prompts["image_grid_thw"]

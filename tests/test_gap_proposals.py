@@ -33,7 +33,6 @@ def test_gap_with_proposed_crops_on_records_without_boxes(tmp_path, source):
     assert again["n"] == 4 and 0.0 <= again["hit_rate"] <= 1.0
 
 
-
 def test_gap_with_gold_boxes_on_records_without_boxes_is_one_clear_error(tmp_path, capsys):
     """The default crop source needs boxes: no crop view at all is refused up front, never scored."""
     scenes = make_dataset(3, 11)
@@ -50,8 +49,20 @@ def test_gap_leaves_out_the_records_without_boxes_and_says_so(tmp_path, caplog):
     scenes = make_dataset(3, 11)
     mixed = write_records([scenes[0], dataclasses.replace(scenes[1], boxes=[]), scenes[2]], tmp_path / "r.jsonl")
     with caplog.at_level("WARNING"):
-        code = main(["gap", str(mixed), "--model", "toy-base", "--context", "0", "--n-boot", "200",
-                     "--out", str(tmp_path / "out")])
+        code = main(
+            [
+                "gap",
+                str(mixed),
+                "--model",
+                "toy-base",
+                "--context",
+                "0",
+                "--n-boot",
+                "200",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert code == 0
     assert "1 of 3 questions have neither boxes nor a crop" in caplog.text
     result = json.loads((tmp_path / "out" / "gap.json").read_text())
@@ -62,8 +73,18 @@ def test_gap_refuses_proposals_cached_by_another_model(tmp_path, capsys):
     """A rerun into the same --out with another --model must not reuse the first model's crops."""
     scenes = make_dataset(3, 11)
     records = write_records([dataclasses.replace(s, boxes=[]) for s in scenes], tmp_path / "r.jsonl")
-    args = ["gap", str(records), "--crop-source", "attention", "--context", "0", "--n-boot", "100",
-            "--out", str(tmp_path / "out")]
+    args = [
+        "gap",
+        str(records),
+        "--crop-source",
+        "attention",
+        "--context",
+        "0",
+        "--n-boot",
+        "100",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*args, "--model", "toy-base"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "proposals.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and {r["model"] for r in rows} == {"toy-base"}

@@ -50,7 +50,7 @@ def test_unsupported_family_is_a_config_error_naming_key_and_families():
 def test_qwen2_vl_box_tokens_are_thousandths_of_the_image():
     text = "<|object_ref_start|>the cup<|object_ref_end|><|box_start|>(100,250),(500,750)<|box_end|><|im_end|>"
     found = find_box(text)
-    assert found.values == (100, 250, 500, 750) and text[found.span[0]:found.span[1]] == "(100,250),(500,750)"
+    assert found.values == (100, 250, 500, 750) and text[found.span[0] : found.span[1]] == "(100,250),(500,750)"
     assert to_image_box(found.values, QWEN2, (200, 80)) == (Box(20, 20, 100, 60), "ok")
     assert find_box("(100, 250), (500, 750)").values == (100, 250, 500, 750)  # spaces, no box tokens
 
@@ -81,9 +81,17 @@ def test_qwen2_5_vl_input_size_is_the_patch_grid_times_the_patch(tiny_models):
     assert model_input_size(model, batch, 0) == (28, 224)
 
 
-@pytest.mark.parametrize("text", [
-    "The triangle is blue.", "", '{"bbox_2d": [1, 2, 3]}', "[10, 20, 30, 40", "(1,2),(3", "box: 10 20 30 40",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The triangle is blue.",
+        "",
+        '{"bbox_2d": [1, 2, 3]}',
+        "[10, 20, 30, 40",
+        "(1,2),(3",
+        "box: 10 20 30 40",
+    ],
+)
 def test_answers_without_a_well_formed_box(text):
     assert find_box(text) is None
 
@@ -128,25 +136,33 @@ def test_score_is_the_mean_log_prob_of_the_box_tokens_and_fallback_is_the_whole_
     g = read_answer(tok, ids, logp, QWEN3, (200, 80))
     assert g.status == "ok" and g.box == Box(20, 20, 100, 60) and g.score == pytest.approx(-0.5)
     assert 0 < sum(inside) < len(ids)
-    miss = read_answer(tok, tok.encode("It is blue."), [-1.0, -2.0, -3.0, -4.0][: len(tok.encode("It is blue."))],
-                       QWEN3, (200, 80))
+    miss = read_answer(
+        tok, tok.encode("It is blue."), [-1.0, -2.0, -3.0, -4.0][: len(tok.encode("It is blue."))], QWEN3, (200, 80)
+    )
     assert miss.status == "unparsed" and miss.box == Box(0, 0, 200, 80) and miss.answer == "It is blue."
-    point = read_answer(tok, tok.encode("[300, 300, 300, 500]"), [-1.0] * len(tok.encode("[300, 300, 300, 500]")),
-                        QWEN3, (200, 80))
+    point = read_answer(
+        tok, tok.encode("[300, 300, 300, 500]"), [-1.0] * len(tok.encode("[300, 300, 300, 500]")), QWEN3, (200, 80)
+    )
     assert point.status == "degenerate" and point.box == Box(0, 0, 200, 80)
 
 
 def test_status_counts():
     assert status_counts(["ok", "repaired", "unparsed", "unparsed", "degenerate"]) == {
-        "parsed": 2, "repaired": 1, "degenerate": 1, "unparsed": 2, "fallback_box": "whole image"}
+        "parsed": 2,
+        "repaired": 1,
+        "degenerate": 1,
+        "unparsed": 2,
+        "fallback_box": "whole image",
+    }
 
 
 def test_grounding_proposals_end_to_end_with_a_scripted_qwen2_5_vl(tiny_models, monkeypatch, tmp_path):
     """A tiny Qwen2.5-VL whose answers are scripted: the box comes back in the original image's pixels,
     is cached with source=grounding, and the quality dict counts and reports the unparsed answer."""
     model, processor = tiny_models("qwen2_5_vl")
-    engine = ScriptedEngine(processor, ['```json\n[{"bbox_2d": [14, 5.6, 70, 28], "label": "cup"}]\n```',
-                                        "The cup is red."])
+    engine = ScriptedEngine(
+        processor, ['```json\n[{"bbox_2d": [14, 5.6, 70, 28], "label": "cup"}]\n```', "The cup is red."]
+    )
     monkeypatch.setattr(proposals_mod, "HFGenerateEngine", lambda processor: engine)
     image = Image.new("RGB", (200, 90), "white")
     gold = [Box(30, 20, 60, 40), Box(30, 20, 60, 40)]
@@ -181,18 +197,27 @@ def test_grounding_on_a_family_without_a_box_format_fails_before_generating(tiny
 def test_demo_report_says_how_many_answers_fell_back():
     from vopd.toyworld.report import proposal_summary
 
-    base = {"source": "grounding", "file": "proposals.jsonl", "n": 10, "hit_rate": 0.1, "centre_hit_rate": 0.1,
-            "mean_iou": 0.2}
+    base = {
+        "source": "grounding",
+        "file": "proposals.jsonl",
+        "n": 10,
+        "hit_rate": 0.1,
+        "centre_hit_rate": 0.1,
+        "mean_iou": 0.2,
+    }
     text = proposal_summary({**base, **status_counts(["ok"] * 2 + ["unparsed"] * 7 + ["degenerate"])})
     assert "7 of 10 answers held no box and 1 a box of no area: their crop was the whole image" in text
     assert "held no box" not in proposal_summary({**base, "source": "search"})
 
 
-@pytest.mark.parametrize("family,answer,expected", [
-    ("qwen2_vl", "<|box_start|>(100,250),(500,750)<|box_end|>", Box(20, 22.5, 100, 67.5)),
-    ("qwen2_5_vl", '[{"bbox_2d": [14, 14, 70, 42], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
-    ("qwen3_vl", '[{"bbox_2d": [100, 250, 500, 750], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
-])
+@pytest.mark.parametrize(
+    "family,answer,expected",
+    [
+        ("qwen2_vl", "<|box_start|>(100,250),(500,750)<|box_end|>", Box(20, 22.5, 100, 67.5)),
+        ("qwen2_5_vl", '[{"bbox_2d": [14, 14, 70, 42], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
+        ("qwen3_vl", '[{"bbox_2d": [100, 250, 500, 750], "label": "cup"}]', Box(20, 22.5, 100, 67.5)),
+    ],
+)
 def test_ground_reads_each_family_in_its_own_frame(tiny_models, family, answer, expected):
     """A non-square 200 x 90 image, which the tiny processors resize to 140 x 56: each family's answer
     lands on the same region of the original image only when read in the family's own frame."""
@@ -221,10 +246,25 @@ def test_training_with_grounding_crops_on_records_without_boxes(tmp_path, tiny_m
     monkeypatch.setattr(proposals_mod, "HFGenerateEngine", lambda processor: engine)
     scenes = make_dataset(4, 0)
     records = write_records([s.__class__(**{**s.__dict__, "boxes": []}) for s in scenes], tmp_path / "d" / "r.jsonl")
-    res = train(load_config(None, [
-        "model.path=tiny:qwen2_vl", f"data.train={records}", "rollout.n=1", "rollout.max_new_tokens=2",
-        "loss.top_k=8", "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "threads=1",
-        "report_to=[jsonl]", "views.crop_source=grounding", f"output_dir={tmp_path / 'run'}"]))
+    res = train(
+        load_config(
+            None,
+            [
+                "model.path=tiny:qwen2_vl",
+                f"data.train={records}",
+                "rollout.n=1",
+                "rollout.max_new_tokens=2",
+                "loss.top_k=8",
+                "prompts_per_step=2",
+                "micro_batch_prompts=2",
+                "max_steps=1",
+                "threads=1",
+                "report_to=[jsonl]",
+                "views.crop_source=grounding",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+        )
+    )
     assert res.steps == 1 and engine.calls == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "proposals.jsonl").read_text().splitlines()]
     assert [r["box"] for r in rows] == [[42, 42, 126, 126], [0, 0, 168, 168]] * 2
@@ -237,9 +277,19 @@ def test_demo_with_grounding_reports_the_answers_without_a_box(tmp_path):
     fall back to the whole image; results.json and the report count them instead of hiding them."""
     from vopd.toyworld.demo import DemoConfig, run_demo, summary_text
 
-    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
-                     overrides=("views.crop_source=grounding", "prompts_per_step=4", "micro_batch_prompts=4",
-                                "health.probe_data=toyworld:4:124"))
+    cfg = DemoConfig(
+        out=str(tmp_path),
+        steps=1,
+        eval_every=1,
+        n_eval=10,
+        threads=1,
+        overrides=(
+            "views.crop_source=grounding",
+            "prompts_per_step=4",
+            "micro_batch_prompts=4",
+            "health.probe_data=toyworld:4:124",
+        ),
+    )
     results = run_demo(cfg)
     p = json.loads((tmp_path / "results.json").read_text())["proposals"]
     assert p == results["proposals"] and p["source"] == "grounding" and p["n"] == 16

@@ -83,8 +83,8 @@ def test_grayscale_becomes_equal_channels():
 def test_rgba_and_la_composite_on_white():
     rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 0, 0, 128]]], dtype=np.uint8)
     out = np.asarray(load_image(_png_bytes(Image.fromarray(rgba, mode="RGBA")))).astype(int)
-    assert out[0, 0].tolist() == [10, 20, 30]          # opaque: unchanged
-    assert out[0, 1].tolist() == [255, 255, 255]       # transparent: white
+    assert out[0, 0].tolist() == [10, 20, 30]  # opaque: unchanged
+    assert out[0, 1].tolist() == [255, 255, 255]  # transparent: white
     # black at alpha 128 over white: 255 * (1 - 128/255) = 127
     assert np.all(np.abs(out[0, 2] - 127) <= 1)
     la = Image.fromarray(np.array([[[50, 255], [50, 0]]], dtype=np.uint8), mode="LA")

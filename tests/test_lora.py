@@ -3,8 +3,6 @@ a frozen `ema` adapter), checkpoints hold the adapter (+ a merged HF folder) and
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,10 +17,23 @@ from vopd.trainer import train
 pytest.importorskip("peft")
 
 ARGS = [
-    "model.path=tiny:qwen2_vl", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=4",
-    "loss.top_k=16", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.weight_decay=0.0", "prompts_per_step=4",
-    "micro_batch_prompts=2", "report_to=[jsonl]", "threads=1", "device=cpu", "lora.r=4", "teacher.ema_rate=0.5",
-    "save_every=1", "keep_checkpoints=0",
+    "model.path=tiny:qwen2_vl",
+    "data.train=toyworld:16:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "loss.top_k=16",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+    "optim.weight_decay=0.0",
+    "prompts_per_step=4",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+    "device=cpu",
+    "lora.r=4",
+    "teacher.ema_rate=0.5",
+    "save_every=1",
+    "keep_checkpoints=0",
 ]
 
 
@@ -122,11 +133,28 @@ def test_lora_target_that_matches_nothing_is_a_clear_error(tmp_path):
 def test_health_probe_measures_the_lora_teacher_not_the_student(tmp_path):
     """The probe's teacher accuracy is the teacher's answers (frozen: the base with adapters off),
     not the student's adapter on crops: a frozen teacher's accuracy cannot move while the student's does."""
-    cfg = load_config(None, [
-        "model.path=toy-base", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=8",
-        "prompts_per_step=8", "micro_batch_prompts=8", "report_to=[jsonl]", "threads=1", "max_steps=3",
-        "lora.r=8", "lora.alpha=16", "teacher.kind=frozen", "health.every=1", "health.probe_data=toyworld:32:5",
-        "optim.lr=5e-2", "optim.warmup_steps=0", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "model.path=toy-base",
+            "data.train=toyworld:16:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=8",
+            "prompts_per_step=8",
+            "micro_batch_prompts=8",
+            "report_to=[jsonl]",
+            "threads=1",
+            "max_steps=3",
+            "lora.r=8",
+            "lora.alpha=16",
+            "teacher.kind=frozen",
+            "health.every=1",
+            "health.probe_data=toyworld:32:5",
+            "optim.lr=5e-2",
+            "optim.warmup_steps=0",
+            f"output_dir={tmp_path}",
+        ],
+    )
     probes = train(cfg).health
     teacher = [p["health/teacher_acc"] for p in probes]
     crop = [p["health/student_crop_acc"] for p in probes]

@@ -9,8 +9,6 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from vopd import models
-from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 from vopd.models import (
     append_responses,
     build_prompts,
@@ -22,6 +20,7 @@ from vopd.models import (
     response_logits,
     vision_token_ids,
 )
+from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 
 FAMILIES = list(ALL_FAMILIES)
 
@@ -206,8 +205,15 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="dtype 'float8'"):
         load_model(str(tmp_path), dtype="float8")
-    cfg = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1)
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "textonly")
     with pytest.raises(ValueError, match="not an image-text-to-text"):
         load_model(str(tmp_path / "textonly"))

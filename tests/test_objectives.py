@@ -25,7 +25,9 @@ BETAS = [0.0, 0.25, 0.5, 0.9, 1.0]
 N, V, K = 6, 40, 5
 
 
-def logits_pair(seed: int = 0, n: int = N, v: int = V, scale: float = 3.0, dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_pair(
+    seed: int = 0, n: int = N, v: int = V, scale: float = 3.0, dtype=F64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded student/teacher logits; scale 3 makes the top-k hold a non-trivial share of the mass."""
     gen = torch.Generator().manual_seed(seed)
     student = scale * torch.randn(n, v, generator=gen, dtype=F64)
@@ -94,13 +96,17 @@ def test_matches_reference(beta, variant):
 def test_other_supports_match_reference(support, add_tail):
     student, teacher = logits_pair(seed=1)
     kw = dict(beta=0.5, top_k=K, add_tail=add_tail, support=support, temperature=0.7)
-    assert_close(token_divergence(student, teacher, **kw), ref_token_divergence(student, teacher, **kw), rtol=0, atol=1e-10)
+    assert_close(
+        token_divergence(student, teacher, **kw), ref_token_divergence(student, teacher, **kw), rtol=0, atol=1e-10
+    )
 
 
 def test_temperature_scales_both_models():
     student, teacher = logits_pair(seed=2)
     kw = dict(beta=0.5, top_k=K)
-    assert_close(token_divergence(student, teacher, temperature=2.0, **kw), token_divergence(student / 2, teacher / 2, **kw))
+    assert_close(
+        token_divergence(student, teacher, temperature=2.0, **kw), token_divergence(student / 2, teacher / 2, **kw)
+    )
 
 
 def test_union_support_width_and_dedup():
@@ -139,7 +145,12 @@ def test_matches_trl_sdpo_helpers(trl_sdpo, beta):
     want_full = trl_sdpo.compute_full_logit_self_distillation_loss(student, teacher, distillation_alpha=beta)
     assert_close(token_divergence(student, teacher, beta=beta, top_k=None), want_full, rtol=0, atol=1e-10)
     logp_s, logp_t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
-    assert_close(generalized_jsd(logp_s, logp_t, beta=beta), trl_sdpo.compute_divergence(logp_s, logp_t, beta), rtol=0, atol=1e-10)
+    assert_close(
+        generalized_jsd(logp_s, logp_t, beta=beta),
+        trl_sdpo.compute_divergence(logp_s, logp_t, beta),
+        rtol=0,
+        atol=1e-10,
+    )
 
 
 def test_matches_trl_tail_sampled_and_ratio(trl_sdpo):
@@ -155,7 +166,9 @@ def test_matches_trl_tail_sampled_and_ratio(trl_sdpo):
 
     old = s + torch.linspace(-1.5, 1.5, N, dtype=F64)
     loss = torch.ones(N, dtype=F64)
-    assert_close(loss * importance_weights(s, old, clip=2.0), trl_sdpo.apply_importance_sampling_clipping(loss, s, old, 2.0))
+    assert_close(
+        loss * importance_weights(s, old, clip=2.0), trl_sdpo.apply_importance_sampling_clipping(loss, s, old, 2.0)
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
@@ -184,7 +197,9 @@ def test_beta_ends_are_exact_kls_not_the_degenerate_mixture():
 
 
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")])
+@pytest.mark.parametrize(
+    "kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")]
+)
 def test_identical_views_give_zero_loss_and_zero_grad(beta, kw):
     student, _ = logits_pair(seed=9)
     student.requires_grad_(True)
@@ -209,11 +224,15 @@ def test_gradient_matches_finite_differences():
     student, teacher = logits_pair(seed=11, n=2, v=8)
     student.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda s: token_divergence(s, teacher, beta=0.4, top_k=3), (student,))
-    assert torch.autograd.gradcheck(lambda s: token_divergence(s, teacher, beta=0.4, top_k=3, support="union"), (student,))
+    assert torch.autograd.gradcheck(
+        lambda s: token_divergence(s, teacher, beta=0.4, top_k=3, support="union"), (student,)
+    )
 
 
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")])
+@pytest.mark.parametrize(
+    "kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")]
+)
 def test_near_one_hot_logits_are_finite(beta, kw):
     # float32, +-1e4 logits, different argmax in student and teacher: every probability is 0 or 1.
     student = torch.full((3, V), -1e4)
@@ -229,7 +248,9 @@ def test_near_one_hot_logits_are_finite(beta, kw):
 
 
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")])
+@pytest.mark.parametrize(
+    "kw", [dict(top_k=None), dict(top_k=K), dict(top_k=K, add_tail=False), dict(top_k=K, support="union")]
+)
 def test_masked_columns_are_ignored(beta, kw):
     # Vocabulary ids masked to -inf in both models (vision tokens) act as if removed from the vocabulary.
     student, teacher = logits_pair(seed=12)
@@ -434,14 +455,24 @@ def chunk_setup(seed: int = 22, n: int = 7, h: int = 5, v: int = 30):
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
 @pytest.mark.parametrize(
     "estimator, kw",
-    [("topk", dict(top_k=4, beta=0.5)), ("topk", dict(top_k=4, support="union", add_tail=False)), ("full", dict(beta=0.0)), ("sampled", {})],
+    [
+        ("topk", dict(top_k=4, beta=0.5)),
+        ("topk", dict(top_k=4, support="union", add_tail=False)),
+        ("full", dict(beta=0.0)),
+        ("sampled", {}),
+    ],
 )
 def test_chunked_equals_unchunked(chunk_size, estimator, kw):
     hidden, weight, t_hidden, t_weight, ids = chunk_setup()
     teacher_logits = t_hidden @ t_weight
     loss, stats = chunked_token_divergence(
-        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight,
-        chunk_size=chunk_size, estimator=estimator, token_ids_N=ids, **kw,
+        hidden,
+        lambda x: x @ weight,
+        lambda rows: t_hidden[rows] @ t_weight,
+        chunk_size=chunk_size,
+        estimator=estimator,
+        token_ids_N=ids,
+        **kw,
     )
     grads = torch.autograd.grad(loss.pow(2).sum(), (hidden, weight))
 
@@ -451,7 +482,9 @@ def test_chunked_equals_unchunked(chunk_size, estimator, kw):
     if estimator == "sampled":
         want = sampled_token_divergence(logp_s, logp_t)
     else:
-        want = token_divergence(student_logits, teacher_logits, **(kw | ({"top_k": None} if estimator == "full" else {})))
+        want = token_divergence(
+            student_logits, teacher_logits, **(kw | ({"top_k": None} if estimator == "full" else {}))
+        )
     want_grads = torch.autograd.grad(want.pow(2).sum(), (hidden, weight))
     assert loss.shape == (7,)
     assert_close(loss, want, rtol=0, atol=1e-12)
@@ -464,13 +497,17 @@ def test_chunked_equals_unchunked(chunk_size, estimator, kw):
 
 def test_chunked_tail_mass_stats():
     hidden, weight, t_hidden, t_weight, _ = chunk_setup(seed=23)
-    _, stats = chunked_token_divergence(hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=2, top_k=4)
+    _, stats = chunked_token_divergence(
+        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=2, top_k=4
+    )
     p_s = torch.softmax(hidden @ weight, -1)
     p_t = torch.softmax(t_hidden @ t_weight, -1)
     top_ids = p_s.topk(4, dim=-1).indices
     assert_close(stats["tail_mass_N"], 1 - p_s.gather(-1, top_ids).sum(-1).detach())
     assert_close(stats["teacher_tail_mass_N"], 1 - p_t.gather(-1, top_ids).sum(-1))
-    _, full_stats = chunked_token_divergence(hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, estimator="full")
+    _, full_stats = chunked_token_divergence(
+        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, estimator="full"
+    )
     assert (full_stats["tail_mass_N"] == 0).all()
 
 
@@ -483,7 +520,9 @@ def test_chunked_never_keeps_vocab_sized_tensors_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = chunked_token_divergence(hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=3, top_k=4)
+        loss, _ = chunked_token_divergence(
+            hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=3, top_k=4
+        )
     assert saved and all(64 not in shape for shape in saved), saved
     loss.sum().backward()
     assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0

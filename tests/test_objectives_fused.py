@@ -13,7 +13,9 @@ from vopd.objectives import aggregate
 H, V, B, T = 6, 37, 3, 5
 ESTIMATORS = {
     "topk": dict(estimator="topk", beta=0.5, top_k=7, add_tail=True),
-    "topk_renorm_union_temp": dict(estimator="topk", beta=0.3, top_k=5, add_tail=False, support="union", temperature=0.7),
+    "topk_renorm_union_temp": dict(
+        estimator="topk", beta=0.3, top_k=5, add_tail=False, support="union", temperature=0.7
+    ),
     "full_forward_kl": dict(estimator="full", beta=0.0),
     "full_jsd": dict(estimator="full", beta=0.5),
     "sampled": dict(estimator="sampled"),
@@ -50,12 +52,18 @@ def _head(weight, bias, softcap):
     def project(h):
         logits = torch.nn.functional.linear(h, weight, bias)
         return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
     return project
 
 
 def _reference(mask_B_T, hidden, weight, bias, teacher_N_V, ids_N, knobs, *, mode, softcap=None, chunk=4):
     per_token_N, stats = chunked_token_divergence(
-        hidden, _head(weight, bias, softcap), lambda rows: teacher_N_V[rows], chunk_size=chunk, token_ids_N=ids_N, **knobs
+        hidden,
+        _head(weight, bias, softcap),
+        lambda rows: teacher_N_V[rows],
+        chunk_size=chunk,
+        token_ids_N=ids_N,
+        **knobs,
     )
     per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype).masked_scatter(mask_B_T, per_token_N)
     return aggregate(per_token_B_T, mask_B_T, mode=mode), stats
@@ -77,8 +85,13 @@ def test_fused_equals_chunked_plus_aggregate(name, mode, softcap):
     ref_grads = _grads(ref_loss, ref_leaves)
     leaves = _leaves(hidden, weight, bias)
     loss, stats = fused_chunked_divergence(
-        *leaves, lambda rows: teacher_N_V[rows], _weights(mask_B_T, mode),
-        chunk_size=3, token_ids_N=ids_N, softcap=softcap, **knobs,
+        *leaves,
+        lambda rows: teacher_N_V[rows],
+        _weights(mask_B_T, mode),
+        chunk_size=3,
+        token_ids_N=ids_N,
+        softcap=softcap,
+        **knobs,
     )
     grads = _grads(loss, leaves)
     assert loss.dtype == torch.float64 and loss.shape == ()
@@ -112,8 +125,12 @@ def test_rollout_correction_from_chunk_stats_and_gradients_accumulate():
     """The rollout correction made inside the pass from each chunk's student log-probs equals
     precomputed weights; gradients add to an existing .grad."""
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(2)
-    _, full_stats = chunked_token_divergence(hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], token_ids_N=ids_N, top_k=7)
-    sampler_logp_N = full_stats["student_logp_N"] + 0.8 * torch.randn(len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, full_stats = chunked_token_divergence(
+        hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], token_ids_N=ids_N, top_k=7
+    )
+    sampler_logp_N = full_stats["student_logp_N"] + 0.8 * torch.randn(
+        len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     correction_N = (full_stats["student_logp_N"] - sampler_logp_N).exp().clamp(max=2.0)
     assert float((correction_N - 1).abs().max()) > 0.1 and float(correction_N.max()) == 2.0  # clipped somewhere
     base_N = torch.full((len(ids_N),), 1.0 / len(ids_N), dtype=torch.float64)
@@ -121,8 +138,16 @@ def test_rollout_correction_from_chunk_stats_and_gradients_accumulate():
     for weights, rollout in ((base_N * correction_N, None), (base_N, sampler_logp_N)):
         leaves = _leaves(hidden, weight, bias)
         for _ in range(2):  # second pass accumulates into the existing .grad
-            loss, stats = fused_chunked_divergence(*leaves, lambda r: teacher_N_V[r], weights, chunk_size=4,
-                                                   token_ids_N=ids_N, top_k=7, rollout_logp_N=rollout, ratio_clip=2.0)
+            loss, stats = fused_chunked_divergence(
+                *leaves,
+                lambda r: teacher_N_V[r],
+                weights,
+                chunk_size=4,
+                token_ids_N=ids_N,
+                top_k=7,
+                rollout_logp_N=rollout,
+                ratio_clip=2.0,
+            )
             loss.backward()
         outs.append((loss.detach(), stats, [t.grad for t in leaves]))
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-12, rtol=0)
@@ -145,7 +170,11 @@ def test_distillation_loss_paths_agree(rollout, mode):
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(5)
     knobs = loss_knobs("topk", top_k=7, beta=0.3)
     weights_N = token_weights(mask_B_T, mode)
-    rollout_logp_N = -torch.rand(len(ids_N), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4 if rollout else None
+    rollout_logp_N = (
+        -torch.rand(len(ids_N), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
+        if rollout
+        else None
+    )
     results = []
     for path in ("fused", "chunked", "one_piece"):
         leaves = _leaves(hidden, weight, bias)
@@ -155,8 +184,16 @@ def test_distillation_loss_paths_agree(rollout, mode):
             student, head = leaves[0], _head(leaves[1], leaves[2], 3.0)
         else:
             student, head = _head(leaves[1], leaves[2], 3.0)(leaves[0]), None
-        loss, stats = distillation_loss(student, head, lambda r: teacher_N_V[r], weights_N, knobs=knobs, token_ids_N=ids_N,
-                                        rollout_logp_N=rollout_logp_N, chunk_size=3)
+        loss, stats = distillation_loss(
+            student,
+            head,
+            lambda r: teacher_N_V[r],
+            weights_N,
+            knobs=knobs,
+            token_ids_N=ids_N,
+            rollout_logp_N=rollout_logp_N,
+            chunk_size=3,
+        )
         results.append((loss.detach(), stats, _grads(loss, leaves)))
     ref_loss, ref_stats, ref_grads = results[0]
     assert float(ref_loss) != 0.0 and ("rollout_weight_N" in ref_stats) == rollout

@@ -45,8 +45,13 @@ def test_wheel_ships_recipes_and_assets_and_runs_outside_the_tree(tmp_path):
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     (wheel,) = wheels.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for recipe in recipes():
@@ -55,8 +60,13 @@ def test_wheel_ships_recipes_and_assets_and_runs_outside_the_tree(tmp_path):
         assert f"vopd/assets/toy_base/{asset}" in names
 
     target = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
@@ -70,9 +80,16 @@ def test_wheel_ships_recipes_and_assets_and_runs_outside_the_tree(tmp_path):
         "from vopd.config import load_config; assert load_config('tiny_cpu').model.path\n"
         "print('OK', vopd.__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
-    out = subprocess.run([sys.executable, "-m", "vopd.cli", "demo", "--help"], cwd=elsewhere, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "vopd.cli", "demo", "--help"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0 and "--out" in out.stdout, out.stderr[-3000:]

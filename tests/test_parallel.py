@@ -20,10 +20,25 @@ from vopd.trainer import train
 
 # Greedy rollouts make every run score the same responses; lr 1e-3 moves the weights visibly.
 ARGS = [
-    "model.path=tiny:qwen2_vl", "data.train=toyworld:16:0", "rollout.n=2", "rollout.max_new_tokens=4",
-    "loss.top_k=16", "loss.chunk_size=7", "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=0",
-    "prompts_per_step=4", "micro_batch_prompts=1", "report_to=[jsonl]", "threads=1", "rollout.temperature=0",
-    "teacher.kind=ema", "teacher.ema_rate=0.5", "device=cpu", "save_every=1", "keep_checkpoints=0",
+    "model.path=tiny:qwen2_vl",
+    "data.train=toyworld:16:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "loss.top_k=16",
+    "loss.chunk_size=7",
+    "optim.lr=1e-3",
+    "optim.weight_decay=0.0",
+    "optim.warmup_steps=0",
+    "prompts_per_step=4",
+    "micro_batch_prompts=1",
+    "report_to=[jsonl]",
+    "threads=1",
+    "rollout.temperature=0",
+    "teacher.kind=ema",
+    "teacher.ema_rate=0.5",
+    "device=cpu",
+    "save_every=1",
+    "keep_checkpoints=0",
 ]
 FSDP2 = "parallel.strategy=fsdp2"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -97,8 +112,13 @@ def test_sharded_ema_teacher_equals_unsharded_reference(tmp_path, dtype):
     worker = Path(__file__).parent / "workers" / "fsdp2_ema.py"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "ema.json"
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(worker), str(out), dtype],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(worker), str(out), dtype],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["any_sharded"] and res["keys_equal"] and res["moved"] > 1e-3

@@ -114,9 +114,13 @@ def test_peak_margin_compares_the_peak_with_the_strongest_cell_outside_the_windo
 
 def test_surest_keeps_the_highest_scores_in_input_order_and_fallbacks_last():
     box = Box(0, 0, 8, 8)
-    props = [Proposal("a", box, 0.1, "grounding"), Proposal("b", box, 5.0, "grounding", "unparsed"),
-             Proposal("c", box, 0.9, "grounding"), Proposal("d", box, 0.9, "grounding", "repaired"),
-             Proposal("e", box, -1.0, "grounding")]
+    props = [
+        Proposal("a", box, 0.1, "grounding"),
+        Proposal("b", box, 5.0, "grounding", "unparsed"),
+        Proposal("c", box, 0.9, "grounding"),
+        Proposal("d", box, 0.9, "grounding", "repaired"),
+        Proposal("e", box, -1.0, "grounding"),
+    ]
     assert [p.sample_id for p in surest(props, 0.4)] == ["c", "d"]  # tie on 0.9: input order
     assert [p.sample_id for p in surest(props, 0.8)] == ["a", "c", "d", "e"]  # the unparsed one goes first
     assert [p.sample_id for p in surest(props, 0.01)] == ["c"]  # at least one
@@ -167,11 +171,22 @@ def test_training_on_records_without_boxes(tmp_path):
     from vopd.trainer import train
 
     records = write_records([dataclasses.replace(s, boxes=[]) for s in make_dataset(4, 0)], tmp_path / "d" / "r.jsonl")
-    assert all("boxes" not in json.loads(line) or not json.loads(line)["boxes"]
-               for line in records.read_text().splitlines())
-    base = ["model.path=tiny:qwen2_vl", f"data.train={records}", "rollout.n=1", "rollout.max_new_tokens=2",
-            "loss.top_k=8", "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "threads=1",
-            "report_to=[jsonl]", "views.context=0.0"]
+    assert all(
+        "boxes" not in json.loads(line) or not json.loads(line)["boxes"] for line in records.read_text().splitlines()
+    )
+    base = [
+        "model.path=tiny:qwen2_vl",
+        f"data.train={records}",
+        "rollout.n=1",
+        "rollout.max_new_tokens=2",
+        "loss.top_k=8",
+        "prompts_per_step=2",
+        "micro_batch_prompts=2",
+        "max_steps=1",
+        "threads=1",
+        "report_to=[jsonl]",
+        "views.context=0.0",
+    ]
     res = train(load_config(None, [*base, "views.crop_source=search", f"output_dir={tmp_path / 'run'}"]))
     assert res.steps == 1
     rows = (tmp_path / "run" / "proposals.jsonl").read_text().splitlines()
@@ -200,9 +215,19 @@ def test_demo_with_search_crops_reads_no_gold_box(tmp_path, monkeypatch):
 
     monkeypatch.setattr(proposals_mod, "search_proposals", blind_search)
     monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
-    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
-                     overrides=("views.crop_source=search", "prompts_per_step=4", "micro_batch_prompts=4",
-                                "health.probe_data=toyworld:4:124"))
+    cfg = DemoConfig(
+        out=str(tmp_path),
+        steps=1,
+        eval_every=1,
+        n_eval=10,
+        threads=1,
+        overrides=(
+            "views.crop_source=search",
+            "prompts_per_step=4",
+            "micro_batch_prompts=4",
+            "health.probe_data=toyworld:4:124",
+        ),
+    )
     results = run_demo(cfg)
     proposed = {p.sample_id: p.box for p in proposals_mod.read_proposals(tmp_path / "train" / "proposals.jsonl")}
     assert len(trained_on) == 16 and all(s.boxes == [proposed[s.id]] for s in trained_on)
@@ -231,9 +256,21 @@ def test_demo_with_proposal_keep_trains_on_the_surest_fraction_only(tmp_path, mo
             super().__init__(samples, *a, **k)
 
     monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
-    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=10, threads=1,
-                     overrides=("views.crop_source=attention", "views.proposal_keep=0.5", "data.train=toyworld:16:1",
-                                "prompts_per_step=4", "micro_batch_prompts=4", "health.probe_data=toyworld:4:124"))
+    cfg = DemoConfig(
+        out=str(tmp_path),
+        steps=1,
+        eval_every=1,
+        n_eval=10,
+        threads=1,
+        overrides=(
+            "views.crop_source=attention",
+            "views.proposal_keep=0.5",
+            "data.train=toyworld:16:1",
+            "prompts_per_step=4",
+            "micro_batch_prompts=4",
+            "health.probe_data=toyworld:4:124",
+        ),
+    )
     results = run_demo(cfg)
     props = proposals_mod.read_proposals(tmp_path / "train" / "proposals.jsonl")
     kept = surest(props, 0.5)
@@ -280,9 +317,20 @@ def test_proposal_keep_keeps_each_training_row_with_its_own_file_row(tmp_path, m
         return [Proposal(s.id, Box(28, 28, 84, 84), float(i), "attention") for i, s in enumerate(blind)]
 
     monkeypatch.setattr(proposals_mod, "attention_proposals", scored)
-    cfg = load_config(None, ["model.path=toy-base", f"data.train={records}", "views.crop_source=attention",
-                             "views.proposal_keep=0.5", "prompts_per_step=2", "micro_batch_prompts=2", "threads=1",
-                             "report_to=[jsonl]", f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.path=toy-base",
+            f"data.train={records}",
+            "views.crop_source=attention",
+            "views.proposal_keep=0.5",
+            "prompts_per_step=2",
+            "micro_batch_prompts=2",
+            "threads=1",
+            "report_to=[jsonl]",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     _, _, dataset, _ = trainer_mod.setup(cfg)
     samples, origins = load_train_data(str(records))
     origin_of = dict(zip((s.id for s in samples), origins))
@@ -296,8 +344,11 @@ def test_other_processes_read_the_main_process_proposals(tmp_path, monkeypatch):
     then the checkpoint's, whose proposals would differ)."""
     samples = make_dataset(3, 4)
     cache = tmp_path / "proposals.jsonl"
-    cache.write_text("".join(json.dumps({"id": s.id, "box": [0, 0, 56, 56], "score": -0.1, "source": "search"}) + "\n"
-                             for s in samples))
+    cache.write_text(
+        "".join(
+            json.dumps({"id": s.id, "box": [0, 0, 56, 56], "score": -0.1, "source": "search"}) + "\n" for s in samples
+        )
+    )
     before = cache.read_bytes()
 
     def must_not_run(*args):
@@ -314,8 +365,10 @@ def test_proposal_keep_without_a_proposed_crop_source_is_a_config_error():
     be ignored in silence (every sample trains)."""
     with pytest.raises(ConfigError, match="views.proposal_keep=0.5.*views.crop_source"):
         load_config(None, ["views.proposal_keep=0.5"])
-    for order in (["views.proposal_keep=0.5", "views.crop_source=search"],
-                  ["views.crop_source=search", "views.proposal_keep=0.5"]):
+    for order in (
+        ["views.proposal_keep=0.5", "views.crop_source=search"],
+        ["views.crop_source=search", "views.proposal_keep=0.5"],
+    ):
         assert load_config(None, order).views.proposal_keep == 0.5
 
 
@@ -325,21 +378,34 @@ def test_report_of_proposals_kept_on_training_data_without_gold_boxes():
     from vopd.toyworld.report import proposal_summary
 
     none = {"n": 0, "hit_rate": None, "centre_hit_rate": None, "mean_iou": None}
-    text = proposal_summary({"source": "attention", "file": "train/proposals.jsonl", **none,
-                             "kept": {"keep": 0.5, **none}})
-    assert "hit rate - (gold box" in text and "Training kept the surest 0.5 of them (views.proposal_keep), 0 scenes: " \
-        "hit rate -, mean IoU -." in text
+    text = proposal_summary(
+        {"source": "attention", "file": "train/proposals.jsonl", **none, "kept": {"keep": 0.5, **none}}
+    )
+    assert (
+        "hit rate - (gold box" in text
+        and "Training kept the surest 0.5 of them (views.proposal_keep), 0 scenes: hit rate -, mean IoU -." in text
+    )
     kept = {"keep": 0.2, "n": 4, "hit_rate": 0.75, "centre_hit_rate": 1.0, "mean_iou": 0.5}
     assert "4 scenes: hit rate 75.0 %, mean IoU 0.50." in proposal_summary(
-        {"source": "attention", "file": "p", "n": 20, "hit_rate": 0.5, "centre_hit_rate": 0.6, "mean_iou": 0.4,
-         "kept": kept})
+        {
+            "source": "attention",
+            "file": "p",
+            "n": 20,
+            "hit_rate": 0.5,
+            "centre_hit_rate": 0.6,
+            "mean_iou": 0.4,
+            "kept": kept,
+        }
+    )
 
 
 def test_proposed_crops_with_fsdp2_are_a_config_error():
     """The proposers run the policy outside the sharded sampling path; under FSDP2 that died after
     loading with 'aten.embedding got mixed torch.Tensor and DTensor' (an unexpected RuntimeError)."""
     for source in ("search", "attention", "grounding"):
-        with pytest.raises(ConfigError, match=f"views.crop_source={source}.*parallel.strategy=fsdp2.*vopd data propose"):
+        with pytest.raises(
+            ConfigError, match=f"views.crop_source={source}.*parallel.strategy=fsdp2.*vopd data propose"
+        ):
             load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema", f"views.crop_source={source}"])
     load_config(None, ["parallel.strategy=fsdp2", "teacher.kind=ema"])  # gold boxes (or written proposals): fine
 
@@ -363,6 +429,7 @@ def test_the_proposer_prompts_follow_the_thinking_switch(tiny_qwen2_vl, monkeypa
         def build(*args, **kwargs):
             seen.append(kwargs.get("thinking", "missing"))
             return real(*args, **kwargs)
+
         return build
 
     monkeypatch.setattr(proposals_mod, "build_prompts", spy(proposals_mod.build_prompts))

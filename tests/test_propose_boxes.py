@@ -13,8 +13,8 @@ import vopd.proposals as proposals_mod
 from vopd.cli import PROPOSAL_SOURCES as CLI_SOURCES
 from vopd.cli import main
 from vopd.datasets import load_records
-from vopd.propose_boxes import proposals_cache_path
 from vopd.proposals import PROPOSAL_SOURCES
+from vopd.propose_boxes import proposals_cache_path
 from vopd.records import Box, write_records
 from vopd.toyworld.scenes import make_dataset
 from vopd.views import ViewConfig, make_views
@@ -45,8 +45,18 @@ def test_data_propose_writes_the_proposals_as_boxes_and_resumes(tmp_path, script
     path, scenes = _records(tmp_path)
     before = path.read_bytes()
     out = tmp_path / "out" / "boxed.jsonl"
-    args = ["data", "propose", str(path), "--model", "tiny:qwen2_5_vl", "--source", "grounding", "--out", str(out),
-            "--no-progress"]
+    args = [
+        "data",
+        "propose",
+        str(path),
+        "--model",
+        "tiny:qwen2_5_vl",
+        "--source",
+        "grounding",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     scripted.answers = [BOX, "It is red.", BOX]
     assert main([*args, "--limit", "3"]) == 0
     report = capsys.readouterr().out
@@ -77,8 +87,21 @@ def test_data_propose_can_leave_out_answers_without_a_box(tmp_path, scripted, ca
     path, scenes = _records(tmp_path, 3)
     out = tmp_path / "boxed.jsonl"
     scripted.answers = ["It is red.", BOX, "[1, 2, 3]"]
-    code = main(["data", "propose", str(path), "--model", "tiny:qwen2_5_vl", "--source", "grounding",
-                 "--out", str(out), "--skip-fallbacks", "--no-progress"])
+    code = main(
+        [
+            "data",
+            "propose",
+            str(path),
+            "--model",
+            "tiny:qwen2_5_vl",
+            "--source",
+            "grounding",
+            "--out",
+            str(out),
+            "--skip-fallbacks",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and "left out" in capsys.readouterr().out
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [scenes[1].id]
 
@@ -88,8 +111,23 @@ def test_data_propose_with_a_real_tiny_model_writes_every_record(tmp_path, capsy
     """search with a tiny random Qwen2-VL: no script, every record gets a candidate window."""
     path, scenes = _records(tmp_path, 2)
     out = tmp_path / "boxed.jsonl"
-    assert main(["data", "propose", str(path), "--model", "tiny:qwen2_vl", "--source", "search", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "propose",
+                str(path),
+                "--model",
+                "tiny:qwen2_vl",
+                "--source",
+                "search",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["boxes"]) == 1 and r["meta"]["box_source"] == "search" for r in rows)
     assert all(Box(*r["boxes"][0]).width == 56 for r in rows)
@@ -120,8 +158,20 @@ def test_data_propose_never_uses_the_input_as_its_cache(tmp_path, capsys):
     scenes = make_dataset(2, 21)
     path = write_records(scenes, tmp_path / "boxed.proposals.jsonl")
     before = path.read_bytes()
-    code = main(["data", "propose", str(path), "--model", "tiny:qwen2_5_vl", "--source", "grounding",
-                 "--out", str(tmp_path / "boxed.jsonl"), "--no-progress"])
+    code = main(
+        [
+            "data",
+            "propose",
+            str(path),
+            "--model",
+            "tiny:qwen2_5_vl",
+            "--source",
+            "grounding",
+            "--out",
+            str(tmp_path / "boxed.jsonl"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "would overwrite the input" in err[0] and "proposals.jsonl" in err[0]
     assert path.read_bytes() == before and not (tmp_path / "boxed.jsonl").exists()
@@ -141,15 +191,31 @@ def test_data_propose_refuses_a_cache_made_by_another_model(tmp_path, scripted, 
     written = out.read_bytes()
     assert main([*args, "--model", "other/model"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tiny:qwen2_5_vl" in err[0] and "other/model" in err[0] and "boxed.proposals.jsonl" in err[0]
+    assert (
+        len(err) == 1 and "tiny:qwen2_5_vl" in err[0] and "other/model" in err[0] and "boxed.proposals.jsonl" in err[0]
+    )
     assert out.read_bytes() == written
     assert main([*args, "--model", "tiny:qwen2_5_vl"]) == 0  # the same model resumes as before
 
 
 def test_data_propose_names_a_bad_batch_size(tmp_path, capsys):
     path, _ = _records(tmp_path, 2)
-    code = main(["data", "propose", str(path), "--model", "tiny:qwen2_vl", "--source", "search",
-                 "--out", str(tmp_path / "o.jsonl"), "--batch-size", "0", "--no-progress"])
+    code = main(
+        [
+            "data",
+            "propose",
+            str(path),
+            "--model",
+            "tiny:qwen2_vl",
+            "--source",
+            "search",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--batch-size",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--batch-size must be >= 1, got 0" in err[0]
     assert not (tmp_path / "o.jsonl").exists()

@@ -17,9 +17,20 @@ from vopd.config import load_config
 from vopd.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["model.path=tiny:qwen3_5", "data.train=toyworld:8:3", "data.num_workers=0", "prompts_per_step=2",
-        "micro_batch_prompts=1", "rollout.n=2", "rollout.max_new_tokens=4", "max_steps=2", "save_every=0",
-        "report_to=[jsonl]", "threads=1", "device=cpu"]
+TINY = [
+    "model.path=tiny:qwen3_5",
+    "data.train=toyworld:8:3",
+    "data.num_workers=0",
+    "prompts_per_step=2",
+    "micro_batch_prompts=1",
+    "rollout.n=2",
+    "rollout.max_new_tokens=4",
+    "max_steps=2",
+    "save_every=0",
+    "report_to=[jsonl]",
+    "threads=1",
+    "device=cpu",
+]
 
 
 @pytest.mark.slow
@@ -30,9 +41,25 @@ def test_fsdp2_recipe_runs_two_steps_on_two_processes(tmp_path, recipe):
     assert cfg.teacher.kind == "ema" and cfg.views.draw_box and cfg.views.hint
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", "--config",
-                           str(CONFIGS / f"{recipe}.yaml"), *TINY, f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vopd.cli",
+            "train",
+            "--config",
+            str(CONFIGS / f"{recipe}.yaml"),
+            *TINY,
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0.0 for r in rows)

@@ -38,12 +38,11 @@ def _write_jsonl(path, rows):
 def test_box_formats_convert_to_pixel_xyxy():
     assert Box.from_format([10, 20, 30, 40]) == Box(10, 20, 30, 40)
     assert Box.from_format([10, 20, 30, 40], "xywh") == Box(10, 20, 40, 60)
-    assert Box.from_format([0.1, 0.2, 0.5, 1.0], normalized=True, image_size=(200, 100)) \
-        == Box(20, 20, 100, 100)
-    assert Box.from_format([0.25, 0.5, 0.5, 0.25], "xywh", normalized=True,
-                           image_size=(200, 100)) == Box(50, 50, 150, 75)
-    assert Box.from_format([0.5, 0.5, 0.2, 0.4], "cxcywh", normalized=True,
-                           image_size=(100, 50)) == Box(40, 15, 60, 35)
+    assert Box.from_format([0.1, 0.2, 0.5, 1.0], normalized=True, image_size=(200, 100)) == Box(20, 20, 100, 100)
+    assert Box.from_format([0.25, 0.5, 0.5, 0.25], "xywh", normalized=True, image_size=(200, 100)) == Box(
+        50, 50, 150, 75
+    )
+    assert Box.from_format([0.5, 0.5, 0.2, 0.4], "cxcywh", normalized=True, image_size=(100, 50)) == Box(40, 15, 60, 35)
 
 
 @pytest.mark.parametrize(
@@ -55,8 +54,7 @@ def test_box_formats_convert_to_pixel_xyxy():
         ([1, 2, float("nan"), 4], {}, "box", "finite"),
         ([1, 2, True, 4], {}, "box", "finite"),
         ([0.1, 0.1, 0.2, 0.2], {"normalized": True}, "box", "image size"),
-        ([10, 20, 300, 400], {"normalized": True, "image_size": (500, 500)}, "box",
-         "pixel coordinates"),
+        ([10, 20, 300, 400], {"normalized": True, "image_size": (500, 500)}, "box", "pixel coordinates"),
     ],
 )
 def test_box_from_format_errors(values, kwargs, field, pattern):
@@ -129,12 +127,23 @@ def test_validate_fields():
 
 def test_load_resolves_relative_paths_and_defaults(tmp_path):
     _save(tmp_path / "imgs" / "a.png")
-    path = _write_jsonl(tmp_path / "data.jsonl", [
-        {"image": "imgs/a.png", "question": "Q1?", "boxes": [[1, 2, 11, 12]]},
-        {"id": "b", "image": "imgs/a.png", "question": "Q2?", "options": ["x", "y"],
-         "answer": "A", "boxes": [[1, 2, 10, 10]], "box_format": "xywh", "category": "color",
-         "meta": {"src": "unit"}},
-    ])
+    path = _write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"image": "imgs/a.png", "question": "Q1?", "boxes": [[1, 2, 11, 12]]},
+            {
+                "id": "b",
+                "image": "imgs/a.png",
+                "question": "Q2?",
+                "options": ["x", "y"],
+                "answer": "A",
+                "boxes": [[1, 2, 10, 10]],
+                "box_format": "xywh",
+                "category": "color",
+                "meta": {"src": "unit"},
+            },
+        ],
+    )
     recs = load_records(path)
     assert len(recs) == 2 and recs.layout == "vopd" and not recs.skipped
     first, second = recs
@@ -142,15 +151,15 @@ def test_load_resolves_relative_paths_and_defaults(tmp_path):
     assert first.image == str((tmp_path / "imgs" / "a.png").resolve())
     assert first.boxes == [Box(1, 2, 11, 12)]
     assert second.boxes == [Box(1, 2, 11, 12)]
-    assert (second.options, second.answer, second.category, second.meta) == \
-        (["x", "y"], "A", "color", {"src": "unit"})
+    assert (second.options, second.answer, second.category, second.meta) == (["x", "y"], "A", "color", {"src": "unit"})
 
 
 def test_normalized_boxes_read_the_image_size(tmp_path):
     _save(tmp_path / "a.png", size=(200, 100))
-    path = _write_jsonl(tmp_path / "d.jsonl", [
-        {"image": "a.png", "question": "Q?", "boxes": [[0.1, 0.2, 0.5, 1.0]],
-         "box_normalized": True}])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"image": "a.png", "question": "Q?", "boxes": [[0.1, 0.2, 0.5, 1.0]], "box_normalized": True}],
+    )
     assert load_records(path)[0].boxes == [Box(20, 20, 100, 100)]
 
 
@@ -160,14 +169,19 @@ def test_normalized_boxes_read_the_image_size(tmp_path):
         ('{"image": "a.png", "question": "Q?"', r"d\.jsonl:3: invalid JSON"),
         ('["a.png"]', r"d\.jsonl:3: expected a JSON object"),
         ({"image": "a.png"}, r"d\.jsonl:3: field 'question': missing"),
-        ({"image": "a.png", "question": "Q?", "questoin": "typo"},
-         r"d\.jsonl:3: field 'questoin': unknown field"),
-        ({"image": "a.png", "question": "Q?", "boxes": [[1, 2, 3]]},
-         r"d\.jsonl:3: field 'boxes\[0\]': expected 4 numbers"),
-        ({"image": "a.png", "question": "Q?", "boxes": [[5, 5, 1, 9]]},
-         r"d\.jsonl:3: field 'boxes\[0\]': .*negative area"),
-        ({"image": "a.png", "question": "Q?", "box_format": "yolo", "boxes": [[1, 2, 3, 4]]},
-         r"d\.jsonl:3: field 'box_format'"),
+        ({"image": "a.png", "question": "Q?", "questoin": "typo"}, r"d\.jsonl:3: field 'questoin': unknown field"),
+        (
+            {"image": "a.png", "question": "Q?", "boxes": [[1, 2, 3]]},
+            r"d\.jsonl:3: field 'boxes\[0\]': expected 4 numbers",
+        ),
+        (
+            {"image": "a.png", "question": "Q?", "boxes": [[5, 5, 1, 9]]},
+            r"d\.jsonl:3: field 'boxes\[0\]': .*negative area",
+        ),
+        (
+            {"image": "a.png", "question": "Q?", "box_format": "yolo", "boxes": [[1, 2, 3, 4]]},
+            r"d\.jsonl:3: field 'box_format'",
+        ),
         ({"image": "http://x/a.png", "question": "Q?"}, r"d\.jsonl:3: field 'image': URLs"),
         ({"id": "a", "image": "a.png", "question": "Q?"}, r"d\.jsonl:3: field 'id': duplicate"),
     ],
@@ -182,25 +196,30 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, pattern):
 
 def test_skip_mode_counts_and_locates_bad_rows(tmp_path):
     _save(tmp_path / "a.png", size=(100, 50))
-    path = _write_jsonl(tmp_path / "d.jsonl", [
-        {"image": "a.png", "question": "ok?", "boxes": [[10, 10, 20, 20]]},
-        {"image": "a.png", "question": "clipped?", "boxes": [[90, 10, 130, 20]]},
-        {"image": "a.png", "question": "outside?", "boxes": [[150, 10, 160, 20]]},
-        "{broken",
-        {"image": "missing.png", "question": "missing image?"},
-    ])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"image": "a.png", "question": "ok?", "boxes": [[10, 10, 20, 20]]},
+            {"image": "a.png", "question": "clipped?", "boxes": [[90, 10, 130, 20]]},
+            {"image": "a.png", "question": "outside?", "boxes": [[150, 10, 160, 20]]},
+            "{broken",
+            {"image": "missing.png", "question": "missing image?"},
+        ],
+    )
     recs = load_records(path, on_error="skip", check_images=True)
     assert [s.question for s in recs] == ["ok?", "clipped?"]
     assert recs[1].boxes == [Box(90, 10, 100, 20)]
     assert [(i.row, i.reason.split(":")[0]) for i in recs.skipped] == [
-        (3, "boxes[0]"), (4, "invalid JSON (Expecting property name enclosed in double quotes "
-                             "at column 2)"), (5, "image")]
+        (3, "boxes[0]"),
+        (4, "invalid JSON (Expecting property name enclosed in double quotes at column 2)"),
+        (5, "image"),
+    ]
     assert str(recs.skipped[0]).startswith(f"{path}:3: boxes[0]")
     assert [i.row for i in recs.clipped] == [2]
     assert "2 samples" in recs.summary() and "3 rows skipped" in recs.summary()
     assert recs.report.splitlines()[1:] == [f"  skipped: {i}" for i in recs.skipped] + [
-        f"  clipped: {path}:2: boxes[0]: clipped [90.0, 10.0, 130.0, 20.0] to "
-        "[90.0, 10.0, 100.0, 20.0]"]
+        f"  clipped: {path}:2: boxes[0]: clipped [90.0, 10.0, 130.0, 20.0] to [90.0, 10.0, 100.0, 20.0]"
+    ]
     # Without image checks neither the missing file nor the boxes' bounds are checked
     # (the views clamp later); only the broken JSON row is skipped.
     lazy = load_records(path, on_error="skip")
@@ -236,8 +255,16 @@ def test_write_load_round_trip_with_relative_paths(tmp_path):
     Image.new("RGB", (8, 6), (4, 5, 6)).save(buf, format="JPEG")
     pil = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
     samples = [
-        Sample(id="p/1", image=str(src.resolve()), question="Q1?", options=["a", "b"],
-               answer="B", boxes=[Box(1, 2, 30, 20)], category="c", meta={"k": [1, 2]}),
+        Sample(
+            id="p/1",
+            image=str(src.resolve()),
+            question="Q1?",
+            options=["a", "b"],
+            answer="B",
+            boxes=[Box(1, 2, 30, 20)],
+            category="c",
+            meta={"k": [1, 2]},
+        ),
         Sample(id="bytes", image=buf.getvalue(), question="Q2?", boxes=[Box(0, 0, 4, 4)]),
         Sample(id="pil", image=pil, question="Q3?", teacher_image=pil.resize((8, 8))),
     ]
@@ -253,9 +280,15 @@ def test_write_load_round_trip_with_relative_paths(tmp_path):
     shutil.move(tmp_path / "src", tmp_path / "moved" / "src")
     back = load_records(tmp_path / "moved" / "out" / "data.jsonl", check_images=True)
     for orig, got in zip(samples, back, strict=True):
-        assert (got.id, got.question, got.options, got.answer, got.boxes, got.category,
-                got.meta) == (orig.id, orig.question, orig.options, orig.answer, orig.boxes,
-                              orig.category, orig.meta)
+        assert (got.id, got.question, got.options, got.answer, got.boxes, got.category, got.meta) == (
+            orig.id,
+            orig.question,
+            orig.options,
+            orig.answer,
+            orig.boxes,
+            orig.category,
+            orig.meta,
+        )
     np.testing.assert_array_equal(np.asarray(load_image(back[2].image)), np.asarray(pil))
     assert load_image(back[0].image).getpixel((0, 0)) == (1, 2, 3)
     assert load_image(back[1].image).size == (8, 6)
@@ -264,8 +297,7 @@ def test_write_load_round_trip_with_relative_paths(tmp_path):
 
 def test_write_rejects_unserialisable_meta_and_relative_memory_paths(tmp_path):
     with pytest.raises(RecordError, match="field 'meta'"):
-        write_records([_sample(image=str(tmp_path / "x.png"), meta={"f": object()})],
-                      tmp_path / "d.jsonl")
+        write_records([_sample(image=str(tmp_path / "x.png"), meta={"f": object()})], tmp_path / "d.jsonl")
     with pytest.raises(RecordError, match="field 'image'.*ambiguous"):
         write_records([_sample(image="rel.png")], tmp_path / "d.jsonl")
     assert not (tmp_path / "d.jsonl").exists()

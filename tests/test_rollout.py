@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import with_bias
+from support.reference import teacher_forced_logp
 
-from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 from vopd.models import append_responses, build_prompts, repeat_prompts, response_logits, vision_token_ids
 from vopd.rollout import (
     BlockTokens,
@@ -17,9 +18,7 @@ from vopd.rollout import (
     eos_token_ids,
     response_mask,
 )
-
-from conftest import with_bias
-from support.reference import teacher_forced_logp
+from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 
 FAMILIES = list(ALL_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
@@ -123,8 +122,11 @@ def test_prompt_major_rows_and_greedy(tiny_models, tiny_images, family):
     # Rows of one prompt are identical under greedy decoding and equal that prompt decoded alone.
     assert torch.equal(greedy.response_ids_B_T[0], greedy.response_ids_B_T[1])
     assert torch.equal(greedy.response_ids_B_T[2], greedy.response_ids_B_T[3])
-    alone = engine.sample(model, build_prompts(processor, [tiny_images[1]], [TEXTS[1]]),
-                          RolloutConfig(n=1, temperature=0.0, max_new_tokens=6))
+    alone = engine.sample(
+        model,
+        build_prompts(processor, [tiny_images[1]], [TEXTS[1]]),
+        RolloutConfig(n=1, temperature=0.0, max_new_tokens=6),
+    )
     L = int(alone.lengths_B[0])
     assert torch.equal(alone.response_ids_B_T[0, :L], greedy.response_ids_B_T[2, :L])
     # Greedy = argmax of the (blocked) teacher-forced logits at every position.
@@ -162,8 +164,9 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_models, tiny_images
 def test_sampling_does_not_change_training_mode(tiny_qwen2_vl, tiny_images):
     model, processor = tiny_qwen2_vl
     m = copy.deepcopy(model).train()
-    HFGenerateEngine(processor).sample(m, build_prompts(processor, [tiny_images[0]], TEXTS[:1]),
-                                       RolloutConfig(n=1, max_new_tokens=2))
+    HFGenerateEngine(processor).sample(
+        m, build_prompts(processor, [tiny_images[0]], TEXTS[:1]), RolloutConfig(n=1, max_new_tokens=2)
+    )
     assert m.training
 
 
@@ -179,8 +182,9 @@ def test_generation_config_defaults_do_not_leak(tiny_qwen2_vl, tiny_images):
     assert torch.equal(a.response_ids_B_T, b.response_ids_B_T)
 
 
-@pytest.mark.parametrize("kwargs", [{"n": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"max_new_tokens": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"n": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0}]
+)
 def test_rollout_config_validation(kwargs):
     with pytest.raises(ValueError, match=r"rollout\."):
         RolloutConfig(**kwargs)

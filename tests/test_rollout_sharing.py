@@ -7,14 +7,12 @@ still blocked, EOS handling and greedy decoding unchanged.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import with_bias
 
 from vopd.models import build_prompts, vision_token_ids
 from vopd.rollout import SHARED_PREFILL_FAMILIES, HFGenerateEngine, RolloutConfig, eos_token_ids
-
-from conftest import with_bias
 
 SHARED = sorted(SHARED_PREFILL_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
@@ -83,7 +81,9 @@ def test_prompt_decoded_once_per_prompt_and_fallback_families(tiny_models, tiny_
     )
     try:
         for share in (True, False):
-            HFGenerateEngine(processor, share_prefill=share).sample(model, batch, RolloutConfig(n=4, max_new_tokens=3), generator_seed=0)
+            HFGenerateEngine(processor, share_prefill=share).sample(
+                model, batch, RolloutConfig(n=4, max_new_tokens=3), generator_seed=0
+            )
     finally:
         hook.remove()
     assert rows[0] == (P, L) and rows[1:3] == [(4 * P, 1)] * 2  # shared: one P-row prefill, then 1-token steps

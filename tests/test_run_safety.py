@@ -74,7 +74,10 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def test_new_run_into_a_used_folder_is_refused_then_overwrite_replaces_it(two_checkpoints, tmp_path, capsys):
     out = _copy(two_checkpoints, tmp_path)
-    with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoint-1, checkpoint-2, metrics.jsonl\).*--resume.*--overwrite"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"already holds a run \(checkpoint-1, checkpoint-2, metrics.jsonl\).*--resume.*--overwrite",
+    ):
         train(_cfg(out, "max_steps=1"))
     assert sorted(p.name for p in checkpoint_dirs(out)) == ["checkpoint-1", "checkpoint-2"]  # nothing pruned
     res = train(_cfg(out, "max_steps=1"), overwrite=True)
@@ -87,7 +90,9 @@ def test_new_run_into_a_used_folder_is_refused_then_overwrite_replaces_it(two_ch
 
 def test_resume_refuses_changed_training_keys_and_names_them(two_checkpoints, tmp_path):
     out = _copy(two_checkpoints, tmp_path)
-    with pytest.raises(RunFolderError, match=r"data.train: 'toyworld:8:0' -> 'toyworld:8:1'.*prompts_per_step: 2 -> 4.*seed: 0 -> 3"):
+    with pytest.raises(
+        RunFolderError, match=r"data.train: 'toyworld:8:0' -> 'toyworld:8:1'.*prompts_per_step: 2 -> 4.*seed: 0 -> 3"
+    ):
         train(_cfg(out, "max_steps=3", "seed=3", "data.train=toyworld:8:1", "prompts_per_step=4"), resume=True)
     with pytest.raises(RunFolderError, match=r"teacher.kind: 'ema' -> 'frozen'"):
         train(_cfg(out, "max_steps=3", "teacher.kind=frozen"), resume=True)
@@ -123,7 +128,9 @@ def test_check_resume_config_unit():
     said: list[str] = []
     now["optim"]["betas"] = [0.9, 0.999]
     assert check_resume_config(saved, now, checkpoint="ck", say=said.append) == [
-        "health.every: 0 -> 5", "max_steps: 5 -> 9"]
+        "health.every: 0 -> 5",
+        "max_steps: 5 -> 9",
+    ]
     assert len(said) == 2
 
 
@@ -204,10 +211,13 @@ def test_save_fsyncs_everything_before_the_commit_rename(tmp_path, monkeypatch, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     events: list[str] = []
     real_fsync, real_rename = os.fsync, Path.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"), real_fsync(fd))[1]
+    )
     monkeypatch.setattr(Path, "rename", lambda self, t: (events.append(f"rename {self.name}"), real_rename(self, t))[1])
-    final = save_checkpoint(tmp_path, 3, model=model, processor=processor, teacher_state={}, optimizer=opt,
-                            scheduler=sched, extra={})
+    final = save_checkpoint(
+        tmp_path, 3, model=model, processor=processor, teacher_state={}, optimizer=opt, scheduler=sched, extra={}
+    )
     commit = events.index(f"rename .checkpoint-3.tmp-{os.getpid()}")
     synced = {e.split(" ", 1)[1] for e in events[:commit]}
     files = {str(p).replace(final.name, f".checkpoint-3.tmp-{os.getpid()}") for p in final.rglob("*")}
@@ -233,11 +243,21 @@ def test_save_refuses_non_finite_weights(tmp_path, tiny_models):
     with torch.no_grad():
         param[0] = float("nan")
     with pytest.raises(CheckpointError, match=f"refusing to write checkpoint-1: model tensor '{name}'"):
-        save_checkpoint(tmp_path, 1, model=model, processor=None, teacher_state={}, optimizer=opt, scheduler=sched, extra={})
+        save_checkpoint(
+            tmp_path, 1, model=model, processor=None, teacher_state={}, optimizer=opt, scheduler=sched, extra={}
+        )
     assert not any(tmp_path.iterdir())  # nothing written, not even a temporary folder
     with pytest.raises(CheckpointError, match="teacher tensor 'w'"):
-        save_checkpoint(tmp_path, 1, model=torch.nn.Linear(2, 2), processor=None, optimizer=opt, scheduler=sched,
-                        teacher_state={"w": torch.tensor([1.0, float("inf")])}, extra={})
+        save_checkpoint(
+            tmp_path,
+            1,
+            model=torch.nn.Linear(2, 2),
+            processor=None,
+            optimizer=opt,
+            scheduler=sched,
+            teacher_state={"w": torch.tensor([1.0, float("inf")])},
+            extra={},
+        )
 
 
 # ------------------------------------------------------------------------------- divergence --
@@ -262,7 +282,9 @@ def test_non_finite_parameters_after_the_update_stop_before_saving(tmp_path, mon
         return (state, *rest)
 
     monkeypatch.setattr(trainer_mod, "setup", poisoned_setup)
-    with pytest.raises(TrainingError, match=r"step 2: the parameters became non-finite.*Last good checkpoint: .*checkpoint-1"):
+    with pytest.raises(
+        TrainingError, match=r"step 2: the parameters became non-finite.*Last good checkpoint: .*checkpoint-1"
+    ):
         train(_cfg(tmp_path, "max_steps=3", "save_every=1"))
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-1"]
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "checkpoint-1" / "model.safetensors").values())
@@ -270,7 +292,9 @@ def test_non_finite_parameters_after_the_update_stop_before_saving(tmp_path, mon
 
 def test_exploding_update_stops_the_run_without_a_checkpoint(tmp_path):
     """optim.lr=1e6: the first update multiplies the weights' norm; nothing wrecked is saved."""
-    with pytest.raises(TrainingError, match=r"step 1: the parameter norm exploded.*last good checkpoint: none.*--overwrite"):
+    with pytest.raises(
+        TrainingError, match=r"step 1: the parameter norm exploded.*last good checkpoint: none.*--overwrite"
+    ):
         train(_cfg(tmp_path, "max_steps=3", "save_every=1", "optim.lr=1e6", "optim.grad_clip=0"))
     assert latest_checkpoint(tmp_path) is None
 
@@ -317,9 +341,16 @@ def test_a_second_live_run_into_the_same_folder_is_refused(tmp_path):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vopd.runfolder import lock_run_folder; "
-         "lock_run_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from vopd.runfolder import lock_run_folder; "
+            "lock_run_folder(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=rf"in use by another running vopd train \(pid {holder.pid}\)"):

@@ -50,8 +50,14 @@ def test_fresh_process_without_vopd_loads_model_and_image_processor(tiny_qwen2_v
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([sys.executable, "-c", code, str(tiny_qwen2_vl_dir)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=str(tiny_qwen2_vl_dir))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_qwen2_vl_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(tiny_qwen2_vl_dir),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Qwen2VLForConditionalGeneration Qwen2VLImageProcessor" in done.stdout
     assert "processor: ImportError True" in done.stdout

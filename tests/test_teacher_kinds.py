@@ -10,19 +10,30 @@ import math
 
 import pytest
 import torch
+from support.steps import capture_grads, seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.trainer as trainer_mod
-from support.steps import capture_grads, seeded_step
 from vopd.config import load_config
 from vopd.data import PairCollator
 from vopd.models import append_responses, repeat_prompts, response_logits
 from vopd.objectives import token_divergence
 
 BASE = [
-    "model.path=toy-base", "data.train=toyworld:4:0", "rollout.n=2", "rollout.max_new_tokens=5",
-    "loss.top_k=16", "loss.chunk_size=5", "prompts_per_step=4", "micro_batch_prompts=2", "report_to=[jsonl]",
-    "threads=1", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.weight_decay=0.0", "seed=3",
+    "model.path=toy-base",
+    "data.train=toyworld:4:0",
+    "rollout.n=2",
+    "rollout.max_new_tokens=5",
+    "loss.top_k=16",
+    "loss.chunk_size=5",
+    "prompts_per_step=4",
+    "micro_batch_prompts=2",
+    "report_to=[jsonl]",
+    "threads=1",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+    "optim.weight_decay=0.0",
+    "seed=3",
 ]
 
 

@@ -20,8 +20,13 @@ from vopd.tiny_models import FAMILIES, build_tiny_model, build_tokenizer, save_t
 def test_tokenizer_specials_first_and_colours_single_tokens():
     tok = build_tokenizer(family="qwen2_vl", vocab_size=400)
     assert tok.convert_ids_to_tokens(list(range(7))) == [
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|image_pad|>", "<|video_pad|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
     ]
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 0
     assert len(tok) <= 400
@@ -81,8 +86,7 @@ def test_seed_controls_weights():
 
 
 def test_size_overrides():
-    model, _ = build_tiny_model("qwen2_vl", text={"hidden_size": 128, "num_hidden_layers": 3},
-                                vision={"depth": 1})
+    model, _ = build_tiny_model("qwen2_vl", text={"hidden_size": 128, "num_hidden_layers": 3}, vision={"depth": 1})
     assert model.config.text_config.hidden_size == 128
     assert model.config.text_config.num_hidden_layers == 3
     assert model.config.vision_config.depth == 1
@@ -133,23 +137,37 @@ print(type(proc).__name__)
 def test_reload_in_fresh_offline_process(tiny_qwen2_vl, tiny_qwen2_vl_dir, tmp_path):
     out = tmp_path / "logits.pt"
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tiny_qwen2_vl_dir), str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, str(tiny_qwen2_vl_dir), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ImageOnlyQwen2VLProcessor")
     model, processor = tiny_qwen2_vl
     from PIL import Image
 
-    batch = models.build_prompts(processor, [Image.new("RGB", (112, 84), (30, 120, 200))],
-                                 ["What color is the square?"])
+    batch = models.build_prompts(
+        processor, [Image.new("RGB", (112, 84), (30, 120, 200))], ["What color is the square?"]
+    )
     with torch.no_grad():
         expected = model(**batch).logits
     assert torch.equal(torch.load(out, weights_only=True), expected)
 
 
 def test_families_list_is_complete():
-    assert set(FAMILIES) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "idefics3", "smolvlm",
-                             "llava_onevision", "gemma3"}
+    assert set(FAMILIES) == {
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_5",
+        "idefics3",
+        "smolvlm",
+        "llava_onevision",
+        "gemma3",
+    }
 
 
 def test_save_tiny_returns_directory(tmp_path, tiny_qwen2_vl):

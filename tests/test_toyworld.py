@@ -74,7 +74,7 @@ def test_box_is_the_exact_bbox_of_the_outlined_target() -> None:
         (box,) = sample.boxes
         assert _bbox(_black_mask(arr)) == (box.x1, box.y1, box.x2, box.y2)
         # The outline is 3 px thick: its left column band is black for 3 pixels at mid-height.
-        inside = arr[int(box.y1):int(box.y2), int(box.x1):int(box.x2)]
+        inside = arr[int(box.y1) : int(box.y2), int(box.x1) : int(box.x2)]
         fill = np.array(COLOURS[sample.meta["colour"]])
         assert (np.abs(inside - fill).sum(axis=-1) == 0).sum() >= 10  # target colour visible
         assert 20 <= box.width <= 28 and 20 <= box.height <= 28
@@ -94,8 +94,7 @@ def test_objects_keep_their_spacing_and_do_not_overlap() -> None:
 def test_difficulty_knobs_change_the_scene() -> None:
     plain = make_scene(scene_rng(0, 0), SceneConfig(outline=False))[1]
     assert not _black_mask(_pixels(plain.image)).any()  # world "S": no outline anywhere
-    crowded = SceneConfig(min_objects=5, max_objects=5, min_object_size=14, max_object_size=16,
-                          min_centre_distance=24)
+    crowded = SceneConfig(min_objects=5, max_objects=5, min_object_size=14, max_object_size=16, min_centre_distance=24)
     for sample in make_dataset(10, 2, crowded):
         assert len(sample.meta["objects"]) == 5 and sample.boxes[0].width <= 16
     with pytest.raises(ValueError, match="max_objects"):
@@ -131,7 +130,7 @@ def test_red_box_only_in_the_boxed_student_view() -> None:
     red = {}
     for view in ("full", "crop", "boxed_full", "boxed_crop"):
         image, text = view_input(sample, view)
-        red[view] = (np.abs(_pixels(image) - np.array(RED)).sum(axis=-1) < 60)
+        red[view] = np.abs(_pixels(image) - np.array(RED)).sum(axis=-1) < 60
         assert text.startswith(sample.question) and (view.startswith("boxed") == ("red bounding box" in text))
     assert not red["full"].any() and not red["crop"].any() and red["boxed_crop"].any()
     # The line sits 3-4 px outside the target bbox (box_margin 2 + width 2).
@@ -261,8 +260,7 @@ def test_pretraining_is_deterministic() -> None:
 
     from vopd.toyworld.pretrain import PretrainConfig, pretrain_base
 
-    cfg = PretrainConfig(steps=3, eval_every=0, final_eval_n=0, crops=4, full=2, boxed_full=2,
-                         warmup=1, threads=1)
+    cfg = PretrainConfig(steps=3, eval_every=0, final_eval_n=0, crops=4, full=2, boxed_full=2, warmup=1, threads=1)
     model_a, _, _ = pretrain_base(cfg)
     model_b, _, _ = pretrain_base(cfg)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):

@@ -32,9 +32,17 @@ def test_configuration_follows_overrides_not_demo_defaults():
     boxed = _conf(*OPD_VARIANTS["red box + hint student"])
     assert boxed["student_view"] == "full + red box + hint"
     default = _conf()
-    assert default == {"objective": "opd", "teacher": "frozen", "teacher_rate": None, "teacher_view": "crop",
-                       "estimator": "topk", "beta": 0.5, "support": "student top-100 + tail", "student_view": "full",
-                       "crop_source": "box"}
+    assert default == {
+        "objective": "opd",
+        "teacher": "frozen",
+        "teacher_rate": None,
+        "teacher_view": "crop",
+        "estimator": "topk",
+        "beta": 0.5,
+        "support": "student top-100 + tail",
+        "student_view": "full",
+        "crop_source": "box",
+    }
     search = _conf("views.crop_source=search")
     assert search["crop_source"] == "search" and "no gold box read in training" in describe_configuration(search)
 
@@ -50,11 +58,16 @@ def test_every_variant_gets_a_distinct_description():
 
 
 def test_ablation_table_prints_the_recorded_configuration():
-    curve = [{"step": 0, "full": 0.5, "crop": 0.99, "boxed_full": 0.6}, {"step": 2, "full": 0.6, "crop": 0.98, "boxed_full": 0.7}]
-    table = ablation_table({
-        "live teacher": {"config": _conf("teacher.kind=live"), "curve": curve, "health": []},
-        "old row": {"curve": curve},  # recorded before configurations were saved
-    })
+    curve = [
+        {"step": 0, "full": 0.5, "crop": 0.99, "boxed_full": 0.6},
+        {"step": 2, "full": 0.6, "crop": 0.98, "boxed_full": 0.7},
+    ]
+    table = ablation_table(
+        {
+            "live teacher": {"config": _conf("teacher.kind=live"), "curve": curve, "health": []},
+            "old row": {"curve": curve},  # recorded before configurations were saved
+        }
+    )
     rows = table.splitlines()
     assert "configuration that ran" in rows[0]
     assert "teacher live on the crop" in rows[2] and "(configuration not recorded)" in rows[3]
@@ -82,9 +95,26 @@ def test_tiny_live_ablation_reports_live_everywhere(tmp_path, capsys, monkeypatc
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    rc = main(["demo", "--out", "../D", "--ablations", "live", "--steps", "2", "--eval-every", "2",
-               "--n-eval", "20", "--threads", "1", "prompts_per_step=4", "micro_batch_prompts=4",
-               "health.probe_data=toyworld:8:124"])
+    rc = main(
+        [
+            "demo",
+            "--out",
+            "../D",
+            "--ablations",
+            "live",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--n-eval",
+            "20",
+            "--threads",
+            "1",
+            "prompts_per_step=4",
+            "micro_batch_prompts=4",
+            "health.probe_data=toyworld:8:124",
+        ]
+    )
     assert rc == 0
     console = capsys.readouterr().out
     sub = out / "live_teacher"

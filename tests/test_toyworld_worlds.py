@@ -45,7 +45,7 @@ def test_world_r_keeps_the_layout_and_puts_the_colour_in_a_small_mark() -> None:
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             colour = COLOURS[obj["colour"]]
             # The mark: size x size pixels of the object's colour at its centre, grey around it.
-            mark = pixels[cy - size // 2: cy - size // 2 + size, cx - size // 2: cx - size // 2 + size]
+            mark = pixels[cy - size // 2 : cy - size // 2 + size, cx - size // 2 : cx - size // 2 + size]
             assert (mark == colour).all()
             # Just right of the mark: the grey fill (or the target's outline, in a narrow triangle).
             assert tuple(pixels[cy, cx + size]) in (NEUTRAL_FILL, OUTLINE_COLOUR)
@@ -113,8 +113,15 @@ def test_demo_on_world_r_trains_and_evaluates_world_r_scenes(tmp_path, monkeypat
 
     monkeypatch.setattr(train_setup, "ViewDataset", SpyDataset)
     monkeypatch.setattr("vopd.toyworld.evaluate.HeldOutEvaluator", SpyEvaluator)
-    cfg = DemoConfig(out=str(tmp_path), steps=1, eval_every=1, n_eval=6, threads=1, world="R",
-                     overrides=("prompts_per_step=4", "micro_batch_prompts=4"))
+    cfg = DemoConfig(
+        out=str(tmp_path),
+        steps=1,
+        eval_every=1,
+        n_eval=6,
+        threads=1,
+        world="R",
+        overrides=("prompts_per_step=4", "micro_batch_prompts=4"),
+    )
     results = demo_mod.run_demo(cfg)
     assert results["world"] == "R"
     assert "trained on world M, not R" in capsys.readouterr().out

@@ -47,11 +47,22 @@ def test_unknown_tracker_rejected_by_config():
 
 
 def _tiny(tmp_path, report_to: str):
-    return load_config(None, [
-        "model.path=tiny:qwen2_vl", "data.train=toyworld:4:0", "rollout.n=1", "rollout.max_new_tokens=2",
-        "loss.top_k=8", "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "threads=1",
-        f"report_to={report_to}", f"output_dir={tmp_path}",
-    ])
+    return load_config(
+        None,
+        [
+            "model.path=tiny:qwen2_vl",
+            "data.train=toyworld:4:0",
+            "rollout.n=1",
+            "rollout.max_new_tokens=2",
+            "loss.top_k=8",
+            "prompts_per_step=2",
+            "micro_batch_prompts=2",
+            "max_steps=1",
+            "threads=1",
+            f"report_to={report_to}",
+            f"output_dir={tmp_path}",
+        ],
+    )
 
 
 def test_train_fails_before_loading_when_named_tracker_missing(tmp_path, monkeypatch):

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 import vopd.trainer as trainer_mod
 from vopd.checkpoint import latest_checkpoint
 from vopd.cli import main as cli_main
 from vopd.config import load_config
 from vopd.trainer import TrainingError, train
-import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 
 BASE = [
     "model.path=tiny:qwen2_vl",
@@ -77,7 +77,14 @@ def test_grad_accumulation_uses_global_token_count(tmp_path):
     Greedy rollouts make both runs score the same responses; the loss must be normalised by the
     step's total token count (not per micro-batch) for the updates to agree.
     """
-    common = ("max_steps=1", "rollout.temperature=0", "rollout.n=1", "optim.warmup_steps=0", "teacher.kind=frozen", "loss.estimator=full")
+    common = (
+        "max_steps=1",
+        "rollout.temperature=0",
+        "rollout.n=1",
+        "optim.warmup_steps=0",
+        "teacher.kind=frozen",
+        "loss.estimator=full",
+    )
     train(_cfg(tmp_path / "one", "micro_batch_prompts=4", *common))
     train(_cfg(tmp_path / "two", "micro_batch_prompts=2", *common))
     one, two = _weights(tmp_path / "one" / "checkpoint-1"), _weights(tmp_path / "two" / "checkpoint-1")
@@ -110,6 +117,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
             loss, stats = real(*args, **kwargs)
             calls["n"] += 1
             return loss * float("nan"), stats
+
         return poisoned
 
     # The trainer's one loss call per micro-batch (fused, chunked or one piece inside).
@@ -142,8 +150,18 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_cli_train_and_checkpoint_reloads_offline_in_fresh_process(tmp_path, capsys):
     out = tmp_path / "x"
-    rc = cli_main(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"),
-                   f"output_dir={out}", "max_steps=2", "save_every=1", "seed=7", "report_to=[jsonl]"])
+    rc = cli_main(
+        [
+            "train",
+            "--config",
+            str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"),
+            f"output_dir={out}",
+            "max_steps=2",
+            "save_every=1",
+            "seed=7",
+            "report_to=[jsonl]",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "vopd train: 2 steps" in printed
@@ -174,8 +192,14 @@ def test_cli_train_and_checkpoint_reloads_offline_in_fresh_process(tmp_path, cap
 
 def test_teacher_health_probe_reports_drift_and_accuracy(tmp_path):
     """Frozen teacher: zero drift. Live teacher: the drift grows as the student trains."""
-    common = ("max_steps=2", "health.every=1", "health.probe_size=4", "health.max_new_tokens=4",
-              "health.probe_data=toyworld:4:9", "optim.lr=3e-3")
+    common = (
+        "max_steps=2",
+        "health.every=1",
+        "health.probe_size=4",
+        "health.max_new_tokens=4",
+        "health.probe_data=toyworld:4:9",
+        "optim.lr=3e-3",
+    )
     frozen = train(_cfg(tmp_path / "f", "teacher.kind=frozen", *common))
     with pytest.warns(UserWarning, match="collapse"):
         live = train(_cfg(tmp_path / "l", "teacher.kind=live", *common))
@@ -194,12 +218,34 @@ def test_two_processes_equal_one(tmp_path):
     Greedy rollouts make the responses identical; each process takes half of every step's prompts,
     the token count is summed globally, and DDP averages the gradients.
     """
-    args = [*BASE, "rollout.temperature=0", "optim.warmup_steps=0", "teacher.kind=frozen", "max_steps=2",
-            "micro_batch_prompts=1", "device=cpu"]
+    args = [
+        *BASE,
+        "rollout.temperature=0",
+        "optim.warmup_steps=0",
+        "teacher.kind=frozen",
+        "max_steps=2",
+        "micro_batch_prompts=1",
+        "device=cpu",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args,
-                          f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vopd.cli",
+            "train",
+            *args,
+            f"output_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state" / "state.json").read_text())
     assert state["world_size"] == 2
@@ -240,11 +286,23 @@ def test_paper_recipe_runs_two_steps_at_tiny_scale(tmp_path):
     """configs/paper_qwen35_4b.yaml with only the sizes shrunk: Qwen3.5 family, bf16 autocast,
     gradient checkpointing, red box + hint student, data-loader workers, EMA teacher."""
     recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_qwen35_4b.yaml"
-    cfg = load_config(recipe, [
-        "model.path=tiny:qwen3_5", "data.train=toyworld:8:3", "data.num_workers=2", "prompts_per_step=2",
-        "micro_batch_prompts=1", "rollout.n=2", "rollout.max_new_tokens=4", "max_steps=2", "save_every=0",
-        f"output_dir={tmp_path}", "report_to=[jsonl]", "threads=1",
-    ])
+    cfg = load_config(
+        recipe,
+        [
+            "model.path=tiny:qwen3_5",
+            "data.train=toyworld:8:3",
+            "data.num_workers=2",
+            "prompts_per_step=2",
+            "micro_batch_prompts=1",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            "max_steps=2",
+            "save_every=0",
+            f"output_dir={tmp_path}",
+            "report_to=[jsonl]",
+            "threads=1",
+        ],
+    )
     assert cfg.views.draw_box and cfg.views.hint and cfg.mixed_precision == "bf16"
     res = train(cfg)
     assert res.steps == 2 and all(h["skipped"] == 0.0 for h in res.history)
@@ -267,9 +325,18 @@ def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
 
 def test_health_rollback_restores_the_last_healthy_teacher(tmp_path):
     """An EMA teacher that drifts past the threshold is put back to its last healthy weights."""
-    common = ("max_steps=2", "health.every=1", "health.probe_size=4", "health.max_new_tokens=4",
-              "health.probe_data=toyworld:4:9", "optim.lr=3e-2", "teacher.kind=ema", "teacher.ema_rate=1.0",
-              "health.drift_warn=1e-9", "health.on_degrade=rollback")
+    common = (
+        "max_steps=2",
+        "health.every=1",
+        "health.probe_size=4",
+        "health.max_new_tokens=4",
+        "health.probe_data=toyworld:4:9",
+        "optim.lr=3e-2",
+        "teacher.kind=ema",
+        "teacher.ema_rate=1.0",
+        "health.drift_warn=1e-9",
+        "health.on_degrade=rollback",
+    )
     with pytest.warns(UserWarning, match="teacher degrading"):
         res = train(_cfg(tmp_path, *common))
     assert all(h.get("health/rolled_back") == 1.0 for h in res.history)

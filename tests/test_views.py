@@ -39,10 +39,17 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize(
     ("kw", "name"),
-    [({"zoom": 0}, "zoom"), ({"zoom": float("nan")}, "zoom"), ({"context": -0.1}, "context"),
-     ({"min_side": 0}, "min_side"), ({"max_pixels": 0}, "max_pixels"),
-     ({"box_width": -1}, "box_width"), ({"box_margin": -2}, "box_margin"),
-     ({"box_color": (255, 0)}, "box_color"), ({"box_color": (256, 0, 0)}, "box_color")],
+    [
+        ({"zoom": 0}, "zoom"),
+        ({"zoom": float("nan")}, "zoom"),
+        ({"context": -0.1}, "context"),
+        ({"min_side": 0}, "min_side"),
+        ({"max_pixels": 0}, "max_pixels"),
+        ({"box_width": -1}, "box_width"),
+        ({"box_margin": -2}, "box_margin"),
+        ({"box_color": (255, 0)}, "box_color"),
+        ({"box_color": (256, 0, 0)}, "box_color"),
+    ],
 )
 def test_config_rejects_bad_values(kw, name):
     with pytest.raises(ValueError, match=f"views.{name}.* must be"):
@@ -53,8 +60,7 @@ def test_config_defaults_and_list_colour():
     cfg = ViewConfig(box_color=[0, 255, 0])
     assert cfg.box_color == (0, 255, 0)
     d = ViewConfig()
-    assert (d.context, d.min_side, d.zoom, d.max_pixels, d.draw_box, d.hint) == \
-        (0.5, 56, 2.0, 1_003_520, False, False)
+    assert (d.context, d.min_side, d.zoom, d.max_pixels, d.draw_box, d.hint) == (0.5, 56, 2.0, 1_003_520, False, False)
 
 
 # ------------------------------------------------------------------- evidence_region --
@@ -62,11 +68,9 @@ def test_config_defaults_and_list_colour():
 
 def test_region_context_padding():
     # 20x20 box, context 0.5 -> 10 px on each side.
-    assert evidence_region([Box(40, 40, 60, 60)], (200, 200), _cfg(context=0.5)) \
-        == Box(30, 30, 70, 70)
+    assert evidence_region([Box(40, 40, 60, 60)], (200, 200), _cfg(context=0.5)) == Box(30, 30, 70, 70)
     # Padding is relative to each side: a 40x10 box gets 20 and 5 px.
-    assert evidence_region([Box(40, 40, 80, 50)], (200, 200), _cfg(context=0.5)) \
-        == Box(20, 35, 100, 55)
+    assert evidence_region([Box(40, 40, 80, 50)], (200, 200), _cfg(context=0.5)) == Box(20, 35, 100, 55)
 
 
 def test_region_union_of_boxes():
@@ -75,8 +79,7 @@ def test_region_union_of_boxes():
 
 
 def test_region_min_side_grows_around_centre():
-    assert evidence_region([Box(100, 100, 104, 104)], (200, 200), _cfg(min_side=56)) \
-        == Box(74, 74, 130, 130)
+    assert evidence_region([Box(100, 100, 104, 104)], (200, 200), _cfg(min_side=56)) == Box(74, 74, 130, 130)
 
 
 def test_region_shifted_inside_at_borders():
@@ -84,11 +87,9 @@ def test_region_shifted_inside_at_borders():
     assert evidence_region([Box(0, 0, 10, 10)], (200, 200), cfg) == Box(0, 0, 56, 56)
     assert evidence_region([Box(195, 190, 200, 200)], (200, 200), cfg) == Box(144, 144, 200, 200)
     # Padding that crosses a border shifts the crop, keeping its size and the evidence.
-    assert evidence_region([Box(2, 50, 22, 70)], (200, 200), _cfg(context=0.5)) \
-        == Box(0, 40, 40, 80)
+    assert evidence_region([Box(2, 50, 22, 70)], (200, 200), _cfg(context=0.5)) == Box(0, 40, 40, 80)
     # Larger than the image on one axis: clamped to that axis only.
-    assert evidence_region([Box(10, 10, 20, 20)], (200, 40), _cfg(min_side=64)) \
-        == Box(0, 0, 64, 40)
+    assert evidence_region([Box(10, 10, 20, 20)], (200, 40), _cfg(min_side=64)) == Box(0, 0, 64, 40)
     # A box partly outside is clipped before padding.
     assert evidence_region([Box(-50, 10, 10, 20)], (200, 200), _cfg()) == Box(0, 10, 10, 20)
 
@@ -168,8 +169,7 @@ def test_student_without_box_is_an_unmodified_copy():
 
 def test_auto_line_width_scales_with_image():
     image, _ = _noise(1000, 1000, red=False)
-    out = np.asarray(student_view(image, [Box(400, 400, 500, 500)], _cfg(draw_box=True,
-                                                                          box_width=0)))
+    out = np.asarray(student_view(image, [Box(400, 400, 500, 500)], _cfg(draw_box=True, box_width=0)))
     red = np.all(out[450, 380:400] == (255, 0, 0), axis=-1)
     assert red.sum() == 4  # max(2, round(1000 / 250))
 
@@ -191,12 +191,10 @@ def test_make_views_teacher_has_no_red_even_when_student_has_box():
 def test_make_views_provided_crop_and_errors():
     image, _ = _noise()
     crop = Image.new("RGB", (30, 20), (7, 8, 9))
-    sample = Sample(id="s", image=image, question="Q?", boxes=[Box(0, 0, 10, 10)],
-                    teacher_image=crop)
+    sample = Sample(id="s", image=image, question="Q?", boxes=[Box(0, 0, 10, 10)], teacher_image=crop)
     _, teacher, _ = make_views(sample, ViewConfig())
     assert teacher.size == (30, 20) and teacher.getpixel((0, 0)) == (7, 8, 9)
-    _, teacher, _ = make_views(sample, ViewConfig(use_provided_crop=False, min_side=1,
-                                                  context=0))
+    _, teacher, _ = make_views(sample, ViewConfig(use_provided_crop=False, min_side=1, context=0))
     assert teacher.size == (20, 20)
     # A provided crop above the pixel budget is downscaled to fit.
     _, teacher, _ = make_views(sample, ViewConfig(max_pixels=150))
@@ -204,8 +202,7 @@ def test_make_views_provided_crop_and_errors():
     with pytest.raises(RecordError, match="field 'boxes'.*no evidence boxes"):
         make_views(Sample(id="n", image=image, question="Q?"), ViewConfig())
     with pytest.raises(RecordError, match="field 'boxes'.*outside"):
-        make_views(Sample(id="o", image=image, question="Q?", boxes=[Box(500, 5, 510, 9)]),
-                   ViewConfig())
+        make_views(Sample(id="o", image=image, question="Q?", boxes=[Box(500, 5, 510, 9)]), ViewConfig())
 
 
 # ------------------------------------------------------------------------- prompt text --
@@ -213,10 +210,8 @@ def test_make_views_provided_crop_and_errors():
 
 def test_prompt_text_layout():
     mc = Sample(id="s", image="", question="What colour is the car? ", options=["red", "blue"])
-    assert prompt_text(mc, hint=True) == (
-        f"What colour is the car?\n\n{HINT}\n\nA. red\nB. blue\n\n{INSTRUCTION}")
-    assert prompt_text(mc, hint=False) == (
-        f"What colour is the car?\n\nA. red\nB. blue\n\n{INSTRUCTION}")
+    assert prompt_text(mc, hint=True) == (f"What colour is the car?\n\n{HINT}\n\nA. red\nB. blue\n\n{INSTRUCTION}")
+    assert prompt_text(mc, hint=False) == (f"What colour is the car?\n\nA. red\nB. blue\n\n{INSTRUCTION}")
     open_q = Sample(id="t", image="", question="Read the sign.")
     assert prompt_text(open_q, hint=False) == "Read the sign."
     assert prompt_text(open_q, hint=True) == f"Read the sign.\n\n{HINT}"

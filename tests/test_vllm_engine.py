@@ -65,7 +65,9 @@ def test_images_rebuilt_from_pixel_values_reprocess_identically(tiny_qwen2_vl, t
 
 def test_prompt_check_names_the_image_token_count():
     check_engine_prompt([1, 5, 5, 2], [1, 5, 5, 2], 5)
-    with pytest.raises(EngineMismatchError, match="image-token count differs: the trainer's prompt has 2 image tokens, the engine's 3"):
+    with pytest.raises(
+        EngineMismatchError, match="image-token count differs: the trainer's prompt has 2 image tokens, the engine's 3"
+    ):
         check_engine_prompt([1, 5, 5, 2], [1, 5, 5, 5, 2], 5)
     with pytest.raises(EngineMismatchError, match="differ from the trainer's at position 2"):
         check_engine_prompt([1, 5, 7, 2], [1, 5, 8, 2], 5)
@@ -89,11 +91,22 @@ def toy_checkpoint(tmp_path_factory, vllm_python) -> Path:
     from vopd.trainer import train
 
     out = tmp_path_factory.mktemp("vllm_train")
-    cfg = load_config(None, [
-        "model.path=toy-base", "data.train=toyworld:4:0", "rollout.n=2", "rollout.max_new_tokens=4",
-        "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=1", "report_to=[jsonl]", "threads=1",
-        "health.every=0", f"output_dir={out}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.path=toy-base",
+            "data.train=toyworld:4:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            "prompts_per_step=2",
+            "micro_batch_prompts=2",
+            "max_steps=1",
+            "report_to=[jsonl]",
+            "threads=1",
+            "health.every=0",
+            f"output_dir={out}",
+        ],
+    )
     return train(cfg).checkpoint
 
 
@@ -106,8 +119,9 @@ def server_url(toy_checkpoint, vllm_python, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = server_command(vllm_python, toy_checkpoint, port, work / "template.jinja",
-                         extra=["--max-model-len", "512", "--enforce-eager"])
+    cmd = server_command(
+        vllm_python, toy_checkpoint, port, work / "template.jinja", extra=["--max-model-len", "512", "--enforce-eager"]
+    )
     log = (work / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -143,10 +157,17 @@ def test_checkpoint_loads_whole_with_stock_classes_in_vllm_env(toy_checkpoint, v
         "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1])\n"
         "p = AutoProcessor.from_pretrained(sys.argv[1])\n"
         "assert 'vopd' not in sys.modules\n"
-        "print(type(m).__name__, type(p).__name__, type(p.image_processor).__name__, type(p.video_processor).__name__)\n"
+        "print(type(m).__name__, type(p).__name__, type(p.image_processor).__name__, "
+        "type(p.video_processor).__name__)\n"
     )
-    done = subprocess.run([str(vllm_python), "-c", code, str(toy_checkpoint)], capture_output=True, text=True,
-                          env=server_env(), timeout=600, cwd=str(toy_checkpoint))
+    done = subprocess.run(
+        [str(vllm_python), "-c", code, str(toy_checkpoint)],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        timeout=600,
+        cwd=str(toy_checkpoint),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     model_cls, proc_cls, image_cls, video_cls = done.stdout.split()[-4:]
     assert (model_cls, proc_cls) == ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
@@ -160,10 +181,13 @@ def test_engine_logprobs_equal_trainer_logprobs(server_url, policy, tmp_path, te
     model, processor = policy
     engine = VLLMServerEngine(processor, work_dir=tmp_path, url=server_url)
     batch = build_prompts(processor, _images(), TEXTS)
-    ro = engine.sample(model, batch, RolloutConfig(n=4, temperature=temperature, top_p=top_p, max_new_tokens=12),
-                       generator_seed=3)
+    ro = engine.sample(
+        model, batch, RolloutConfig(n=4, temperature=temperature, top_p=top_p, max_new_tokens=12), generator_seed=3
+    )
     assert ro.response_ids_B_T.shape[0] == 8 and ro.mask_B_T.any(dim=1).all()
-    ref = teacher_forced_logp(model, batch, ro, vision_token_ids(processor, model), temperature=temperature, top_p=top_p)
+    ref = teacher_forced_logp(
+        model, batch, ro, vision_token_ids(processor, model), temperature=temperature, top_p=top_p
+    )
     got, want = ro.sampler_logp_B_T[ro.mask_B_T].double(), ref[ro.mask_B_T]
     assert torch.isfinite(want).all()  # every engine token lies inside the trainer's sampling support
     torch.testing.assert_close(got, want, atol=LOGP_ATOL, rtol=0)
@@ -179,7 +203,9 @@ def test_after_a_weight_push_engine_greedy_equals_hf_greedy(server_url, policy, 
     batch = build_prompts(processor, _images(), TEXTS)
     greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=10)
     before = engine.sample(model, batch, greedy)
-    assert torch.equal(before.response_ids_B_T, HFGenerateEngine(processor).sample(model, batch, greedy).response_ids_B_T)
+    assert torch.equal(
+        before.response_ids_B_T, HFGenerateEngine(processor).sample(model, batch, greedy).response_ids_B_T
+    )
     pushes = engine.pushes
     torch.manual_seed(0)
     with torch.no_grad():  # an "optimiser step": every parameter changes in place
@@ -216,17 +242,34 @@ def test_training_with_the_vllm_engine_end_to_end(tmp_path, vllm_python):
     """vopd starts its own server (start mode), pushes weights every step, rollout correction ~1."""
     from vopd.trainer import train
 
-    cfg = load_config(None, [
-        "model.path=toy-base", "data.train=toyworld:8:0", "rollout.n=2", "rollout.max_new_tokens=6",
-        "prompts_per_step=2", "micro_batch_prompts=2", "max_steps=3", "report_to=[jsonl]", "threads=1",
-        "health.every=0", "optim.lr=1e-3", "optim.warmup_steps=1", "loss.rollout_correction=true",
-        "rollout.engine=vllm", f"rollout.vllm_python={vllm_python}",
-        "rollout.vllm_args=[--max-model-len, '512', --enforce-eager]", f"output_dir={tmp_path}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.path=toy-base",
+            "data.train=toyworld:8:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=6",
+            "prompts_per_step=2",
+            "micro_batch_prompts=2",
+            "max_steps=3",
+            "report_to=[jsonl]",
+            "threads=1",
+            "health.every=0",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=1",
+            "loss.rollout_correction=true",
+            "rollout.engine=vllm",
+            f"rollout.vllm_python={vllm_python}",
+            "rollout.vllm_args=[--max-model-len, '512', --enforce-eager]",
+            f"output_dir={tmp_path}",
+        ],
+    )
     result = train(cfg)
     hist = result.history
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["divergence"])) for h in hist)
     assert hist[0]["time_weight_sync"] == 0.0 and all(h["time_weight_sync"] > 0 for h in hist[1:])
     # Trainer and engine log-probs agree, so the correction weight min(pi_trainer / pi_engine, clip) is ~1.
     assert all(abs(h["rollout_weight"] - 1.0) < 1e-2 for h in hist), [h["rollout_weight"] for h in hist]
-    assert json.loads((result.checkpoint / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    assert (
+        json.loads((result.checkpoint / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    )

@@ -95,6 +95,7 @@ def load_resume_point(output_dir: str | Path, *, say: Any = print) -> tuple[Path
     Raises:
         CheckpointError: checkpoints exist but every one of them is broken.
     """
+
     def check_and_load(ckpt: Path) -> dict[str, Any]:
         check_checkpoint(ckpt)
         return load_trainer_state(ckpt)
@@ -116,7 +117,8 @@ def _newest_passing(output_dir: str | Path, test: Any, say: Any) -> Any:
         return ckpt, value
     if problems:
         raise CheckpointError(
-            f"no intact checkpoint under {output_dir}: " + "; ".join(problems)
+            f"no intact checkpoint under {output_dir}: "
+            + "; ".join(problems)
             + ". Start a new run (another output_dir, or --overwrite)"
         )
     return None
@@ -280,8 +282,11 @@ def save_checkpoint(
     written instead of ``model``'s and ``optimizer``'s own.
     """
     optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
-    bad = _first_non_finite(model_state if model_state is not None else model.state_dict(), "model") or _first_non_finite(teacher_state, "teacher") \
+    bad = (
+        _first_non_finite(model_state if model_state is not None else model.state_dict(), "model")
+        or _first_non_finite(teacher_state, "teacher")
         or _first_non_finite(_tensors(optimizer_state.get("state", {})), "optimizer state")
+    )
     if bad:
         raise CheckpointError(f"refusing to write checkpoint-{step}: {bad} holds NaN or inf values")
     root = Path(output_dir)
@@ -299,8 +304,10 @@ def save_checkpoint(
         state_dir.mkdir()
         if teacher_state:
             # Tied weights share storage; safetensors wants each tensor once, so clone.
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in teacher_state.items()},
-                      state_dir / "teacher.safetensors")
+            save_file(
+                {k: v.detach().cpu().clone().contiguous() for k, v in teacher_state.items()},
+                state_dir / "teacher.safetensors",
+            )
         torch.save(
             {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
             state_dir / "optim_rng.pt",
@@ -312,8 +319,10 @@ def save_checkpoint(
         _fsync_tree(tmp)
     except OSError as err:  # a full disk, a quota, a vanished mount: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint-{step} under {root} ({err}); the earlier checkpoints "
-                              "are untouched. Free space (or fix the folder) and --resume") from err
+        raise CheckpointError(
+            f"could not write checkpoint-{step} under {root} ({err}); the earlier checkpoints "
+            "are untouched. Free space (or fix the folder) and --resume"
+        ) from err
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
         old = root / f".checkpoint-{step}.old-{os.getpid()}"
         final.rename(old)

@@ -71,9 +71,18 @@ def _data_propose(args: argparse.Namespace) -> int:
         return resolve_model_spec(args.model, trust_remote_code=cfg.model.trust_remote_code)
 
     done = write_proposed_boxes(
-        args.path, args.out, load, source=args.source, model_name=args.model, view_cfg=cfg.views,
-        limit=args.limit, skip_fallbacks=args.skip_fallbacks, batch_size=args.batch_size,
-        progress=not args.no_progress, thinking=cfg.model.thinking)
+        args.path,
+        args.out,
+        load,
+        source=args.source,
+        model_name=args.model,
+        view_cfg=cfg.views,
+        limit=args.limit,
+        skip_fallbacks=args.skip_fallbacks,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        thinking=cfg.model.thinking,
+    )
     print(done.report())
     return 0
 
@@ -86,13 +95,20 @@ def _data_check(args: argparse.Namespace) -> int:
     path = args.path or cfg.data.train
     processor = load_processor(args.model, trust_remote_code=cfg.model.trust_remote_code) if args.model else None
     found = check_data(
-        path, views=cfg.views, out_of_bounds=cfg.data.out_of_bounds, decode=args.decode, processor=processor,
-        max_prompt_tokens=args.max_prompt_tokens or cfg.data.max_prompt_tokens, thinking=cfg.model.thinking,
+        path,
+        views=cfg.views,
+        out_of_bounds=cfg.data.out_of_bounds,
+        decode=args.decode,
+        processor=processor,
+        max_prompt_tokens=args.max_prompt_tokens or cfg.data.max_prompt_tokens,
+        thinking=cfg.model.thinking,
     )
     print(found.report())
     if not found.ok:
-        print(f"{len(found.problems)} unusable row(s): fix them, or train with data.on_error=skip to skip them",
-              file=sys.stderr)
+        print(
+            f"{len(found.problems)} unusable row(s): fix them, or train with data.on_error=skip to skip them",
+            file=sys.stderr,
+        )
     return 0 if found.ok else 1
 
 
@@ -107,18 +123,26 @@ def _mounted(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vopd", description="Vision-OPD: teach multimodal LLMs to see fine details.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback on errors (also VOPD_DEBUG=1; accepted anywhere)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback on errors (also VOPD_DEBUG=1; accepted anywhere)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
     from vopd.config import recipes  # light: no model code
 
-    p.add_argument("--config", help="YAML recipe: a file (e.g. configs/tiny_cpu.yaml) or a shipped recipe's name "
-                                    f"({', '.join(recipes())})")
+    p.add_argument(
+        "--config",
+        help=f"YAML recipe: a file (e.g. configs/tiny_cpu.yaml) or a shipped recipe's name ({', '.join(recipes())})",
+    )
     p.add_argument("--resume", action="store_true", help="continue output_dir from its newest intact checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in output_dir (deletes its checkpoints and metrics.jsonl)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (deletes its checkpoints and metrics.jsonl)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x optim.lr=1e-5")
     p.set_defaults(func=_train)
 
@@ -138,22 +162,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="training YAML whose views and data.* settings to check with")
     q.add_argument("--decode", action="store_true", help="decode every image fully and build both views (slower)")
     q.add_argument("--model", help="model spec or folder: measure every prompt with its processor")
-    q.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="prompt length limit with --model (default: data.max_prompt_tokens)")
+    q.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt length limit with --model (default: data.max_prompt_tokens)",
+    )
     q.set_defaults(func=_data)
-    q = dsub.add_parser("propose", help="write the model's own crop proposals into a copy of a record file as its "
-                                        "boxes (then train with views.crop_source=box)")
+    q = dsub.add_parser(
+        "propose",
+        help="write the model's own crop proposals into a copy of a record file as its "
+        "boxes (then train with views.crop_source=box)",
+    )
     q.add_argument("path", help="record file or folder (ours or Vision-OPD-6K); never written")
     q.add_argument("--model", required=True, help="model spec or folder that proposes the boxes")
-    q.add_argument("--source", required=True, choices=PROPOSAL_SOURCES, help="how the model proposes (docs/proposals.md)")
-    q.add_argument("--out", required=True, help="output JSONL; proposals are cached beside it in "
-                                                "<stem>.proposals.jsonl, so a rerun resumes")
+    q.add_argument(
+        "--source", required=True, choices=PROPOSAL_SOURCES, help="how the model proposes (docs/proposals.md)"
+    )
+    q.add_argument(
+        "--out",
+        required=True,
+        help="output JSONL; proposals are cached beside it in <stem>.proposals.jsonl, so a rerun resumes",
+    )
     q.add_argument("--limit", type=int, default=None, help="only the first N records")
     q.add_argument("--config", help="training YAML whose views (and model.trust_remote_code) to propose with")
     q.add_argument("--batch-size", type=int, default=100, help="prompts per forward pass")
-    q.add_argument("--skip-fallbacks", action="store_true",
-                   help="grounding: leave out records whose answer held no usable box (default: write them with "
-                        "the whole image as their box, flagged in meta.box_status)")
+    q.add_argument(
+        "--skip-fallbacks",
+        action="store_true",
+        help="grounding: leave out records whose answer held no usable box (default: write them with "
+        "the whole image as their box, flagged in meta.box_status)",
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_data)
 
@@ -196,17 +235,37 @@ def _unavailable(name: str, err: Exception) -> int:
 # (module, class, what it is, what to do): expected failures and their one-line advice. A class is
 # looked up only in modules already imported, since an error of that class implies its module ran.
 EXPECTED_ERRORS: tuple[tuple[str, str, str, str], ...] = (
-    ("vopd.knobs", "ConfigError", "config error",
-     "fix the file or key named above (`vopd config` lists every key with its allowed values)"),
-    ("vopd.records", "RecordError", "data error",
-     "fix the file or row named above (`vopd data check FILE` lists every bad row)"),
+    (
+        "vopd.knobs",
+        "ConfigError",
+        "config error",
+        "fix the file or key named above (`vopd config` lists every key with its allowed values)",
+    ),
+    (
+        "vopd.records",
+        "RecordError",
+        "data error",
+        "fix the file or row named above (`vopd data check FILE` lists every bad row)",
+    ),
     ("vopd.images", "ImageError", "image error", "fix or remove that image (`vopd data check FILE` lists them)"),
-    ("vopd.evaluation.benchmarks.files", "BenchmarkFormatError", "benchmark file error",
-     "check the benchmark file's format (docs/evaluation.md)"),
-    ("vopd.evaluation.backends", "BackendError", "backend error",
-     "check --backend/--url/--model and that the server answers; rerunning the same command resumes"),
-    ("vopd.checkpoint", "CheckpointError", "checkpoint error",
-     "remove or move the broken checkpoint folder named above, then resume from an intact one"),
+    (
+        "vopd.evaluation.benchmarks.files",
+        "BenchmarkFormatError",
+        "benchmark file error",
+        "check the benchmark file's format (docs/evaluation.md)",
+    ),
+    (
+        "vopd.evaluation.backends",
+        "BackendError",
+        "backend error",
+        "check --backend/--url/--model and that the server answers; rerunning the same command resumes",
+    ),
+    (
+        "vopd.checkpoint",
+        "CheckpointError",
+        "checkpoint error",
+        "remove or move the broken checkpoint folder named above, then resume from an intact one",
+    ),
     ("vopd.runfolder", "RunFolderError", "run folder", ""),  # its message says what to do
     ("vopd.trainer", "TrainingError", "training stopped", "see metrics.jsonl in the run folder; the message says why"),
 )

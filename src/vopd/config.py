@@ -69,6 +69,7 @@ def recipe_path(name: str) -> Path:
         raise ConfigError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes()) or 'none'}")
     return path
 
+
 #: What the student learns from (`objective`): Vision-OPD and the paper's baselines, one trainer.
 OBJECTIVES: tuple[str, ...] = ("opd", "sft_self", "opsd", "sft_gold")
 #: The objectives that read the records' reference answers.
@@ -91,15 +92,18 @@ def canonical_view(name: str, *, key: str = "view") -> str:
     """The current name of a view (old names such as ``global`` map to ``full``)."""
     name = VIEW_ALIASES.get(name, name)
     if name not in VIEW_NAMES:
-        raise ConfigError(f"{key}={name!r} is not one of {' | '.join(VIEW_NAMES)} "
-                          f"(old names: {', '.join(f'{a}={b}' for a, b in VIEW_ALIASES.items())})")
+        raise ConfigError(
+            f"{key}={name!r} is not one of {' | '.join(VIEW_NAMES)} "
+            f"(old names: {', '.join(f'{a}={b}' for a, b in VIEW_ALIASES.items())})"
+        )
     return name
 
 
 @dataclass
 class ModelConfig:
-    path: str = knob("", 'hub id, local dir, "toy-base" (the shipped toy checkpoint) or "tiny:<family>" '
-                         "(random tiny model)")
+    path: str = knob(
+        "", 'hub id, local dir, "toy-base" (the shipped toy checkpoint) or "tiny:<family>" (random tiny model)'
+    )
     dtype: str = knob("float32", "weight dtype", choices=("float32", "bfloat16", "float16"))
     trust_remote_code: bool = knob(False, "run model code from the checkpoint; only for sources you trust")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
@@ -112,11 +116,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = knob("", 'JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED[:WORLD]]" for N generated toy scenes (WORLD: M, the default, or R)')
-    out_of_bounds: str = knob("clip", "evidence box partly outside the image: clip (and count) or reject",
-                              choices=("clip", "reject"))
-    on_error: str = knob("raise", "a bad record: raise (naming file:row) or skip (counted and reported)",
-                         choices=("raise", "skip"))
+    train: str = knob(
+        "",
+        'JSONL (our format or Vision-OPD-6K), or "toyworld:N[:SEED[:WORLD]]" for N generated toy scenes '
+        "(WORLD: M, the default, or R)",
+    )
+    out_of_bounds: str = knob(
+        "clip", "evidence box partly outside the image: clip (and count) or reject", choices=("clip", "reject")
+    )
+    on_error: str = knob(
+        "raise", "a bad record: raise (naming file:row) or skip (counted and reported)", choices=("raise", "skip")
+    )
     max_prompt_tokens: int = knob(8192, "longer prompts are an error naming the row", ge=1)
     num_workers: int = knob(0, "data-loader worker processes building views and processor inputs", ge=0)
     shuffle: bool = knob(True, "reshuffle every epoch (seeded)")
@@ -129,27 +139,43 @@ class DataConfig:
 class ViewConfig:
     """How the student and teacher views are built from a sample (see :mod:`vopd.views`)."""
 
-    context: float = knob(0.5, "padding added on each side of the evidence region, as a fraction of its width "
-                               "(left/right) and height (top/bottom); 0.5 doubles each side", ge=0)
+    context: float = knob(
+        0.5,
+        "padding added on each side of the evidence region, as a fraction of its width "
+        "(left/right) and height (top/bottom); 0.5 doubles each side",
+        ge=0,
+    )
     min_side: int = knob(56, "minimum crop side in source pixels (small boxes get surrounding context)", ge=1)
     zoom: float = knob(2.0, "resize factor of the teacher crop (bicubic)", gt=0)
-    max_pixels: int = knob(1_003_520, "pixel budget of the zoomed crop; the zoom shrinks to fit (may go below 1)",
-                           ge=1)
+    max_pixels: int = knob(1_003_520, "pixel budget of the zoomed crop; the zoom shrinks to fit (may go below 1)", ge=1)
     draw_box: bool = knob(False, "the student view gets the evidence boxes drawn in red on the full image")
     box_color: tuple[int, int, int] = knob((255, 0, 0), "RGB colour of the drawn box (three ints)", ge=0, le=255)
     box_width: int = knob(3, "line width in pixels; 0 picks max(2, round(min(W, H) / 250))", ge=0)
-    box_margin: int = knob(0, "gap in pixels between the evidence box and the inner edge of the line; the line "
-                              "is always drawn outside the box so it never hides evidence pixels", ge=0)
+    box_margin: int = knob(
+        0,
+        "gap in pixels between the evidence box and the inner edge of the line; the line "
+        "is always drawn outside the box so it never hides evidence pixels",
+        ge=0,
+    )
     hint: bool = knob(False, "add the paper's hint sentence to the prompt text (both views share the text)")
     use_provided_crop: bool = knob(True, "use the sample's provided teacher image when present instead of cropping")
-    crop_source: str = knob("box", "where the teacher's crop comes from in training: box (the sample's evidence "
-                                    "boxes or provided crop), or a region the model proposes itself: search, "
-                                    "attention or grounding (vopd.proposals; every gold box and provided crop is "
-                                    "then dropped unread; grounding needs a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
-                                    "model)", choices=CROP_SOURCES)
-    proposal_keep: float = knob(1.0, "with a proposed crop_source: train only on this fraction of the samples, "
-                                     "those whose proposals are surest (highest proposal score); the rest are "
-                                     "dropped before training (< 1 with crop_source=box is an error)", gt=0, le=1)
+    crop_source: str = knob(
+        "box",
+        "where the teacher's crop comes from in training: box (the sample's evidence "
+        "boxes or provided crop), or a region the model proposes itself: search, "
+        "attention or grounding (vopd.proposals; every gold box and provided crop is "
+        "then dropped unread; grounding needs a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
+        "model)",
+        choices=CROP_SOURCES,
+    )
+    proposal_keep: float = knob(
+        1.0,
+        "with a proposed crop_source: train only on this fraction of the samples, "
+        "those whose proposals are surest (highest proposal score); the rest are "
+        "dropped before training (< 1 with crop_source=box is an error)",
+        gt=0,
+        le=1,
+    )
 
     def __post_init__(self) -> None:
         color = tuple(self.box_color) if isinstance(self.box_color, (list, tuple)) else ()
@@ -158,8 +184,10 @@ class ViewConfig:
         self.box_color = color  # YAML gives lists
         check_knobs(self, "views")
         if self.proposal_keep < 1 and self.crop_source == "box":  # nothing to rank: it would be ignored
-            raise ConfigError(f"views.proposal_keep={self.proposal_keep:g} ranks the model's own proposals; set "
-                              "views.crop_source to search, attention or grounding, or leave proposal_keep at 1")
+            raise ConfigError(
+                f"views.proposal_keep={self.proposal_keep:g} ranks the model's own proposals; set "
+                "views.crop_source to search, attention or grounding, or leave proposal_keep at 1"
+            )
 
 
 @dataclass
@@ -170,15 +198,28 @@ class RolloutConfig:
     temperature: float = knob(1.0, "softmax temperature; 0 means greedy decoding (eval), which ignores top_p", ge=0)
     top_p: float = knob(1.0, "nucleus sampling mass (1.0 = the full distribution, as in the paper)", gt=0, le=1)
     max_new_tokens: int = knob(1024, "longest response, EOS included (paper: 1024)", ge=1)
-    engine: str = knob("hf", "who samples: hf (transformers, in the training process) or vllm (a vLLM server "
-                             "in its own environment, docs/vllm.md)", choices=("hf", "vllm"))
-    vllm_url: str = knob("", "engine=vllm: URL of a server you started (VLLM_SERVER_DEV_MODE=1, vopd's pass-through "
-                             "chat template, this machine's file system: docs/vllm.md); empty = vopd starts one")
-    vllm_python: str = knob(".venv-vllm/bin/python", "engine=vllm: interpreter of the vLLM environment "
-                                                     "(scripts/setup_vllm.sh) vopd starts the server with; "
-                                                     "relative to the current directory")
-    vllm_args: list[str] = knob(help="engine=vllm: extra arguments for the server vopd starts; on CPU "
-                                     "[--max-model-len, '512', --enforce-eager]", factory=list)
+    engine: str = knob(
+        "hf",
+        "who samples: hf (transformers, in the training process) or vllm (a vLLM server "
+        "in its own environment, docs/vllm.md)",
+        choices=("hf", "vllm"),
+    )
+    vllm_url: str = knob(
+        "",
+        "engine=vllm: URL of a server you started (VLLM_SERVER_DEV_MODE=1, vopd's pass-through "
+        "chat template, this machine's file system: docs/vllm.md); empty = vopd starts one",
+    )
+    vllm_python: str = knob(
+        ".venv-vllm/bin/python",
+        "engine=vllm: interpreter of the vLLM environment "
+        "(scripts/setup_vllm.sh) vopd starts the server with; "
+        "relative to the current directory",
+    )
+    vllm_args: list[str] = knob(
+        help="engine=vllm: extra arguments for the server vopd starts; on CPU "
+        "[--max-model-len, '512', --enforce-eager]",
+        factory=list,
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "rollout")
@@ -187,18 +228,28 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     beta: float = knob(0.5, "generalized JSD mixture weight; 0 = forward KL(T||S), 1 = reverse KL(S||T)", ge=0, le=1)
-    estimator: str = knob("topk", "topk (student top-k + tail), full (whole vocabulary) or sampled "
-                                  "(sampled-token reverse KL)", choices=("topk", "full", "sampled"))
+    estimator: str = knob(
+        "topk",
+        "topk (student top-k + tail), full (whole vocabulary) or sampled (sampled-token reverse KL)",
+        choices=("topk", "full", "sampled"),
+    )
     top_k: int = knob(100, "support size for estimator=topk", ge=1)
     add_tail: bool = knob(True, "add the tail bucket (else renormalise the top-k)")
     support: str = knob("student", "whose top-k ids form the support", choices=("student", "teacher", "union"))
     temperature: float = knob(1.0, "applied to both models' logits inside the divergence", gt=0)
-    aggregation: str = knob("token_mean", "token_mean (released code) or seq_mean (the paper's 1/|y| formula)",
-                            choices=("token_mean", "seq_mean"))
+    aggregation: str = knob(
+        "token_mean",
+        "token_mean (released code) or seq_mean (the paper's 1/|y| formula)",
+        choices=("token_mean", "seq_mean"),
+    )
     rollout_correction: bool = knob(False, "weight tokens by min(pi_trainer/pi_sampler, clip); for external samplers")
     ratio_clip: float = knob(2.0, "clip of the rollout-correction weight", gt=0)
-    chunk_size: int = knob(128, "response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB "
-                                "per tensor); results do not depend on it", ge=1)
+    chunk_size: int = knob(
+        128,
+        "response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB "
+        "per tensor); results do not depend on it",
+        ge=1,
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "loss")
@@ -208,24 +259,39 @@ class LossConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = knob("ema", "ema | frozen | trust_region | live | external",
-                     choices=("ema", "frozen", "trust_region", "live", "external"))
-    ema_rate: float = knob(0.05, "kind=ema: theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S after every "
-                                 "optimiser step", ge=0, le=1)
-    mix: float = knob(0.05, "kind=trust_region: teacher logits = lerp(initial-model logits, current-student logits, "
-                            "mix)", ge=0, le=1)
+    kind: str = knob(
+        "ema",
+        "ema | frozen | trust_region | live | external",
+        choices=("ema", "frozen", "trust_region", "live", "external"),
+    )
+    ema_rate: float = knob(
+        0.05, "kind=ema: theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S after every optimiser step", ge=0, le=1
+    )
+    mix: float = knob(
+        0.05, "kind=trust_region: teacher logits = lerp(initial-model logits, current-student logits, mix)", ge=0, le=1
+    )
     path: str | None = knob(None, "checkpoint for kind=external")
-    view: str = knob("crop", "what the teacher sees: crop (Vision-OPD) or full (control: no privileged view)",
-                     choices=("crop", "full"))
-    rate: float | None = knob(None, "deprecated old name, mapped by kind: sets mix for kind=trust_region, else "
-                                    "ema_rate (with a warning)", ge=0, le=1)
+    view: str = knob(
+        "crop",
+        "what the teacher sees: crop (Vision-OPD) or full (control: no privileged view)",
+        choices=("crop", "full"),
+    )
+    rate: float | None = knob(
+        None,
+        "deprecated old name, mapped by kind: sets mix for kind=trust_region, else ema_rate (with a warning)",
+        ge=0,
+        le=1,
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "teacher")
         if self.rate is not None:  # the old knob meant the EMA rate or the trust-region mix, by kind
             target = "mix" if self.kind == "trust_region" else "ema_rate"
-            warnings.warn(f"teacher.rate is deprecated: use teacher.{target} (set to {self.rate} for "
-                          f"teacher.kind={self.kind})", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"teacher.rate is deprecated: use teacher.{target} (set to {self.rate} for teacher.kind={self.kind})",
+                FutureWarning,
+                stacklevel=2,
+            )
             setattr(self, target, self.rate)
             self.rate = None
         if self.kind == "external" and not self.path:
@@ -252,15 +318,19 @@ class HealthConfig:
     """Teacher-health probe (see :mod:`vopd.health`)."""
 
     every: int = knob(0, "probe the teacher every N steps (0 = off)", ge=0)
-    probe_data: str = knob("", "held-out probe samples (JSONL or toyworld:N:SEED); empty = first probe_size "
-                               "training samples")
+    probe_data: str = knob(
+        "", "held-out probe samples (JSONL or toyworld:N:SEED); empty = first probe_size training samples"
+    )
     probe_size: int = knob(32, "prompts in the fixed probe batch", ge=1)
     top_k: int = knob(20, "support (initial model's top-k + tail) of the drift KL", ge=1)
     max_new_tokens: int = knob(32, "length of the greedy probe answers", ge=1)
     drift_warn: float = knob(0.5, "warn when teacher_drift (nats/token) exceeds this", ge=0)
     acc_drop_warn: float = knob(0.1, "warn when teacher probe accuracy falls this far below its start", ge=0, le=1)
-    on_degrade: str = knob("warn", "warn, stop (save a checkpoint and end the run) or rollback (teacher back to "
-                                   "its last healthy probe)", choices=("warn", "stop", "rollback"))
+    on_degrade: str = knob(
+        "warn",
+        "warn, stop (save a checkpoint and end the run) or rollback (teacher back to its last healthy probe)",
+        choices=("warn", "stop", "rollback"),
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "health")
@@ -270,9 +340,13 @@ class HealthConfig:
 class ParallelConfig:
     """How several processes share the model (see :mod:`vopd.parallel`, docs/scaling.md)."""
 
-    strategy: str = knob("ddp", "ddp (each process holds the whole student, teacher and optimiser state; also plain "
-                                "1-process runs) or fsdp2 (all three sharded per decoder layer / vision block; "
-                                "teacher.kind ema or frozen, health.every=0)", choices=("ddp", "fsdp2"))
+    strategy: str = knob(
+        "ddp",
+        "ddp (each process holds the whole student, teacher and optimiser state; also plain "
+        "1-process runs) or fsdp2 (all three sharded per decoder layer / vision block; "
+        "teacher.kind ema or frozen, health.every=0)",
+        choices=("ddp", "fsdp2"),
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "parallel")
@@ -282,22 +356,31 @@ class ParallelConfig:
 class LoraConfig:
     """LoRA adapters through peft (see :mod:`vopd.lora`, docs/scaling.md)."""
 
-    r: int = knob(0, "LoRA rank; 0 = off (full fine-tuning). Needs peft (the lora extra). The teacher is the base "
-                     "with adapters off (frozen) or a second adapter (ema): no second model copy", ge=0)
+    r: int = knob(
+        0,
+        "LoRA rank; 0 = off (full fine-tuning). Needs peft (the lora extra). The teacher is the base "
+        "with adapters off (frozen) or a second adapter (ema): no second model copy",
+        ge=0,
+    )
     alpha: float = knob(16.0, "LoRA scaling numerator (the adapter update is scaled by alpha / r)", gt=0)
-    dropout: float = knob(0.0, "dropout on the adapter input (student only; the teacher scores without it)",
-                          ge=0, lt=1)
+    dropout: float = knob(0.0, "dropout on the adapter input (student only; the teacher scores without it)", ge=0, lt=1)
     target_modules: list[str] = knob(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         help="module names that get adapters (peft suffix matching); the default adapts the language model's "
-             "attention and MLP, not the vision tower")
-    save_merged: bool = knob(False, "also write base + adapter merged as a plain HF folder (merged/) in each "
-                                    "checkpoint (a full model copy on disk per checkpoint)")
+        "attention and MLP, not the vision tower",
+    )
+    save_merged: bool = knob(
+        False,
+        "also write base + adapter merged as a plain HF folder (merged/) in each "
+        "checkpoint (a full model copy on disk per checkpoint)",
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "lora")
         if self.r > 0 and not self.target_modules:
-            raise ConfigError("lora.target_modules is empty: name the modules that get adapters (e.g. [q_proj, v_proj])")
+            raise ConfigError(
+                "lora.target_modules is empty: name the modules that get adapters (e.g. [q_proj, v_proj])"
+            )
 
 
 @dataclass
@@ -314,29 +397,39 @@ class TrainConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     output_dir: str = knob("runs/vopd", "checkpoints, metrics.jsonl, TensorBoard logs")
     seed: int = knob(0, "seeds the model init (tiny:*), data order and sampling", ge=0)
-    prompts_per_step: int = knob(96, "prompts per optimiser step (global, over all processes); x rollout.n "
-                                     "sequences", ge=1)
+    prompts_per_step: int = knob(
+        96, "prompts per optimiser step (global, over all processes); x rollout.n sequences", ge=1
+    )
     micro_batch_prompts: int = knob(8, "prompts per forward/backward (gradient accumulation splits a step)", ge=1)
     max_steps: int = knob(0, "0 = one pass over the data (epochs x len(data) / prompts_per_step)", ge=0)
     epochs: float = knob(1.0, "passes over the data, used when max_steps = 0", gt=0)
     save_every: int = knob(0, "checkpoint every N steps (0 = only at the end); the last step always saves", ge=0)
     keep_checkpoints: int = knob(2, "newest checkpoints kept (0 = keep all)", ge=0)
     log_every: int = knob(1, "write metrics every N steps (the last step is always written)", ge=1)
-    mixed_precision: str = knob("no", "no or bf16 (autocast; master weights stay in model.dtype)", choices=("no", "bf16"))
-    report_to: list[str] = knob(factory=lambda: ["jsonl", "auto"],
-                                help="metric sinks; auto = tensorboard if installed, else a one-line notice; a tracker "
-                                     "named explicitly must be installed", choices=("jsonl", "tensorboard", "wandb", "auto"))
-    max_bad_steps: int = knob(3, "consecutive non-finite losses before the run stops (1 = stop at the first; "
-                                 "there is no 'never')", ge=1)
+    mixed_precision: str = knob(
+        "no", "no or bf16 (autocast; master weights stay in model.dtype)", choices=("no", "bf16")
+    )
+    report_to: list[str] = knob(
+        factory=lambda: ["jsonl", "auto"],
+        help="metric sinks; auto = tensorboard if installed, else a one-line notice; a tracker "
+        "named explicitly must be installed",
+        choices=("jsonl", "tensorboard", "wandb", "auto"),
+    )
+    max_bad_steps: int = knob(
+        3, "consecutive non-finite losses before the run stops (1 = stop at the first; there is no 'never')", ge=1
+    )
     device: str = knob("auto", "auto (accelerate's choice), cpu, or cuda", choices=("auto", "cpu", "cuda"))
     threads: int = knob(0, "torch CPU threads (0 = torch default)", ge=0)
     naive: bool = knob(False, "turn every optimisation off (for measuring their gain)")
-    objective: str = knob("opd", "what the student learns from, all through the same trainer (docs/method.md, "
-                                 "Baselines): opd (Vision-OPD: the teacher scores the student's samples on the crop), "
-                                 "sft_self (cross-entropy on the teacher's own answers on the crop; no labels), opsd "
-                                 "(the teacher sees the full image and the reference answer in its text; needs "
-                                 "answers) or sft_gold (cross-entropy on the reference answers; needs answers)",
-                          choices=OBJECTIVES)
+    objective: str = knob(
+        "opd",
+        "what the student learns from, all through the same trainer (docs/method.md, "
+        "Baselines): opd (Vision-OPD: the teacher scores the student's samples on the crop), "
+        "sft_self (cross-entropy on the teacher's own answers on the crop; no labels), opsd "
+        "(the teacher sees the full image and the reference answer in its text; needs "
+        "answers) or sft_gold (cross-entropy on the reference answers; needs answers)",
+        choices=OBJECTIVES,
+    )
 
     # Old key names still accepted (with a warning): {"old": "new"}.
     RENAMED: ClassVar[dict[str, str]] = {"micro_batch": "micro_batch_prompts"}
@@ -346,33 +439,48 @@ class TrainConfig:
         _check_objective(self)
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind not in ("ema", "frozen"):
-                raise ConfigError(f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}")
+                raise ConfigError(
+                    f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}"
+                )
             if self.health.every > 0:
-                raise ConfigError("health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0")
+                raise ConfigError(
+                    "health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0"
+                )
             if self.lora.r > 0:
                 raise ConfigError("lora.r > 0 with parallel.strategy=fsdp2 is not supported: LoRA runs with ddp")
             if self.views.crop_source != "box":  # the proposers run the policy outside the sharded sampling path
-                raise ConfigError(f"views.crop_source={self.views.crop_source} with parallel.strategy=fsdp2 is not "
-                                  "supported: write the proposals as boxes first (vopd data propose ... --out F) and "
-                                  "train on F with views.crop_source=box, or use parallel.strategy=ddp")
+                raise ConfigError(
+                    f"views.crop_source={self.views.crop_source} with parallel.strategy=fsdp2 is not "
+                    "supported: write the proposals as boxes first (vopd data propose ... --out F) and "
+                    "train on F with views.crop_source=box, or use parallel.strategy=ddp"
+                )
 
 
 def _check_objective(cfg: TrainConfig) -> None:
     """Refuse the objective combinations that cannot run (one line naming the keys)."""
     if cfg.objective == "sft_gold" and cfg.rollout.engine == "vllm":  # nothing is sampled: a server would idle
-        raise ConfigError("objective=sft_gold trains on the reference answers and samples nothing, so "
-                          "rollout.engine=vllm would only start an idle server: use rollout.engine=hf")
+        raise ConfigError(
+            "objective=sft_gold trains on the reference answers and samples nothing, so "
+            "rollout.engine=vllm would only start an idle server: use rollout.engine=hf"
+        )
     if cfg.objective != "sft_self":
         return
     # sft_self samples from the teacher model: it needs a model to generate from in this process.
     if cfg.teacher.kind == "trust_region":
-        raise ConfigError("objective=sft_self samples the teacher's answers, but teacher.kind=trust_region mixes "
-                          "two models' logits and cannot generate: use teacher.kind frozen, ema, live or external")
-    for bad, why in ((cfg.rollout.engine == "vllm", "rollout.engine=vllm (the server holds the student's weights)"),
-                     (cfg.lora.r > 0, "lora.r > 0"), (cfg.parallel.strategy == "fsdp2", "parallel.strategy=fsdp2")):
+        raise ConfigError(
+            "objective=sft_self samples the teacher's answers, but teacher.kind=trust_region mixes "
+            "two models' logits and cannot generate: use teacher.kind frozen, ema, live or external"
+        )
+    for bad, why in (
+        (cfg.rollout.engine == "vllm", "rollout.engine=vllm (the server holds the student's weights)"),
+        (cfg.lora.r > 0, "lora.r > 0"),
+        (cfg.parallel.strategy == "fsdp2", "parallel.strategy=fsdp2"),
+    ):
         if bad:
-            raise ConfigError(f"objective=sft_self with {why} is not supported: the teacher's answers are sampled "
-                              "from its own copy in this process; use rollout.engine=hf, lora.r=0, parallel.strategy=ddp")
+            raise ConfigError(
+                f"objective=sft_self with {why} is not supported: the teacher's answers are sampled "
+                "from its own copy in this process; use rollout.engine=hf, lora.r=0, parallel.strategy=ddp"
+            )
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -463,7 +571,7 @@ def config_markdown() -> str:
         "",
         "Generated by `vopd config --markdown` from the knob declarations in `src/vopd/config.py`.",
         "Set any key in a YAML file or as `key=value` on the command line; a value outside",
-        "\"allowed\" is refused at load time with an error naming the key.",
+        '"allowed" is refused at load time with an error naming the key.',
         "",
         "| key | default | allowed | meaning |",
         "|---|---|---|---|",

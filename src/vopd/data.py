@@ -57,7 +57,10 @@ def load_train_samples(spec: str, *, out_of_bounds: str = "clip", on_error: str 
 
 
 def load_train_data(
-    spec: str, *, out_of_bounds: str = "clip", on_error: str = "raise",
+    spec: str,
+    *,
+    out_of_bounds: str = "clip",
+    on_error: str = "raise",
 ) -> tuple[list[Sample], list[str]]:
     """`load_train_samples` plus where each sample came from (``file:row``, or ``SPEC#i``)."""
     load = data_spec_loader(spec)
@@ -76,8 +79,14 @@ def load_train_data(
 
 
 def drop_over_long_texts(
-    processor: Any, samples: list[Sample], origins: list[str], *, max_prompt_tokens: int | None,
-    hint: bool, thinking: bool | None, on_error: str = "raise",
+    processor: Any,
+    samples: list[Sample],
+    origins: list[str],
+    *,
+    max_prompt_tokens: int | None,
+    hint: bool,
+    thinking: bool | None,
+    on_error: str = "raise",
 ) -> tuple[list[Sample], list[str]]:
     """Find, before step 1, the samples whose prompt TEXT alone (chat template included, each
     image counted as its placeholder only) is over ``max_prompt_tokens``: they can never fit.
@@ -94,8 +103,10 @@ def drop_over_long_texts(
     bad = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
     if not bad:
         return samples, origins
-    lines = [f"{origins[i]}: prompt text alone is {lengths[i]} tokens, over data.max_prompt_tokens="
-             f"{max_prompt_tokens}" for i in bad]
+    lines = [
+        f"{origins[i]}: prompt text alone is {lengths[i]} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
+        for i in bad
+    ]
     if on_error != "skip":
         raise RecordError(f"{lines[0]} ({len(bad)} such row(s)); shorten the question or raise the limit")
     warnings.warn(f"skipped {len(bad)} over-long row(s):\n  " + "\n  ".join(lines[:20]), stacklevel=2)
@@ -104,7 +115,11 @@ def drop_over_long_texts(
 
 
 def require_answers(
-    samples: list[Sample], origins: list[str], *, objective: str, on_error: str = "raise",
+    samples: list[Sample],
+    origins: list[str],
+    *,
+    objective: str,
+    on_error: str = "raise",
 ) -> tuple[list[Sample], list[str]]:
     """Before step 1: the objectives that read reference answers (``opsd``, ``sft_gold``) need one
     in every sample. ``on_error="raise"`` names the first row without one; ``"skip"`` drops such
@@ -114,11 +129,15 @@ def require_answers(
         return samples, origins
     why = f"no reference answer (objective={objective} reads the records' answers)"
     if on_error != "skip":
-        raise RecordError(f"{why}; {len(bad)} of {len(samples)} row(s) lack one. Add an \"answer\" to every "
-                          "record, use data.on_error=skip to drop them, or use objective=opd or sft_self (no labels)",
-                          file=origins[bad[0]], field="answer")
-    warnings.warn(f"skipped {len(bad)} row(s) with {why}:\n  " + "\n  ".join(origins[i] for i in bad[:20]),
-                  stacklevel=2)
+        raise RecordError(
+            f'{why}; {len(bad)} of {len(samples)} row(s) lack one. Add an "answer" to every '
+            "record, use data.on_error=skip to drop them, or use objective=opd or sft_self (no labels)",
+            file=origins[bad[0]],
+            field="answer",
+        )
+    warnings.warn(
+        f"skipped {len(bad)} row(s) with {why}:\n  " + "\n  ".join(origins[i] for i in bad[:20]), stacklevel=2
+    )
     dropped = set(bad)
     keep = [i for i in range(len(samples)) if i not in dropped]
     return [samples[i] for i in keep], [origins[i] for i in keep]
@@ -140,9 +159,18 @@ class ViewDataset(torch.utils.data.Dataset):
     read ``sample.answer``; without them no answer leaves the dataset.
     """
 
-    def __init__(self, samples: list[Sample], views: ViewConfig, *, teacher_sees: str = "crop",
-                 origins: list[str] | None = None, on_error: str = "raise", defer_errors: bool = False,
-                 reference_in_teacher: bool = False, carry_answers: bool = False):
+    def __init__(
+        self,
+        samples: list[Sample],
+        views: ViewConfig,
+        *,
+        teacher_sees: str = "crop",
+        origins: list[str] | None = None,
+        on_error: str = "raise",
+        defer_errors: bool = False,
+        reference_in_teacher: bool = False,
+        carry_answers: bool = False,
+    ):
         self.defer_errors = defer_errors
         self.reference_in_teacher = reference_in_teacher
         self.carry_answers = carry_answers
@@ -173,12 +201,20 @@ class ViewDataset(torch.utils.data.Dataset):
             except (ImageError, RecordError, OSError, ValueError) as err:  # PIL's own decode errors too
                 reason = err.reason if isinstance(err, RecordError) else str(err) or type(err).__name__
                 if self.on_error != "skip":
-                    return self._fail(i, RecordError(f"{reason} (data.on_error=skip skips such rows)",
-                                                     file=self.origins[j], field=getattr(err, "field", None)))
+                    return self._fail(
+                        i,
+                        RecordError(
+                            f"{reason} (data.on_error=skip skips such rows)",
+                            file=self.origins[j],
+                            field=getattr(err, "field", None),
+                        ),
+                    )
                 skipped.append(f"{self.origins[j]}: {reason}")
                 continue
             answer = sample.answer if self.carry_answers else None
-            return ViewItem(sample.id, student, teacher, text, self.origins[j], tuple(skipped), "", teacher_text, answer)
+            return ViewItem(
+                sample.id, student, teacher, text, self.origins[j], tuple(skipped), "", teacher_text, answer
+            )
         return self._fail(i, RecordError(f"no sample of the {len(self.samples)} can be loaded; first: {skipped[0]}"))
 
     def _fail(self, i: int, err: RecordError) -> ViewItem:
@@ -190,8 +226,9 @@ class ViewDataset(torch.utils.data.Dataset):
 class PairCollator:
     """Turns view items into a :class:`PromptPair` with the model's processor."""
 
-    def __init__(self, processor: Any, *, thinking: bool | None, max_prompt_tokens: int | None,
-                 defer_errors: bool = False):
+    def __init__(
+        self, processor: Any, *, thinking: bool | None, max_prompt_tokens: int | None, defer_errors: bool = False
+    ):
         self.processor = processor
         self.thinking = thinking
         self.max_prompt_tokens = max_prompt_tokens
@@ -218,8 +255,13 @@ class PairCollator:
             self._check_lengths(batch, items)
         skipped = [s for it in items for s in getattr(it, "skipped", ())]
         answers = [getattr(it, "answer", None) for it in items]
-        return PromptPair(student=student, teacher=teacher, sample_ids=ids, skipped=skipped,
-                          answers=answers if any(a is not None for a in answers) else None)
+        return PromptPair(
+            student=student,
+            teacher=teacher,
+            sample_ids=ids,
+            skipped=skipped,
+            answers=answers if any(a is not None for a in answers) else None,
+        )
 
     def _check_lengths(self, batch: Any, items: list) -> None:
         """Rows over ``max_prompt_tokens`` are an error naming the sample's ``file:row``."""
@@ -231,7 +273,9 @@ class PairCollator:
                 raise RecordError(
                     f"prompt has {int(n)} tokens (image included), over data.max_prompt_tokens="
                     f"{self.max_prompt_tokens}; shrink the image (the processor's max_pixels) or the text, "
-                    "or raise the limit", file=where)
+                    "or raise the limit",
+                    file=where,
+                )
 
 
 class StepSampler(torch.utils.data.Sampler[list[int]]):

@@ -39,8 +39,10 @@ class DataCheck:
         return not self.problems
 
     def report(self, limit: int = 50) -> str:
-        head = (f"{self.source}: {self.usable} of {self.rows} rows usable "
-                f"({', '.join(self.checked)}); {len(self.problems)} unusable, {len(self.clipped)} boxes clipped")
+        head = (
+            f"{self.source}: {self.usable} of {self.rows} rows usable "
+            f"({', '.join(self.checked)}); {len(self.problems)} unusable, {len(self.clipped)} boxes clipped"
+        )
         lines = [head, *(f"  unusable: {p}" for p in self.problems[:limit])]
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more unusable rows")
@@ -49,8 +51,14 @@ class DataCheck:
 
 
 def check_data(
-    path: str | Path, *, views: ViewConfig | None = None, out_of_bounds: str = "clip", decode: bool = False,
-    processor: Any = None, max_prompt_tokens: int | None = None, thinking: bool | None = None,
+    path: str | Path,
+    *,
+    views: ViewConfig | None = None,
+    out_of_bounds: str = "clip",
+    decode: bool = False,
+    processor: Any = None,
+    max_prompt_tokens: int | None = None,
+    thinking: bool | None = None,
 ) -> DataCheck:
     """Check a record file as training would (see the module docstring); never raises for a bad row.
 
@@ -74,16 +82,18 @@ def check_data(
                     for name, image in (("student", student), ("teacher", teacher)):
                         n = int(build_prompts(processor, [image], [text], thinking=thinking)["attention_mask"].sum())
                         if n > max_prompt_tokens:
-                            raise RecordError(f"the {name} prompt has {n} tokens, over max_prompt_tokens="
-                                              f"{max_prompt_tokens}")
+                            raise RecordError(
+                                f"the {name} prompt has {n} tokens, over max_prompt_tokens={max_prompt_tokens}"
+                            )
         except (RecordError, ImageError) as err:
             reason = err.reason if isinstance(err, RecordError) else str(err)
             problems.append(Issue(str(loaded.source), row, reason))
             continue
         usable += 1
     problems.sort(key=lambda p: p.row)
-    return DataCheck(loaded.source, len(loaded.samples) + len(loaded.skipped), usable, problems,
-                     list(loaded.clipped), checked)
+    return DataCheck(
+        loaded.source, len(loaded.samples) + len(loaded.skipped), usable, problems, list(loaded.clipped), checked
+    )
 
 
 def load_processor(spec: str, *, trust_remote_code: bool = False) -> Any:

@@ -39,8 +39,19 @@ from torch import Tensor, nn
 
 from vopd.models import append_responses, backbone, repeat_prompts, response_hidden_states
 
-__all__ = ["MODES", "SharedPrompts", "NaiveInputs", "FullInputs", "ScoredBatch", "sharing_mode", "PREFIX_FAMILIES",
-           "IMAGE_FAMILIES", "Prefill", "prefill_prompts", "text_positions"]
+__all__ = [
+    "MODES",
+    "SharedPrompts",
+    "NaiveInputs",
+    "FullInputs",
+    "ScoredBatch",
+    "sharing_mode",
+    "PREFIX_FAMILIES",
+    "IMAGE_FAMILIES",
+    "Prefill",
+    "prefill_prompts",
+    "text_positions",
+]
 
 MODES = ("prefix", "image", "none")
 
@@ -60,7 +71,9 @@ def sharing_mode(model: nn.Module, requested: str = "prefix") -> str:
     model_type = getattr(model.config, "model_type", None)
     # Gradient checkpointing drops the key/value cache in training forwards (transformers warns and
     # sets cache=None), which would silently break prefix sharing.
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    )
     checkpointing = bool(getattr(model, flag, False))
     if requested == "prefix" and model_type in PREFIX_FAMILIES and not checkpointing:
         return "prefix"
@@ -152,8 +165,10 @@ def _image_order(prompts: Any, n: int) -> list[int]:
     types_P_L = prompts.get("mm_token_type_ids")
     if types_P_L is None:
         if num_images != num_prompts:
-            raise ValueError(f"{num_images} images for {num_prompts} prompts and no mm_token_type_ids to "
-                             "tell which image belongs to which prompt; use sharing mode 'prefix' or 'none'")
+            raise ValueError(
+                f"{num_images} images for {num_prompts} prompts and no mm_token_type_ids to "
+                "tell which image belongs to which prompt; use sharing mode 'prefix' or 'none'"
+            )
         per_prompt = [1] * num_prompts
     else:
         # Each image is one contiguous run of image tokens (type 1) in its prompt row.
@@ -162,8 +177,10 @@ def _image_order(prompts: Any, n: int) -> list[int]:
         starts_P_L[:, 1:] &= ~is_image_P_L[:, :-1]
         per_prompt = starts_P_L.sum(dim=1).tolist()
         if sum(per_prompt) != num_images:
-            raise ValueError(f"the prompts hold {sum(per_prompt)} image-token runs but image_grid_thw has "
-                             f"{num_images} rows; use sharing mode 'prefix' or 'none'")
+            raise ValueError(
+                f"the prompts hold {sum(per_prompt)} image-token runs but image_grid_thw has "
+                f"{num_images} rows; use sharing mode 'prefix' or 'none'"
+            )
     order, first = [], 0
     for count in per_prompt:
         order += list(range(first, first + count)) * n
@@ -226,8 +243,12 @@ def prefill_prompts(base: nn.Module, prompts: Any) -> Prefill:
     from transformers import DynamicCache
 
     pos_3_P_L = base.compute_3d_position_ids(
-        input_ids=prompts["input_ids"], inputs_embeds=None, image_grid_thw=prompts.get("image_grid_thw"),
-        video_grid_thw=prompts.get("video_grid_thw"), attention_mask=prompts["attention_mask"], cache=None,
+        input_ids=prompts["input_ids"],
+        inputs_embeds=None,
+        image_grid_thw=prompts.get("image_grid_thw"),
+        video_grid_thw=prompts.get("video_grid_thw"),
+        attention_mask=prompts["attention_mask"],
+        cache=None,
         mm_token_type_ids=prompts.get("mm_token_type_ids"),
     )
     cache = DynamicCache(config=base.config.get_text_config())
@@ -254,7 +275,11 @@ def _prefix_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
         [prompt_mask_P_L.repeat_interleave(n, dim=0), shared.mask_B_T[:, : T - 1].to(prompt_mask_P_L.dtype)], dim=1
     )
     rest = base(
-        input_ids=ids_B_T[:, : T - 1].to(prompts["input_ids"].dtype), attention_mask=mask_B_LT,
-        position_ids=text_positions(next_pos_B, 0, T - 1), cache=prefill.cache, use_cache=True, return_dict=True,
+        input_ids=ids_B_T[:, : T - 1].to(prompts["input_ids"].dtype),
+        attention_mask=mask_B_LT,
+        position_ids=text_positions(next_pos_B, 0, T - 1),
+        cache=prefill.cache,
+        use_cache=True,
+        return_dict=True,
     )
     return torch.cat([first_B_1_H, rest.last_hidden_state], dim=1)

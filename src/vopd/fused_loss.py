@@ -41,8 +41,14 @@ from vopd.objectives import (
     weighted_sum,
 )
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "TeacherLogits", "distillation_loss", "chunked_token_divergence",
-           "fused_chunked_divergence", "nll_loss"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "TeacherLogits",
+    "distillation_loss",
+    "chunked_token_divergence",
+    "fused_chunked_divergence",
+    "nll_loss",
+]
 
 # Response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB per fp32
 # tensor); loss.chunk_size in the config. The result does not depend on it.
@@ -101,8 +107,17 @@ def distillation_loss(
         raise ValueError("a rollout correction needs token_ids_N (the sampled tokens)")
     if isinstance(head, LinearHead):
         return fused_chunked_divergence(
-            student_N, head.weight, head.bias, teacher, weights_N, chunk_size=chunk_size, token_ids_N=token_ids_N,
-            softcap=head.softcap, knobs=knobs, rollout_logp_N=rollout_logp_N, ratio_clip=ratio_clip,
+            student_N,
+            head.weight,
+            head.bias,
+            teacher,
+            weights_N,
+            chunk_size=chunk_size,
+            token_ids_N=token_ids_N,
+            softcap=head.softcap,
+            knobs=knobs,
+            rollout_logp_N=rollout_logp_N,
+            ratio_clip=ratio_clip,
         )
     if head is None:  # the logits are given: the loss in one piece
         per_token_N, stats = per_token_divergence(student_N, teacher(slice(None)), token_ids_N, knobs)
@@ -111,17 +126,21 @@ def distillation_loss(
         per_token_N, stats = chunked_token_divergence(
             student_N, head, teacher, chunk_size=chunk_size, token_ids_N=token_ids_N, knobs=knobs
         )
-    weights_N, correction_N = corrected_weights(
-        weights_N, stats.get("student_logp_N"), rollout_logp_N, clip=ratio_clip
-    )
+    weights_N, correction_N = corrected_weights(weights_N, stats.get("student_logp_N"), rollout_logp_N, clip=ratio_clip)
     stats["weight_N"] = weights_N.detach().to(per_token_N.dtype)
     if correction_N is not None:
         stats["rollout_weight_N"] = correction_N
     return weighted_sum(per_token_N, weights_N), stats
 
 
-def _checked(knobs: LossKnobs | None, estimator: str, divergence_kwargs: dict[str, Any], chunk_size: int,
-             num: int, token_ids_N: Tensor | None) -> LossKnobs:
+def _checked(
+    knobs: LossKnobs | None,
+    estimator: str,
+    divergence_kwargs: dict[str, Any],
+    chunk_size: int,
+    num: int,
+    token_ids_N: Tensor | None,
+) -> LossKnobs:
     if knobs is None:
         knobs = loss_knobs(estimator, **divergence_kwargs)
     elif divergence_kwargs or estimator != "topk":
@@ -129,13 +148,18 @@ def _checked(knobs: LossKnobs | None, estimator: str, divergence_kwargs: dict[st
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if token_ids_N is not None and token_ids_N.shape != (num,):
-        raise ValueError(f"token_ids_N must have shape ({num},) to match the student's {num} tokens, "
-                         f"got {tuple(token_ids_N.shape)}")
+        raise ValueError(
+            f"token_ids_N must have shape ({num},) to match the student's {num} tokens, got {tuple(token_ids_N.shape)}"
+        )
     return knobs
 
 
 def nll_loss(
-    student_N: Tensor, head: Head | None, token_ids_N: Tensor, weights_N: Tensor, *,
+    student_N: Tensor,
+    head: Head | None,
+    token_ids_N: Tensor,
+    weights_N: Tensor,
+    *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``sum_n w_n * (-log p_S(y_n))``: the supervised baselines' loss, same weights as the divergence.
@@ -148,11 +172,14 @@ def nll_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     num = student_N.shape[0]
     if token_ids_N.shape != (num,) or weights_N.shape != (num,):
-        raise ValueError(f"token_ids_N and weights_N must have shape ({num},), got {tuple(token_ids_N.shape)} "
-                         f"and {tuple(weights_N.shape)}")
+        raise ValueError(
+            f"token_ids_N and weights_N must have shape ({num},), got {tuple(token_ids_N.shape)} "
+            f"and {tuple(weights_N.shape)}"
+        )
     if head is None:
         nll_N = token_nll(student_N, token_ids_N)
     else:
+
         def chunk_nll(hidden_C_H: Tensor, ids_C: Tensor) -> Tensor:
             return token_nll(head(hidden_C_H), ids_C)
 
@@ -273,8 +300,17 @@ def fused_chunked_divergence(
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     tensors = (student_hidden_N_H, head_weight_V_H) + (() if head_bias_V is None else (head_bias_V,))
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    plan = _FusedPlan(teacher_logits_fn, token_weights_N, token_ids_N, rollout_logp_N, ratio_clip, chunk_size,
-                      knobs, softcap, want_grad)
+    plan = _FusedPlan(
+        teacher_logits_fn,
+        token_weights_N,
+        token_ids_N,
+        rollout_logp_N,
+        ratio_clip,
+        chunk_size,
+        knobs,
+        softcap,
+        want_grad,
+    )
     stats: dict[str, Tensor] = {}
     loss = _FusedDivergence.apply(plan, stats, student_hidden_N_H, head_weight_V_H, head_bias_V)
     return loss, stats
@@ -355,8 +391,10 @@ class _FusedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         if ctx.grads is None:
-            raise RuntimeError("fused_chunked_divergence: backward runs once per loss (its gradient buffers are "
-                               "handed to autograd); recompute the loss instead of using retain_graph=True")
+            raise RuntimeError(
+                "fused_chunked_divergence: backward runs once per loss (its gradient buffers are "
+                "handed to autograd); recompute the loss instead of using retain_graph=True"
+            )
         grads, ctx.grads = ctx.grads, None  # hand the buffers over (autograd may adopt them as .grad)
         if not bool(grad_out == 1):
             grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]

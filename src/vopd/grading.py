@@ -49,9 +49,7 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # "Answer: X", "The answer is X", "Final answer: X" (last occurrence wins: models restate).
-_ANSWER_MARKER = re.compile(
-    r"(?:final\s+answer|correct\s+answer|answer\s+is|answer)\s*[:：]?\s*", re.IGNORECASE
-)
+_ANSWER_MARKER = re.compile(r"(?:final\s+answer|correct\s+answer|answer\s+is|answer)\s*[:：]?\s*", re.IGNORECASE)
 
 
 def answer_span(text: str) -> str:
@@ -124,7 +122,8 @@ def extract_choice(prediction: str, options: list[str] | None = None, *, n_optio
         if len(hits) != 1:
             # a unique option whose text appears as whole words in the response
             hits = [
-                i for i, opt in enumerate(options)
+                i
+                for i, opt in enumerate(options)
                 if normalize_text(opt) and re.search(rf"\b{re.escape(normalize_text(opt))}\b", norm)
             ]
         if len(hits) == 1:

@@ -86,8 +86,10 @@ _REGION = "the region of the image needed to answer this question: {question}"
 # Qwen2-VL marks the referred object with its ref tokens and answers with box tokens.
 _QWEN2_PROMPT = "Locate <|object_ref_start|>" + _REGION + "<|object_ref_end|> and output its bounding box."
 # The Qwen2.5-VL / Qwen3-VL cookbooks' wording ("Locate ..., output its bbox coordinates using JSON format").
-_JSON_PROMPT = ("Locate " + _REGION + "\nOutput its bbox coordinates using JSON format, "
-                'like {{"bbox_2d": [x1, y1, x2, y2], "label": "evidence"}}.')
+_JSON_PROMPT = (
+    "Locate " + _REGION + "\nOutput its bbox coordinates using JSON format, "
+    'like {{"bbox_2d": [x1, y1, x2, y2], "label": "evidence"}}.'
+)
 
 #: model_type -> grounding format: the one place that decides prompt and parser per family.
 GROUNDING_FORMATS: dict[str, GroundingFormat] = {
@@ -104,13 +106,17 @@ def grounding_format(model_or_type: Any) -> GroundingFormat:
     Raises:
         ConfigError: the family has no documented box format (names the key and the families that have one).
     """
-    model_type = model_or_type if isinstance(model_or_type, str) else getattr(
-        getattr(model_or_type, "config", None), "model_type", None)
+    model_type = (
+        model_or_type
+        if isinstance(model_or_type, str)
+        else getattr(getattr(model_or_type, "config", None), "model_type", None)
+    )
     if model_type not in GROUNDING_FORMATS:
         raise ConfigError(
             f"views.crop_source=grounding needs a model family that answers with a box "
             f"({', '.join(GROUNDING_FORMATS)}); model_type {model_type!r} has no documented box format: "
-            "use views.crop_source=search or attention")
+            "use views.crop_source=search or attention"
+        )
     return GROUNDING_FORMATS[model_type]
 
 
@@ -149,7 +155,9 @@ def find_box(text: str) -> BoxText | None:
 
 
 def to_image_box(
-    values: Sequence[float], fmt: GroundingFormat, image_size: tuple[int, int],
+    values: Sequence[float],
+    fmt: GroundingFormat,
+    image_size: tuple[int, int],
     input_size: tuple[int, int] | None = None,
 ) -> tuple[Box | None, str]:
     """Map a box from the family's frame to pixels of the original image.
@@ -180,8 +188,7 @@ def to_image_box(
     if x1 > x2 or y1 > y2:
         x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
         status = "repaired"
-    clamped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height),
-               min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    clamped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
     if clamped != (x1, y1, x2, y2):
         status = "repaired"
     box = Box(*clamped)
@@ -203,8 +210,10 @@ class Grounding:
 
 def _token_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     """Character offset where each token's text ends in the decoded answer (prefix decodes)."""
-    return [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-            for i in range(len(ids))]
+    return [
+        len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        for i in range(len(ids))
+    ]
 
 
 def _span_score(tokenizer: Any, ids: Sequence[int], logp: Sequence[float], span: tuple[int, int] | None) -> float:
@@ -221,8 +230,12 @@ def _span_score(tokenizer: Any, ids: Sequence[int], logp: Sequence[float], span:
 
 
 def read_answer(
-    tokenizer: Any, ids: Sequence[int], logp: Sequence[float], fmt: GroundingFormat,
-    image_size: tuple[int, int], input_size: tuple[int, int] | None = None,
+    tokenizer: Any,
+    ids: Sequence[int],
+    logp: Sequence[float],
+    fmt: GroundingFormat,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
 ) -> Grounding:
     """Read one greedy answer (token ids and their log-probs) as a :class:`Grounding`."""
     text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -245,8 +258,14 @@ def model_input_size(model: Any, batch: Any, row: int) -> tuple[int, int]:
 
 
 def ground(
-    model: Any, processor: Any, engine: Any, samples: Sequence[Sample], *, batch_size: int = 16,
-    max_new_tokens: int = 64, thinking: bool | None = None,
+    model: Any,
+    processor: Any,
+    engine: Any,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    thinking: bool | None = None,
 ) -> list[Grounding]:
     """Ask the model for the evidence box of each sample (greedy, in batches) and read the answers.
 
@@ -265,7 +284,7 @@ def ground(
     tokenizer = getattr(processor, "tokenizer", processor)
     out: list[Grounding] = []
     for start in range(0, len(samples), max(1, batch_size)):
-        chunk = samples[start:start + max(1, batch_size)]
+        chunk = samples[start : start + max(1, batch_size)]
         images = [load_image(s.image, where=f"sample {s.id!r}") for s in chunk]
         batch = build_prompts(processor, images, [grounding_prompt(fmt, s) for s in chunk], thinking=thinking)
         rollouts = engine.sample(model, batch, greedy)
@@ -282,5 +301,10 @@ def status_counts(statuses: Sequence[str]) -> dict[str, Any]:
     """How the answers parsed: ``parsed`` (ok + repaired), ``repaired``, ``degenerate``, ``unparsed``
     and what a fallback is (``fallback_box``)."""
     counts = {s: sum(1 for x in statuses if x == s) for s in STATUSES}
-    return {"parsed": counts["ok"] + counts["repaired"], "repaired": counts["repaired"],
-            "degenerate": counts["degenerate"], "unparsed": counts["unparsed"], "fallback_box": "whole image"}
+    return {
+        "parsed": counts["ok"] + counts["repaired"],
+        "repaired": counts["repaired"],
+        "degenerate": counts["degenerate"],
+        "unparsed": counts["unparsed"],
+        "fallback_box": "whole image",
+    }

@@ -68,8 +68,15 @@ def _generation_model(teacher: Any) -> Iterator[Any | None]:
 class TeacherHealth:
     """A trainer callback (``train(cfg, callbacks=[health])``) returning ``health/*`` metrics."""
 
-    def __init__(self, cfg: HealthConfig, samples: list[Sample], *, views: Any, grader: Grader | None = None,
-                 thinking: bool | None = False):
+    def __init__(
+        self,
+        cfg: HealthConfig,
+        samples: list[Sample],
+        *,
+        views: Any,
+        grader: Grader | None = None,
+        thinking: bool | None = False,
+    ):
         self.cfg = cfg
         self.samples = samples[: cfg.probe_size]
         self.views = views
@@ -124,8 +131,10 @@ class TeacherHealth:
         ro = self.engine.sample(model, prompts.to(device), greedy)
         # Decode each row's valid tokens only: filling the rest with id 0 would append real text
         # (id 0 is "!" in Qwen's vocabulary) to every short answer.
-        texts = [processor.decode(ids_T[mask_T], skip_special_tokens=True)
-                 for ids_T, mask_T in zip(ro.response_ids_B_T, ro.mask_B_T)]
+        texts = [
+            processor.decode(ids_T[mask_T], skip_special_tokens=True)
+            for ids_T, mask_T in zip(ro.response_ids_B_T, ro.mask_B_T)
+        ]
         return sum(self.grader(t, s) for t, s in zip(texts, self.samples)) / len(self.samples)
 
     def __call__(self, state: Any, *, force: bool = False) -> dict[str, float]:
@@ -136,8 +145,9 @@ class TeacherHealth:
         if self.grader is not None:
             with _generation_model(state.teacher) as teacher_model:
                 if teacher_model is not None:
-                    out["health/teacher_acc"] = self._accuracy(teacher_model, self.pairs.teacher, state.processor,
-                                                               device)
+                    out["health/teacher_acc"] = self._accuracy(
+                        teacher_model, self.pairs.teacher, state.processor, device
+                    )
             out["health/student_acc"] = self._accuracy(state.policy, self.pairs.student, state.processor, device)
             out["health/student_crop_acc"] = self._accuracy(state.policy, self.pairs.teacher, state.processor, device)
         if self._check(state.step, out):
@@ -163,8 +173,12 @@ class TeacherHealth:
         if acc is not None and self.start_acc is not None and acc < self.start_acc - self.cfg.acc_drop_warn:
             problems.append(f"teacher probe accuracy {acc:.1%} fell from {self.start_acc:.1%}")
         if problems:
-            message = f"step {step}: teacher degrading: " + "; ".join(problems) + \
-                " (the divergence can keep falling meanwhile). Consider teacher.kind=frozen or a smaller teacher.ema_rate."
+            message = (
+                f"step {step}: teacher degrading: "
+                + "; ".join(problems)
+                + " (the divergence can keep falling meanwhile)."
+                + " Consider teacher.kind=frozen or a smaller teacher.ema_rate."
+            )
             warnings.warn(message, stacklevel=2)
             if self.cfg.on_degrade == "stop":
                 self.stop_reason = message

@@ -180,8 +180,7 @@ def to_rgb(im: Image.Image, *, label: str = "image") -> Image.Image:
         return im.convert("RGB")
     except (ValueError, OSError) as err:
         raise ImageError(
-            f"{label}: cannot convert mode '{im.mode}' to RGB ({err}); re-export it as an "
-            "8-bit RGB PNG or JPEG"
+            f"{label}: cannot convert mode '{im.mode}' to RGB ({err}); re-export it as an 8-bit RGB PNG or JPEG"
         ) from err
 
 
@@ -215,8 +214,7 @@ def load_image(
         return to_rgb(upright, label=label)
     if not isinstance(src, (str, Path, bytes, bytearray)):
         raise ImageError(
-            f"{label}: unsupported image source of type {type(src).__name__}; pass a path, "
-            "bytes or a PIL image"
+            f"{label}: unsupported image source of type {type(src).__name__}; pass a path, bytes or a PIL image"
         )
     with _open(src, where) as im:
         _check_pixels(im.size, max_pixels, label)

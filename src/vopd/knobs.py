@@ -132,7 +132,7 @@ def check_knobs(section: Any, prefix: str) -> None:
             setattr(section, f.name, rule.apply(key, value))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -164,7 +164,8 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
             raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark)
         if key in out:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first set on line {lines[key] + 1})", key_node.start_mark)
+                None, None, f"duplicate key {key!r} (first set on line {lines[key] + 1})", key_node.start_mark
+            )
         out[key] = loader.construct_object(value_node, deep=deep)
         lines[key] = key_node.start_mark.line
     return out
@@ -292,8 +293,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     for key, value in data.items():
         key = str(key)
         if key in renamed:
-            warnings.warn(f"config key {prefix}{key} is now {prefix}{renamed[key]}; the old name still works",
-                          stacklevel=2)
+            warnings.warn(
+                f"config key {prefix}{key} is now {prefix}{renamed[key]}; the old name still works", stacklevel=2
+            )
             key = renamed[key]
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
@@ -331,6 +333,7 @@ def describe(cls: type, prefix: str = "") -> list[KnobInfo]:
             rows.extend(describe(type(value), f"{prefix}{f.name}."))
             continue
         rule = f.metadata.get("rule")
-        rows.append(KnobInfo(f"{prefix}{f.name}", repr(value), rule.describe() if rule else "",
-                             f.metadata.get("help", "")))
+        rows.append(
+            KnobInfo(f"{prefix}{f.name}", repr(value), rule.describe() if rule else "", f.metadata.get("help", ""))
+        )
     return rows

@@ -38,8 +38,9 @@ def _require_peft() -> Any:
 
 def _peft_config(cfg: Any) -> Any:
     peft = _require_peft()
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=list(cfg.target_modules), bias="none")
+    return peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none"
+    )
 
 
 def apply_lora(policy: nn.Module, cfg: Any, *, ema_adapter: bool) -> Any:
@@ -52,8 +53,9 @@ def apply_lora(policy: nn.Module, cfg: Any, *, ema_adapter: bool) -> Any:
     try:
         model = peft.get_peft_model(policy, _peft_config(cfg), adapter_name=STUDENT)
     except ValueError as err:
-        raise ValueError(f"lora.target_modules={list(cfg.target_modules)} matches no module of "
-                         f"{type(policy).__name__}: {err}") from err
+        raise ValueError(
+            f"lora.target_modules={list(cfg.target_modules)} matches no module of {type(policy).__name__}: {err}"
+        ) from err
     if ema_adapter:
         model.add_adapter(TEACHER, _peft_config(cfg))
         student, teacher = adapter_parameters(policy, STUDENT), adapter_parameters(policy, TEACHER)
@@ -200,11 +202,14 @@ def load_adapter(peft_model: Any, checkpoint: str | Path) -> None:
 
     file = Path(checkpoint) / "adapter_model.safetensors"
     if not file.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no adapter_model.safetensors: not a LoRA checkpoint "
-                                "(resume it with lora.r=0)")
+        raise FileNotFoundError(
+            f"{checkpoint} has no adapter_model.safetensors: not a LoRA checkpoint (resume it with lora.r=0)"
+        )
     peft = _require_peft()
     result = peft.set_peft_model_state_dict(peft_model, load_file(file), adapter_name=STUDENT)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{STUDENT}." in k]
     if missing or getattr(result, "unexpected_keys", []):
-        raise ValueError(f"{file} does not fit this model's adapter (lora.r / lora.target_modules changed?): "
-                         f"missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}")
+        raise ValueError(
+            f"{file} does not fit this model's adapter (lora.r / lora.target_modules changed?): "
+            f"missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}"
+        )

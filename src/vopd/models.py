@@ -67,21 +67,45 @@ _IMAGE_ONLY_FALLBACK = {
 
 # Token strings that mark vision inputs in the families we know; looked up in the vocabulary.
 _VISION_TOKEN_STRINGS = (
-    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<image>", "<video>", "<fake_token_around_image>", "<global-img>",
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<image>",
+    "<video>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
 )
 # Processor / config attributes that hold vision token ids.
 _VISION_ID_ATTRS = (
-    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-    "fake_image_token_id", "global_image_token_id", "image_token_index", "video_token_index",
-    "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "fake_image_token_id",
+    "global_image_token_id",
+    "image_token_index",
+    "video_token_index",
+    "boi_token_id",
+    "eoi_token_id",
+    "boi_token_index",
+    "eoi_token_index",
 )
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +183,8 @@ def _load_processor(path: str, model_type: str | None, trust_remote_code: bool) 
                 warnings.warn(
                     f"{path}: the stock processor could not load ({type(error).__name__}: "
                     f"{str(error).strip().split('. ')[0]}); using vopd's "
-                    f"{image_only.__name__} (images only, no video processor)", stacklevel=3,
+                    f"{image_only.__name__} (images only, no video processor)",
+                    stacklevel=3,
                 )
             return processor
     raise ValueError(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+
 def is_sharded(module: nn.Module) -> bool:
     """True when ``module`` holds FSDP2-sharded (DTensor) parameters."""
     from torch.distributed.tensor import DTensor
@@ -65,7 +66,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
         names.update(getattr(module, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
-        raise ValueError(f"{type(model).__name__} names no _no_split_modules: no per-layer FSDP2 plan; use parallel.strategy=ddp")
+        raise ValueError(
+            f"{type(model).__name__} names no _no_split_modules: no per-layer FSDP2 plan; use parallel.strategy=ddp"
+        )
     return units
 
 
@@ -242,8 +245,14 @@ def _shard_of(full: Tensor, like: Tensor) -> Tensor:
 
 
 def build_sharded(
-    student_root: nn.Module, policy: nn.Module, *, teacher_kind: str, rate: float,
-    teacher_dtype: torch.dtype | None, param_dtype: torch.dtype | None, device: torch.device,
+    student_root: nn.Module,
+    policy: nn.Module,
+    *,
+    teacher_kind: str,
+    rate: float,
+    teacher_dtype: torch.dtype | None,
+    param_dtype: torch.dtype | None,
+    device: torch.device,
 ) -> ShardedTeacher:
     """Copy the teacher from the unsharded ``policy``, then shard student and teacher with one plan."""
     import copy
@@ -306,4 +315,3 @@ def check_resume(saved: dict[str, Any], strategy: str, world_size: int) -> str |
     if strategy == "fsdp2" and old_world and old_world != world_size:
         return f"resume: world size {old_world} -> {world_size} (fsdp2 reshards the full state on load)"
     return None
-

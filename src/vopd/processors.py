@@ -71,17 +71,23 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         **kwargs,
     ):
         super().__init__(
-            image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-            image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
         )
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
     """SmolVLMProcessor without a video processor (torchvision) or num2words; images only."""
 
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None,
-                 **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
         # SmolVLMProcessor.__init__ insists on num2words, used only to caption video frames.
         self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
         self.image_token = getattr(tokenizer, "image_token", "<image>")

@@ -103,8 +103,10 @@ class ProposalConfig:
         if not 0 < self.window <= 1 or not 0 < self.stride <= 1:
             raise ValueError(f"window ({self.window}) and stride ({self.stride}) must be in (0, 1]")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.box_tokens < 1:
-            raise ValueError(f"batch_size ({self.batch_size}), max_new_tokens ({self.max_new_tokens}) and "
-                             f"box_tokens ({self.box_tokens}) must be >= 1")
+            raise ValueError(
+                f"batch_size ({self.batch_size}), max_new_tokens ({self.max_new_tokens}) and "
+                f"box_tokens ({self.box_tokens}) must be >= 1"
+            )
 
 
 @dataclass
@@ -138,11 +140,15 @@ def candidate_windows(image_size: tuple[int, int], window: float = 1 / 3, stride
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def search_proposals(
-    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """Label-free search: the candidate window whose teacher view the model answers most surely.
 
@@ -205,8 +211,12 @@ def _peak_margin(ratio: torch.Tensor, window: Box, size: tuple[int, int]) -> flo
     gh, gw = ratio.shape
     xs = (torch.arange(gw, dtype=torch.float32, device=ratio.device) + 0.5) * size[0] / gw  # on the map's device
     ys = (torch.arange(gh, dtype=torch.float32, device=ratio.device) + 0.5) * size[1] / gh
-    inside = ((ys[:, None] >= window.y1) & (ys[:, None] <= window.y2)
-              & (xs[None, :] >= window.x1) & (xs[None, :] <= window.x2))
+    inside = (
+        (ys[:, None] >= window.y1)
+        & (ys[:, None] <= window.y2)
+        & (xs[None, :] >= window.x1)
+        & (xs[None, :] <= window.x2)
+    )
     outside = ratio[~inside]
     if outside.numel() == 0:
         return 1.0
@@ -214,7 +224,11 @@ def _peak_margin(ratio: torch.Tensor, window: Box, size: tuple[int, int]) -> flo
 
 
 def attention_proposals(
-    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """ViCrop-style relative attention: question attention / generic-prompt attention per image
     token (summed over layers and heads); the proposal is a window centred on the strongest token,
@@ -226,8 +240,10 @@ def attention_proposals(
     image_token_id = getattr(model.config, "image_token_id", None)
     merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
     if image_token_id is None or merge is None:
-        raise ValueError(f"crop_source=attention needs a Qwen-VL-style model; {type(model).__name__} has no "
-                         "image_token_id / vision_config.spatial_merge_size")
+        raise ValueError(
+            f"crop_source=attention needs a Qwen-VL-style model; {type(model).__name__} has no "
+            "image_token_id / vision_config.spatial_merge_size"
+        )
     previous = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")  # sdpa does not return attention weights
     was_training = model.training
@@ -236,8 +252,9 @@ def attention_proposals(
     try:
         for chunk in _batches(list(samples), max(1, cfg.batch_size // 2)):
             images = [load_image(s.image, where=f"sample {s.id!r}") for s in chunk]
-            asked = build_prompts(processor, images, [prompt_text(s, hint=view_cfg.hint) for s in chunk],
-                                  thinking=cfg.thinking)
+            asked = build_prompts(
+                processor, images, [prompt_text(s, hint=view_cfg.hint) for s in chunk], thinking=cfg.thinking
+            )
             generic = build_prompts(processor, images, [GENERIC_PROMPT] * len(chunk), thinking=cfg.thinking)
             a_q = _image_token_attention(model, asked, image_token_id)
             a_g = _image_token_attention(model, generic, image_token_id)
@@ -258,7 +275,11 @@ def attention_proposals(
 
 
 def grounding_proposals(
-    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """The box the model gives when asked where the evidence is (greedy; :func:`vopd.grounding.ground`).
 
@@ -268,19 +289,34 @@ def grounding_proposals(
     was_training = model.training
     model.eval()
     try:
-        found = ground(model, processor, HFGenerateEngine(processor), samples, batch_size=cfg.batch_size,
-                       max_new_tokens=cfg.box_tokens, thinking=cfg.thinking)
+        found = ground(
+            model,
+            processor,
+            HFGenerateEngine(processor),
+            samples,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.box_tokens,
+            thinking=cfg.thinking,
+        )
     finally:
         model.train(was_training)
     fallbacks = [g for g in found if g.status in FALLBACK_STATUSES]
     if fallbacks:
-        log.warning("crop_source=grounding: %d of %d answers held no usable box, their crop is the whole image "
-                    "(first: %r)", len(fallbacks), len(found), fallbacks[0].answer[:120])
+        log.warning(
+            "crop_source=grounding: %d of %d answers held no usable box, their crop is the whole image (first: %r)",
+            len(fallbacks),
+            len(found),
+            fallbacks[0].answer[:120],
+        )
     return [Proposal(s.id, g.box, g.score, "grounding", g.status) for s, g in zip(samples, found)]
 
 
 def propose(
-    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig = ProposalConfig(),
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
     """Proposals from ``cfg.source`` for ``samples`` (their boxes, if any, are never read)."""
     blind = [dataclasses.replace(s, boxes=[]) for s in samples]
@@ -314,8 +350,12 @@ def proposal_quality(proposals: Sequence[Proposal], samples: Sequence[Sample], v
         cx, cy = union.center
         centre += located and mine.x1 <= cx <= mine.x2 and mine.y1 <= cy <= mine.y2
         ious.append(_iou(mine, gold))
-    quality = {"n": n, "hit_rate": hits / n if n else None, "centre_hit_rate": centre / n if n else None,
-               "mean_iou": sum(ious) / n if n else None}
+    quality = {
+        "n": n,
+        "hit_rate": hits / n if n else None,
+        "centre_hit_rate": centre / n if n else None,
+        "mean_iou": sum(ious) / n if n else None,
+    }
     if any(p.source == "grounding" for p in proposals):
         quality.update(status_counts([p.status for p in proposals]))
     return quality
@@ -350,8 +390,9 @@ def read_proposals(path: str | Path, *, source: str | None = None) -> list[Propo
     done: dict[str, Proposal] = {}
     for row in read_records(Path(path), ("id", "box", "score", "source")):
         if source is None or row.get("source") == source:
-            done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"],
-                                       row.get("status", "ok"))
+            done[row["id"]] = Proposal(
+                row["id"], Box(*row["box"]), row["score"], row["source"], row.get("status", "ok")
+            )
     return list(done.values())
 
 
@@ -363,13 +404,22 @@ def check_cache_model(cache: str | Path, source: str, model_name: str) -> None:
     others = {r.get("model") for r in read_records(Path(cache), ("id", "source")) if r["source"] == source}
     others -= {model_name, None}
     if others:
-        raise ValueError(f"{cache} holds {source} proposals made by {', '.join(sorted(map(str, others)))}, not "
-                         f"{model_name}: delete that cache or write to another --out")
+        raise ValueError(
+            f"{cache} holds {source} proposals made by {', '.join(sorted(map(str, others)))}, not "
+            f"{model_name}: delete that cache or write to another --out"
+        )
 
 
 def load_or_propose(
-    model: Any, processor: Any, samples: Sequence[Sample], view_cfg: ViewConfig, cfg: ProposalConfig,
-    cache: str | Path | None = None, *, write: bool = True, model_name: str | None = None,
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    cfg: ProposalConfig,
+    cache: str | Path | None = None,
+    *,
+    write: bool = True,
+    model_name: str | None = None,
 ) -> list[Proposal]:
     """:func:`propose`, reusing (and, if ``write``, extending) a JSONL cache of earlier proposals.
 
@@ -394,16 +444,27 @@ def load_or_propose(
                 end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
             with path.open("a") as fh:
                 for p in new:
-                    row = {"id": p.sample_id, "box": p.box.as_list(), "score": p.score, "source": p.source,
-                           **({"model": model_name} if model_name else {})}
+                    row = {
+                        "id": p.sample_id,
+                        "box": p.box.as_list(),
+                        "score": p.score,
+                        "source": p.source,
+                        **({"model": model_name} if model_name else {}),
+                    }
                     fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
         done.update({p.sample_id: p for p in new})
     return [done[s.id] for s in samples]
 
 
 def crops_from_model(
-    samples: Sequence[Sample], view_cfg: ViewConfig, model: Any, processor: Any, output_dir: str | Path,
-    *, main: bool = True, thinking: bool | None = None,
+    samples: Sequence[Sample],
+    view_cfg: ViewConfig,
+    model: Any,
+    processor: Any,
+    output_dir: str | Path,
+    *,
+    main: bool = True,
+    thinking: bool | None = None,
 ) -> list[Sample]:
     """Training samples whose evidence box is the model's own proposal (``views.crop_source``).
 
@@ -420,8 +481,11 @@ def crops_from_model(
     if keep < 1.0:
         kept = surest(proposals, keep)
         if main:
-            print(f"views.proposal_keep={keep:g}: training on the {len(kept)} of {len(proposals)} samples whose "
-                  f"{cfg.source} proposals are surest", flush=True)
+            print(
+                f"views.proposal_keep={keep:g}: training on the {len(kept)} of {len(proposals)} samples whose "
+                f"{cfg.source} proposals are surest",
+                flush=True,
+            )
         ids = {p.sample_id for p in kept}
         blind, proposals = [s for s in blind if s.id in ids], kept
     return with_proposed_boxes(blind, proposals)
@@ -436,6 +500,7 @@ def surest(proposals: Sequence[Proposal], keep: float) -> list[Proposal]:
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     n = max(1, round(keep * len(proposals))) if proposals else 0
-    order = sorted(range(len(proposals)),
-                   key=lambda i: (proposals[i].status in FALLBACK_STATUSES, -proposals[i].score, i))[:n]
+    order = sorted(
+        range(len(proposals)), key=lambda i: (proposals[i].status in FALLBACK_STATUSES, -proposals[i].score, i)
+    )[:n]
     return [proposals[i] for i in sorted(order)]

@@ -54,14 +54,20 @@ class ProposedBoxes:
 
     def report(self) -> str:
         q = self.quality
-        parts = [f"wrote {self.written} records with proposed boxes ({q['source']}) to {self.out}",
-                 f"proposals cached in {self.cache} ({self.reused} reused)"]
+        parts = [
+            f"wrote {self.written} records with proposed boxes ({q['source']}) to {self.out}",
+            f"proposals cached in {self.cache} ({self.reused} reused)",
+        ]
         if "unparsed" in q:
-            parts.append(f"{q['unparsed']} answers without a box and {q['degenerate']} with a box of no area "
-                         + ("left out" if self.left_out else f"written with the {q['fallback_box']} as their box"))
+            parts.append(
+                f"{q['unparsed']} answers without a box and {q['degenerate']} with a box of no area "
+                + ("left out" if self.left_out else f"written with the {q['fallback_box']} as their box")
+            )
         if q["n"]:
-            parts.append(f"against the input's gold boxes ({q['n']} records): hit rate {q['hit_rate']:.1%}, "
-                         f"mean IoU {q['mean_iou']:.2f}")
+            parts.append(
+                f"against the input's gold boxes ({q['n']} records): hit rate {q['hit_rate']:.1%}, "
+                f"mean IoU {q['mean_iou']:.2f}"
+            )
         return "; ".join(parts)
 
 
@@ -72,15 +78,29 @@ def proposals_cache_path(out: str | Path) -> Path:
 
 
 def _with_box(sample: Sample, proposal: Any, model_name: str) -> Sample:
-    meta = {**sample.meta, "box_source": proposal.source, "box_score": proposal.score,
-            "box_status": proposal.status, "box_model": model_name}
+    meta = {
+        **sample.meta,
+        "box_source": proposal.source,
+        "box_score": proposal.score,
+        "box_status": proposal.status,
+        "box_model": model_name,
+    }
     return dataclasses.replace(sample, boxes=[proposal.box], teacher_image=None, meta=meta)
 
 
 def write_proposed_boxes(
-    path: str | Path, out: str | Path, load_model: Callable[[], tuple[Any, Any]], *, source: str, model_name: str = "",
-    view_cfg: ViewConfig | None = None, limit: int | None = None, skip_fallbacks: bool = False,
-    batch_size: int = 100, progress: bool = True, thinking: bool | None = None,
+    path: str | Path,
+    out: str | Path,
+    load_model: Callable[[], tuple[Any, Any]],
+    *,
+    source: str,
+    model_name: str = "",
+    view_cfg: ViewConfig | None = None,
+    limit: int | None = None,
+    skip_fallbacks: bool = False,
+    batch_size: int = 100,
+    progress: bool = True,
+    thinking: bool | None = None,
 ) -> ProposedBoxes:
     """Propose a box for each record of ``path`` and write the records to ``out``.
 
@@ -110,8 +130,9 @@ def write_proposed_boxes(
     loaded = load_records(path)
     out, cache = Path(out), proposals_cache_path(out)
     if Path(loaded.source).resolve() in (out.resolve(), cache.resolve()):  # the cache is appended to
-        raise ValueError(f"--out {out} (cache {cache.name}) would overwrite the input {loaded.source}; "
-                         "write to another file")
+        raise ValueError(
+            f"--out {out} (cache {cache.name}) would overwrite the input {loaded.source}; write to another file"
+        )
     samples = list(loaded.samples)[:limit]
     view_cfg = view_cfg or ViewConfig()
     cfg = ProposalConfig(source=source, batch_size=batch_size, thinking=thinking)
@@ -122,10 +143,15 @@ def write_proposed_boxes(
     todo = [s for s in blind if s.id not in done]
     model, processor = load_model() if todo else (None, None)
     chunk = max(1, 4 * batch_size)
-    with tqdm(total=len(blind), initial=len(blind) - len(todo), desc=f"vopd data propose ({source})",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(blind),
+        initial=len(blind) - len(todo),
+        desc=f"vopd data propose ({source})",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+            part = todo[start : start + chunk]
             load_or_propose(model, processor, part, view_cfg, cfg, cache, model_name=model_name)
             bar.update(len(part))
     proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)  # all cached by now

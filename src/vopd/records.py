@@ -50,8 +50,15 @@ BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 # Keys of our own JSONL rows; anything else is an error so typos ("questoin") do not pass.
 _REQUIRED_KEYS = ("image", "question")
 _OPTIONAL_KEYS = (
-    "id", "options", "answer", "boxes", "box_format", "box_normalized", "category",
-    "teacher_image", "meta",
+    "id",
+    "options",
+    "answer",
+    "boxes",
+    "box_format",
+    "box_normalized",
+    "category",
+    "teacher_image",
+    "meta",
 )
 
 
@@ -129,10 +136,8 @@ class Box:
                 that look like pixels. The field is ``box``; callers relocate it.
         """
         if fmt not in BOX_FORMATS:
-            raise RecordError(f"unknown box format '{fmt}'; use one of {list(BOX_FORMATS)}",
-                              field="box_format")
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) \
-                or len(values) != 4:
+            raise RecordError(f"unknown box format '{fmt}'; use one of {list(BOX_FORMATS)}", field="box_format")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 4:
             raise RecordError(f"expected 4 numbers in {fmt} order, got {values!r}", field="box")
         nums: list[float] = []
         for v in values:
@@ -150,7 +155,9 @@ class Box:
             if max(abs(v) for v in nums) > 2.0:
                 raise RecordError(
                     f"box_normalized is true but {list(values)!r} look like pixel coordinates; "
-                    "set box_normalized to false", field="box")
+                    "set box_normalized to false",
+                    field="box",
+                )
             w, h = image_size
             a, b, c, d = a * w, b * h, c * w, d * h
         return cls(a, b, c, d)
@@ -189,8 +196,9 @@ class Box:
         boxes = list(boxes)
         if not boxes:
             raise ValueError("Box.union needs at least one box")
-        return Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes),
-                   max(b.x2 for b in boxes), max(b.y2 for b in boxes))
+        return Box(
+            min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes), max(b.y2 for b in boxes)
+        )
 
     def as_list(self) -> list[float]:
         """``[x1, y1, x2, y2]`` as plain floats (JSON-friendly)."""
@@ -256,8 +264,7 @@ def validate_sample(
         raise RecordError("must be a non-empty string", field="question")
     _check_options(sample.options, sample.answer)
     if sample.answer is not None and not isinstance(sample.answer, str):
-        raise RecordError(f"must be a string, got {type(sample.answer).__name__}",
-                          field="answer")
+        raise RecordError(f"must be a string, got {type(sample.answer).__name__}", field="answer")
     boxes, warnings = _check_boxes(sample.boxes, image_size, out_of_bounds)
     return replace(sample, boxes=boxes), warnings
 
@@ -266,8 +273,7 @@ def _check_options(options: list[str] | None, answer: str | None) -> None:
     if options is None:
         return
     if not isinstance(options, list) or not 2 <= len(options) <= _MAX_OPTIONS:
-        raise RecordError(f"must be a list of 2 to {_MAX_OPTIONS} strings, or omitted",
-                          field="options")
+        raise RecordError(f"must be a list of 2 to {_MAX_OPTIONS} strings, or omitted", field="options")
     for i, opt in enumerate(options):
         if not isinstance(opt, str) or not opt.strip():
             raise RecordError("must be a non-empty string", field=f"options[{i}]")
@@ -275,8 +281,7 @@ def _check_options(options: list[str] | None, answer: str | None) -> None:
         letter = answer.upper()
         last = chr(ord("A") + len(options) - 1)
         if not "A" <= letter <= last:
-            raise RecordError(f"letter {answer!r} is not among the options A-{last}",
-                              field="answer")
+            raise RecordError(f"letter {answer!r} is not among the options A-{last}", field="answer")
 
 
 def _check_boxes(
@@ -295,23 +300,26 @@ def _check_boxes(
         if box.width <= 0 or box.height <= 0:
             raise RecordError(
                 f"{box.as_list()} has zero or negative area (need x1 < x2 and y1 < y2; "
-                "if the numbers are [x, y, w, h] set box_format to 'xywh')", field=name)
+                "if the numbers are [x, y, w, h] set box_format to 'xywh')",
+                field=name,
+            )
         if size is not None and not box.inside(size):
             clipped = box.clip(size)
             if clipped.area <= 0:
-                raise RecordError(
-                    f"{box.as_list()} lies entirely outside the {size[0]}x{size[1]} image",
-                    field=name)
+                raise RecordError(f"{box.as_list()} lies entirely outside the {size[0]}x{size[1]} image", field=name)
             if out_of_bounds == "reject":
                 raise RecordError(
-                    f"{box.as_list()} extends outside the {size[0]}x{size[1]} image "
-                    "(out_of_bounds='reject')", field=name)
+                    f"{box.as_list()} extends outside the {size[0]}x{size[1]} image (out_of_bounds='reject')",
+                    field=name,
+                )
             warnings.append(f"{name}: clipped {box.as_list()} to {clipped.as_list()}")
             box = clipped
         if box.width < 1 or box.height < 1:
             raise RecordError(
                 f"{box.as_list()} is smaller than one pixel; if the numbers are fractions of "
-                "the image size set box_normalized to true", field=name)
+                "the image size set box_normalized to true",
+                field=name,
+            )
         out.append(box)
     return out, warnings
 
@@ -356,8 +364,10 @@ class LoadedRecords:
 
     def summary(self) -> str:
         """One line: counts of loaded, skipped and clipped rows."""
-        return (f"{self.source}: {len(self.samples)} samples ({self.layout} layout), "
-                f"{len(self.skipped)} rows skipped, {len(self.clipped)} boxes clipped")
+        return (
+            f"{self.source}: {len(self.samples)} samples ({self.layout} layout), "
+            f"{len(self.skipped)} rows skipped, {len(self.clipped)} boxes clipped"
+        )
 
     @property
     def report(self) -> str:
@@ -382,8 +392,8 @@ def resolve_record_path(value: Any, base: Path, field_name: str) -> str:
         return value
     if re.match(r"^[a-z][a-z0-9+.-]*://", value, re.IGNORECASE):
         raise RecordError(
-            f"URLs are not supported ({value!r}); download the images and use local paths",
-            field=field_name)
+            f"URLs are not supported ({value!r}); download the images and use local paths", field=field_name
+        )
     path = Path(value).expanduser()
     try:
         return str(path if path.is_absolute() else (base / path).resolve())
@@ -401,8 +411,7 @@ def _find_record_file(path: Path) -> Path:
         found = sorted(p.name for p in path.glob("*.jsonl"))
         if len(found) == 1:
             return path / found[0]
-        raise RecordError(
-            f"folder has {len(found)} .jsonl files {found}; pass the file itself", file=path)
+        raise RecordError(f"folder has {len(found)} .jsonl files {found}; pass the file itself", file=path)
     raise RecordError("no such file or folder", file=path)
 
 
@@ -424,8 +433,9 @@ def _decode_row(line: bytes) -> str:
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise RecordError(f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); "
-                          "re-save the file as UTF-8") from None
+        raise RecordError(
+            f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); re-save the file as UTF-8"
+        ) from None
 
 
 def _parse_json(line: str) -> dict[str, Any]:
@@ -445,8 +455,10 @@ def parse_vopd_row(obj: Mapping[str, Any], base: Path, row: int, stem: str) -> S
     """
     unknown = sorted(set(obj) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
     if unknown:
-        raise RecordError(f"unknown field; known fields are {list(_REQUIRED_KEYS + _OPTIONAL_KEYS)}"
-                          " (put extra data under 'meta')", field=unknown[0])
+        raise RecordError(
+            f"unknown field; known fields are {list(_REQUIRED_KEYS + _OPTIONAL_KEYS)} (put extra data under 'meta')",
+            field=unknown[0],
+        )
     for key in _REQUIRED_KEYS:
         if key not in obj:
             raise RecordError("missing required field", field=key)
@@ -532,16 +544,16 @@ def load_records(
                 layout = _detect_layout(obj)
             sample = _parse_row(obj, layout, base, row, file.stem)
             if sample.id in seen:
-                raise RecordError(f"duplicate id {sample.id!r} (first on row {seen[sample.id]})",
-                                  field="id")
+                raise RecordError(f"duplicate id {sample.id!r} (first on row {seen[sample.id]})", field="id")
             size = _checked_size(sample, row) if check_images else None
             sample, warnings = validate_sample(sample, size, out_of_bounds=out_of_bounds)
         except RecordError as err:
             err = err.located(file=file, row=row)
             if on_error == "raise":
                 raise err from None
-            result.skipped.append(Issue(str(file), row, str(err.reason if err.field is None
-                                                             else f"{err.field}: {err.reason}")))
+            result.skipped.append(
+                Issue(str(file), row, str(err.reason if err.field is None else f"{err.field}: {err.reason}"))
+            )
             continue
         seen[sample.id] = row
         result.clipped.extend(Issue(str(file), row, w) for w in warnings)
@@ -549,8 +561,7 @@ def load_records(
         result.rows.append(row)
     result.layout = layout or "vopd"
     if not result.samples and not allow_empty:
-        why = f"; {len(result.skipped)} rows skipped, first: {result.skipped[0]}" \
-            if result.skipped else ""
+        why = f"; {len(result.skipped)} rows skipped, first: {result.skipped[0]}" if result.skipped else ""
         raise RecordError(f"no usable records{why}", file=file)
     return result
 
@@ -561,9 +572,7 @@ def load_records(
 _LAYOUTS: dict[str, tuple[Callable[[Mapping[str, Any]], bool], Callable[..., Sample]]] = {}
 
 
-def register_layout(
-    name: str, detect: Callable[[Mapping[str, Any]], bool], parse: Callable[..., Sample]
-) -> None:
+def register_layout(name: str, detect: Callable[[Mapping[str, Any]], bool], parse: Callable[..., Sample]) -> None:
     """Teach :func:`load_records` another row layout, detected on a file's first row.
 
     ``parse(row_obj, base, row=..., stem=...)`` returns a :class:`Sample` or raises RecordError.
@@ -576,8 +585,10 @@ def _detect_layout(obj: Mapping[str, Any]) -> str:
         if detect(obj):
             return name
     if "problem" in obj and "question" not in obj:
-        raise RecordError("this row looks like the Vision-OPD-6K layout, which is not registered: load it "
-                          "with vopd.datasets.load_records (importing vopd.datasets registers it)")
+        raise RecordError(
+            "this row looks like the Vision-OPD-6K layout, which is not registered: load it "
+            "with vopd.datasets.load_records (importing vopd.datasets registers it)"
+        )
     return "vopd"
 
 
@@ -611,7 +622,10 @@ def safe_file_name(text: str) -> str:
 
 
 def _store_image(
-    image: str | bytes | Image.Image, out_dir: Path, image_dir: Path, stem: str,
+    image: str | bytes | Image.Image,
+    out_dir: Path,
+    image_dir: Path,
+    stem: str,
     used: set[str],
 ) -> str:
     """Return a path for ``image`` relative to ``out_dir``, saving in-memory images first."""
@@ -623,7 +637,9 @@ def _store_image(
             if not path.is_absolute():
                 raise RecordError(
                     f"relative path {image!r} in memory is ambiguous; store absolute paths "
-                    "in Sample.image (load_records does)", field="image")
+                    "in Sample.image (load_records does)",
+                    field="image",
+                )
             try:
                 return Path(os.path.relpath(path, out_dir)).as_posix()
             except ValueError:  # another drive on Windows: no relative path exists
@@ -646,9 +662,7 @@ def _store_image(
     return target.relative_to(out_dir).as_posix()
 
 
-def write_records(
-    samples: Iterable[Sample], path: str | Path, *, image_dir: str = "images"
-) -> Path:
+def write_records(samples: Iterable[Sample], path: str | Path, *, image_dir: str = "images") -> Path:
     """Write samples as our JSONL format; image paths are relative to the file's folder.
 
     In-memory images are saved next to the file under ``image_dir``: PIL images as PNG,
@@ -671,14 +685,14 @@ def write_records(
             row["boxes"] = [b.as_list() for b in sample.boxes]
         if sample.teacher_image is not None:
             row["teacher_image"] = _store_image(
-                sample.teacher_image, out_dir, out_dir / image_dir, f"{sample.id}.teacher", used)
+                sample.teacher_image, out_dir, out_dir / image_dir, f"{sample.id}.teacher", used
+            )
         if sample.meta:
             row["meta"] = sample.meta
         try:
             lines.append(json.dumps(row, ensure_ascii=False))
         except TypeError as err:
-            raise RecordError(f"sample {sample.id!r} is not JSON-serialisable ({err})",
-                              field="meta") from None
+            raise RecordError(f"sample {sample.id!r} is not JSON-serialisable ({err})", field="meta") from None
     return write_jsonl_rows(lines, path)
 
 
@@ -686,8 +700,7 @@ def write_jsonl_rows(rows: Iterable[dict[str, Any] | str], path: str | Path) -> 
     """Write JSON objects (or already-encoded lines), one per line, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                   for r in rows)
+    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -269,11 +269,20 @@ class HFGenerateEngine:
         num_prompts = prompt_batch["input_ids"].shape[0]
         prompt_len = prompt_batch["input_ids"].shape[1]
         device = getattr(model, "device", None)
-        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
-                  for k, v in prompt_batch.items()}
+        inputs = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
+            for k, v in prompt_batch.items()
+        }
         # Sampling knobs are meaningless (and warned about) for greedy decoding: neutralise them only when sampling.
-        neutral = _NEUTRAL_GENERATION if not greedy else {k: v for k, v in _NEUTRAL_GENERATION.items()
-                                                          if k in ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")}
+        neutral = (
+            _NEUTRAL_GENERATION
+            if not greedy
+            else {
+                k: v
+                for k, v in _NEUTRAL_GENERATION.items()
+                if k in ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
+            }
+        )
         generate_kwargs = dict(
             **neutral,
             do_sample=not greedy,
@@ -294,8 +303,14 @@ class HFGenerateEngine:
             with torch.no_grad(), _seeded(generator_seed, device):
                 if shared:
                     response = _decode_from_shared_prefill(
-                        model, inputs, LogitsProcessorList(processors), n=1 if greedy else cfg.n,
-                        max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad, greedy=greedy,
+                        model,
+                        inputs,
+                        LogitsProcessorList(processors),
+                        n=1 if greedy else cfg.n,
+                        max_new_tokens=cfg.max_new_tokens,
+                        eos_ids=eos,
+                        pad_id=pad,
+                        greedy=greedy,
                     )
                 else:
                     response = model.generate(**inputs, **generate_kwargs)[:, prompt_len:]
@@ -358,8 +373,14 @@ def _decode_from_shared_prefill(
         if step + 1 == max_new_tokens or unfinished_B.max() == 0:
             break
         mask_B_S = torch.cat([mask_B_S, mask_B_S.new_ones(mask_B_S.shape[0], 1)], dim=1)
-        out = base(input_ids=next_B[:, None], attention_mask=mask_B_S, position_ids=text_positions(next_pos_B, step, 1),
-                   cache=cache, use_cache=True, return_dict=True)
+        out = base(
+            input_ids=next_B[:, None],
+            attention_mask=mask_B_S,
+            position_ids=text_positions(next_pos_B, step, 1),
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         cache = getattr(out, "cache", None) or cache
         logits_B_V = head(out.last_hidden_state[:, -1]).float()
     return seq_B_S[:, start:]

@@ -60,7 +60,14 @@ from vopd.models import vision_token_ids
 from vopd.rollout import RolloutConfig, Rollouts, eos_token_ids, response_mask
 from vopd.stock_processor import make_processor_stock
 
-__all__ = ["EngineMismatchError", "VLLMServerEngine", "check_engine_prompt", "qwen_images_from_pixels", "server_command", "server_env"]
+__all__ = [
+    "EngineMismatchError",
+    "VLLMServerEngine",
+    "check_engine_prompt",
+    "qwen_images_from_pixels",
+    "server_command",
+    "server_env",
+]
 
 # Renders only the text part of the user turn: the text already is the full templated prompt.
 PASSTHROUGH_TEMPLATE = (
@@ -143,13 +150,20 @@ class VLLMServerEngine:
             if not python.exists():
                 raise FileNotFoundError(
                     f"rollout.engine=vllm: no vLLM interpreter at {python}. Run `bash scripts/setup_vllm.sh` "
-                    "(makes .venv-vllm), or set rollout.vllm_python, or start a server yourself and set rollout.vllm_url"
+                    "(makes .venv-vllm), or set rollout.vllm_python, "
+                    "or start a server yourself and set rollout.vllm_url"
                 )
             self._write_snapshot(model, with_processor=True)
             port = _free_port()
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            cmd = server_command(python, self.snapshot_dir, port, self.work_dir / "passthrough_template.jinja",
-                                 dtype=dtype, extra=self.server_args)
+            cmd = server_command(
+                python,
+                self.snapshot_dir,
+                port,
+                self.work_dir / "passthrough_template.jinja",
+                dtype=dtype,
+                extra=self.server_args,
+            )
             env = server_env()
             log = (self.work_dir / "vllm_server.log").open("w")
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -249,10 +263,17 @@ class VLLMServerEngine:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         blocked = vision_token_ids(self.processor, model)
         body = {
-            "model": SERVED_NAME, "n": cfg.n, "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature, "top_p": 1.0 if cfg.temperature == 0 else cfg.top_p,
-            "logprobs": True, "top_logprobs": 0, "return_token_ids": True, "skip_special_tokens": False,
-            "stop_token_ids": eos, "logit_bias": {str(i): _BLOCK_BIAS for i in blocked},
+            "model": SERVED_NAME,
+            "n": cfg.n,
+            "max_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": 1.0 if cfg.temperature == 0 else cfg.top_p,
+            "logprobs": True,
+            "top_logprobs": 0,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+            "stop_token_ids": eos,
+            "logit_bias": {str(i): _BLOCK_BIAS for i in blocked},
             "add_generation_prompt": False,
         }
         with ThreadPoolExecutor(max_workers=max(1, min(self.request_threads, len(prompts)))) as pool:
@@ -299,10 +320,14 @@ class VLLMServerEngine:
             out.append((ids, text, uri))
         return out
 
-    def _request(self, body: dict, prompt: tuple[list[int], str, str], seed: int) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
+    def _request(
+        self, body: dict, prompt: tuple[list[int], str, str], seed: int
+    ) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
         _, text, uri = prompt
-        message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                               {"type": "text", "text": text}]}
+        message = {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": text}],
+        }
         reply = self._post("/v1/chat/completions", {**body, "messages": [message], "seed": seed})
         choices = []
         for choice in sorted(reply["choices"], key=lambda c: c["index"]):
@@ -317,8 +342,9 @@ class VLLMServerEngine:
 
     def _post(self, route: str, payload: dict | None) -> Any:
         data = json.dumps(payload).encode() if payload is not None else b""
-        request = urllib.request.Request(f"{self.url}{route}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}{route}", data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=600) as r:
                 raw = r.read()
@@ -336,8 +362,13 @@ class VLLMServerEngine:
 
 
 def server_command(
-    python: str | Path, model_dir: str | Path, port: int, template_path: str | Path, *,
-    dtype: str = "float32", extra: Sequence[str] = (),
+    python: str | Path,
+    model_dir: str | Path,
+    port: int,
+    template_path: str | Path,
+    *,
+    dtype: str = "float32",
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The command line of a vLLM server vopd can sample from (writes the pass-through template).
 
@@ -348,11 +379,30 @@ def server_command(
     """
     Path(template_path).write_text(PASSTHROUGH_TEMPLATE)
     return [
-        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", dtype, "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
-        "--limit-mm-per-prompt", json.dumps({"image": 1}), "--chat-template-content-format", "openai",
-        "--chat-template", str(template_path), *extra,
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--generation-config",
+        "vllm",
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 1}),
+        "--chat-template-content-format",
+        "openai",
+        "--chat-template",
+        str(template_path),
+        *extra,
     ]
 
 
@@ -401,7 +451,9 @@ def check_engine_prompt(trainer_ids: list[int], engine_ids: list[int], image_id:
             "The engine's processor resized the image differently (compare min_pixels/max_pixels in the served "
             "folder's processor_config.json with the trainer's), or expanded the placeholder twice"
         )
-    first = next((k for k, (a, b) in enumerate(zip(trainer_ids, engine_ids)) if a != b), min(len(trainer_ids), len(engine_ids)))
+    first = next(
+        (k for k, (a, b) in enumerate(zip(trainer_ids, engine_ids)) if a != b), min(len(trainer_ids), len(engine_ids))
+    )
     raise EngineMismatchError(
         f"the engine's prompt ids differ from the trainer's at position {first} (lengths {len(engine_ids)} vs "
         f"{len(trainer_ids)}): start the server with vopd's pass-through template (--chat-template with "
@@ -436,7 +488,10 @@ def qwen_images_from_pixels(prompt_batch: Any, processor: Any) -> list[Image.Ima
         x = (x * std + mean) / float(ip.rescale_factor)
         images.append(Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0), "RGB"))
     redo = ip(images=images, return_tensors="pt")
-    if not (torch.equal(redo["image_grid_thw"], grid_I_3.cpu()) and torch.allclose(redo["pixel_values"].float(), pixels, atol=1e-4)):
+    if not (
+        torch.equal(redo["image_grid_thw"], grid_I_3.cpu())
+        and torch.allclose(redo["pixel_values"].float(), pixels, atol=1e-4)
+    ):
         raise EngineMismatchError(
             "could not rebuild the trainer's images from pixel_values (the processor's resize is not idempotent "
             "at the processed size); the engine would see other pixels than the trainer"
@@ -447,4 +502,3 @@ def qwen_images_from_pixels(prompt_batch: Any, processor: Any) -> list[Image.Ima
 def default_work_dir(output_dir: str) -> Path:
     """Where the engine keeps its policy snapshot: ``<output_dir>/vllm`` (a temp dir when empty)."""
     return Path(output_dir) / "vllm" if output_dir else Path(tempfile.mkdtemp(prefix="vopd-vllm-"))
-

@@ -40,9 +40,24 @@ TRACKER_DIR = "vopd"  # accelerate's tracker logs (TensorBoard) under output_dir
 #: performance knobs that do not change what is computed, and ``optim.lr`` (applied on resume).
 #: A key ending in ``.`` covers a whole section.
 HARMLESS_KEYS: tuple[str, ...] = (
-    "max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "report_to", "output_dir",
-    "max_bad_steps", "threads", "device", "naive", "mixed_precision", "optim.lr", "data.num_workers",
-    "model.gradient_checkpointing", "model.attn_implementation", "loss.chunk_size", "health.",
+    "max_steps",
+    "epochs",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "report_to",
+    "output_dir",
+    "max_bad_steps",
+    "threads",
+    "device",
+    "naive",
+    "mixed_precision",
+    "optim.lr",
+    "data.num_workers",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "loss.chunk_size",
+    "health.",
 )
 
 
@@ -60,7 +75,11 @@ def _has_run(root: Path) -> list[str]:
 
 
 def prepare_run_folder(
-    output_dir: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True,
+    output_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    main_process: bool = True,
     say: Callable[[str], Any] = print,
 ) -> None:
     """Claim ``output_dir`` for this run; clean temporaries that crashed saves left behind.
@@ -154,7 +173,10 @@ def _harmless(key: str) -> bool:
 
 
 def check_resume_config(
-    saved: dict[str, Any] | None, current: dict[str, Any], *, checkpoint: str | Path,
+    saved: dict[str, Any] | None,
+    current: dict[str, Any],
+    *,
+    checkpoint: str | Path,
     say: Callable[[str], Any] = print,
 ) -> list[str]:
     """Compare the config saved in ``checkpoint`` with this run's; return the harmless changes.

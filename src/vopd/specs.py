@@ -58,18 +58,22 @@ def resolve_model_spec(
     folder or hub id goes to :func:`vopd.models.load_model`.
     """
     if not spec:
-        raise ValueError("empty model spec: give a hub id, a local checkpoint folder, "
-                         f"or one of {', '.join(model_spec_names())}")
+        raise ValueError(
+            f"empty model spec: give a hub id, a local checkpoint folder, or one of {', '.join(model_spec_names())}"
+        )
     if spec.startswith("tiny:"):
         from vopd.tiny_models import build_tiny_model
 
         return build_tiny_model(spec.split(":", 1)[1], seed=seed)
     if spec in _MODELS:
-        return _MODELS[spec](dtype=dtype, trust_remote_code=trust_remote_code,
-                             attn_implementation=attn_implementation, seed=seed)
+        return _MODELS[spec](
+            dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, seed=seed
+        )
     if spec == "toy-base":  # a well-known name whose provider is not imported
-        raise ValueError("model spec 'toy-base' is registered by the toy world: import vopd.toyworld first "
-                         "(the vopd command line does)")
+        raise ValueError(
+            "model spec 'toy-base' is registered by the toy world: import vopd.toyworld first "
+            "(the vopd command line does)"
+        )
     from vopd.models import load_model
 
     return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
@@ -81,6 +85,8 @@ def data_spec_loader(spec: str) -> Callable[[str], list] | None:
     if scheme in _DATA:
         return _DATA[scheme]
     if scheme == "toyworld":
-        raise ValueError(f"data spec {spec!r} is registered by the toy world: import vopd.toyworld first "
-                         "(the vopd command line does)")
+        raise ValueError(
+            f"data spec {spec!r} is registered by the toy world: import vopd.toyworld first "
+            "(the vopd command line does)"
+        )
     return None

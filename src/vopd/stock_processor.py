@@ -36,8 +36,19 @@ STOCK_PROCESSORS: dict[str, tuple[str, str | None]] = {
 }
 
 # Image-processor keys the video processor shares (everything else keeps the stock default).
-_SHARED_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
-                "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "rescale_factor", "resample")
+_SHARED_KEYS = (
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "do_normalize",
+    "do_rescale",
+    "do_resize",
+    "rescale_factor",
+    "resample",
+)
 
 
 def make_processor_stock(folder: str | Path) -> str | None:

@@ -225,8 +225,10 @@ def answering_model(teacher: Teacher) -> nn.Module:
         return teacher.model
     if isinstance(teacher, LiveTeacher):
         return teacher.student
-    raise ValueError(f"a {type(teacher).__name__} (teacher.kind={teacher.kind}) cannot generate answers of its own; "
-                     "objective=sft_self needs teacher.kind frozen, ema, live or external without LoRA or FSDP2")
+    raise ValueError(
+        f"a {type(teacher).__name__} (teacher.kind={teacher.kind}) cannot generate answers of its own; "
+        "objective=sft_self needs teacher.kind frozen, ema, live or external without LoRA or FSDP2"
+    )
 
 
 def make_teacher(

@@ -73,9 +73,7 @@ _QWEN35_TEMPLATE = _QWEN_TEMPLATE.replace(
     "{% else %}<think>\n{% endif %}{% endif %}",
 )
 
-_LLAVA_OV_TEMPLATE = _QWEN_TEMPLATE.replace(
-    "<|vision_start|><|image_pad|><|vision_end|>", "<image>\n"
-)
+_LLAVA_OV_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
 
 _IDEFICS3_TEMPLATE = (
     "{{ bos_token }}"
@@ -163,8 +161,16 @@ _TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
         _IDEFICS3_SPECIALS, "<end_of_utterance>", "<|endoftext|>", "<|im_start|>", _IDEFICS3_TEMPLATE
     ),
     "gemma3": _TokenizerSpec(
-        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
-         "<image_soft_token>"),
+        (
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+        ),
         "<end_of_turn>",
         "<pad>",
         "<bos>",
@@ -200,9 +206,7 @@ _DEFAULT_CORPUS: tuple[str, ...] = (
 )
 
 
-def build_tokenizer(
-    corpus: list[str] | None = None, *, family: str, vocab_size: int = 512
-) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: list[str] | None = None, *, family: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer offline with `family`'s special tokens and chat template.
 
     Special tokens get ids 0..S-1 in the family's order; every byte has a token, so any text is
@@ -268,8 +272,7 @@ def _qwen_vision_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
 def _qwen_image_processor(patch_size: int, merge_size: int):
     from transformers import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
-                                    **_QWEN_PIXELS)
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_QWEN_PIXELS)
 
 
 def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
@@ -278,60 +281,126 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
 
     hidden = (text or {}).get("hidden_size", 64)
     text_base: dict[str, Any] = {
-        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
         **_token_ids(tok),
     }
     if family == "qwen2_vl":
         # head_dim 16 -> rotary dim 16 -> mrope_section must sum to 8.
         text_base["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        vision_base = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": hidden,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        vision_base = {
+            "depth": 2,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
     elif family == "qwen2_5_vl":
         text_base["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        vision_base = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+        vision_base = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
     elif family == "qwen3_vl":
         text_base["head_dim"] = 16
-        text_base["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                                        "mrope_interleaved": True}
-        vision_base = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+        text_base["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        }
+        vision_base = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        }
     elif family == "qwen3_5":
         # Hybrid: one Gated-DeltaNet (linear attention) layer, one full-attention layer.
         # head_dim 32 x partial_rotary_factor 0.25 -> rotary dim 8 -> mrope_section sums to 4.
-        text_base.update({
-            "head_dim": 32, "layer_types": ["linear_attention", "full_attention"],
-            "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                                "mrope_section": [2, 1, 1], "mrope_interleaved": True},
-        })
-        vision_base = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "num_position_embeddings": 64}
+        text_base.update(
+            {
+                "head_dim": 32,
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "linear_conv_kernel_dim": 4,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_section": [2, 1, 1],
+                    "mrope_interleaved": True,
+                },
+            }
+        )
+        vision_base = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+        }
     else:  # pragma: no cover - guarded by the caller
         raise AssertionError(family)
     text_cfg = _merge(text_base, text)
     vision_cfg = _merge(vision_base, vision)
-    config = AutoConfig.for_model(family, text_config=text_cfg, vision_config=vision_cfg,
-                                  tie_word_embeddings=False, **_qwen_vision_ids(tok))
+    config = AutoConfig.for_model(
+        family, text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=False, **_qwen_vision_ids(tok)
+    )
     patch = vision_cfg["patch_size"]
     merge = vision_cfg["spatial_merge_size"]
     proc_cls = IMAGE_ONLY_PROCESSORS[family]
-    processor = proc_cls(image_processor=_qwen_image_processor(patch, merge), tokenizer=tok,
-                         chat_template=tok.chat_template)
+    processor = proc_cls(
+        image_processor=_qwen_image_processor(patch, merge), tokenizer=tok, chat_template=tok.chat_template
+    )
     return config, processor
 
 
 def _llama_text(tok, hidden: int, text: dict | None) -> dict[str, Any]:
-    return _merge({
-        "model_type": "llama", "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **_token_ids(tok),
-    }, text)
+    return _merge(
+        {
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            **_token_ids(tok),
+        },
+        text,
+    )
 
 
 def _build_idefics3(family: str, tok, text: dict | None, vision: dict | None):
@@ -343,12 +412,26 @@ def _build_idefics3(family: str, tok, text: dict | None, vision: dict | None):
     from transformers import AutoConfig, Idefics3ImageProcessorPil, Idefics3Processor, SmolVLMImageProcessorPil
 
     hidden = (text or {}).get("hidden_size", 64)
-    vision_cfg = _merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                         "image_size": 56, "patch_size": 14}, vision)
+    vision_cfg = _merge(
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        vision,
+    )
     scale = 2
-    config = AutoConfig.for_model(family, text_config=_llama_text(tok, hidden, text), vision_config=vision_cfg,
-                                  scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        family,
+        text_config=_llama_text(tok, hidden, text),
+        vision_config=vision_cfg,
+        scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
     tile = vision_cfg["image_size"]
     seq_len = (tile // vision_cfg["patch_size"]) ** 2 // scale**2
     image_kwargs = {"size": {"longest_edge": 2 * tile}, "max_image_size": {"longest_edge": tile}}
@@ -358,8 +441,9 @@ def _build_idefics3(family: str, tok, text: dict | None, vision: dict | None):
     else:
         image_processor = Idefics3ImageProcessorPil(**image_kwargs)
         proc_cls = Idefics3Processor
-    processor = proc_cls(image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len,
-                         chat_template=tok.chat_template)
+    processor = proc_cls(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
+    )
     return config, processor
 
 
@@ -368,28 +452,56 @@ def _build_llava_onevision(family: str, tok, text: dict | None, vision: dict | N
     from transformers import AutoConfig, LlavaOnevisionImageProcessorPil
 
     hidden = (text or {}).get("hidden_size", 64)
-    vision_cfg = _merge({"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                         "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
-                        vision)
-    text_cfg = _merge({
-        "model_type": "qwen2", "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-        **_token_ids(tok),
-    }, text)
+    vision_cfg = _merge(
+        {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        vision,
+    )
+    text_cfg = _merge(
+        {
+            "model_type": "qwen2",
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            **_token_ids(tok),
+        },
+        text,
+    )
     tile = vision_cfg["image_size"]
     pinpoints = [[tile * i, tile * j] for i in (1, 2) for j in (1, 2)]
     config = AutoConfig.for_model(
-        family, text_config=text_cfg, vision_config=vision_cfg, image_grid_pinpoints=pinpoints,
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        family,
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
         tie_word_embeddings=False,
     )
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
-                                                      image_grid_pinpoints=pinpoints)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
+    )
     proc_cls = IMAGE_ONLY_PROCESSORS["llava_onevision"]
-    processor = proc_cls(image_processor=image_processor, tokenizer=tok,
-                         num_image_tokens=(tile // vision_cfg["patch_size"]) ** 2,
-                         vision_feature_select_strategy="full", chat_template=tok.chat_template)
+    processor = proc_cls(
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=(tile // vision_cfg["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=tok.chat_template,
+    )
     return config, processor
 
 
@@ -398,24 +510,48 @@ def _build_gemma3(family: str, tok, text: dict | None, vision: dict | None):
     from transformers import AutoConfig, Gemma3ImageProcessorPil, Gemma3Processor
 
     hidden = (text or {}).get("hidden_size", 64)
-    text_cfg = _merge({
-        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
-        "sliding_window": 64, "max_position_embeddings": 4096, **_token_ids(tok),
-    }, text)
-    vision_cfg = _merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                         "image_size": 56, "patch_size": 14}, vision)
+    text_cfg = _merge(
+        {
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 64,
+            "max_position_embeddings": 4096,
+            **_token_ids(tok),
+        },
+        text,
+    )
+    vision_cfg = _merge(
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        vision,
+    )
     tokens = 4
     config = AutoConfig.for_model(
-        family, text_config=text_cfg, vision_config=vision_cfg, mm_tokens_per_image=tokens,
+        family,
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        mm_tokens_per_image=tokens,
         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
     )
     size = vision_cfg["image_size"]
     image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size})
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens,
-                                chat_template=tok.chat_template)
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=tokens, chat_template=tok.chat_template
+    )
     return config, processor
 
 

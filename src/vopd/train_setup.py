@@ -84,8 +84,11 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 def resolve_model(cfg: TrainConfig, path: str | None = None) -> tuple[nn.Module, Any]:
     """Load ``model.path`` (or ``path``): any model spec of :func:`vopd.specs.resolve_model_spec`."""
     return resolve_model_spec(
-        path or cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation, seed=cfg.seed,
+        path or cfg.model.path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        seed=cfg.seed,
     )
 
 
@@ -105,8 +108,10 @@ def _make_accelerator(cfg: TrainConfig) -> Any:
     GradientState._reset_state()
     trackers, notice = resolve_trackers(cfg.report_to)
     acc = Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
-        log_with=trackers or None, project_dir=cfg.output_dir,
+        cpu=cfg.device == "cpu",
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None,
+        project_dir=cfg.output_dir,
     )
     if notice:
         acc.print(notice)
@@ -139,14 +144,17 @@ def resolve_trackers(report_to: list[str]) -> tuple[list[str], str | None]:
         if not _tracker_available(name):
             raise ConfigError(
                 f"report_to={name} but the {name} package is not installed: {_TRACKER_EXTRA[name]}, "
-                f"or remove {name} from report_to")
+                f"or remove {name} from report_to"
+            )
         trackers.append(name)
     trackers = list(dict.fromkeys(trackers))
     missing_auto = [m for m in missing_auto if m not in trackers]
     notice = None
     if missing_auto:
-        notice = (f"report_to=auto: {', '.join(missing_auto)} not installed, not logging to it "
-                  f"({'; '.join(_TRACKER_EXTRA[m] for m in missing_auto)} to enable)")
+        notice = (
+            f"report_to=auto: {', '.join(missing_auto)} not installed, not logging to it "
+            f"({'; '.join(_TRACKER_EXTRA[m] for m in missing_auto)} to enable)"
+        )
     return trackers, notice
 
 
@@ -158,7 +166,12 @@ def _tracker_available(name: str) -> bool:
 
 
 def _proposed_crops(
-    cfg: TrainConfig, acc: Any, policy: nn.Module, processor: Any, samples: list, origins: list[str],
+    cfg: TrainConfig,
+    acc: Any,
+    policy: nn.Module,
+    processor: Any,
+    samples: list,
+    origins: list[str],
 ) -> tuple[list, list[str]]:
     """`vopd.proposals.crops_from_model` on every rank, and the ``file:row`` of each sample kept.
 
@@ -166,12 +179,16 @@ def _proposed_crops(
     train on the same crops. ``views.proposal_keep`` < 1 drops samples (order kept): their
     origins go with them.
     """
-    proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir,
-                                thinking=cfg.model.thinking) if acc.is_main_process else None
+    proposed = (
+        crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, thinking=cfg.model.thinking)
+        if acc.is_main_process
+        else None
+    )
     acc.wait_for_everyone()
     if proposed is None:
-        proposed = crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, main=False,
-                                    thinking=cfg.model.thinking)
+        proposed = crops_from_model(
+            samples, cfg.views, policy, processor, cfg.output_dir, main=False, thinking=cfg.model.thinking
+        )
     kept, i = [], 0
     for sample, origin in zip(samples, origins):
         if i < len(proposed) and proposed[i].id == sample.id:
@@ -181,7 +198,10 @@ def _proposed_crops(
 
 
 def setup(
-    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> tuple[TrainState, StepSampler, ViewDataset, int]:
     """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``.
 
@@ -193,8 +213,9 @@ def setup(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     acc = _make_accelerator(cfg)
-    prepare_run_folder(cfg.output_dir, resume=resume, overwrite=overwrite, main_process=acc.is_main_process,
-                       say=acc.print)
+    prepare_run_folder(
+        cfg.output_dir, resume=resume, overwrite=overwrite, main_process=acc.is_main_process, say=acc.print
+    )
     acc.wait_for_everyone()
     ckpt, saved = _resume_point(cfg, acc) if resume else (None, None)
     try:
@@ -225,8 +246,13 @@ def setup(
         from vopd.parallel import ShardedSampling, build_sharded
 
         teacher: Teacher = build_sharded(
-            student, policy, teacher_kind=cfg.teacher.kind, rate=cfg.teacher.ema_rate, teacher_dtype=teacher_dtype,
-            param_dtype=teacher_dtype, device=acc.device,
+            student,
+            policy,
+            teacher_kind=cfg.teacher.kind,
+            rate=cfg.teacher.ema_rate,
+            teacher_dtype=teacher_dtype,
+            param_dtype=teacher_dtype,
+            device=acc.device,
         )
     elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
         from vopd.lora import AdapterTeacher
@@ -234,25 +260,41 @@ def setup(
         teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.ema_rate)
     else:
         external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
-        teacher = make_teacher(cfg.teacher.kind, policy, ema_rate=cfg.teacher.ema_rate, mix=cfg.teacher.mix,
-                               dtype=teacher_dtype, external=external)
+        teacher = make_teacher(
+            cfg.teacher.kind,
+            policy,
+            ema_rate=cfg.teacher.ema_rate,
+            mix=cfg.teacher.mix,
+            dtype=teacher_dtype,
+            external=external,
+        )
     samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
     samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
-        processor, samples, origins, max_prompt_tokens=cfg.data.max_prompt_tokens, hint=cfg.views.hint,
-        thinking=cfg.model.thinking, on_error=cfg.data.on_error)
+        processor,
+        samples,
+        origins,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        hint=cfg.views.hint,
+        thinking=cfg.model.thinking,
+        on_error=cfg.data.on_error,
+    )
     if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
         samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
     if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
         samples, origins = _proposed_crops(cfg, acc, policy, processor, samples, origins)
     total_steps = _num_steps(cfg, len(samples))
     optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     if cfg.rollout.engine == "vllm" and (sharded or adapters is not None):
-        raise ValueError("rollout.engine=vllm with sharded training or LoRA is not supported yet: the weight push "
-                         "sends the full, merged parameters (docs/vllm.md); use rollout.engine=hf")
+        raise ValueError(
+            "rollout.engine=vllm with sharded training or LoRA is not supported yet: the weight push "
+            "sends the full, merged parameters (docs/vllm.md); use rollout.engine=hf"
+        )
     engine: RolloutEngine = make_engine(cfg, processor)
     if sharded:
         engine = ShardedSampling(engine, student)
@@ -281,14 +323,27 @@ def setup(
         state.skipped_steps = saved.get("skipped_steps", 0)
         acc.print(f"resumed from {ckpt} at step {state.step}")
     sampler = StepSampler(
-        len(samples), prompts_per_step=cfg.prompts_per_step, micro_batch_prompts=cfg.micro_batch_prompts,
-        seed=cfg.seed, shuffle=cfg.data.shuffle, start_step=state.step, num_steps=total_steps,
-        rank=acc.process_index, world_size=acc.num_processes,
+        len(samples),
+        prompts_per_step=cfg.prompts_per_step,
+        micro_batch_prompts=cfg.micro_batch_prompts,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        start_step=state.step,
+        num_steps=total_steps,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
     )
     # OPSD's teacher sees the student's image with the reference answer in its text, whatever teacher.view.
-    dataset = ViewDataset(samples, cfg.views, teacher_sees="full" if cfg.objective == "opsd" else cfg.teacher.view,
-                          origins=origins, on_error=cfg.data.on_error, defer_errors=True,  # raised by the loop
-                          reference_in_teacher=cfg.objective == "opsd", carry_answers=cfg.objective == "sft_gold")
+    dataset = ViewDataset(
+        samples,
+        cfg.views,
+        teacher_sees="full" if cfg.objective == "opsd" else cfg.teacher.view,
+        origins=origins,
+        on_error=cfg.data.on_error,
+        defer_errors=True,  # raised by the loop
+        reference_in_teacher=cfg.objective == "opsd",
+        carry_answers=cfg.objective == "sft_gold",
+    )
     return state, sampler, dataset, total_steps
 
 
@@ -310,8 +365,13 @@ def make_engine(cfg: TrainConfig, processor: Any) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
         from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
 
-        return VLLMServerEngine(processor, work_dir=default_work_dir(cfg.output_dir), url=cfg.rollout.vllm_url or None,
-                                python=cfg.rollout.vllm_python, server_args=cfg.rollout.vllm_args)
+        return VLLMServerEngine(
+            processor,
+            work_dir=default_work_dir(cfg.output_dir),
+            url=cfg.rollout.vllm_url or None,
+            python=cfg.rollout.vllm_python,
+            server_args=cfg.rollout.vllm_args,
+        )
     return HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
 
 

@@ -42,12 +42,21 @@ from vopd.models import linear_head, output_head
 from vopd.objectives import LossKnobs, loss_knobs, token_weights
 from vopd.records import RecordError
 from vopd.rollout import Rollouts, reference_rollouts
-from vopd.teacher import answering_model
 from vopd.runfolder import release_run_folder, truncate_metrics
+from vopd.teacher import answering_model
 from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
 
-__all__ = ["ResponseHidden", "TrainResult", "TrainState", "TrainingError", "resolve_model", "setup", "summary",
-           "train", "train_step"]
+__all__ = [
+    "ResponseHidden",
+    "TrainResult",
+    "TrainState",
+    "TrainingError",
+    "resolve_model",
+    "setup",
+    "summary",
+    "train",
+    "train_step",
+]
 
 Callback = Callable[["TrainState"], "dict[str, float] | None"]
 
@@ -101,13 +110,15 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
                 acc.backward(loss)
             sums["loss"] += float(loss.detach())
             continue
-        mask_B_T, ids_B_T = ro.mask_B_T.to(acc.device), ro.response_ids_B_T.to(acc.device)
+        mask_B_T = ro.mask_B_T.to(acc.device)
         # 2. The teacher scores the same tokens under its own (crop) prompt, prompt computed once.
         with timer("teacher"):
             teacher_logits = state.teacher.score(_scored(state, mb.teacher, ro, sharing), mask_B_T)
         # 3. Student forward at response positions only; loss and its gradient in vocabulary chunks.
         with timer("student"), _maybe_no_sync(acc, state.student, last=i == len(micro_batches) - 1):
-            loss, stats = _student_loss(state, _scored(state, mb.student, ro, sharing), ro, teacher_logits, num_tokens, num_seqs)
+            loss, stats = _student_loss(
+                state, _scored(state, mb.student, ro, sharing), ro, teacher_logits, num_tokens, num_seqs
+            )
             acc.backward(loss)
         if cfg.loss.rollout_correction:  # trainer log-probs vs the sampler's (an external engine)
             sums["weight"] += float(stats["rollout_weight_N"].sum())
@@ -121,9 +132,14 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     step_seconds = sum(timer.seconds.values())
     metrics.update(
         divergence=_global_sum(acc, sums["loss"]) / world,  # the objective's loss (the NLL for the SFT objectives)
-        **({} if supervised else {  # teacher-vs-student statistics: only where a teacher scores
-            "logp_gap": _global_sum(acc, sums["logp_gap"]) / max(num_tokens, 1.0),
-            "tail_mass": _global_sum(acc, sums["tail_mass"]) / max(num_tokens, 1.0)}),
+        **(
+            {}
+            if supervised
+            else {  # teacher-vs-student statistics: only where a teacher scores
+                "logp_gap": _global_sum(acc, sums["logp_gap"]) / max(num_tokens, 1.0),
+                "tail_mass": _global_sum(acc, sums["tail_mass"]) / max(num_tokens, 1.0),
+            }
+        ),
         response_length=float(lengths.mean()),
         response_tokens=num_tokens,
         response_tokens_per_sec=num_tokens / max(step_seconds, 1e-9),
@@ -153,14 +169,17 @@ def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> Scor
     """What a model scores: the prompts (on the device) and the step's responses; never re-sampled."""
     device = state.accelerator.device
     n = ro.response_ids_B_T.shape[0] // prompts["input_ids"].shape[0]  # rollout.n; 1 for the reference answers
-    shared = SharedPrompts(
-        prompts.to(device), ro.response_ids_B_T.to(device), ro.mask_B_T.to(device), n, sharing
-    )
+    shared = SharedPrompts(prompts.to(device), ro.response_ids_B_T.to(device), ro.mask_B_T.to(device), n, sharing)
     return NaiveInputs(shared.full_inputs(), shared.num_response_tokens) if state.cfg.naive else shared
 
 
 def _student_loss(
-    state: TrainState, batch: ScoredBatch, ro: Rollouts, teacher: TeacherLogits, num_tokens: float, num_seqs: float,
+    state: TrainState,
+    batch: ScoredBatch,
+    ro: Rollouts,
+    teacher: TeacherLogits,
+    num_tokens: float,
+    num_seqs: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the step loss (normalised by the step's global counts) and stats.
 
@@ -177,13 +196,24 @@ def _student_loss(
     weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
     rollout_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T] if cfg.loss.rollout_correction else None
     return distillation_loss(
-        student_N, head, teacher, weights_N, knobs=_knobs(cfg), token_ids_N=ro.response_ids_B_T.to(device)[mask_B_T],
-        rollout_logp_N=rollout_logp_N, ratio_clip=cfg.loss.ratio_clip, chunk_size=cfg.loss.chunk_size,
+        student_N,
+        head,
+        teacher,
+        weights_N,
+        knobs=_knobs(cfg),
+        token_ids_N=ro.response_ids_B_T.to(device)[mask_B_T],
+        rollout_logp_N=rollout_logp_N,
+        ratio_clip=cfg.loss.ratio_clip,
+        chunk_size=cfg.loss.chunk_size,
     )
 
 
 def _supervised_loss(
-    state: TrainState, batch: ScoredBatch, ro: Rollouts, num_tokens: float, num_seqs: float,
+    state: TrainState,
+    batch: ScoredBatch,
+    ro: Rollouts,
+    num_tokens: float,
+    num_seqs: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The SFT baselines' share of the step loss: the student's NLL of the target tokens, with the
     same normaliser (`token_weights`, ``loss.aggregation``) as the divergence."""
@@ -193,7 +223,9 @@ def _supervised_loss(
     student_N = state.student(batch, all_logits=naive)[mask_B_T]
     head = None if naive else output_head(state.policy)  # read after the forward (FSDP2 gathers it then)
     weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
-    return nll_loss(student_N, head, ro.response_ids_B_T.to(device)[mask_B_T], weights_N, chunk_size=cfg.loss.chunk_size)
+    return nll_loss(
+        student_N, head, ro.response_ids_B_T.to(device)[mask_B_T], weights_N, chunk_size=cfg.loss.chunk_size
+    )
 
 
 def _knobs(cfg: TrainConfig) -> LossKnobs:
@@ -201,8 +233,9 @@ def _knobs(cfg: TrainConfig) -> LossKnobs:
     if lc.estimator == "sampled":  # reverse KL on the sampled token: no support
         return loss_knobs("sampled", temperature=lc.temperature)
     top_k = lc.top_k if lc.estimator == "topk" else None
-    return loss_knobs(lc.estimator, beta=lc.beta, top_k=top_k, add_tail=lc.add_tail, temperature=lc.temperature,
-                      support=lc.support)
+    return loss_knobs(
+        lc.estimator, beta=lc.beta, top_k=top_k, add_tail=lc.add_tail, temperature=lc.temperature, support=lc.support
+    )
 
 
 def _maybe_no_sync(acc: Any, module: nn.Module, *, last: bool):
@@ -240,14 +273,20 @@ def _optimizer_step(state: TrainState, *, loss_value: float) -> dict[str, float]
         state.optimizer.step()
         after = _param_norm(acc, params)
         if not math.isfinite(after) or (before > 0 and after > MAX_NORM_GROWTH * before):
-            what = "the parameters became non-finite" if not math.isfinite(after) else \
-                f"the parameter norm exploded ({before:.3g} -> {after:.3g})"
+            what = (
+                "the parameters became non-finite"
+                if not math.isfinite(after)
+                else f"the parameter norm exploded ({before:.3g} -> {after:.3g})"
+            )
             raise TrainingError(
                 f"step {state.step + 1}: {what} in the optimiser update "
-                f"(lr {lr:.3g}, grad norm {grad_norm:.3g}); the update is not saved. " + (
+                f"(lr {lr:.3g}, grad norm {grad_norm:.3g}); the update is not saved. "
+                + (
                     f"Last good checkpoint: {state.last_checkpoint}. Lower optim.lr and --resume from it."
-                    if state.last_checkpoint else
-                    "No checkpoint yet (last good checkpoint: none): start again with a lower optim.lr (--overwrite).")
+                    if state.last_checkpoint
+                    else "No checkpoint yet (last good checkpoint: none): "
+                    "start again with a lower optim.lr (--overwrite)."
+                )
             )
         state.param_norm = after
         state.scheduler.step()
@@ -328,15 +367,21 @@ def train(
         truncate_metrics(cfg.output_dir, state.step)  # the steps after the checkpoint are run again
     if state.step >= total_steps:
         ckpt = state.last_checkpoint
-        acc.print(f"{cfg.output_dir} is already at step {state.step} of {total_steps}: nothing to do "
-                  f"(raise max_steps to continue). Checkpoint: {ckpt}")
+        acc.print(
+            f"{cfg.output_dir} is already at step {state.step} of {total_steps}: nothing to do "
+            f"(raise max_steps to continue). Checkpoint: {ckpt}"
+        )
         release_run_folder(cfg.output_dir)
         return TrainResult(Path(cfg.output_dir), ckpt, state.step, [], False, time.perf_counter() - start)
     acc.init_trackers("vopd", config=_flat(config_to_dict(cfg)))
-    collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           defer_errors=True)
+    collate = PairCollator(
+        state.processor, thinking=cfg.model.thinking, max_prompt_tokens=cfg.data.max_prompt_tokens, defer_errors=True
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # keep the global RNG untouched (exact resume)
     )
     per_step = sampler.micro_batches_per_step()
@@ -350,7 +395,9 @@ def train(
     metrics_file = out / "metrics.jsonl" if "jsonl" in cfg.report_to and acc.is_main_process else None
     out.mkdir(parents=True, exist_ok=True)
     interrupted = False
-    bar = tqdm(total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True
+    )
     with bar, _StopFlag() as stop, _save_on_error(state):  # the bar closes before an error is printed
         batches: list[PromptPair] = []
         for pair in loader:
@@ -368,7 +415,11 @@ def train(
                 metrics.update(callback(state) or {})
             _record(state, metrics, skipped, metrics_file, final=state.step == total_steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['divergence']:.3g}", len=f"{metrics['response_length']:.1f}", s=f"{metrics['time_step']:.2f}")
+            bar.set_postfix(
+                loss=f"{metrics['divergence']:.3g}",
+                len=f"{metrics['response_length']:.1f}",
+                s=f"{metrics['time_step']:.2f}",
+            )
             if state.bad_in_a_row >= cfg.max_bad_steps:
                 bar.close()
                 raise TrainingError(
@@ -388,20 +439,31 @@ def train(
     if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started
         state.engine.close()
     release_run_folder(cfg.output_dir)
-    result = TrainResult(out, state.last_checkpoint, state.step, state.history, interrupted, time.perf_counter() - start,
-                         health=list(health.history) if health is not None else [])
+    result = TrainResult(
+        out,
+        state.last_checkpoint,
+        state.step,
+        state.history,
+        interrupted,
+        time.perf_counter() - start,
+        health=list(health.history) if health is not None else [],
+    )
     if acc.is_main_process:
         print(summary(result))
     return result
 
 
-def _record(state: TrainState, metrics: dict[str, float], skipped: list[str], metrics_file: Path | None,
-            *, final: bool) -> None:
+def _record(
+    state: TrainState, metrics: dict[str, float], skipped: list[str], metrics_file: Path | None, *, final: bool
+) -> None:
     """Keep the step's metrics, log them every ``log_every`` steps, and report rows that were skipped."""
     if skipped:
         metrics["data_skipped"] = float(len(skipped))
-        warnings.warn(f"step {state.step}: skipped {len(skipped)} row(s) that failed to load, "
-                      "replaced by the next samples:\n  " + "\n  ".join(skipped), stacklevel=2)
+        warnings.warn(
+            f"step {state.step}: skipped {len(skipped)} row(s) that failed to load, "
+            "replaced by the next samples:\n  " + "\n  ".join(skipped),
+            stacklevel=2,
+        )
     metrics["step"] = state.step
     state.history.append(metrics)
     if state.step % state.cfg.log_every == 0 or final:
@@ -420,7 +482,9 @@ def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, A
     probe = train_samples
     if cfg.health.probe_data:
         probe = load_train_samples(cfg.health.probe_data, out_of_bounds=cfg.data.out_of_bounds, on_error="skip")
-    return TeacherHealth(cfg.health, probe, views=cfg.views, grader=grader or default_grader, thinking=cfg.model.thinking)
+    return TeacherHealth(
+        cfg.health, probe, views=cfg.views, grader=grader or default_grader, thinking=cfg.model.thinking
+    )
 
 
 @contextmanager
@@ -441,8 +505,11 @@ def _save_on_error(state: TrainState):
         except Exception as err:  # the original error matters more; say why nothing was saved
             print(f"vopd train: could not save a checkpoint after the error ({err})", flush=True)
         else:
-            print(f"vopd train: saved {path} (step {state.step}) before stopping on the error below; "
-                  "fix the cause and continue with --resume", flush=True)
+            print(
+                f"vopd train: saved {path} (step {state.step}) before stopping on the error below; "
+                "fix the cause and continue with --resume",
+                flush=True,
+            )
         raise
 
 
@@ -453,8 +520,11 @@ def _save(state: TrainState) -> Path | None:
     if state.cfg.parallel.strategy == "fsdp2":  # gather full tensors on every rank (collectives), rank 0 writes
         from vopd.parallel import full_model_state, full_optimizer_state
 
-        gathered = dict(model_state=full_model_state(state.policy), teacher_state=state.teacher.state_dict(),
-                        optimizer_state=full_optimizer_state(state.student, state.optimizer))
+        gathered = dict(
+            model_state=full_model_state(state.policy),
+            teacher_state=state.teacher.state_dict(),
+            optimizer_state=full_optimizer_state(state.student, state.optimizer),
+        )
     model: Any = state.policy
     if state.adapters is not None:  # LoRA: the adapter (and on request the merged model), not the base
         from vopd.lora import AdapterSaver
@@ -462,10 +532,19 @@ def _save(state: TrainState) -> Path | None:
         model = AdapterSaver(state.adapters, save_merged=state.cfg.lora.save_merged)
     if acc.is_main_process:
         path = save_checkpoint(
-            state.cfg.output_dir, state.step, model=model, processor=state.processor,
-            teacher_state=gathered.pop("teacher_state", None) or state.teacher.state_dict(), optimizer=state.optimizer,
-            scheduler=state.scheduler, **gathered,
-            extra={"skipped_steps": state.skipped_steps, "world_size": acc.num_processes, "config": config_to_dict(state.cfg)},
+            state.cfg.output_dir,
+            state.step,
+            model=model,
+            processor=state.processor,
+            teacher_state=gathered.pop("teacher_state", None) or state.teacher.state_dict(),
+            optimizer=state.optimizer,
+            scheduler=state.scheduler,
+            **gathered,
+            extra={
+                "skipped_steps": state.skipped_steps,
+                "world_size": acc.num_processes,
+                "config": config_to_dict(state.cfg),
+            },
             keep=state.cfg.keep_checkpoints,
         )
     acc.wait_for_everyone()
@@ -478,7 +557,10 @@ def summary(result: TrainResult) -> str:
     hist = result.history
     first = int(hist[0]["step"]) - 1 if hist else result.steps
     resumed = f" (resumed at step {first})" if first > 0 else ""
-    lines = [f"vopd train: {result.steps} steps in {result.wall_seconds:.1f} s{resumed}" + (" (interrupted)" if result.interrupted else "")]
+    lines = [
+        f"vopd train: {result.steps} steps in {result.wall_seconds:.1f} s{resumed}"
+        + (" (interrupted)" if result.interrupted else "")
+    ]
     if hist:
         times = sorted(h["time_step"] for h in hist)
         lines.append(

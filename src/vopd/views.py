@@ -71,8 +71,7 @@ def evidence_region(boxes: Sequence[Box], image_size: tuple[int, int], cfg: View
     width, height = image_size
     union = Box.union(boxes).clip(image_size)
     if union.width <= 0 or union.height <= 0:
-        raise ValueError(
-            f"evidence boxes {[b.as_list() for b in boxes]} lie outside the {width}x{height} image")
+        raise ValueError(f"evidence boxes {[b.as_list() for b in boxes]} lie outside the {width}x{height} image")
     pad_x, pad_y = cfg.context * union.width, cfg.context * union.height
     x1, x2 = _fit_span(union.x1 - pad_x, union.x2 + pad_x, cfg.min_side, width)
     y1, y2 = _fit_span(union.y1 - pad_y, union.y2 + pad_y, cfg.min_side, height)
@@ -122,9 +121,9 @@ def student_view(image: Image.Image, boxes: Sequence[Box], cfg: ViewConfig) -> I
         # draw their outline inwards, so expand by margin + line to keep the box itself clean.
         grow = cfg.box_margin + line
         draw.rectangle(
-            (math.floor(b.x1) - grow, math.floor(b.y1) - grow,
-             math.ceil(b.x2) - 1 + grow, math.ceil(b.y2) - 1 + grow),
-            outline=cfg.box_color, width=line,
+            (math.floor(b.x1) - grow, math.floor(b.y1) - grow, math.ceil(b.x2) - 1 + grow, math.ceil(b.y2) - 1 + grow),
+            outline=cfg.box_color,
+            width=line,
         )
     return out
 
@@ -147,8 +146,7 @@ def prompt_text(sample: Sample, *, hint: bool) -> str:
     if hint:
         blocks.append(HINT)
     if sample.options:
-        blocks.append("\n".join(f"{chr(ord('A') + i)}. {opt.strip()}"
-                                for i, opt in enumerate(sample.options)))
+        blocks.append("\n".join(f"{chr(ord('A') + i)}. {opt.strip()}" for i, opt in enumerate(sample.options)))
         blocks.append(INSTRUCTION)
     return "\n\n".join(blocks)
 
@@ -166,8 +164,11 @@ def reference_text(sample: Sample, *, hint: bool) -> str:
         RecordError: the sample has no reference answer (field ``answer``).
     """
     if sample.answer is None or not str(sample.answer).strip():
-        raise RecordError(f"sample {sample.id!r} has no reference answer; objective=opsd puts the answer in the "
-                          "teacher's text, so every training record needs one", field="answer")
+        raise RecordError(
+            f"sample {sample.id!r} has no reference answer; objective=opsd puts the answer in the "
+            "teacher's text, so every training record needs one",
+            field="answer",
+        )
     return prompt_text(sample, hint=hint) + "\n\n" + REFERENCE_TEMPLATE.format(answer=str(sample.answer).strip())
 
 
@@ -176,8 +177,7 @@ def _provided_crop(sample: Sample, cfg: ViewConfig) -> Image.Image:
     if crop.width * crop.height <= cfg.max_pixels:
         return crop
     ratio = math.sqrt(cfg.max_pixels / (crop.width * crop.height))
-    return _resize(crop, (max(1, math.floor(crop.width * ratio)),
-                          max(1, math.floor(crop.height * ratio))))
+    return _resize(crop, (max(1, math.floor(crop.width * ratio)), max(1, math.floor(crop.height * ratio))))
 
 
 def make_views(sample: Sample, cfg: ViewConfig) -> tuple[Image.Image, Image.Image, str]:
@@ -204,5 +204,7 @@ def make_views(sample: Sample, cfg: ViewConfig) -> tuple[Image.Image, Image.Imag
         raise RecordError(
             f"sample {sample.id!r} has no evidence boxes"
             + (" (teacher_image ignored: use_provided_crop=False)" if sample.teacher_image else "")
-            + "; the teacher view needs boxes or a teacher_image", field="boxes")
+            + "; the teacher view needs boxes or a teacher_image",
+            field="boxes",
+        )
     return student, teacher, prompt_text(sample, hint=cfg.hint)

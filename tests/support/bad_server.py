@@ -35,8 +35,10 @@ class Request:
 def reply(status: int, payload: dict | bytes, *, length: int | None = None) -> bytes:
     """Raw HTTP/1.1 response bytes; ``length`` overrides Content-Length (to announce more than is sent)."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    head = (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 

@@ -41,8 +41,13 @@ from typing import Any
 
 from PIL import Image
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 30, 220), "yellow": (230, 200, 20),
-           "white": (255, 255, 255)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 200, 20),
+    "white": (255, 255, 255),
+}
 
 
 def png(colour: str, size: int = 16) -> bytes:
@@ -110,9 +115,20 @@ def hrbench_rows(spec: list[tuple[str, str, list[str]]]) -> list[dict[str, Any]]
     for q, (category, colour, options) in enumerate(spec):
         for r in range(4):
             opts = options[r:] + options[:r]
-            rows.append({"index": len(rows), "question": f"What colour is thing {q}?", "A": opts[0], "B": opts[1],
-                         "C": opts[2], "D": opts[3], "answer": "ABCD"[opts.index(options[0])],
-                         "category": category, "cycle_category": f"cycle{r}", "image": b64(colour)})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "question": f"What colour is thing {q}?",
+                    "A": opts[0],
+                    "B": opts[1],
+                    "C": opts[2],
+                    "D": opts[3],
+                    "answer": "ABCD"[opts.index(options[0])],
+                    "category": category,
+                    "cycle_category": f"cycle{r}",
+                    "image": b64(colour),
+                }
+            )
     return rows
 
 
@@ -129,9 +145,17 @@ def mmerw_rows(spec: list[tuple[str, str, list[str], str]], *, full_width: bool 
     rows = []
     for i, (category, colour, options, answer) in enumerate(spec):
         prefix = "（{}）" if full_width else "({}) "
-        rows.append({"index": 1000 + i, "question": f"Which colour is shown in picture {i}?",
-                     "multi-choice options": [prefix.format("ABCDE"[k]) + o for k, o in enumerate(options)],
-                     "answer": answer, "category": category, "l2-category": "color/attribute", "bytes": b64(colour)})
+        rows.append(
+            {
+                "index": 1000 + i,
+                "question": f"Which colour is shown in picture {i}?",
+                "multi-choice options": [prefix.format("ABCDE"[k]) + o for k, o in enumerate(options)],
+                "answer": answer,
+                "category": category,
+                "l2-category": "color/attribute",
+                "bytes": b64(colour),
+            }
+        )
     return rows
 
 
@@ -152,9 +176,16 @@ def write_vstar_snapshot(root: Path, spec: dict[str, list[tuple[str, list[str]]]
             stem = str(n) if folder in ("GPT4V-hard", "OCR") else f"sa_{n}"
             ext = ".JPG" if folder == "GPT4V-hard" else ".jpg"
             (root / folder / f"{stem}{ext}").write_bytes(jpg(colour))
-            (root / folder / f"{stem}.json").write_text(json.dumps(
-                {"target_object": ["thing"], "bbox": [[2, 2, 8, 8]], "question": "What is the colour of the thing?",
-                 "options": options}))
+            (root / folder / f"{stem}.json").write_text(
+                json.dumps(
+                    {
+                        "target_object": ["thing"],
+                        "bbox": [[2, 2, 8, 8]],
+                        "question": "What is the colour of the thing?",
+                        "options": options,
+                    }
+                )
+            )
     (root / "README.md").write_text("V* Bench")
     return root
 
@@ -163,9 +194,15 @@ def write_zoombench(root: Path, spec: list[tuple[str, str | None, str]]) -> Path
     """``spec``: (image colour, crop colour or None, truth letter); options red/green/blue/yellow."""
     rows = []
     for i, (colour, crop, truth) in enumerate(spec):
-        rows.append({"id": f"zb_{i}", "query": "What colour?\n(A) red\n(B) green\n(C) blue\n(D) yellow",
-                     "response": truth, "image": {"bytes": png(colour), "path": f"{i}.png"},
-                     "crop_image": None if crop is None else {"bytes": png(crop), "path": f"{i}_crop.png"}})
+        rows.append(
+            {
+                "id": f"zb_{i}",
+                "query": "What colour?\n(A) red\n(B) green\n(C) blue\n(D) yellow",
+                "response": truth,
+                "image": {"bytes": png(colour), "path": f"{i}.png"},
+                "crop_image": None if crop is None else {"bytes": png(crop), "path": f"{i}_crop.png"},
+            }
+        )
     return _parquet(rows, root / "data" / "test.parquet")
 
 
@@ -180,8 +217,16 @@ def write_pope_original(root: Path, spec: dict[str, list[tuple[str, str, str]]],
         for colour, asked, label in rows:
             name = f"COCO_val2014_{qid:012d}.jpg"
             (image_dir / name).write_bytes(jpg(colour))
-            lines.append(json.dumps({"question_id": qid, "image": name,
-                                     "text": f"Is there a {asked} thing in the image?", "label": label}))
+            lines.append(
+                json.dumps(
+                    {
+                        "question_id": qid,
+                        "image": name,
+                        "text": f"Is there a {asked} thing in the image?",
+                        "label": label,
+                    }
+                )
+            )
             qid += 1
         (root / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
     return root
@@ -190,9 +235,18 @@ def write_pope_original(root: Path, spec: dict[str, list[tuple[str, str, str]]],
 def write_pope_lmms(root: Path, spec: list[tuple[str, str, str, str]]) -> Path:
     """``spec``: (split, image colour, asked colour, answer); default config in ``data/``, a
     ``Full/`` configuration (other rows) beside it."""
-    rows = [{"id": str(i), "question_id": str(i + 1), "question": f"Is there a {asked} thing in the image?",
-             "answer": ans, "image_source": f"COCO_val2014_{i}", "image": {"bytes": png(colour), "path": None},
-             "category": split} for i, (split, colour, asked, ans) in enumerate(spec)]
+    rows = [
+        {
+            "id": str(i),
+            "question_id": str(i + 1),
+            "question": f"Is there a {asked} thing in the image?",
+            "answer": ans,
+            "image_source": f"COCO_val2014_{i}",
+            "image": {"bytes": png(colour), "path": None},
+            "category": split,
+        }
+        for i, (split, colour, asked, ans) in enumerate(spec)
+    ]
     _parquet(rows, root / "data" / "test-00000-of-00001.parquet")
     for split in ("adversarial", "popular", "random"):
         extra = [dict(r, question_id=str(900 + k)) for k, r in enumerate(rows)]
@@ -205,12 +259,29 @@ def write_mmstar_snapshot(root: Path, spec: list[tuple[str, list[str], str]]) ->
     rows = []
     for i, (colour, options, answer) in enumerate(spec):
         question = "What colour is it?\nOptions: " + ", ".join(f"{'ABCD'[k]}: {o}" for k, o in enumerate(options))
-        rows.append({"index": i, "question": question, "image": {"bytes": png(colour), "path": None},
-                     "answer": answer, "category": "fine-grained perception", "l2_category": "color",
-                     "meta_info": {"source": "synthetic"}})
+        rows.append(
+            {
+                "index": i,
+                "question": question,
+                "image": {"bytes": png(colour), "path": None},
+                "answer": answer,
+                "category": "fine-grained perception",
+                "l2_category": "color",
+                "meta_info": {"source": "synthetic"},
+            }
+        )
     _parquet(rows, root / "mmstar.parquet")
-    tsv = [{"index": r["index"], "question": r["question"], "answer": r["answer"], "category": r["category"],
-            "l2_category": r["l2_category"], "image": b64(spec[i][0])} for i, r in enumerate(rows)]
+    tsv = [
+        {
+            "index": r["index"],
+            "question": r["question"],
+            "answer": r["answer"],
+            "category": r["category"],
+            "l2_category": r["l2_category"],
+            "image": b64(spec[i][0]),
+        }
+        for i, r in enumerate(rows)
+    ]
     _tsv(tsv, root / "MMStar.tsv")
     return root
 
@@ -225,11 +296,17 @@ def write_cvbench_snapshot(root: Path, spec_2d: list[tuple[str, str, str]], spec
             rel = f"img/{kind}/count/{source.lower()}_{idx}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(png(colour))
-            row = {"idx": idx, "type": kind, "task": "Count" if kind == "2D" else "Depth",
-                   "prompt": "What colour is it? Select from the following choices.\n"
-                             + "\n".join(f"({'ABC'[k]}) {o}" for k, o in enumerate(options)),
-                   "choices": options, "answer": f"({'ABC'[options.index(truth)]})", "source": source,
-                   "filename": rel}
+            row = {
+                "idx": idx,
+                "type": kind,
+                "task": "Count" if kind == "2D" else "Depth",
+                "prompt": "What colour is it? Select from the following choices.\n"
+                + "\n".join(f"({'ABC'[k]}) {o}" for k, o in enumerate(options)),
+                "choices": options,
+                "answer": f"({'ABC'[options.index(truth)]})",
+                "source": source,
+                "filename": rel,
+            }
             parquet_rows.append(dict(row, image={"bytes": png(colour), "path": rel}))
             json_rows.append(dict(row, image=rel))
         _parquet(parquet_rows, root / f"{name}.parquet")

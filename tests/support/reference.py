@@ -7,7 +7,9 @@ import torch
 from vopd.models import append_responses, repeat_prompts, response_logits
 
 
-def teacher_forced_logp(model, batch, rollouts, blocked, *, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+def teacher_forced_logp(
+    model, batch, rollouts, blocked, *, temperature: float = 1.0, top_p: float = 1.0
+) -> torch.Tensor:
     """Log-probs [B, T] of the sampled tokens under the distribution they were sampled from.
 
     A full forward on prompt + response in float64, blocked ids set to -inf, then temperature,

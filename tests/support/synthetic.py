@@ -82,8 +82,16 @@ def _items(n: int, seed: int) -> list[dict[str, Any]]:
         image, box = draw_scene(colour, small=i % 2 == 1, rng=rng)
         options = NAMES[:]
         rng.shuffle(options)
-        items.append({"i": i, "colour": colour, "image": image, "box": box, "options": options,
-                      "letter": "ABCD"[options.index(colour)]})
+        items.append(
+            {
+                "i": i,
+                "colour": colour,
+                "image": image,
+                "box": box,
+                "options": options,
+                "letter": "ABCD"[options.index(colour)],
+            }
+        )
     return items
 
 
@@ -104,9 +112,17 @@ def _options_text(options: list[str]) -> str:
 
 
 def _vstar_parquet(root: Path, items: list[dict[str, Any]]) -> Path:
-    rows = [{"question_id": it["i"], "image": {"bytes": _png(it["image"]), "path": None},
-             "text": f"{QUESTION}\n{_options_text(it['options'])}\nAnswer with the option's letter from the given choices directly.",
-             "label": it["letter"], "category": "direct_attributes" if it["i"] % 3 else "relative_position"} for it in items]
+    rows = [
+        {
+            "question_id": it["i"],
+            "image": {"bytes": _png(it["image"]), "path": None},
+            "text": f"{QUESTION}\n{_options_text(it['options'])}\n"
+            "Answer with the option's letter from the given choices directly.",
+            "label": it["letter"],
+            "category": "direct_attributes" if it["i"] % 3 else "relative_position",
+        }
+        for it in items
+    ]
     return _write_parquet(rows, root / "test-00000-of-00001.parquet")
 
 
@@ -117,8 +133,16 @@ def _vstar_original(root: Path, items: list[dict[str, Any]]) -> Path:
         it["image"].save(folder / f"sa_{it['i']}.png")
         x1, y1, x2, y2 = it["box"]
         opts = [it["colour"]] + [o for o in it["options"] if o != it["colour"]]  # correct first
-        (folder / f"sa_{it['i']}.json").write_text(json.dumps(
-            {"target_object": ["square"], "bbox": [[x1, y1, x2 - x1, y2 - y1]], "question": QUESTION, "options": opts}))
+        (folder / f"sa_{it['i']}.json").write_text(
+            json.dumps(
+                {
+                    "target_object": ["square"],
+                    "bbox": [[x1, y1, x2 - x1, y2 - y1]],
+                    "question": QUESTION,
+                    "options": opts,
+                }
+            )
+        )
     return root
 
 
@@ -133,8 +157,17 @@ def _hrbench(root: Path, items: list[dict[str, Any]]) -> Path:
             b64 = base64.b64encode(_png(it["image"])).decode()
             for r in range(4):  # four rotations of the options
                 opts = it["options"][r:] + it["options"][:r]
-                w.writerow([idx, QUESTION, *opts, "ABCD"[opts.index(it["colour"])],
-                            "single" if it["i"] % 2 == 0 else "cross", str(r), b64])
+                w.writerow(
+                    [
+                        idx,
+                        QUESTION,
+                        *opts,
+                        "ABCD"[opts.index(it["colour"])],
+                        "single" if it["i"] % 2 == 0 else "cross",
+                        str(r),
+                        b64,
+                    ]
+                )
                 idx += 1
     return path
 
@@ -145,19 +178,35 @@ def _mmerw_json(root: Path, items: list[dict[str, Any]]) -> Path:
     for it in items:
         it["image"].save(root / "images" / f"{it['i']}.png")
         opts = it["options"] + ["purple"]
-        rows.append({"Question_id": f"q{it['i']}", "Image": f"images/{it['i']}.png", "Text": QUESTION,
-                     "Answer choices": [f"({'ABCDE'[k]}) {o}" for k, o in enumerate(opts)],
-                     "Ground truth": it["letter"], "Task": "Perception" if it["i"] % 2 == 0 else "Reasoning",
-                     "Subtask": "Synthetic", "Category": "color"})
+        rows.append(
+            {
+                "Question_id": f"q{it['i']}",
+                "Image": f"images/{it['i']}.png",
+                "Text": QUESTION,
+                "Answer choices": [f"({'ABCDE'[k]}) {o}" for k, o in enumerate(opts)],
+                "Ground truth": it["letter"],
+                "Task": "Perception" if it["i"] % 2 == 0 else "Reasoning",
+                "Subtask": "Synthetic",
+                "Category": "color",
+            }
+        )
     (root / "MME_RealWorld.json").write_text(json.dumps(rows))
     return root / "MME_RealWorld.json"
 
 
 def _mmerw_parquet(root: Path, items: list[dict[str, Any]]) -> Path:
-    rows = [{"question_id": f"q{it['i']}", "image": {"bytes": _png(it["image"]), "path": None}, "question": QUESTION,
-             "multi-choice options": [f"({'ABCDE'[k]}) {o}" for k, o in enumerate(it["options"] + ["purple"])],
-             "answer": it["letter"], "category": "Perception" if it["i"] % 2 == 0 else "Reasoning",
-             "l2-category": "color"} for it in items]
+    rows = [
+        {
+            "question_id": f"q{it['i']}",
+            "image": {"bytes": _png(it["image"]), "path": None},
+            "question": QUESTION,
+            "multi-choice options": [f"({'ABCDE'[k]}) {o}" for k, o in enumerate(it["options"] + ["purple"])],
+            "answer": it["letter"],
+            "category": "Perception" if it["i"] % 2 == 0 else "Reasoning",
+            "l2-category": "color",
+        }
+        for it in items
+    ]
     return _write_parquet(rows, root / "data.parquet")
 
 
@@ -166,10 +215,16 @@ def _zoombench(root: Path, items: list[dict[str, Any]]) -> Path:
     for it in items:
         x1, y1, x2, y2 = it["box"]
         crop = it["image"].crop((max(0, x1 - 8), max(0, y1 - 8), min(SIZE, x2 + 8), min(SIZE, y2 + 8)))
-        rows.append({"id": f"z{it['i']}", "query": f"{QUESTION}\n{_options_text(it['options'])}",
-                     "response": it["letter"], "image": {"bytes": _png(it["image"]), "path": None},
-                     "crop_image": {"bytes": _png(crop), "path": None},
-                     "dimension": "colour" if it["i"] % 2 == 0 else "attribute"})
+        rows.append(
+            {
+                "id": f"z{it['i']}",
+                "query": f"{QUESTION}\n{_options_text(it['options'])}",
+                "response": it["letter"],
+                "image": {"bytes": _png(it["image"]), "path": None},
+                "crop_image": {"bytes": _png(crop), "path": None},
+                "dimension": "colour" if it["i"] % 2 == 0 else "attribute",
+            }
+        )
     return _write_parquet(rows, root / "zoombench.parquet")
 
 
@@ -180,8 +235,13 @@ def _visualprobe(root: Path, items: list[dict[str, Any]]) -> Path:
         rows = []
         for it in items[level_i::3]:
             it["image"].save(folder / "images" / f"{it['i']}.png")
-            rows.append({"images": [f"images/{it['i']}.png"], "problem": f"<image>{QUESTION}",
-                         "solution": f"<answer>{it['colour']}</answer>"})
+            rows.append(
+                {
+                    "images": [f"images/{it['i']}.png"],
+                    "problem": f"<image>{QUESTION}",
+                    "solution": f"<answer>{it['colour']}</answer>",
+                }
+            )
         (folder / "val.json").write_text(json.dumps(rows))
     return root
 
@@ -201,17 +261,34 @@ def _mmvp(root: Path, items: list[dict[str, Any]]) -> Path:
 
 def _cvbench(root: Path, items: list[dict[str, Any]]) -> Path:
     sources = ["ADE20K", "COCO", "Omni3D"]
-    rows = [{"idx": it["i"], "type": "3D" if sources[it["i"] % 3] == "Omni3D" else "2D", "task": "Count",
-             "image": {"bytes": _png(it["image"]), "path": None},
-             "prompt": f"{QUESTION} Select from the following choices.\n{_options_text(it['options'])}",
-             "choices": it["options"], "answer": f"({it['letter']})", "source": sources[it["i"] % 3]} for it in items]
+    rows = [
+        {
+            "idx": it["i"],
+            "type": "3D" if sources[it["i"] % 3] == "Omni3D" else "2D",
+            "task": "Count",
+            "image": {"bytes": _png(it["image"]), "path": None},
+            "prompt": f"{QUESTION} Select from the following choices.\n{_options_text(it['options'])}",
+            "choices": it["options"],
+            "answer": f"({it['letter']})",
+            "source": sources[it["i"] % 3],
+        }
+        for it in items
+    ]
     return _write_parquet(rows, root / "test.parquet")
 
 
 def _mmstar(root: Path, items: list[dict[str, Any]]) -> Path:
-    rows = [{"index": it["i"], "image": {"bytes": _png(it["image"]), "path": None},
-             "question": f"{QUESTION}\nOptions: " + ", ".join(f"{'ABCD'[k]}: {o}" for k, o in enumerate(it["options"])),
-             "answer": it["letter"], "category": "fine-grained perception", "l2_category": "color"} for it in items]
+    rows = [
+        {
+            "index": it["i"],
+            "image": {"bytes": _png(it["image"]), "path": None},
+            "question": f"{QUESTION}\nOptions: " + ", ".join(f"{'ABCD'[k]}: {o}" for k, o in enumerate(it["options"])),
+            "answer": it["letter"],
+            "category": "fine-grained perception",
+            "l2_category": "color",
+        }
+        for it in items
+    ]
     return _write_parquet(rows, root / "mmstar.parquet")
 
 
@@ -219,10 +296,15 @@ def _pope(root: Path, items: list[dict[str, Any]]) -> Path:
     rows = []
     for it in items:
         asked = it["colour"] if it["i"] % 2 == 0 else next(c for c in NAMES if c != it["colour"])
-        rows.append({"question_id": str(it["i"]), "question": f"Is there a {asked} square in the image?",
-                     "answer": "yes" if asked == it["colour"] else "no",
-                     "image": {"bytes": _png(it["image"]), "path": None},
-                     "category": ("adversarial", "popular", "random")[it["i"] % 3]})
+        rows.append(
+            {
+                "question_id": str(it["i"]),
+                "question": f"Is there a {asked} square in the image?",
+                "answer": "yes" if asked == it["colour"] else "no",
+                "image": {"bytes": _png(it["image"]), "path": None},
+                "category": ("adversarial", "popular", "random")[it["i"] % 3],
+            }
+        )
     return _write_parquet(rows, root / "pope.parquet")
 
 
@@ -232,9 +314,19 @@ def _records(root: Path, items: list[dict[str, Any]]) -> Path:
     lines = []
     for it in items:
         it["image"].save(root / "images" / f"{it['i']}.png")
-        lines.append(json.dumps({"id": f"s{it['i']}", "image": f"images/{it['i']}.png", "question": QUESTION,
-                                 "options": it["options"], "answer": it["letter"], "boxes": [it["box"]],
-                                 "category": "large" if it["i"] % 2 == 0 else "small"}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"s{it['i']}",
+                    "image": f"images/{it['i']}.png",
+                    "question": QUESTION,
+                    "options": it["options"],
+                    "answer": it["letter"],
+                    "boxes": [it["box"]],
+                    "category": "large" if it["i"] % 2 == 0 else "small",
+                }
+            )
+        )
     path = root / "records.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -242,10 +334,20 @@ def _records(root: Path, items: list[dict[str, Any]]) -> Path:
 
 FORMATS = {
     "records": _records,
-    "vstar": _vstar_parquet, "vstar_original": _vstar_original, "hrbench_4k": _hrbench, "hrbench_8k": _hrbench,
-    "mme_rw_en": _mmerw_json, "mme_rw_cn": _mmerw_parquet, "mme_rw_lite": _mmerw_parquet,
-    "zoombench": _zoombench, "zoombench_crop": _zoombench, "visualprobe": _visualprobe, "mmvp": _mmvp,
-    "cvbench": _cvbench, "mmstar": _mmstar, "pope": _pope,
+    "vstar": _vstar_parquet,
+    "vstar_original": _vstar_original,
+    "hrbench_4k": _hrbench,
+    "hrbench_8k": _hrbench,
+    "mme_rw_en": _mmerw_json,
+    "mme_rw_cn": _mmerw_parquet,
+    "mme_rw_lite": _mmerw_parquet,
+    "zoombench": _zoombench,
+    "zoombench_crop": _zoombench,
+    "visualprobe": _visualprobe,
+    "mmvp": _mmvp,
+    "cvbench": _cvbench,
+    "mmstar": _mmstar,
+    "pope": _pope,
 }
 
 
@@ -253,7 +355,8 @@ def write_synthetic(fmt: str, root: str | Path, *, n: int = 6, seed: int = 0) ->
     """Write ``n`` synthetic questions in benchmark format ``fmt`` under ``root``; return the path to load.
 
     ``fmt`` is a benchmark name, ``vstar_original`` for V*'s folder layout (the loader is
-    ``vstar`` for both), or ``records`` for a :func:`vopd.records.load_records` file with boxes. Item ``i`` has a large square when ``i`` is even, a small one when odd.
+    ``vstar`` for both), or ``records`` for a :func:`vopd.records.load_records` file with boxes.
+    Item ``i`` has a large square when ``i`` is even, a small one when odd.
     """
     if fmt not in FORMATS:
         raise KeyError(f"unknown synthetic format {fmt!r}; choose from {sorted(FORMATS)}")

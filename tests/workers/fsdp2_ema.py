@@ -26,28 +26,46 @@ def main(out: str, dtype_name: str) -> None:
     ref_student, _ = build_tiny_model("qwen2_vl", seed=0)
     reference = make_teacher("ema", ref_student, ema_rate=0.3, dtype=dtype)
     policy, _ = build_tiny_model("qwen2_vl", seed=0)
-    sharded = build_sharded(ResponseHidden(policy), policy, teacher_kind="ema", rate=0.3, teacher_dtype=dtype,
-                            param_dtype=None, device=torch.device("cpu"))
+    sharded = build_sharded(
+        ResponseHidden(policy),
+        policy,
+        teacher_kind="ema",
+        rate=0.3,
+        teacher_dtype=dtype,
+        param_dtype=None,
+        device=torch.device("cpu"),
+    )
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
         with torch.no_grad():
-            for (name, p_ref), (_, p) in zip(ref_student.named_parameters(), policy.named_parameters()):
+            for (_, p_ref), (_, p) in zip(ref_student.named_parameters(), policy.named_parameters()):
                 delta = torch.randn(p_ref.shape, generator=gen) * 1e-2
                 p_ref.add_(delta)
                 local = p.to_local()  # this rank's rows of the same perturbation
                 rows = local.shape[0]
                 start = dist.get_rank() * ((p_ref.shape[0] + 1) // 2)
-                local.add_(delta[start:start + rows])
+                local.add_(delta[start : start + rows])
         reference.update(ref_student)
         sharded.update(policy)
     full = sharded.state_dict()  # collective
     if dist.get_rank() == 0:
         ref = reference.state_dict()
         diff = max(float((full[k] - ref[k]).abs().max()) for k in ref)
-        moved = max(float((ref[k] - p.detach()).abs().max()) for k, p in build_tiny_model("qwen2_vl", seed=0)[0].state_dict().items())
+        moved = max(
+            float((ref[k] - p.detach()).abs().max())
+            for k, p in build_tiny_model("qwen2_vl", seed=0)[0].state_dict().items()
+        )
         shards = [tuple(p.to_local().shape) != tuple(p.shape) for p in sharded.model.parameters()]
-        json.dump({"max_diff": diff, "moved": moved, "keys_equal": sorted(full) == sorted(ref),
-                   "dtypes": sorted({str(v.dtype) for v in full.values()}), "any_sharded": any(shards)}, open(out, "w"))
+        json.dump(
+            {
+                "max_diff": diff,
+                "moved": moved,
+                "keys_equal": sorted(full) == sorted(ref),
+                "dtypes": sorted({str(v.dtype) for v in full.values()}),
+                "any_sharded": any(shards),
+            },
+            open(out, "w"),
+        )
     dist.destroy_process_group()
 
 

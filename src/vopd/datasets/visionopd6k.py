@@ -71,13 +71,17 @@ def parse_problem(problem: str) -> tuple[str, list[str] | None, bool]:
     text = _tidy(problem.replace(IMAGE_PLACEHOLDER, ""))
     had_hint = HINT in text
     # Drop the hint with its line when it stands alone, so no extra blank line is left.
-    plain = _tidy("\n".join(line.replace(HINT, "").strip() if HINT in line else line
-                             for line in text.split("\n") if line.strip() != HINT))
+    plain = _tidy(
+        "\n".join(
+            line.replace(HINT, "").strip() if HINT in line else line
+            for line in text.split("\n")
+            if line.strip() != HINT
+        )
+    )
     parsed = _split_options(plain)
     if parsed is not None:
         question, options = parsed
-        rendered = prompt_text(Sample(id="", image="", question=question, options=options),
-                               hint=had_hint)
+        rendered = prompt_text(Sample(id="", image="", question=question, options=options), hint=had_hint)
         if rendered == text:
             return question, options, had_hint
     return plain, None, had_hint
@@ -112,9 +116,7 @@ def _one_path(obj: Mapping[str, Any], key: str, base: Path) -> str | None:
     return resolve_record_path(value[0], base, f"{key}[0]")
 
 
-def parse_visionopd6k_row(
-    obj: Mapping[str, Any], base: Path, *, row: int, stem: str = "train"
-) -> Sample:
+def parse_visionopd6k_row(obj: Mapping[str, Any], base: Path, *, row: int, stem: str = "train") -> Sample:
     """Map one released row to a :class:`Sample` (paths resolved against ``base``).
 
     Unknown keys are kept in ``meta`` (the release may carry extra columns); ``meta`` also
@@ -171,8 +173,7 @@ def write_visionopd6k(
     used: set[str] = set()
     for sample in samples:
         if not sample.boxes:
-            raise RecordError(f"sample {sample.id!r}: the layout needs an evidence box",
-                              field="boxes")
+            raise RecordError(f"sample {sample.id!r}: the layout needs an evidence box", field="boxes")
         name = safe_file_name(sample.id)
         while name in used:
             name += "_"
@@ -188,15 +189,16 @@ def write_visionopd6k(
             (out_dir / folder).mkdir(parents=True, exist_ok=True)
             image.save(out_dir / folder / f"{name}.png", format="PNG")
             paths[folder] = [f"{folder}/{name}.png"]
-        rows.append({
-            "id": sample.id,
-            "problem": f"{IMAGE_PLACEHOLDER}\n" + prompt_text(sample, hint=True),
-            **paths,
-            "bbox": box.as_list(),
-            "answer": sample.answer,
-        })
+        rows.append(
+            {
+                "id": sample.id,
+                "problem": f"{IMAGE_PLACEHOLDER}\n" + prompt_text(sample, hint=True),
+                **paths,
+                "bbox": box.as_list(),
+                "answer": sample.answer,
+            }
+        )
     return write_jsonl_rows(rows, out_dir / file_name)
-
 
 
 register_layout("visionopd6k", is_visionopd6k_row, parse_visionopd6k_row)

@@ -272,8 +272,12 @@ class OpenAIBackend:
     def _one(self, item: PromptItem) -> tuple[str | None, str | None]:
         try:
             text = chat_completion(
-                self.cfg.url, self._body(item), api_key=self.api_key,
-                timeout_s=self.cfg.timeout_s, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s,
+                self.cfg.url,
+                self._body(item),
+                api_key=self.api_key,
+                timeout_s=self.cfg.timeout_s,
+                retries=self.cfg.retries,
+                backoff_s=self.cfg.backoff_s,
             )
             return text, None
         except Exception as err:  # one item's failure (even an unexpected one) must not sink the batch

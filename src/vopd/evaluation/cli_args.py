@@ -33,33 +33,61 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     d = BackendConfig()
     g = parser.add_argument_group("model / backend")
     g.add_argument("--model", default="", help="checkpoint path or hub id (hf), or the served model name (openai)")
-    g.add_argument("--backend", choices=("hf", "openai"), default=d.kind, help="local HF model or OpenAI-compatible server")
+    g.add_argument(
+        "--backend", choices=("hf", "openai"), default=d.kind, help="local HF model or OpenAI-compatible server"
+    )
     g.add_argument("--url", default=d.url, help="server base URL for --backend openai")
-    g.add_argument("--api-key-env", default=d.api_key_env,
-                   help="NAME of the environment variable holding the API key (never the key itself)")
+    g.add_argument(
+        "--api-key-env",
+        default=d.api_key_env,
+        help="NAME of the environment variable holding the API key (never the key itself)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer budget (greedy decoding)")
-    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="chat-template thinking mode (default: non-thinking where the template has the switch)")
+    g.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chat-template thinking mode (default: non-thinking where the template has the switch)",
+    )
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generate call / per round")
     g.add_argument("--concurrency", type=int, default=d.concurrency, help="parallel server requests")
-    g.add_argument("--timeout", type=float, default=d.timeout_s,
-                   help="hard wall-clock limit per request attempt in seconds, reply included (server)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        help="hard wall-clock limit per request attempt in seconds, reply included (server)",
+    )
     g.add_argument("--retries", type=int, default=d.retries, help="extra attempts per failed request (server)")
     g.add_argument("--dtype", default=d.dtype, help="weights dtype for hf (float32 on CPU)")
     g.add_argument("--device", default=d.device, help="device for hf: auto, cpu, cuda, cuda:1, ...")
     j = parser.add_argument_group("judge (optional, for answers the rules cannot settle)")
     j.add_argument("--judge-url", default=None, help="OpenAI-compatible judge base URL; no judge if unset")
     j.add_argument("--judge-model", default=None, help="served judge model name")
-    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable with the judge key")
-    parser.add_argument("--allow-failures", action="store_true",
-                        help="exit 0 even when requests or judgements failed (they count as wrong in the scores)")
+    j.add_argument(
+        "--judge-api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable with the judge key"
+    )
+    parser.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when requests or judgements failed (they count as wrong in the scores)",
+    )
 
 
 def _backend_config(args: argparse.Namespace) -> BackendConfig:
-    return BackendConfig(kind=args.backend, model=args.model, url=args.url, api_key_env=args.api_key_env,
-                         max_new_tokens=args.max_new_tokens, thinking=args.thinking, batch_size=args.batch_size,
-                         concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries,
-                         dtype=args.dtype, device=args.device)
+    return BackendConfig(
+        kind=args.backend,
+        model=args.model,
+        url=args.url,
+        api_key_env=args.api_key_env,
+        max_new_tokens=args.max_new_tokens,
+        thinking=args.thinking,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        dtype=args.dtype,
+        device=args.device,
+    )
 
 
 def _judge_config(args: argparse.Namespace) -> JudgeConfig | None:
@@ -74,20 +102,35 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Arguments of ``vopd gap``."""
     parser.add_argument("data", help="record file/folder with boxes or crops, or benchmark files with --benchmark")
     parser.add_argument("--out", required=True, help="output folder (predictions, gap.json, gap.png)")
-    parser.add_argument("--benchmark", default=None, help="read data as this benchmark (zoombench, vstar original layout)")
-    parser.add_argument("--boxed-full", "--student-view", dest="boxed_full", action="store_true",
-                        help="also ask the boxed_full view: the full image + red box + hint (the paper's training "
-                             "student's view; --student-view is the old name)")
-    parser.add_argument("--checkpoints", nargs="+", default=[],
-                        help="measure each checkpoint (e.g. run_dir/*) and plot the gap over training")
+    parser.add_argument(
+        "--benchmark", default=None, help="read data as this benchmark (zoombench, vstar original layout)"
+    )
+    parser.add_argument(
+        "--boxed-full",
+        "--student-view",
+        dest="boxed_full",
+        action="store_true",
+        help="also ask the boxed_full view: the full image + red box + hint (the paper's training "
+        "student's view; --student-view is the old name)",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=[],
+        help="measure each checkpoint (e.g. run_dir/*) and plot the gap over training",
+    )
     parser.add_argument("--zoom", type=float, default=2.0, help="zoom of the crop view (teacher view rules)")
     parser.add_argument("--context", type=float, default=0.5, help="padding around the evidence, fraction of its size")
     parser.add_argument("--min-side", type=int, default=56, help="minimum crop side in source pixels")
     parser.add_argument("--no-provided-crop", action="store_true", help="crop from boxes even if the data ships a crop")
-    parser.add_argument("--crop-source", default="box", choices=CROP_SOURCES,
-                        help="crop view from the data's boxes/crops (box), or from a region the model proposes "
-                             "itself (search, attention, grounding; boxes are not read; works on records without "
-                             "boxes)")
+    parser.add_argument(
+        "--crop-source",
+        default="box",
+        choices=CROP_SOURCES,
+        help="crop view from the data's boxes/crops (box), or from a region the model proposes "
+        "itself (search, attention, grounding; boxes are not read; works on records without "
+        "boxes)",
+    )
     parser.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the gap interval")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap / option-shuffle seed")
@@ -101,12 +144,28 @@ def gap_config_from_args(args: argparse.Namespace) -> Any:
     from vopd.evaluation.gap import GapConfig
     from vopd.views import ViewConfig
 
-    view = ViewConfig(zoom=args.zoom, context=args.context, min_side=args.min_side,
-                      use_provided_crop=not args.no_provided_crop, crop_source=args.crop_source)
+    view = ViewConfig(
+        zoom=args.zoom,
+        context=args.context,
+        min_side=args.min_side,
+        use_provided_crop=not args.no_provided_crop,
+        crop_source=args.crop_source,
+    )
     views = ("full", "crop", "boxed_full") if args.boxed_full else ("full", "crop")
-    return GapConfig(data=args.data, out_dir=args.out, benchmark=args.benchmark, backend=_backend_config(args),
-                     views=views, view=view, checkpoints=list(args.checkpoints), n_boot=args.n_boot,
-                     level=args.level, seed=args.seed, limit=args.limit, judge=_judge_config(args))
+    return GapConfig(
+        data=args.data,
+        out_dir=args.out,
+        benchmark=args.benchmark,
+        backend=_backend_config(args),
+        views=views,
+        view=view,
+        checkpoints=list(args.checkpoints),
+        n_boot=args.n_boot,
+        level=args.level,
+        seed=args.seed,
+        limit=args.limit,
+        judge=_judge_config(args),
+    )
 
 
 def _bench_pair(text: str) -> tuple[str, str]:
@@ -127,18 +186,32 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Arguments of ``vopd eval``."""
     from vopd.evaluation.benchmarks import BENCHMARKS
 
-    parser.add_argument("benchmarks", nargs="+", type=_bench_pair, metavar="NAME=PATH",
-                        help=f"benchmark and its local files (or hf:<id>); names: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "benchmarks",
+        nargs="+",
+        type=_bench_pair,
+        metavar="NAME=PATH",
+        help=f"benchmark and its local files (or hf:<id>); names: {', '.join(BENCHMARKS)}",
+    )
     parser.add_argument("--out", required=True, help="output folder (predictions.jsonl, summary.md/json/png)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     parser.add_argument("--seed", type=int, default=0, help="seed for option shuffles")
     parser.add_argument("--label", default="", help="model name in tables and plots")
     templates = "; ".join(f"{n}: {', '.join(b.prompts)}" for n, b in BENCHMARKS.items() if len(b.prompts) > 1)
-    parser.add_argument("--prompt", action="append", type=_prompt_pair, default=[], metavar="NAME=TEMPLATE",
-                        help=f"prompt template of a benchmark (default: paper, the paper's eval prompt); {templates}")
-    parser.add_argument("--image-root", default=None,
-                        help="folder relative image paths start from (MME-RW JSON, POPE JSON, CV-Bench JSONL), "
-                             "instead of the data file's folder")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        type=_prompt_pair,
+        default=[],
+        metavar="NAME=TEMPLATE",
+        help=f"prompt template of a benchmark (default: paper, the paper's eval prompt); {templates}",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="folder relative image paths start from (MME-RW JSON, POPE JSON, CV-Bench JSONL), "
+        "instead of the data file's folder",
+    )
     _add_backend_arguments(parser)
     return parser
 
@@ -147,9 +220,17 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
     """``EvalConfig`` from parsed ``vopd eval`` arguments."""
     from vopd.evaluation.runner import EvalConfig
 
-    return EvalConfig(benchmarks=dict(args.benchmarks), out_dir=args.out, backend=_backend_config(args),
-                      judge=_judge_config(args), limit=args.limit, seed=args.seed, label=args.label,
-                      prompts=dict(args.prompt), image_root=args.image_root)
+    return EvalConfig(
+        benchmarks=dict(args.benchmarks),
+        out_dir=args.out,
+        backend=_backend_config(args),
+        judge=_judge_config(args),
+        limit=args.limit,
+        seed=args.seed,
+        label=args.label,
+        prompts=dict(args.prompt),
+        image_root=args.image_root,
+    )
 
 
 #: Exit status of a run that finished but had items without a verdict (see ``--allow-failures``).
@@ -172,8 +253,11 @@ def run_gap(args: argparse.Namespace) -> int:
     runs = result.get("checkpoints", []) if "views" not in result else [result]
     missing = sum(block.get("unjudged", 0) for r in runs for block in r.get("views", {}).values())
     if missing and not args.allow_failures:
-        print(f"vopd gap: {missing} answers or verdicts missing (failed requests or judge); "
-              "rerun the same command to retry them, or pass --allow-failures", file=sys.stderr)
+        print(
+            f"vopd gap: {missing} answers or verdicts missing (failed requests or judge); "
+            "rerun the same command to retry them, or pass --allow-failures",
+            file=sys.stderr,
+        )
         return EXIT_FAILURES
     return 0
 
@@ -212,7 +296,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if summary.is_file():
         print(summary.read_text())
     if result["failures"] and not args.allow_failures:
-        print(f"vopd eval: {result['failures']} items failed (requests or judgements) and were counted wrong; "
-              "rerun the same command to retry them, or pass --allow-failures to accept", file=sys.stderr)
+        print(
+            f"vopd eval: {result['failures']} items failed (requests or judgements) and were counted wrong; "
+            "rerun the same command to retry them, or pass --allow-failures to accept",
+            file=sys.stderr,
+        )
         return EXIT_FAILURES
     return 0

@@ -104,10 +104,19 @@ def _sample_from_item(item: EvalItem) -> Any:
     if not boxes and crop is None:
         raise ValueError(
             f"{item.benchmark} item {item.id}: no evidence boxes and no crop; `vopd gap` needs one "
-            "(use ZoomBench, the original V* layout, or records with boxes)")
-    return Sample(id=item.key, image=item.image, question=item.question, options=item.options or None,
-                  answer=item.answer, boxes=boxes, teacher_image=crop, category=item.category,
-                  meta={"prompt": item.prompt, "kind": item.kind})
+            "(use ZoomBench, the original V* layout, or records with boxes)"
+        )
+    return Sample(
+        id=item.key,
+        image=item.image,
+        question=item.question,
+        options=item.options or None,
+        answer=item.answer,
+        boxes=boxes,
+        teacher_image=crop,
+        category=item.category,
+        meta={"prompt": item.prompt, "kind": item.kind},
+    )
 
 
 def load_gap_samples(data: str, *, benchmark: str | None = None, seed: int = 0, limit: int | None = None) -> list[Any]:
@@ -118,8 +127,12 @@ def load_gap_samples(data: str, *, benchmark: str | None = None, seed: int = 0, 
         items = [it for it in get_benchmark(benchmark).load(data, seed=seed)]
         usable = [it for it in items if it.meta.get("boxes_xyxy") or it.meta.get("crop_image") is not None]
         if usable and len(usable) < len(items):  # e.g. ZoomBench rows whose crop_image is null
-            log.warning("%s: %d of %d questions have neither boxes nor a crop and are left out of the gap",
-                        data, len(items) - len(usable), len(items))
+            log.warning(
+                "%s: %d of %d questions have neither boxes nor a crop and are left out of the gap",
+                data,
+                len(items) - len(usable),
+                len(items),
+            )
             items = usable
         samples = [_sample_from_item(it) for it in items[:limit]]
     else:
@@ -135,11 +148,18 @@ def _with_evidence(samples: list[Any], data: str) -> list[Any]:
     """The samples that have a box or a crop (the crop view needs one); a clear error if none has."""
     usable = [s for s in samples if s.boxes or s.teacher_image is not None]
     if not usable:
-        raise ValueError(f"{data}: no question has an evidence box or a crop, so there is no crop view; "
-                         "add boxes, or let the model propose crops with --crop-source search|attention")
+        raise ValueError(
+            f"{data}: no question has an evidence box or a crop, so there is no crop view; "
+            "add boxes, or let the model propose crops with --crop-source search|attention"
+        )
     if len(usable) < len(samples):
-        log.warning("%s: %d of %d questions have neither boxes nor a crop and are left out of the gap "
-                    "(or pass --crop-source search|attention)", data, len(samples) - len(usable), len(samples))
+        log.warning(
+            "%s: %d of %d questions have neither boxes nor a crop and are left out of the gap "
+            "(or pass --crop-source search|attention)",
+            data,
+            len(samples) - len(usable),
+            len(samples),
+        )
     return usable
 
 
@@ -167,9 +187,18 @@ def _text(sample: Any, view: str) -> str:
 def _eval_item(sample: Any, benchmark: str) -> EvalItem:
     if sample.answer is None:
         raise ValueError(f"sample {sample.id!r}: no answer; `vopd gap` grades answers, so every sample needs one")
-    return EvalItem(benchmark=benchmark, id=str(sample.id), image=sample.image, prompt="", answer=str(sample.answer),
-                    kind=_kind(sample), options=list(sample.options or []), category=sample.category,
-                    question=sample.question, meta={"sample": sample})
+    return EvalItem(
+        benchmark=benchmark,
+        id=str(sample.id),
+        image=sample.image,
+        prompt="",
+        answer=str(sample.answer),
+        kind=_kind(sample),
+        options=list(sample.options or []),
+        category=sample.category,
+        question=sample.question,
+        meta={"sample": sample},
+    )
 
 
 def view_prompt(item: EvalItem, view: str, view_cfg: Any) -> PromptItem:
@@ -197,12 +226,24 @@ def _accuracy_block(outcomes: dict[str, bool | None], level: float) -> dict[str,
     correct = sum(judged)
     lo, hi = wilson_interval(correct, len(judged), level=level)
     acc = 100.0 * correct / len(judged) if judged else None
-    return {"accuracy": acc, "n": len(judged), "correct": correct, "unjudged": len(outcomes) - len(judged),
-            "ci": [100.0 * lo, 100.0 * hi] if judged else None}
+    return {
+        "accuracy": acc,
+        "n": len(judged),
+        "correct": correct,
+        "unjudged": len(outcomes) - len(judged),
+        "ci": [100.0 * lo, 100.0 * hi] if judged else None,
+    }
 
 
-def _paired(base: dict[str, bool | None], other: dict[str, bool | None], *, n_boot: int, level: float,
-            seed: int, names: tuple[str, str]) -> dict[str, Any]:
+def _paired(
+    base: dict[str, bool | None],
+    other: dict[str, bool | None],
+    *,
+    n_boot: int,
+    level: float,
+    seed: int,
+    names: tuple[str, str],
+) -> dict[str, Any]:
     ids = [i for i in base if base[i] is not None and other.get(i) is not None]
     a = [bool(base[i]) for i in ids]
     b = [bool(other[i]) for i in ids]
@@ -216,13 +257,18 @@ def _paired(base: dict[str, bool | None], other: dict[str, bool | None], *, n_bo
         "ci": [100.0 * lo, 100.0 * hi],
         "n_paired": len(ids),
         "mcnemar_p": mcnemar_exact(table.only_a_right, table.only_b_right),
-        "table": {"both_right": table.both_right, f"only_{second}_right": table.only_b_right,
-                  f"only_{first}_right": table.only_a_right, "both_wrong": table.both_wrong},
+        "table": {
+            "both_right": table.both_right,
+            f"only_{second}_right": table.only_b_right,
+            f"only_{first}_right": table.only_a_right,
+            "both_wrong": table.both_wrong,
+        },
     }
 
 
-def gap_statistics(graded: dict[str, list[GradedItem]], *, n_boot: int = 10_000, level: float = 0.95,
-                   seed: int = 0) -> dict[str, Any]:
+def gap_statistics(
+    graded: dict[str, list[GradedItem]], *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """Accuracy per view, the crop-minus-full gap (CI, McNemar, 2x2 table), per category.
 
     ``graded`` maps view name (:data:`GAP_VIEWS`, old names accepted) -> graded items (same ids
@@ -239,16 +285,19 @@ def gap_statistics(graded: dict[str, list[GradedItem]], *, n_boot: int = 10_000,
         "interval": f"paired bootstrap over questions ({n_boot} resamples, seed {seed}), {int(level * 100)}%",
     }
     if "boxed_full" in outcomes:
-        result["boxed_full_minus_full"] = _paired(outcomes["full"], outcomes["boxed_full"],
-                                                  names=("full", "boxed_full"), **stats)
+        result["boxed_full_minus_full"] = _paired(
+            outcomes["full"], outcomes["boxed_full"], names=("full", "boxed_full"), **stats
+        )
     categories = sorted({g.item.category for g in graded["full"] if g.item.category})
     if categories:
         per: dict[str, Any] = {}
         for cat in categories:
             ids = {g.item.id for g in graded["full"] if g.item.category == cat}
             sub = {v: {i: o[i] for i in ids} for v, o in outcomes.items()}
-            per[cat] = {"views": {v: _accuracy_block(o, level)["accuracy"] for v, o in sub.items()},
-                        "gap": _paired(sub["full"], sub["crop"], names=("full", "crop"), **stats)}
+            per[cat] = {
+                "views": {v: _accuracy_block(o, level)["accuracy"] for v, o in sub.items()},
+                "gap": _paired(sub["full"], sub["crop"], names=("full", "crop"), **stats),
+            }
         result["categories"] = per
     return result
 
@@ -257,14 +306,27 @@ def gap_statistics(graded: dict[str, list[GradedItem]], *, n_boot: int = 10_000,
 # Running
 
 
-def measure_gap(samples: list[Any], backend: Backend, cfg: GapConfig, *, store: PredictionStore,
-                judge: LLMJudge | None = None, dataset: str = "gap") -> dict[str, Any]:
+def measure_gap(
+    samples: list[Any],
+    backend: Backend,
+    cfg: GapConfig,
+    *,
+    store: PredictionStore,
+    judge: LLMJudge | None = None,
+    dataset: str = "gap",
+) -> dict[str, Any]:
     """Ask every view (resumably, through ``store``), grade, and compute :func:`gap_statistics`."""
     items = [_eval_item(s, dataset) for s in samples]
     graded = {}
     for view in cfg.views:
-        preds = predict(items, backend, store, view=view, batch_size=cfg.backend.batch_size,
-                        to_prompt=lambda it, v=view: view_prompt(it, v, cfg.view))
+        preds = predict(
+            items,
+            backend,
+            store,
+            view=view,
+            batch_size=cfg.backend.batch_size,
+            to_prompt=lambda it, v=view: view_prompt(it, v, cfg.view),
+        )
         graded[view] = grade_items(items, preds, judge=judge)
     return gap_statistics(graded, n_boot=cfg.n_boot, level=cfg.level, seed=cfg.seed)
 
@@ -302,14 +364,16 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
 
         model = cfg.backend.model or (sorted(cfg.checkpoints, key=lambda p: _step(p, 0))[0] if cfg.checkpoints else "")
         proposer = backend or make_backend(dataclasses.replace(cfg.backend, model=model))
-        samples, proposals = propose_gap_crops(samples, proposer, cfg.view, out, model_name=model or None,
-                                                thinking=cfg.backend.thinking)
+        samples, proposals = propose_gap_crops(
+            samples, proposer, cfg.view, out, model_name=model or None, thinking=cfg.backend.thinking
+        )
     else:
         samples = _with_evidence(samples, cfg.data)
     if not cfg.checkpoints:
         backend = backend or make_backend(cfg.backend)
-        result = measure_gap(samples, backend, cfg, store=PredictionStore(out / "predictions.jsonl"),
-                             judge=judge, dataset=dataset)
+        result = measure_gap(
+            samples, backend, cfg, store=PredictionStore(out / "predictions.jsonl"), judge=judge, dataset=dataset
+        )
         result.update(model=cfg.backend.model, data=cfg.data, views_asked=list(cfg.views))
         if proposals:
             result["proposals"] = proposals
@@ -321,8 +385,9 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
         sub = out / Path(ckpt).name
         sub.mkdir(parents=True, exist_ok=True)
         ckpt_backend = make_backend(dataclasses.replace(cfg.backend, model=ckpt))
-        result = measure_gap(samples, ckpt_backend, cfg, store=PredictionStore(sub / "predictions.jsonl"),
-                             judge=judge, dataset=dataset)
+        result = measure_gap(
+            samples, ckpt_backend, cfg, store=PredictionStore(sub / "predictions.jsonl"), judge=judge, dataset=dataset
+        )
         result.update(model=ckpt, step=_step(ckpt, index))
         (sub / "gap.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         _plot_views(result, sub / "gap.png", Path(ckpt).name)
@@ -332,7 +397,11 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
     (out / "gap_over_training.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     steps = [r["step"] for r in runs]
     curves = {v: [r["views"][v]["accuracy"] for r in runs] for v in cfg.views}
-    plot_gap_over_training(steps, curves, out / "gap_over_training.png",
-                           gap=[r["gap"]["value"] for r in runs],
-                           gap_ci=[tuple(r["gap"]["ci"]) if r["gap"]["ci"] else (0.0, 0.0) for r in runs])
+    plot_gap_over_training(
+        steps,
+        curves,
+        out / "gap_over_training.png",
+        gap=[r["gap"]["value"] for r in runs],
+        gap_ci=[tuple(r["gap"]["ci"]) if r["gap"]["ci"] else (0.0, 0.0) for r in runs],
+    )
     return summary

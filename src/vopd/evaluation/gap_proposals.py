@@ -17,7 +17,12 @@ __all__ = ["propose_gap_crops"]
 
 
 def propose_gap_crops(
-    samples: list[Any], backend: Any, view_cfg: Any, out: str | Path, *, model_name: str | None = None,
+    samples: list[Any],
+    backend: Any,
+    view_cfg: Any,
+    out: str | Path,
+    *,
+    model_name: str | None = None,
     thinking: bool | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """``samples`` with the model's proposals as their only evidence box, and a quality summary.
@@ -36,11 +41,24 @@ def propose_gap_crops(
 
     model, processor = getattr(backend, "model", None), getattr(backend, "processor", None)
     if model is None or processor is None:
-        raise ValueError(f"--crop-source {view_cfg.crop_source} needs a local model (--backend hf with --model); "
-                         f"the {type(backend).__name__} cannot score crops or return attention")
+        raise ValueError(
+            f"--crop-source {view_cfg.crop_source} needs a local model (--backend hf with --model); "
+            f"the {type(backend).__name__} cannot score crops or return attention"
+        )
     cache = Path(out) / PROPOSALS_FILE
-    proposals = load_or_propose(model, processor, samples, view_cfg, ProposalConfig(source=view_cfg.crop_source, thinking=thinking), cache,
-                                model_name=model_name)
-    info = {"source": view_cfg.crop_source, "n_proposed": len(proposals), "file": os.path.basename(cache),
-            **proposal_quality(proposals, samples, view_cfg)}
+    proposals = load_or_propose(
+        model,
+        processor,
+        samples,
+        view_cfg,
+        ProposalConfig(source=view_cfg.crop_source, thinking=thinking),
+        cache,
+        model_name=model_name,
+    )
+    info = {
+        "source": view_cfg.crop_source,
+        "n_proposed": len(proposals),
+        "file": os.path.basename(cache),
+        **proposal_quality(proposals, samples, view_cfg),
+    }
     return with_proposed_boxes(samples, proposals), info

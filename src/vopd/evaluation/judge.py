@@ -134,7 +134,11 @@ class LLMJudge:
         }
         try:
             reply: str | None = chat_completion(
-                self.cfg.url, body, api_key=self.api_key, timeout_s=self.cfg.timeout_s, retries=self.cfg.retries,
+                self.cfg.url,
+                body,
+                api_key=self.api_key,
+                timeout_s=self.cfg.timeout_s,
+                retries=self.cfg.retries,
                 backoff_s=self.cfg.backoff_s,
             )
             correct = parse_judge_reply(reply or "")

@@ -47,8 +47,15 @@ def accuracy(graded: Iterable[GradedItem]) -> dict[str, Any]:
     graded = list(graded)
     correct = sum(g.correct is True for g in graded)
     judged = sum(g.correct is not None for g in graded)
-    return {"accuracy": _pct(correct, len(graded)), "judged_accuracy": _pct(correct, judged), "n": len(graded),
-            "judged": judged, "correct": correct, "unjudged": len(graded) - judged, **outcome_counts(graded)}
+    return {
+        "accuracy": _pct(correct, len(graded)),
+        "judged_accuracy": _pct(correct, judged),
+        "n": len(graded),
+        "judged": judged,
+        "correct": correct,
+        "unjudged": len(graded) - judged,
+        **outcome_counts(graded),
+    }
 
 
 def by_group(graded: Sequence[GradedItem], key: Callable[[GradedItem], str | None]) -> dict[str, dict[str, Any]]:
@@ -112,8 +119,14 @@ def pair_accuracy(graded: Sequence[GradedItem], pair: Callable[[GradedItem], str
             continue
         judged += 1
         right += int(all(g.correct for g in items))
-    return {"accuracy": _pct(right, len(pairs)), "judged_accuracy": _pct(right, judged), "n": len(pairs),
-            "judged": judged, "correct": right, "unjudged": len(pairs) - judged}
+    return {
+        "accuracy": _pct(right, len(pairs)),
+        "judged_accuracy": _pct(right, judged),
+        "n": len(pairs),
+        "judged": judged,
+        "correct": right,
+        "unjudged": len(pairs) - judged,
+    }
 
 
 def pope_metrics(graded: Sequence[GradedItem]) -> dict[str, Any]:
@@ -139,9 +152,16 @@ def pope_metrics(graded: Sequence[GradedItem]) -> dict[str, Any]:
         cells[cell] += 1
     out = _pope_cells(cells)
     inner = _pope_cells(judged)
-    return {**out, "judged_accuracy": inner["accuracy"], "judged_f1": inner["f1"], "yes_ratio": inner["yes_ratio"],
-            "judged": inner["n"], "unjudged": out["n"] - inner["n"], **outcome_counts(graded),
-            "confusion": cells}
+    return {
+        **out,
+        "judged_accuracy": inner["accuracy"],
+        "judged_f1": inner["f1"],
+        "yes_ratio": inner["yes_ratio"],
+        "judged": inner["n"],
+        "unjudged": out["n"] - inner["n"],
+        **outcome_counts(graded),
+        "confusion": cells,
+    }
 
 
 def _pope_cells(c: dict[str, int]) -> dict[str, Any]:
@@ -152,5 +172,11 @@ def _pope_cells(c: dict[str, int]) -> dict[str, Any]:
     f1 = None
     if precision is not None and recall is not None and precision + recall > 0:
         f1 = 2 * precision * recall / (precision + recall)
-    return {"accuracy": _pct(tp + tn, n), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": _pct(tp + fp, n), "n": n}
+    return {
+        "accuracy": _pct(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": _pct(tp + fp, n),
+        "n": n,
+    }

@@ -20,7 +20,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    results: dict[str, dict[str, Any]], *, label: str = "", settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One row per benchmark plus the paper's 6-benchmark average (when all six were run).
 
     ``results`` maps a benchmark name to its scorer's dict (with ``overall``). Each row holds
@@ -31,23 +33,30 @@ def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: 
     rows = []
     for name, scores in results.items():
         questions = scores.get("questions", {})
-        rows.append({
-            "benchmark": name,
-            "overall": scores.get("overall"),
-            "judged_overall": scores.get("judged_overall"),
-            "n": scores.get("n_items", scores.get("n", questions.get("n"))),
-            "failed": scores.get("failed", 0),
-            "judge_failed": scores.get("judge_failed", 0),
-            "unparsed": scores.get("unparsed", 0),
-            "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
-        })
+        rows.append(
+            {
+                "benchmark": name,
+                "overall": scores.get("overall"),
+                "judged_overall": scores.get("judged_overall"),
+                "n": scores.get("n_items", scores.get("n", questions.get("n"))),
+                "failed": scores.get("failed", 0),
+                "judge_failed": scores.get("judge_failed", 0),
+                "unparsed": scores.get("unparsed", 0),
+                "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
+            }
+        )
     missing = [b for b in PAPER_AVERAGE if results.get(b, {}).get("overall") is None]
     average = None if missing else sum(results[b]["overall"] for b in PAPER_AVERAGE) / len(PAPER_AVERAGE)
     return {
         "model": label,
         "rows": rows,
         "failures": sum(r["failed"] + r["judge_failed"] for r in rows),
-        "paper_average": {"value": average, "benchmarks": list(PAPER_AVERAGE), "missing": missing, "note": MME_SPLIT_NOTE},
+        "paper_average": {
+            "value": average,
+            "benchmarks": list(PAPER_AVERAGE),
+            "missing": missing,
+            "note": MME_SPLIT_NOTE,
+        },
         "details": results,
         "settings": settings or {},
     }
@@ -56,19 +65,30 @@ def summarize(results: dict[str, dict[str, Any]], *, label: str = "", settings: 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A Markdown table: headline score, judged-only score, items, failures, unparsed, metric;
     then the paper's average and the files read per benchmark."""
-    lines = [f"# Evaluation: {summary['model'] or 'model'}", "",
-             "| benchmark | score | judged only | n | failed | judge failed | unparsed | metric |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation: {summary['model'] or 'model'}",
+        "",
+        "| benchmark | score | judged only | n | failed | judge failed | unparsed | metric |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary["rows"]:
-        lines.append(f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['judged_overall'])} | "
-                     f"{_fmt(row['n'])} | {_fmt(row['failed'])} | {_fmt(row['judge_failed'])} | "
-                     f"{_fmt(row['unparsed'])} | {row['metric']} |")
+        lines.append(
+            f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['judged_overall'])} | "
+            f"{_fmt(row['n'])} | {_fmt(row['failed'])} | {_fmt(row['judge_failed'])} | "
+            f"{_fmt(row['unparsed'])} | {row['metric']} |"
+        )
     avg = summary["paper_average"]
     value = _fmt(avg["value"]) if avg["value"] is not None else f"n/a (missing: {', '.join(avg['missing'])})"
-    lines += ["", "score: failed requests and failed judgements count as wrong (as in the official scripts); "
-              "judged only: over the items that got a verdict.", "",
-              f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**", "",
-              f"{avg['note']}.", ""]
+    lines += [
+        "",
+        "score: failed requests and failed judgements count as wrong (as in the official scripts); "
+        "judged only: over the items that got a verdict.",
+        "",
+        f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**",
+        "",
+        f"{avg['note']}.",
+        "",
+    ]
     sources = summary.get("sources") or {}
     if sources:
         lines += ["## Files read", ""]
@@ -80,9 +100,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *, title: str = "",
-              ylabel: str = "accuracy (%)", errors: list[tuple[float, float]] | None = None,
-              markers: list[float | None] | None = None, marker_label: str = "") -> Path:
+def plot_bars(
+    labels: list[str],
+    values: list[float | None],
+    path: str | Path,
+    *,
+    title: str = "",
+    ylabel: str = "accuracy (%)",
+    errors: list[tuple[float, float]] | None = None,
+    markers: list[float | None] | None = None,
+    marker_label: str = "",
+) -> Path:
     """A bar chart (PNG) with the value on each bar; ``None`` values are drawn empty.
 
     ``markers`` (e.g. the judged-only score beside a headline) are drawn as a dash on each bar.
@@ -97,15 +125,18 @@ def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *
     yerr = None
     if errors is not None:
         # clamp: float noise can put a bound a hair inside the bar (e.g. Wilson at 100%)
-        yerr = [[max(0.0, h - lo) for h, (lo, _) in zip(heights, errors)],
-                [max(0.0, hi - h) for h, (_, hi) in zip(heights, errors)]]
+        yerr = [
+            [max(0.0, h - lo) for h, (lo, _) in zip(heights, errors)],
+            [max(0.0, hi - h) for h, (_, hi) in zip(heights, errors)],
+        ]
     bars = ax.bar(labels, heights, color="#4C72B0", yerr=yerr, capsize=4)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), _fmt(v), ha="center", va="bottom", fontsize=8)
     if markers is not None:
         xs = [bar.get_x() + bar.get_width() / 2 for bar, m in zip(bars, markers) if m is not None]
-        ax.scatter(xs, [m for m in markers if m is not None], marker="_", s=400, color="#C44E52",
-                   label=marker_label, zorder=3)
+        ax.scatter(
+            xs, [m for m in markers if m is not None], marker="_", s=400, color="#C44E52", label=marker_label, zorder=3
+        )
         if marker_label:
             ax.legend(fontsize=8)
     ax.set_ylabel(ylabel)
@@ -115,9 +146,15 @@ def plot_bars(labels: list[str], values: list[float | None], path: str | Path, *
     return _save_figure(fig, path)
 
 
-def plot_gap_over_training(steps: list[float], curves: dict[str, list[float | None]], path: str | Path, *,
-                           gap: list[float | None] | None = None,
-                           gap_ci: list[tuple[float, float]] | None = None, title: str = "") -> Path:
+def plot_gap_over_training(
+    steps: list[float],
+    curves: dict[str, list[float | None]],
+    path: str | Path,
+    *,
+    gap: list[float | None] | None = None,
+    gap_ci: list[tuple[float, float]] | None = None,
+    title: str = "",
+) -> Path:
     """Accuracy per view across checkpoints (left axis) and the gap with its CI (right panel)."""
     import matplotlib
 
@@ -162,8 +199,14 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
         labels.append("paper avg (6)")
         values.append(summary["paper_average"]["value"])
         judged.append(None)
-    plot_bars(labels, values, paths["png"], title=summary["model"] or "evaluation",
-              markers=judged if summary.get("failures") else None, marker_label="judged only")
+    plot_bars(
+        labels,
+        values,
+        paths["png"],
+        title=summary["model"] or "evaluation",
+        markers=judged if summary.get("failures") else None,
+        marker_label="judged only",
+    )
     return paths
 
 

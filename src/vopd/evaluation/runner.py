@@ -27,10 +27,10 @@ from typing import Any
 from vopd.evaluation.backends import Backend, BackendConfig, BackendError, PartialFailure, make_backend
 from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
 from vopd.evaluation.grading import grade
-from vopd.jsonl import append_record, end_with_newline, read_records
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
+from vopd.jsonl import append_record, end_with_newline, read_records
 
 __all__ = [
     "EvalConfig",
@@ -70,8 +70,14 @@ class PredictionStore:
         return rec["prediction"]
 
     def add(self, benchmark: str, view: str, item_id: str, prediction: str | None, error: str | None = None) -> None:
-        rec = {"benchmark": benchmark, "view": view, "id": str(item_id), "prediction": prediction,
-               "error": error, "time": round(time.time(), 3)}
+        rec = {
+            "benchmark": benchmark,
+            "view": view,
+            "id": str(item_id),
+            "prediction": prediction,
+            "error": error,
+            "time": round(time.time(), 3),
+        }
         self._records[(benchmark, view, str(item_id))] = rec
         append_record(self.path, rec)
 
@@ -94,7 +100,8 @@ def predict(
     """Answer every item not answered yet; returns ``item.key -> answer`` (``None`` if it failed).
 
     Images are opened batch by batch. Failed items are recorded with their error (and retried
-    on the next run): an unreadable image or one failed request fails its item only; after ``max_failed_batches`` consecutive wholly failed batches the backend
+    on the next run): an unreadable image or one failed request fails its item only; after
+    ``max_failed_batches`` consecutive wholly failed batches the backend
     is considered down and :class:`BackendError` is raised.
     """
     _check_unique(items)
@@ -112,8 +119,11 @@ def predict(
     return {it.key: store.answer(it.benchmark, view, it.key) for it in items}
 
 
-def _answer_chunk(chunk: Sequence[EvalItem], backend: Backend, to_prompt: Callable[[EvalItem], PromptItem],
-                  ) -> tuple[list[str | None], list[str | None], int]:
+def _answer_chunk(
+    chunk: Sequence[EvalItem],
+    backend: Backend,
+    to_prompt: Callable[[EvalItem], PromptItem],
+) -> tuple[list[str | None], list[str | None], int]:
     """Answers, errors and the number of prompts sent, for one batch. An item whose prompt cannot
     be built (an unreadable image) fails alone; a backend error fails only the items it names."""
     answers: list[str | None] = [None] * len(chunk)
@@ -146,8 +156,10 @@ def _check_unique(items: Sequence[EvalItem]) -> None:
     counts = Counter((it.benchmark, it.key) for it in items)
     dupes = [f"{b}:{k}" for (b, k), c in counts.items() if c > 1]
     if dupes:
-        raise ValueError(f"{len(dupes)} item keys occur twice (first: {dupes[:3]}); each item needs its own "
-                         "(source, id): check that the folder does not hold the same table twice")
+        raise ValueError(
+            f"{len(dupes)} item keys occur twice (first: {dupes[:3]}); each item needs its own "
+            "(source, id): check that the folder does not hold the same table twice"
+        )
 
 
 def grade_items(
@@ -175,8 +187,11 @@ def grade_items(
             method = verdict.method if verdict.settled else f"rule_fallback:{verdict.method}"
             # no letter / no yes-no word could be read (an open answer that does not match is just wrong)
             unparsed = not verdict.settled and verdict.method in ("no_choice", "no_yes_no")
-            graded.append(GradedItem(it, pred, verdict.correct, method, verdict.extracted,
-                                     status="unparsed" if unparsed else "graded"))
+            graded.append(
+                GradedItem(
+                    it, pred, verdict.correct, method, verdict.extracted, status="unparsed" if unparsed else "graded"
+                )
+            )
         else:
             to_judge.append((len(graded), it, pred))
             graded.append(None)
@@ -184,8 +199,9 @@ def grade_items(
         requests = [(it.key, it.question or it.prompt, _reference(it), pred) for _, it, pred in to_judge]
         for (pos, it, pred), v in zip(to_judge, judge.judge_many(requests)):
             ok = v.correct is not None
-            graded[pos] = GradedItem(it, pred, v.correct, "judge" if ok else "unjudged", None,
-                                     status="graded" if ok else "judge_failed")
+            graded[pos] = GradedItem(
+                it, pred, v.correct, "judge" if ok else "unjudged", None, status="graded" if ok else "judge_failed"
+            )
     return [g for g in graded if g is not None]
 
 
@@ -290,10 +306,24 @@ def write_graded(result: BenchmarkResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for g in result.graded:
-            f.write(json.dumps({"key": g.item.key, "source": g.item.source, "id": g.item.id,
-                                "answer": g.item.answer, "prediction": g.prediction, "extracted": g.extracted,
-                                "correct": g.correct, "status": g.status, "method": g.method,
-                                "category": g.item.category}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "key": g.item.key,
+                        "source": g.item.source,
+                        "id": g.item.id,
+                        "answer": g.item.answer,
+                        "prediction": g.prediction,
+                        "extracted": g.extracted,
+                        "correct": g.correct,
+                        "status": g.status,
+                        "method": g.method,
+                        "category": g.item.category,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, Any]:
@@ -312,9 +342,18 @@ def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, A
     judge = LLMJudge(cfg.judge, out / "judge.jsonl") if cfg.judge else None
     results, sources = {}, {}
     for name, source in cfg.benchmarks.items():
-        result = evaluate_benchmark(name, source, backend, store, batch_size=cfg.backend.batch_size,
-                                    judge=judge, limit=cfg.limit, seed=cfg.seed,
-                                    prompt=cfg.prompts.get(name, DEFAULT_PROMPT), image_root=cfg.image_root)
+        result = evaluate_benchmark(
+            name,
+            source,
+            backend,
+            store,
+            batch_size=cfg.backend.batch_size,
+            judge=judge,
+            limit=cfg.limit,
+            seed=cfg.seed,
+            prompt=cfg.prompts.get(name, DEFAULT_PROMPT),
+            image_root=cfg.image_root,
+        )
         write_graded(result, out / "graded" / f"{name}.jsonl")
         results[name] = result.scores
         sources[name] = {"path": source, "files": result.files, "notes": result.notes}
@@ -340,9 +379,14 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
     judge = None
     if cfg.judge:
         judge = {"model": cfg.judge.model, "url": _without_credentials(cfg.judge.url)}
-    return {"backend": backend, "judge": judge, "limit": cfg.limit, "seed": cfg.seed,
-            "prompts": {n: cfg.prompts.get(n, DEFAULT_PROMPT) for n in cfg.benchmarks},
-            "image_root": cfg.image_root}
+    return {
+        "backend": backend,
+        "judge": judge,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "prompts": {n: cfg.prompts.get(n, DEFAULT_PROMPT) for n in cfg.benchmarks},
+        "image_root": cfg.image_root,
+    }
 
 
 def _without_credentials(url: str) -> str:

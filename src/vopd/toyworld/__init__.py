@@ -30,8 +30,10 @@ def _toy_scenes(spec: str) -> list:
         n = int(parts[1])
         seed = int(parts[2]) if len(parts) > 2 else 0
     except (IndexError, ValueError):
-        raise ValueError(f"data.train={spec!r}: write toyworld:N, toyworld:N:SEED or toyworld:N:SEED:WORLD "
-                         f"(N, SEED integers; WORLD one of {sorted(WORLDS)})") from None
+        raise ValueError(
+            f"data.train={spec!r}: write toyworld:N, toyworld:N:SEED or toyworld:N:SEED:WORLD "
+            f"(N, SEED integers; WORLD one of {sorted(WORLDS)})"
+        ) from None
     world = parts[3] if len(parts) > 3 else "M"
     if world not in WORLDS:
         raise ValueError(f"data.train={spec!r}: unknown toy world {world!r}; choose from {sorted(WORLDS)}")

@@ -59,9 +59,14 @@ def run_ablations(cfg: Any, *, only: list[str] | None = None) -> dict[str, Any]:
         sub = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         run = dataclasses.replace(cfg, out=str(sub), overrides=(*cfg.overrides, *VARIANTS[name]))
         r = run_demo(run)
-        results[name] = {"config": r["config"], "curve": r["curve"], "health": r["health"],
-                         "wall_seconds": r["wall_seconds"], "p_value_full": r["full_gain_p_value"],
-                         "results": f"{sub.name}/results.json"}
+        results[name] = {
+            "config": r["config"],
+            "curve": r["curve"],
+            "health": r["health"],
+            "wall_seconds": r["wall_seconds"],
+            "p_value_full": r["full_gain_p_value"],
+            "results": f"{sub.name}/results.json",
+        }
         results_path.write_text(json.dumps(results, indent=2))
     (out / "ablations.md").write_text(ablation_table(results))
     plot_ablations(results, out / "ablations.png")
@@ -80,7 +85,8 @@ def ablation_table(results: dict[str, Any]) -> str:
         health = [h["health/teacher_acc"] for h in r.get("health", []) if "health/teacher_acc" in h]
         teacher = f"{100 * min(health):.1f}" if health else "-"
         lines.append(
-            f"| {name} | {describe_configuration(r.get('config'))} | {100 * full[0]:.1f} -> {100 * max(full):.1f} -> {100 * full[-1]:.1f} | "
+            f"| {name} | {describe_configuration(r.get('config'))} | "
+            f"{100 * full[0]:.1f} -> {100 * max(full):.1f} -> {100 * full[-1]:.1f} | "
             f"{100 * r['curve'][-1]['crop']:.1f} | {100 * r['curve'][-1]['boxed_full']:.1f} | {teacher} |"
         )
     return "\n".join(lines) + "\n"
@@ -93,7 +99,9 @@ def plot_ablations(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 5))
     for name, r in results.items():
         style = "--" if name in BASELINE_VARIANTS else "-"
-        ax.plot([c["step"] for c in r["curve"]], [100 * c["full"] for c in r["curve"]], style, marker="o", ms=3, label=name)
+        ax.plot(
+            [c["step"] for c in r["curve"]], [100 * c["full"] for c in r["curve"]], style, marker="o", ms=3, label=name
+        )
     ax.set(xlabel="step", ylabel="clean full-image accuracy (%)", ylim=(0, 102), title="Toy-world ablations (held-out)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))

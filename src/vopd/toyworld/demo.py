@@ -96,8 +96,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     base_name = toy_base_path() if train_cfg.model.path == "toy-base" else train_cfg.model.path
     world = "" if cfg.world == "M" else f", world {cfg.world}"
     if cfg.world != "M" and train_cfg.model.path == "toy-base":
-        print(f"warning: the shipped toy base was trained on world M, not {cfg.world}; "
-              "pass model.path=DIR with a base pretrained on this world", flush=True)
+        print(
+            f"warning: the shipped toy base was trained on world M, not {cfg.world}; "
+            "pass model.path=DIR with a base pretrained on this world",
+            flush=True,
+        )
     print(f"toy base: {base_name}; {cfg.n_eval} held-out scenes (seed {cfg.eval_seed}{world})", flush=True)
     evaluator = HeldOutEvaluator(held_out, cfg.eval_every, processor, views=BASE_VIEWS)
     evaluator.evaluate(model, processor, 0)
@@ -158,11 +161,16 @@ def measure_proposals(train_cfg: TrainConfig, out: Path) -> dict[str, Any]:
     path = Path(train_cfg.output_dir) / PROPOSALS_FILE
     proposals = read_proposals(path, source=train_cfg.views.crop_source)
     gold = load_train_samples(train_cfg.data.train)
-    quality = {"source": train_cfg.views.crop_source, "file": os.path.relpath(path.resolve(), out.resolve()),
-               **proposal_quality(proposals, gold, train_cfg.views)}
+    quality = {
+        "source": train_cfg.views.crop_source,
+        "file": os.path.relpath(path.resolve(), out.resolve()),
+        **proposal_quality(proposals, gold, train_cfg.views),
+    }
     if train_cfg.views.proposal_keep < 1:
-        quality["kept"] = {"keep": train_cfg.views.proposal_keep,
-                           **proposal_quality(surest(proposals, train_cfg.views.proposal_keep), gold, train_cfg.views)}
+        quality["kept"] = {
+            "keep": train_cfg.views.proposal_keep,
+            **proposal_quality(surest(proposals, train_cfg.views.proposal_keep), gold, train_cfg.views),
+        }
     return quality
 
 
@@ -200,9 +208,13 @@ def summary_text(r: dict[str, Any], out: str | Path) -> str:
         f"(paired exact McNemar p = {r['full_gain_p_value']:.2g})\n"
         f"  crop (teacher view): {r['base']['crop']:.1%} -> {r['final']['crop']:.1%}\n"
         f"  boxed full + hint: {r['base']['boxed_full']:.1%} -> {r['final']['boxed_full']:.1%}\n"
-        f"  gap (crop - full): {r['gap_base']:+.1%} -> {r['gap_final']:+.1%}  ({r['gap_closed']:.0%} of the gap closed)\n"
-        + (f"  proposed crops ({r['proposals']['source']}): hit rate {r['proposals']['hit_rate']:.1%}, "
-           f"mean IoU {r['proposals']['mean_iou']:.2f}{_fallbacks(r['proposals'])}\n"
-           if r.get("proposals", {}).get("hit_rate") is not None else "")
+        f"  gap (crop - full): {r['gap_base']:+.1%} -> {r['gap_final']:+.1%}  "
+        f"({r['gap_closed']:.0%} of the gap closed)\n"
+        + (
+            f"  proposed crops ({r['proposals']['source']}): hit rate {r['proposals']['hit_rate']:.1%}, "
+            f"mean IoU {r['proposals']['mean_iou']:.2f}{_fallbacks(r['proposals'])}\n"
+            if r.get("proposals", {}).get("hit_rate") is not None
+            else ""
+        )
         + f"  wall time {r['wall_seconds']:.0f} s; report: {Path(out) / r['report']}"
     )

@@ -94,8 +94,9 @@ def prepare_views(
     for view in views:
         pairs = [view_input(s, view, view_cfg) for s in samples]
         batches[view] = [
-            build_prompts(processor, [im for im, _ in pairs[i:i + batch_size]],
-                          [tx for _, tx in pairs[i:i + batch_size]])
+            build_prompts(
+                processor, [im for im, _ in pairs[i : i + batch_size]], [tx for _, tx in pairs[i : i + batch_size]]
+            )
             for i in range(0, len(pairs), batch_size)
         ]
     return PreparedViews(samples=samples, batches=batches, batch_size=batch_size)
@@ -130,8 +131,7 @@ def evaluate_views(
         if missing:
             raise ValueError(f"views {missing} were not prepared (have {list(prepared.batches)})")
     else:
-        prepared = prepare_views(processor, samples, views=views, batch_size=batch_size,
-                                 view_cfg=view_cfg)
+        prepared = prepare_views(processor, samples, views=views, batch_size=batch_size, view_cfg=view_cfg)
     prepare_seconds = time.perf_counter() - start if prepared is not samples else 0.0
     engine = HFGenerateEngine(processor)
     greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
@@ -150,7 +150,6 @@ def evaluate_views(
         result.accuracy[view] = sum(flags) / max(len(flags), 1)
         result.seconds[view] = time.perf_counter() - t0
     return result
-
 
 
 class HeldOutEvaluator:

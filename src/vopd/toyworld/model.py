@@ -73,7 +73,10 @@ def toy_corpus() -> list[str]:
 def build_toy_model(seed: int = 0) -> tuple[Any, Any]:
     """A randomly initialised toy Qwen2-VL and its processor (fp32, eval mode, CPU)."""
     model, processor = build_tiny_model(
-        "qwen2_vl", seed=seed, text=dict(TOY_TEXT), vision=dict(TOY_VISION),
+        "qwen2_vl",
+        seed=seed,
+        text=dict(TOY_TEXT),
+        vision=dict(TOY_VISION),
         tokenizer_corpus=toy_corpus(),
     )
     _set_pixel_budget(processor, *TOY_IMAGE_PIXELS)
@@ -86,7 +89,8 @@ def _set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
 
     old = processor.image_processor
     processor.image_processor = Qwen2VLImageProcessorPil(
-        patch_size=old.patch_size, merge_size=old.merge_size,
+        patch_size=old.patch_size,
+        merge_size=old.merge_size,
         temporal_patch_size=old.temporal_patch_size,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )

@@ -94,8 +94,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "crops", "full", "boxed_full", "eval_n", "final_eval_n", "threads"):
             if getattr(self, name) < (1 if name in ("steps", "threads") else 0):
-                raise ValueError(f"PretrainConfig.{name} must be >= 0 (steps, threads >= 1), "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(f"PretrainConfig.{name} must be >= 0 (steps, threads >= 1), got {getattr(self, name)}")
         if not 0 < self.lr <= 1e-2:
             raise ValueError(f"PretrainConfig.lr must be in (0, 1e-2], got {self.lr}")
         if self.crops % 2:
@@ -134,9 +133,14 @@ def _train_scenes(cfg: PretrainConfig, step: int, count: int) -> list[Sample]:
     """The scenes of one step: a pure function of (seed, step), so a run can be replayed."""
     first = step * count
     views = _step_views(cfg)
-    return [make_scene(scene_rng(_TRAIN_STREAM + cfg.seed, first + j),
-                       cfg.full_scene if cfg.full_scene is not None and views[j] in ("full", "boxed_full")
-                       else cfg.scene, scene_id=f"train-{first + j}")[1] for j in range(count)]
+    return [
+        make_scene(
+            scene_rng(_TRAIN_STREAM + cfg.seed, first + j),
+            cfg.full_scene if cfg.full_scene is not None and views[j] in ("full", "boxed_full") else cfg.scene,
+            scene_id=f"train-{first + j}",
+        )[1]
+        for j in range(count)
+    ]
 
 
 def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -150,10 +154,14 @@ def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
     model, processor = build_toy_model(seed=cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0)
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+    )
     views = _step_views(cfg)
-    val = prepare_views(processor, make_dataset(cfg.eval_n, VALIDATION_SEED, cfg.scene)) \
-        if cfg.eval_every and cfg.eval_n else None
+    val = (
+        prepare_views(processor, make_dataset(cfg.eval_n, VALIDATION_SEED, cfg.scene))
+        if cfg.eval_every and cfg.eval_n
+        else None
+    )
     curve: list[dict[str, Any]] = []
     train_seconds, start = 0.0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -168,16 +176,24 @@ def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
         train_seconds += time.perf_counter() - t0
         if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             acc = evaluate_views(model.eval(), processor, val).accuracy
-            curve.append({"step": step, "loss": round(loss.item(), 4),
-                          "grad_norm": round(grad_norm.item(), 3),
-                          "wall_s": round(time.perf_counter() - start, 1),
-                          **{v: round(a, 4) for v, a in acc.items()}})
+            curve.append(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 4),
+                    "grad_norm": round(grad_norm.item(), 3),
+                    "wall_s": round(time.perf_counter() - start, 1),
+                    **{v: round(a, 4) for v, a in acc.items()},
+                }
+            )
             print(json.dumps(curve[-1]), flush=True)
             if cfg.snapshot_dir is not None:
                 save_tiny(model, processor, Path(cfg.snapshot_dir) / f"step-{step}")
     model.eval()
-    final = evaluate_views(model, processor, make_dataset(cfg.final_eval_n, HELDOUT_SEED, cfg.scene),
-                           views=VIEWS) if cfg.final_eval_n else None
+    final = (
+        evaluate_views(model, processor, make_dataset(cfg.final_eval_n, HELDOUT_SEED, cfg.scene), views=VIEWS)
+        if cfg.final_eval_n
+        else None
+    )
     report = _report(cfg, curve, final, train_seconds, time.perf_counter() - start)
     if cfg.out is not None:
         save_tiny(model, processor, cfg.out)
@@ -185,8 +201,9 @@ def pretrain_base(cfg: PretrainConfig) -> tuple[Any, Any, dict[str, Any]]:
     return model, processor, report
 
 
-def _report(cfg: PretrainConfig, curve: list[dict[str, Any]], final: Any, train_s: float,
-            wall_s: float) -> dict[str, Any]:
+def _report(
+    cfg: PretrainConfig, curve: list[dict[str, Any]], final: Any, train_s: float, wall_s: float
+) -> dict[str, Any]:
     config = dataclasses.asdict(cfg)
     config.pop("out")
     config.pop("snapshot_dir")
@@ -195,14 +212,24 @@ def _report(cfg: PretrainConfig, curve: list[dict[str, Any]], final: Any, train_
     return {
         "recipe": "vopd.toyworld.pretrain.pretrain_base",
         "config": config,
-        "heldout": None if final is None else {
-            "seed": HELDOUT_SEED, "n": cfg.final_eval_n,
+        "heldout": None
+        if final is None
+        else {
+            "seed": HELDOUT_SEED,
+            "n": cfg.final_eval_n,
             "accuracy": {v: round(a, 4) for v, a in final.accuracy.items()},
             "gap_crop_minus_full": round(final.gap(), 4),
         },
         "validation_curve": curve,
-        "timing": {"train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / cfg.steps, 3),
-                   "wall_seconds": round(wall_s, 1), "threads": cfg.threads},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "timing": {
+            "train_seconds": round(train_s, 1),
+            "seconds_per_step": round(train_s / cfg.steps, 3),
+            "wall_seconds": round(wall_s, 1),
+            "threads": cfg.threads,
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }

@@ -15,8 +15,17 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG_KEYS", "run_configuration", "describe_configuration"]
 
 #: Keys of :func:`run_configuration`, in the order reports print them.
-CONFIG_KEYS = ("objective", "teacher", "teacher_rate", "teacher_view", "estimator", "beta", "support",
-               "student_view", "crop_source")
+CONFIG_KEYS = (
+    "objective",
+    "teacher",
+    "teacher_rate",
+    "teacher_view",
+    "estimator",
+    "beta",
+    "support",
+    "student_view",
+    "crop_source",
+)
 
 
 _VIEW_WORDS = {"crop": "crop", "full": "full image", "full+answer": "full image + reference answer"}
@@ -73,8 +82,11 @@ def describe_configuration(conf: dict[str, Any] | None) -> str:
         parts.append(f"labels {conf['labels']}")
     if conf.get("teacher"):
         rate = conf.get("teacher_rate")
-        parts.append(f"teacher {conf['teacher']}" + (f" {rate:g}" if rate is not None else "")
-                     + f" on the {_VIEW_WORDS.get(conf.get('teacher_view'), conf.get('teacher_view'))}")
+        parts.append(
+            f"teacher {conf['teacher']}"
+            + (f" {rate:g}" if rate is not None else "")
+            + f" on the {_VIEW_WORDS.get(conf.get('teacher_view'), conf.get('teacher_view'))}"
+        )
     if conf.get("estimator"):
         parts.append(f"{conf['estimator']} estimator, beta {conf['beta']:g}, support {conf['support']}")
     parts.append(f"student sees {conf.get('student_view', '?')}")

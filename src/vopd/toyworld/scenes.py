@@ -98,25 +98,22 @@ class SceneConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(
-                f"SceneConfig: need 1 <= min_objects <= max_objects, got "
-                f"{self.min_objects}, {self.max_objects}"
+                f"SceneConfig: need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
             )
-        if not 4 <= self.min_object_size <= self.max_object_size < self.size or \
-                (self.min_object_size + 1) // 2 > self.max_object_size // 2:
+        if (
+            not 4 <= self.min_object_size <= self.max_object_size < self.size
+            or (self.min_object_size + 1) // 2 > self.max_object_size // 2
+        ):
             raise ValueError(
                 f"SceneConfig: need 4 <= min_object_size <= max_object_size < size with an even "
                 f"size in between, got "
                 f"{self.min_object_size}, {self.max_object_size}, {self.size}"
             )
         if self.min_centre_distance <= 0:
-            raise ValueError(
-                f"SceneConfig: min_centre_distance must be > 0, got {self.min_centre_distance}"
-            )
+            raise ValueError(f"SceneConfig: min_centre_distance must be > 0, got {self.min_centre_distance}")
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown or len(set(self.shapes)) < 2:
-            raise ValueError(
-                f"SceneConfig.shapes: need >= 2 distinct shapes from {SHAPES}, got {self.shapes}"
-            )
+            raise ValueError(f"SceneConfig.shapes: need >= 2 distinct shapes from {SHAPES}, got {self.shapes}")
         if not 0 <= self.mark_size < self.min_object_size // 2:
             raise ValueError(
                 f"SceneConfig.mark_size: need 0 <= mark_size < min_object_size / 2 (inside every "
@@ -124,9 +121,7 @@ class SceneConfig:
             )
         bad = [c for c in self.colours if c not in COLOURS]
         if bad or not self.colours:
-            raise ValueError(
-                f"SceneConfig.colours: unknown colour(s) {bad}; choose from {tuple(COLOURS)}"
-            )
+            raise ValueError(f"SceneConfig.colours: unknown colour(s) {bad}; choose from {tuple(COLOURS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +174,7 @@ def _apart(cx: int, cy: int, side: int, x: int, y: int, s: int, cfg: SceneConfig
     return far and (abs(cx - x) >= gap or abs(cy - y) >= gap)
 
 
-def _place_objects(
-    rng: np.random.Generator, cfg: SceneConfig, count: int
-) -> list[tuple[int, int, int]]:
+def _place_objects(rng: np.random.Generator, cfg: SceneConfig, count: int) -> list[tuple[int, int, int]]:
     """Rejection-sample ``count`` (cx, cy, side) triples that respect the spacing rule."""
     for _ in range(200):
         placed: list[tuple[int, int, int]] = []
@@ -233,13 +226,11 @@ def render(objects: list[ToyObject], target: int, cfg: SceneConfig) -> tuple[Ima
             # The answer-bearing detail: a small square of the object's colour at its centre
             # (the centre lies inside every shape: a triangle is side/2 wide at half height).
             x0, y0 = obj.cx - cfg.mark_size // 2, obj.cy - cfg.mark_size // 2
-            draw.rectangle((x0, y0, x0 + cfg.mark_size - 1, y0 + cfg.mark_size - 1),
-                           fill=COLOURS[obj.colour])
+            draw.rectangle((x0, y0, x0 + cfg.mark_size - 1, y0 + cfg.mark_size - 1), fill=COLOURS[obj.colour])
     # The box comes from the target's own pixels (drawn alone on a mask), not from its nominal
     # square, so it is exact for every shape.
     mask = Image.new("L", (cfg.size, cfg.size), 0)
-    _draw(ImageDraw.Draw(mask), objects[target], fill=255, outline=255,
-          width=cfg.outline_width if cfg.outline else 0)
+    _draw(ImageDraw.Draw(mask), objects[target], fill=255, outline=255, width=cfg.outline_width if cfg.outline else 0)
     x0, y0, x1, y1 = mask.getbbox()
     return image, Box(float(x0), float(y0), float(x1), float(y1))
 
@@ -277,9 +268,7 @@ def make_scene(
         meta={
             "shape": target_shape,
             "colour": colour,
-            "objects": [
-                {"shape": o.shape, "colour": o.colour, "box": list(o.corners())} for o in objects
-            ],
+            "objects": [{"shape": o.shape, "colour": o.colour, "box": list(o.corners())} for o in objects],
             "target_index": target,
         },
     )
@@ -315,8 +304,9 @@ def view_input(sample: Sample, view: str, cfg: ViewConfig = TOY_VIEW) -> tuple[I
     image = load_image(sample.image, where=f"sample {sample.id!r}")
     boxed_cfg = dataclasses.replace(cfg, draw_box=True)
     if view == "full":
-        return student_view(image, sample.boxes, dataclasses.replace(cfg, draw_box=False)), \
-            prompt_text(sample, hint=False)
+        return student_view(image, sample.boxes, dataclasses.replace(cfg, draw_box=False)), prompt_text(
+            sample, hint=False
+        )
     if view == "crop":
         return teacher_view(image, sample.boxes, cfg), prompt_text(sample, hint=False)
     if view == "boxed_full":

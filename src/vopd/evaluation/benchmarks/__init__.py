@@ -14,11 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vopd.evaluation.benchmarks.files import DEFAULT_PROMPT, HUB_EXTRA, BenchmarkFormatError
 from vopd.evaluation.benchmarks import cvbench, hrbench, mmerw, mmstar, mmvp, pope, visualprobe, vstar, zoombench
+from vopd.evaluation.benchmarks.files import DEFAULT_PROMPT, HUB_EXTRA, BenchmarkFormatError
 from vopd.evaluation.types import EvalItem, GradedItem, ItemList  # noqa: F401 (documented above)
 
-__all__ = ["BENCHMARKS", "DEFAULT_PROMPT", "HUB_EXTRA", "PAPER_AVERAGE", "Benchmark", "BenchmarkFormatError", "get_benchmark"]
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_PROMPT",
+    "HUB_EXTRA",
+    "PAPER_AVERAGE",
+    "Benchmark",
+    "BenchmarkFormatError",
+    "get_benchmark",
+]
 
 
 @dataclass(frozen=True)
@@ -45,19 +53,103 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in [
-        Benchmark("vstar", vstar.load, vstar.score, "V* Bench accuracy (direct attributes, relative position)", "lmms-lab/vstar-bench", vstar.PROMPTS),
-        Benchmark("zoombench", zoombench.make_load("zoombench", "full"), zoombench.score, "ZoomBench accuracy, full image", "inclusionAI/ZoomBench", zoombench.PROMPTS),
-        Benchmark("zoombench_crop", zoombench.make_load("zoombench_crop", "crop"), zoombench.score, "ZoomBench accuracy, evidence crop", "inclusionAI/ZoomBench", zoombench.PROMPTS),
-        Benchmark("hrbench_4k", hrbench.make_load("hrbench_4k"), hrbench.score, "HR-Bench 4K, mean over 4 option rotations", "DreamMr/HR-Bench", hrbench.PROMPTS),
-        Benchmark("hrbench_8k", hrbench.make_load("hrbench_8k"), hrbench.score, "HR-Bench 8K, mean over 4 option rotations", "DreamMr/HR-Bench", hrbench.PROMPTS),
-        Benchmark("mme_rw_en", mmerw.make_load("mme_rw_en", "en"), mmerw.score, "MME-RealWorld EN (full), accuracy", "yifanzhang114/MME-RealWorld-Lmms-eval", mmerw.PROMPTS),
-        Benchmark("mme_rw_cn", mmerw.make_load("mme_rw_cn", "cn"), mmerw.score, "MME-RealWorld CN (full), accuracy", "yifanzhang114/MME-RealWorld-CN-Lmms-eval", mmerw.PROMPTS),
-        Benchmark("mme_rw_lite", mmerw.make_load("mme_rw_lite", "en"), mmerw.score, "MME-RealWorld Lite, accuracy", "yifanzhang114/MME-RealWorld-lite-lmms-eval", mmerw.PROMPTS),
-        Benchmark("visualprobe", visualprobe.load, visualprobe.score, "VisualProbe, mean over Easy/Medium/Hard (open answers)", None, visualprobe.PROMPTS),
-        Benchmark("mmvp", mmvp.load, mmvp.score, "MMVP pair accuracy (both questions of a pair right)", "MMVP/MMVP", mmvp.PROMPTS),
-        Benchmark("cvbench", cvbench.load, cvbench.score, "CV-Bench, mean of 2D and 3D", "nyu-visionx/CV-Bench", cvbench.PROMPTS),
+        Benchmark(
+            "vstar",
+            vstar.load,
+            vstar.score,
+            "V* Bench accuracy (direct attributes, relative position)",
+            "lmms-lab/vstar-bench",
+            vstar.PROMPTS,
+        ),
+        Benchmark(
+            "zoombench",
+            zoombench.make_load("zoombench", "full"),
+            zoombench.score,
+            "ZoomBench accuracy, full image",
+            "inclusionAI/ZoomBench",
+            zoombench.PROMPTS,
+        ),
+        Benchmark(
+            "zoombench_crop",
+            zoombench.make_load("zoombench_crop", "crop"),
+            zoombench.score,
+            "ZoomBench accuracy, evidence crop",
+            "inclusionAI/ZoomBench",
+            zoombench.PROMPTS,
+        ),
+        Benchmark(
+            "hrbench_4k",
+            hrbench.make_load("hrbench_4k"),
+            hrbench.score,
+            "HR-Bench 4K, mean over 4 option rotations",
+            "DreamMr/HR-Bench",
+            hrbench.PROMPTS,
+        ),
+        Benchmark(
+            "hrbench_8k",
+            hrbench.make_load("hrbench_8k"),
+            hrbench.score,
+            "HR-Bench 8K, mean over 4 option rotations",
+            "DreamMr/HR-Bench",
+            hrbench.PROMPTS,
+        ),
+        Benchmark(
+            "mme_rw_en",
+            mmerw.make_load("mme_rw_en", "en"),
+            mmerw.score,
+            "MME-RealWorld EN (full), accuracy",
+            "yifanzhang114/MME-RealWorld-Lmms-eval",
+            mmerw.PROMPTS,
+        ),
+        Benchmark(
+            "mme_rw_cn",
+            mmerw.make_load("mme_rw_cn", "cn"),
+            mmerw.score,
+            "MME-RealWorld CN (full), accuracy",
+            "yifanzhang114/MME-RealWorld-CN-Lmms-eval",
+            mmerw.PROMPTS,
+        ),
+        Benchmark(
+            "mme_rw_lite",
+            mmerw.make_load("mme_rw_lite", "en"),
+            mmerw.score,
+            "MME-RealWorld Lite, accuracy",
+            "yifanzhang114/MME-RealWorld-lite-lmms-eval",
+            mmerw.PROMPTS,
+        ),
+        Benchmark(
+            "visualprobe",
+            visualprobe.load,
+            visualprobe.score,
+            "VisualProbe, mean over Easy/Medium/Hard (open answers)",
+            None,
+            visualprobe.PROMPTS,
+        ),
+        Benchmark(
+            "mmvp",
+            mmvp.load,
+            mmvp.score,
+            "MMVP pair accuracy (both questions of a pair right)",
+            "MMVP/MMVP",
+            mmvp.PROMPTS,
+        ),
+        Benchmark(
+            "cvbench",
+            cvbench.load,
+            cvbench.score,
+            "CV-Bench, mean of 2D and 3D",
+            "nyu-visionx/CV-Bench",
+            cvbench.PROMPTS,
+        ),
         Benchmark("mmstar", mmstar.load, mmstar.score, "MMStar accuracy", "Lin-Chen/MMStar", mmstar.PROMPTS),
-        Benchmark("pope", pope.load, pope.score, "POPE F1 (accuracy, precision, recall, yes-ratio in the details)", "lmms-lab/POPE", pope.PROMPTS),
+        Benchmark(
+            "pope",
+            pope.load,
+            pope.score,
+            "POPE F1 (accuracy, precision, recall, yes-ratio in the details)",
+            "lmms-lab/POPE",
+            pope.PROMPTS,
+        ),
     ]
 }
 

@@ -36,12 +36,17 @@ def _include(root: Path):
     return lambda rel: not (split and Path(rel).name.lower().startswith("test."))
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     check_prompt(NAME, prompt, PROMPTS)
     path = Path(str(source))
-    rows = read_rows(source, (".parquet", ".jsonl"), include=_include(path) if path.is_dir() else None,
-                     why_excluded="the combined test table of an older release, beside test_2d/test_3d")
+    rows = read_rows(
+        source,
+        (".parquet", ".jsonl"),
+        include=_include(path) if path.is_dir() else None,
+        why_excluded="the combined test table of an older release, beside test_2d/test_3d",
+    )
     items = []
     for n, row in enumerate(rows):
         require_columns(row, ("type", "image", "prompt", "choices", "answer"), "CV-Bench")
@@ -73,7 +78,9 @@ def score(graded: list[GradedItem]) -> dict:
     sources = by_group(two_d, lambda g: g.item.meta.get("source"))
     acc_2d = _mean([v["accuracy"] for v in sources.values()]) if sources else accuracy(two_d)["accuracy"]
     acc_3d = accuracy([g for g in graded if g.item.category == "3D"])["accuracy"]
-    judged_2d = _mean([v["judged_accuracy"] for v in sources.values()]) if sources else accuracy(two_d)["judged_accuracy"]
+    judged_2d = (
+        _mean([v["judged_accuracy"] for v in sources.values()]) if sources else accuracy(two_d)["judged_accuracy"]
+    )
     judged_3d = accuracy([g for g in graded if g.item.category == "3D"])["judged_accuracy"]
     pooled = accuracy(graded)
     return {

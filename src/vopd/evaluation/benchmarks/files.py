@@ -70,8 +70,13 @@ def select_files(
     if not path.exists():
         raise FileNotFoundError(f"benchmark data not found: {path}")
     # hidden folders (a hub download's .cache/, .git/) never hold the benchmark's tables
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.name.lower().endswith(suffixes)
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     notes: list[str] = []
     if include is not None:
         kept = [p for p in found if include(p.relative_to(path))]
@@ -87,10 +92,14 @@ def select_files(
     for p in found:
         best = chosen[(p.parent.as_posix(), _stem(p, suffixes).lower())]
         if best != p:
-            notes.append(f"not read (same table as {best.relative_to(path).as_posix()}): {p.relative_to(path).as_posix()}")
+            notes.append(
+                f"not read (same table as {best.relative_to(path).as_posix()}): {p.relative_to(path).as_posix()}"
+            )
     files = sorted(chosen.values())
     if not files:
-        raise BenchmarkFormatError(f"{path}: no {'/'.join(suffixes)} files inside" + (f" ({notes[0]})" if notes else ""))
+        raise BenchmarkFormatError(
+            f"{path}: no {'/'.join(suffixes)} files inside" + (f" ({notes[0]})" if notes else "")
+        )
     return files, notes
 
 
@@ -110,9 +119,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError(
-            f"reading {path} needs pyarrow: pip install 'vision-opd[parquet]'"
-        ) from err
+        raise ImportError(f"reading {path} needs pyarrow: pip install 'vision-opd[parquet]'") from err
     return pq.read_table(path).to_pylist()
 
 
@@ -276,7 +283,9 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def choice_prompt(question: str, options: list[str], *, style: str = "paren", instruction: str = CHOICE_INSTRUCTION) -> str:
+def choice_prompt(
+    question: str, options: list[str], *, style: str = "paren", instruction: str = CHOICE_INSTRUCTION
+) -> str:
     """Question, one option per line (``(A) x`` or ``A. x``), then the instruction."""
     letters = "ABCDEFGH"
     if style == "paren":

@@ -47,11 +47,16 @@ def make_load(name: str):
     """A loader that tags items with benchmark ``name`` (``hrbench_4k`` or ``hrbench_8k``)."""
     resolution = name.rsplit("_", 1)[-1].lower()  # "4k" / "8k"
 
-    def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-             image_root: str | Path | None = None) -> ItemList:
+    def load(
+        source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+    ) -> ItemList:
         check_prompt(name, prompt, PROMPTS)
-        rows = read_rows(source, (".parquet", ".tsv"), include=lambda p: resolution in p.name.lower(),
-                         why_excluded=f"{name} reads the files named *{resolution}*")
+        rows = read_rows(
+            source,
+            (".parquet", ".tsv"),
+            include=lambda p: resolution in p.name.lower(),
+            why_excluded=f"{name} reads the files named *{resolution}*",
+        )
         seen: dict[tuple, int] = defaultdict(int)
         inferred = 0
         items = []

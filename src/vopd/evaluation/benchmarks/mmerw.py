@@ -80,8 +80,7 @@ def _get(row: dict[str, Any], field: str, required: bool = True) -> Any:
     if required:
         present = sorted(k for k in row if not k.startswith("_"))
         raise BenchmarkFormatError(
-            f"{row.get('_where', '?')}: MME-RealWorld rows need '{field}' (or {_ALIASES[field][1:]}); "
-            f"found {present}"
+            f"{row.get('_where', '?')}: MME-RealWorld rows need '{field}' (or {_ALIASES[field][1:]}); found {present}"
         )
     return None
 
@@ -89,8 +88,9 @@ def _get(row: dict[str, Any], field: str, required: bool = True) -> Any:
 def make_load(name: str, lang: str):
     """A loader for split ``name`` with the English or Chinese prompt."""
 
-    def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-             image_root: str | Path | None = None) -> ItemList:
+    def load(
+        source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+    ) -> ItemList:
         check_prompt(name, prompt, PROMPTS)
         rows = read_rows(source, (".parquet", ".json"))
         items = []

@@ -32,8 +32,9 @@ PROMPTS = ("paper",)
 _OPTION = re.compile(r"(?:^|[\s,])([A-F]):\s*(.*?)(?=,\s*[A-F]:|\n|$)", re.DOTALL)
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     check_prompt(NAME, prompt, PROMPTS)
     rows = read_rows(source, (".parquet", ".tsv"))
     items = []

@@ -29,8 +29,9 @@ PROMPTS = ("paper",)
 _OPTION = re.compile(r"\(([a-h])\)\s*(.*?)\s*(?=\([a-h]\)|$)", re.IGNORECASE | re.DOTALL)
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     """Load ``Questions.csv`` (or a folder holding it) and the images beside it."""
     check_prompt(NAME, prompt, PROMPTS)
     path = Path(source)
@@ -44,7 +45,10 @@ def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
         require_columns(row, ("Index", "Question", "Options", "Correct Answer"), "MMVP")
         index = int(row["Index"])
         options = [m.group(2).strip() for m in _OPTION.finditer(row["Options"])]
-        image = next((image_dir / f"{index}{e}" for e in (".jpg", ".png", ".jpeg") if (image_dir / f"{index}{e}").is_file()), None)
+        image = next(
+            (image_dir / f"{index}{e}" for e in (".jpg", ".png", ".jpeg") if (image_dir / f"{index}{e}").is_file()),
+            None,
+        )
         if image is None:
             raise BenchmarkFormatError(f"{row['_where']}: image {image_dir}/{index}.jpg not found")
         items.append(
@@ -66,6 +70,12 @@ def score(graded: list[GradedItem]) -> dict:
     """Pair accuracy (``overall``, the official metric) and per-question accuracy."""
     pairs = pair_accuracy(graded, lambda g: g.item.meta["pair"])
     questions = accuracy(graded)
-    return {"overall": pairs["accuracy"], "judged_overall": pairs["judged_accuracy"], "pairs": pairs,
-            "questions": questions, "n": questions["n"], "judged": questions["judged"],
-            "unjudged": questions["unjudged"]}
+    return {
+        "overall": pairs["accuracy"],
+        "judged_overall": pairs["judged_accuracy"],
+        "pairs": pairs,
+        "questions": questions,
+        "n": questions["n"],
+        "judged": questions["judged"],
+        "unjudged": questions["unjudged"],
+    }

@@ -47,13 +47,18 @@ def _include(root: Path):
     return keep
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     check_prompt(NAME, prompt, PROMPTS)
     path = Path(str(source))
     include = _include(path) if path.is_dir() else None
-    rows = read_rows(source, (".parquet", ".jsonl", ".json"), include=include,
-                     why_excluded="only the default configuration data/ and *pope* JSON files are POPE")
+    rows = read_rows(
+        source,
+        (".parquet", ".jsonl", ".json"),
+        include=include,
+        why_excluded="only the default configuration data/ and *pope* JSON files are POPE",
+    )
     items = []
     for n, row in enumerate(rows):
         question = row.get("question", row.get("text"))

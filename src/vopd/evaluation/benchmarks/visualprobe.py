@@ -36,8 +36,9 @@ def _level(path: Path) -> str:
     return "all"
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     """Load one ``val.json`` or every ``val.json`` under a folder."""
     check_prompt(NAME, prompt, PROMPTS)
     path = Path(source)

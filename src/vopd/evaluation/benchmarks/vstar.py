@@ -45,8 +45,9 @@ _OPTION_LINE = re.compile(r"^\s*\(([A-H])\)\s*(.*)$")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
-def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-         image_root: str | Path | None = None) -> ItemList:
+def load(
+    source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+) -> ItemList:
     """Load either layout (a folder of JSON + images, or parquet files / a hub id)."""
     check_prompt(NAME, prompt, PROMPTS)
     path = Path(str(source))
@@ -82,7 +83,9 @@ def _load_original(root: Path, seed: int) -> ItemList:
     subsets = [root / s for s in SUBSETS if (root / s).is_dir()]
     notes = []
     if subsets:  # the snapshot: read V*Bench's two folders only
-        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in subsets and not p.name.startswith("."))
+        others = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and p not in subsets and not p.name.startswith(".")
+        )
         if others:
             notes.append(f"not read (not part of V*Bench's 191 questions): {', '.join(o + '/' for o in others)}")
         meta_paths = sorted(p for d in subsets for p in d.rglob("*.json"))
@@ -131,4 +134,9 @@ def _load_original(root: Path, seed: int) -> ItemList:
 def score(graded: list[GradedItem]) -> dict:
     """Overall accuracy and per category (direct_attributes, relative_position)."""
     overall = accuracy(graded)
-    return {"overall": overall["accuracy"], "judged_overall": overall["judged_accuracy"], **overall, "categories": by_group(graded, lambda g: g.item.category)}
+    return {
+        "overall": overall["accuracy"],
+        "judged_overall": overall["judged_accuracy"],
+        **overall,
+        "categories": by_group(graded, lambda g: g.item.category),
+    }

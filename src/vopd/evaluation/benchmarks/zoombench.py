@@ -15,7 +15,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vopd.evaluation.benchmarks.files import DEFAULT_PROMPT, check_prompt, image_source, read_rows, require_columns, rows_base
+from vopd.evaluation.benchmarks.files import (
+    DEFAULT_PROMPT,
+    check_prompt,
+    image_source,
+    read_rows,
+    require_columns,
+    rows_base,
+)
 from vopd.evaluation.metrics import accuracy, by_group
 from vopd.evaluation.types import EvalItem, GradedItem, ItemList
 
@@ -35,8 +42,9 @@ def _has_image(value: object) -> bool:
 def make_load(name: str, view: str):
     """A loader whose items show the full image (``view="full"``) or the crop (``"crop"``)."""
 
-    def load(source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT,
-             image_root: str | Path | None = None) -> ItemList:
+    def load(
+        source: str | Path, *, seed: int = 0, prompt: str = DEFAULT_PROMPT, image_root: str | Path | None = None
+    ) -> ItemList:
         check_prompt(name, prompt, PROMPTS)
         rows = read_rows(source, (".parquet",))
         items = []
@@ -79,5 +87,9 @@ def make_load(name: str, view: str):
 def score(graded: list[GradedItem]) -> dict:
     """Overall and per dimension."""
     overall = accuracy(graded)
-    return {"overall": overall["accuracy"], "judged_overall": overall["judged_accuracy"], **overall,
-            "dimensions": by_group(graded, lambda g: g.item.category)}
+    return {
+        "overall": overall["accuracy"],
+        "judged_overall": overall["judged_accuracy"],
+        **overall,
+        "dimensions": by_group(graded, lambda g: g.item.category),
+    }
