@@ -371,3 +371,93 @@ def test_a_finished_run_releases_its_folder(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
     finally:
         os.close(fd)
+
+
+# ------------------------------------------ pruning: verified first, broken ones moved aside --
+
+
+def _truncate_model(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def test_pruning_keeps_the_intact_checkpoint_not_a_newer_broken_one(two_checkpoints, tmp_path, capsys):
+    """checkpoint-1 intact, checkpoint-3 truncated: resuming to step 2 with keep_checkpoints=1 used to
+    delete checkpoint-1 and the checkpoint-2 just written, leaving only the broken one."""
+    out = _copy(two_checkpoints, tmp_path)
+    (out / "checkpoint-2").rename(out / "checkpoint-3")
+    _truncate_model(out / "checkpoint-3")
+    res = train(_cfg(out, "max_steps=2", "save_every=1", "keep_checkpoints=1"), resume=True)
+    printed = capsys.readouterr().out
+    assert res.checkpoint == out / "checkpoint-2"
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-2"]
+    check_checkpoint(out / "checkpoint-2")
+    assert (out / "broken-checkpoint-3" / "model.safetensors").is_file()  # moved aside, not deleted
+    assert "moved the broken checkpoint-3 aside" in printed
+    assert load_resume_point(out, say=lambda _: None)[0] == out / "checkpoint-2"
+
+
+def test_two_broken_newer_checkpoints_do_not_push_the_good_ones_out(two_checkpoints, tmp_path, capsys):
+    """Default keep_checkpoints=2 with truncated checkpoint-5 and -6: the intact ones are the ones kept."""
+    out = _copy(two_checkpoints, tmp_path)
+    for n in (5, 6):
+        shutil.copytree(out / "checkpoint-2", out / f"checkpoint-{n}")
+        _truncate_model(out / f"checkpoint-{n}")
+    res = train(_cfg(out, "max_steps=3", "save_every=1"), resume=True)
+    assert res.steps == 3
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-3"]
+    for ck in checkpoint_dirs(out):
+        check_checkpoint(ck)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("broken-")) == [
+        "broken-checkpoint-5",
+        "broken-checkpoint-6",
+    ]
+    with pytest.raises(RunFolderError, match="broken-checkpoint-5"):  # a new run sees them as part of the run
+        train(_cfg(out, "max_steps=1"))
+
+
+def test_prune_unit_never_deletes_intact_while_broken_stays(two_checkpoints, tmp_path):
+    from vopd.checkpoint import prune_checkpoints
+
+    out = _copy(two_checkpoints, tmp_path)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    _truncate_model(out / "checkpoint-3")
+    (out / "broken-checkpoint-3").mkdir()  # an earlier one moved aside: the new one gets its own name
+    said: list[str] = []
+    removed = prune_checkpoints(out, 1, say=said.append)
+    assert removed == [out / "checkpoint-1"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-2"]
+    assert (out / "broken-checkpoint-3.1" / "model.safetensors").is_file()
+    assert "broken-checkpoint-3.1" in said[0] and "model.safetensors" in said[0]
+
+
+def test_a_checkpoint_whose_name_disagrees_with_its_step_is_named(two_checkpoints, tmp_path):
+    """checkpoint-1 copied in as checkpoint-5: the resume says it continues at step 1, and why."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(two_checkpoints / "checkpoint-1", out / "checkpoint-5")
+    said: list[str] = []
+    ckpt, state = load_resume_point(out, say=said.append)
+    assert ckpt == out / "checkpoint-5" and state["step"] == 1
+    assert any("checkpoint-5 records step 1, not 5" in line for line in said)
+
+
+def test_a_full_disk_inside_torch_save_names_the_disk_and_the_bytes(two_checkpoints, tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as 'RuntimeError: [enforce fail at inline_container.cc:672]': that
+    used to escape as is, leaving the .tmp folder behind and the cause unnamed."""
+    import vopd.checkpoint as ckpt_mod
+
+    out = _copy(two_checkpoints, tmp_path)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    with pytest.raises(
+        CheckpointError,
+        match=r"could not write checkpoint-3 .*the disk at /\S* has .* free, "
+        r"a checkpoint needs about .* \(\d+ bytes\).*temporary folder was removed",
+    ):
+        train(_cfg(out, "max_steps=3", "save_every=1"), resume=True)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2"]

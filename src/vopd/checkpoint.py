@@ -38,6 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 _REPLACED_RE = re.compile(r"^\.checkpoint-(\d+)\.old-\d+$")
+BROKEN_PREFIX = "broken-"  # broken checkpoints are moved aside to broken-checkpoint-N (not counted, not resumed)
 
 
 def _restore_replaced(root: Path) -> None:
@@ -98,7 +99,14 @@ def load_resume_point(output_dir: str | Path, *, say: Any = print) -> tuple[Path
 
     def check_and_load(ckpt: Path) -> dict[str, Any]:
         check_checkpoint(ckpt)
-        return load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt)
+        named = int(_CKPT_RE.match(ckpt.name).group(1))  # type: ignore[union-attr]
+        if state.get("step") != named:  # copied in or renamed: the recorded step is what resumes
+            say(
+                f"resume: warning: {ckpt} records step {state.get('step')}, not {named} as its name says "
+                f"(copied or renamed?); resuming at the recorded step {state.get('step')}"
+            )
+        return state
 
     return _newest_passing(output_dir, check_and_load, say)
 
@@ -275,8 +283,10 @@ def save_checkpoint(
     keep: int = 0,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    say: Any = print,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; prune to the newest ``keep`` (0 = keep all).
+    """Write ``checkpoint-<step>`` atomically; keep the newest ``keep`` intact ones (0 = keep all;
+    see `prune_checkpoints`).
 
     ``model_state`` / ``optimizer_state``: full states gathered from a sharded model (FSDP2),
     written instead of ``model``'s and ``optimizer``'s own.
@@ -317,11 +327,16 @@ def save_checkpoint(
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (state_dir / "state.json").write_text(json.dumps({"step": step, **extra, "files": files}, indent=2))
         _fsync_tree(tmp)
-    except OSError as err:  # a full disk, a quota, a vanished mount: leave no half-written folder behind
+    # A full disk, a quota, a vanished mount: leave no half-written folder behind. torch.save reports a
+    # full disk as a RuntimeError from its zip writer ("enforce fail at inline_container.cc"), so both.
+    except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        need = _state_bytes(model_state if model_state is not None else model.state_dict())
+        need += _state_bytes(teacher_state) + _state_bytes(_tensors(optimizer_state.get("state", {})))
         raise CheckpointError(
-            f"could not write checkpoint-{step} under {root} ({err}); the earlier checkpoints "
-            "are untouched. Free space (or fix the folder) and --resume"
+            f"could not write checkpoint-{step} under {root} ({type(err).__name__}: {err}); "
+            f"{_disk_line(root, need)}; the earlier checkpoints are untouched and the temporary folder "
+            "was removed. Free space (or fix the folder) and --resume"
         ) from err
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
         old = root / f".checkpoint-{step}.old-{os.getpid()}"
@@ -332,9 +347,72 @@ def save_checkpoint(
         tmp.rename(final)
     _fsync_dir(root)  # make the rename itself durable before older checkpoints are pruned
     if keep > 0:
-        for stale in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+        prune_checkpoints(root, keep, say=say)
     return final
+
+
+def broken_checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Checkpoints `prune_checkpoints` moved aside as broken (``broken-checkpoint-N[.K]``)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(BROKEN_PREFIX + "checkpoint-"))
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, *, say: Any = print) -> list[Path]:
+    """Keep the newest ``keep`` *intact* checkpoints (by step) and remove older intact ones.
+
+    Every checkpoint is verified first (`check_checkpoint`): a broken one is moved aside to
+    ``broken-checkpoint-N`` and reported through ``say``; it is neither counted among the kept
+    ones nor deleted (the user decides). So a truncated newer checkpoint never pushes a good
+    one out, and pruning by number alone cannot delete the checkpoint just written.
+    Returns the removed checkpoints.
+    """
+    root = Path(output_dir)
+    intact: list[Path] = []
+    for ckpt in checkpoint_dirs(root):
+        try:
+            check_checkpoint(ckpt)
+        except CheckpointError as err:
+            aside = root / f"{BROKEN_PREFIX}{ckpt.name}"
+            n = 1
+            while aside.exists():
+                aside, n = root / f"{BROKEN_PREFIX}{ckpt.name}.{n}", n + 1
+            ckpt.rename(aside)
+            say(f"checkpoint: moved the broken {ckpt.name} aside to {aside} ({err}); it is not resumed or counted")
+            continue
+        intact.append(ckpt)
+    stale = intact[:-keep] if keep > 0 else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _state_bytes(tensors: Any) -> int:
+    """Bytes the tensors of a state dict take on disk (about what a checkpoint of them needs)."""
+    values = tensors.values() if isinstance(tensors, dict) else []
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def _disk_line(root: Path, need: int) -> str:
+    """``"the disk at <mount> has X free, a checkpoint needs about Y"`` for a failed save."""
+    mount = root.resolve()
+    while not os.path.ismount(mount) and mount.parent != mount:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return f"a checkpoint needs about {_size(need)} ({need} bytes)"
+    short = "; too little space" if free < need else ""
+    return f"the disk at {mount} has {_size(free)} free, a checkpoint needs about {_size(need)} ({need} bytes){short}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vopd.checkpoint import checkpoint_dirs, clean_stale_temporaries
+from vopd.checkpoint import broken_checkpoint_dirs, checkpoint_dirs, clean_stale_temporaries
 
 __all__ = [
     "HARMLESS_KEYS",
@@ -67,7 +67,7 @@ class RunFolderError(RuntimeError):
 
 def _has_run(root: Path) -> list[str]:
     """What in ``root`` belongs to an earlier run (checkpoint folders, a non-empty metrics file)."""
-    found = [p.name for p in checkpoint_dirs(root)]
+    found = [p.name for p in checkpoint_dirs(root)] + [p.name for p in broken_checkpoint_dirs(root)]
     metrics = root / METRICS_FILE
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append(METRICS_FILE)

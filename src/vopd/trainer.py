@@ -546,6 +546,7 @@ def _save(state: TrainState) -> Path | None:
                 "config": config_to_dict(state.cfg),
             },
             keep=state.cfg.keep_checkpoints,
+            say=acc.print,
         )
     acc.wait_for_everyone()
     state.last_checkpoint = Path(state.cfg.output_dir) / f"checkpoint-{state.step}"
