@@ -23,6 +23,9 @@ __all__ = [
     "grade_open",
     "grade_yes_no",
     "normalize_text",
+    "read_choice",
+    "strip_think",
+    "UNPARSED_METHODS",
 ]
 
 LETTERS = "ABCDEFGH"
@@ -46,22 +49,37 @@ class Verdict:
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-# "Answer: X", "The answer is X", "Final answer: X" (last occurrence wins: models restate).
-_ANSWER_MARKER = re.compile(r"(?:final\s+answer|correct\s+answer|answer\s+is|answer)\s*[:：]?\s*", re.IGNORECASE)
+# "Answer: X", "The answer is X", "Final answer: X", "答案是 X" (last occurrence wins: models restate).
+_ANSWER_MARKER = re.compile(
+    r"(?:final\s+answer|correct\s+answer|answer\s+is|answer|答案(?:是|为)?)\s*[:：]?\s*", re.IGNORECASE
+)
+
+
+def strip_think(text: str) -> str:
+    """Drop the reasoning of a reply: ``<think>...</think>`` blocks, the preamble before a lone
+    ``</think>`` (templates that open the block in the prompt), and an opened block that never
+    closes (the reply was cut off mid-reasoning, so it holds no answer)."""
+    text = _THINK.sub("", text)
+    low = text.lower()
+    if "</think>" in low:
+        text = text[low.rindex("</think>") + len("</think>") :]
+    opened = _THINK_OPEN.search(text)
+    if opened:
+        text = text[: opened.start()]
+    return text
 
 
 def answer_span(text: str) -> str:
     """Return the part of a response that holds the answer.
 
-    Drops ``<think>`` blocks (and an unclosed think block's preamble), then prefers
-    ``<answer>...</answer>``, then ``\\boxed{...}``, then the text after the last
-    "Answer:" / "answer is", and otherwise the whole response.
+    Drops the reasoning (:func:`strip_think`), then prefers ``<answer>...</answer>``, then
+    ``\\boxed{...}``, then the text after the last "Answer:" / "answer is" / "答案是", and
+    otherwise the whole response.
     """
-    text = _THINK.sub("", text)
-    if "</think>" in text.lower():
-        text = text[text.lower().rindex("</think>") + len("</think>") :]
+    text = strip_think(text)
     tags = _ANSWER_TAG.findall(text)
     if tags and tags[-1].strip():
         return tags[-1].strip()
@@ -84,51 +102,127 @@ def normalize_text(text: str) -> str:
     return " ".join(words)
 
 
+# CJK ideographs and CJK punctuation: a letter next to them stands alone ("答案是D", "选E。").
+# Python's \w counts ideographs as word characters, so "no word character before" missed them.
+_CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
+_NOT_ASCII_WORD_BEFORE = r"(?<![A-Za-z0-9_'])"
+_NOT_ASCII_WORD_AFTER = r"(?![A-Za-z0-9_])"
+
+
 def _choice_patterns(letters: str) -> list[re.Pattern[str]]:
+    """Every way a reply names an option letter (each match is one mention)."""
     cls = f"[{letters}{letters.lower()}]"
+    upper = f"[{letters}]"
     return [
         # the whole span is a letter: "B", "(b)", "B.", "**B**"
         re.compile(rf"^\W*({cls})\W*$"),
         # leads with a letter then punctuation: "B. red", "(B) red", "B) red", "B: red"
-        re.compile(rf"^\W*\(({cls})\)|^\W*({cls})[\.\):：,]"),
+        re.compile(rf"^\W*\(({cls})\)|^\W*({cls})[\.\):：,，]"),
+        # leads with a capital letter as the subject: "B is correct", "C is wrong"
+        re.compile(rf"^\W*({upper})\s+(?:is|was)\b"),
         # "option B", "choice (C)", "answer is D"
-        re.compile(rf"(?:option|choice|answer\s+is)\s*[:：]?\s*\(?({cls})\b", re.IGNORECASE),
+        re.compile(rf"(?:option|choice|answer\s+is)\s*[:：]?\s*\(?({cls}){_NOT_ASCII_WORD_AFTER}", re.IGNORECASE),
         # a parenthesised letter anywhere: "... so (C) is right"
         re.compile(rf"\(({cls})\)"),
-        # an upper-case letter standing alone with punctuation: "... is C."
-        re.compile(rf"(?<![\w'])([{letters}])(?=[\.\):,]|\s*$)"),
+        # an upper-case letter standing alone with punctuation: "... is C.", "正确选项是E。"
+        re.compile(rf"{_NOT_ASCII_WORD_BEFORE}({upper})(?=[\.\):,;!?。，、；：！？]|\s*$)"),
+        # an upper-case letter next to CJK text: "答案是D", "选E", "B选项"
+        re.compile(rf"(?<=[{_CJK}])({upper}){_NOT_ASCII_WORD_AFTER}|{_NOT_ASCII_WORD_BEFORE}({upper})(?=[{_CJK}])"),
+        # letters joined as alternatives or a list: "C or D", "Both D and C", "either A or B", "C/D", "A和B"
+        re.compile(
+            rf"{_NOT_ASCII_WORD_BEFORE}\(?({upper})\)?\s*(?:,|，|、|/|&|\bor\b|\band\b|\bnor\b|或者?|和|与|还是)\s*"
+            rf"\(?({upper}){_NOT_ASCII_WORD_AFTER}"
+        ),
     ]
+
+
+# A negation right before a named option ("not C", "isn't (C)", "neither A", "不是C") ...
+_NEGATED_BEFORE = re.compile(
+    r"(?:\b(?:not|no|never|neither|nor|except|excluding|rather\s+than|instead\s+of)|n't|不是|并非|不选|不应选|排除|除了|非)"
+    r"\s*(?:(?:the\s+)?(?:option|choice|answer)\s*)?[:：]?\s*[\(\[]?$",
+    re.IGNORECASE,
+)
+# ... or right after it ("C is wrong", "C isn't", "C is not correct", "C不对", "C是错的").
+_NEGATED_AFTER = re.compile(
+    r"^[\)\]]?\s*(?:(?:is|are|was|would\s+be|seems|looks)\s*(?:not\b|n't)|(?:(?:is|are|was)\s+)?"
+    r"(?:wrong|incorrect|false)\b|是?错|不对|不正确|不是)",
+    re.IGNORECASE,
+)
+# Any negation at all, for option text and open answers ("It is not red." must not read "red").
+_NEGATION = re.compile(r"\b(?:not|no|never|neither|nor|none|cannot)\b|n['’ ]t\b|[不没非否]", re.IGNORECASE)
+# Words that offer alternatives ("red or blue", "either"): the reply names another candidate.
+_ALTERNATIVE = re.compile(r"\b(?:or|either|maybe|perhaps)\b|或|还是|可能", re.IGNORECASE)
+
+#: Unsettled rule outcomes in which no answer could be read (the item is ``unparsed`` without a judge).
+UNPARSED_METHODS = frozenset({"no_choice", "several_options", "negated", "no_yes_no"})
+
+
+def _words(text: str) -> str:
+    """A pattern matching ``text`` as whole words; only ASCII letters and digits bound a word, so
+    text glued to CJK characters ("不是red") still counts."""
+    return rf"(?<![A-Za-z0-9]){re.escape(text)}(?![A-Za-z0-9])"
+
+
+def _mentions(span: str, letters: str) -> list[tuple[str, int, int]]:
+    """Every option letter the span names, as ``(letter, start, end)``."""
+    found = []
+    for pattern in _choice_patterns(letters):
+        for match in pattern.finditer(span):
+            for group in range(1, (pattern.groups or 0) + 1):
+                if match.group(group):
+                    found.append((match.group(group).upper(), match.start(group), match.end(group)))
+    return found
+
+
+def read_choice(prediction: str, options: list[str] | None = None, *, n_options: int = 0) -> tuple[str | None, str]:
+    """Read the chosen option letter and say how: ``(letter, method)``.
+
+    ``method`` is ``choice`` (a letter), ``option_text`` (an option's text), or, with no letter,
+    ``several_options`` (the reply names two or more options: "C or D", "Not C, it is D"),
+    ``negated`` (it names one option only to negate it: "Not C.", "It is not red.") or
+    ``no_choice``.
+    """
+    count = n_options or (len(options) if options else 0) or 5
+    letters = LETTERS[:count]
+    span = unicodedata.normalize("NFKC", answer_span(prediction))  # full-width "（B）" -> "(B)"
+    mentions = _mentions(span, letters)
+    named = {letter for letter, _, _ in mentions}
+    if len(named) > 1:
+        return None, "several_options"
+    if named:
+        negated = any(
+            _NEGATED_BEFORE.search(span[:start]) or _NEGATED_AFTER.match(span[end:]) for _, start, end in mentions
+        )
+        return (None, "negated") if negated else (named.pop(), "choice")
+    if options:
+        norm = normalize_text(span)
+        texts = [normalize_text(opt) for opt in options]
+        hits = [i for i, text in enumerate(texts) if text and text == norm]
+        if len(hits) == 1:
+            return letters[hits[0]], "option_text"
+        # options whose text appears as whole words in the response
+        hits = [i for i, text in enumerate(texts) if text and re.search(_words(text), norm)]
+        if len(hits) > 1:
+            return None, "several_options"
+        if len(hits) == 1:
+            rest = re.sub(_words(texts[hits[0]]), " ", norm)
+            if _NEGATION.search(rest):
+                return None, "negated"
+            return letters[hits[0]], "option_text"
+    return None, "no_choice"
 
 
 def extract_choice(prediction: str, options: list[str] | None = None, *, n_options: int = 0) -> str | None:
     """Read the chosen option letter from a response, or ``None`` when there is none.
 
-    Forms tried in order on :func:`answer_span`: a bare letter, a leading letter with
+    The letter forms, tried on :func:`answer_span`: a bare letter, a leading letter with
     punctuation, "option/choice/answer is X", "(X)" anywhere, a capital letter standing alone
-    before punctuation; finally a unique normalised match with one option's text.
-    Letters are limited to the number of options (``n_options`` or ``len(options)``).
+    before punctuation or next to CJK text ("答案是D"), letters joined by "or"/"and"/","; then an
+    option's text. A reply that names two options ("C or D", "Not C, it is D") or negates the
+    one it names ("Not C.", "It is not red.") gives ``None``: it is not an answer. Letters are
+    limited to the number of options (``n_options`` or ``len(options)``). See :func:`read_choice`.
     """
-    count = n_options or (len(options) if options else 0) or 5
-    letters = LETTERS[:count]
-    span = unicodedata.normalize("NFKC", answer_span(prediction))  # full-width "（B）" -> "(B)"
-    for pattern in _choice_patterns(letters):
-        match = pattern.search(span)
-        if match:
-            letter = next(g for g in match.groups() if g)
-            return letter.upper()
-    if options:
-        norm = normalize_text(span)
-        hits = [i for i, opt in enumerate(options) if normalize_text(opt) and normalize_text(opt) == norm]
-        if len(hits) != 1:
-            # a unique option whose text appears as whole words in the response
-            hits = [
-                i
-                for i, opt in enumerate(options)
-                if normalize_text(opt) and re.search(rf"\b{re.escape(normalize_text(opt))}\b", norm)
-            ]
-        if len(hits) == 1:
-            return letters[hits[0]]
-    return None
+    return read_choice(prediction, options, n_options=n_options)[0]
 
 
 _YES = {"yes", "true", "correct", "是", "对"}
@@ -150,13 +244,17 @@ def extract_yes_no(text: str) -> str | None:
 
 
 def grade_choice(prediction: str, answer: str, options: list[str] | None = None) -> Verdict:
-    """Grade a multiple-choice response against the answer letter."""
-    letter = extract_choice(prediction, options, n_options=len(options or []))
+    """Grade a multiple-choice response against the answer letter.
+
+    Unsettled (method ``no_choice``, ``several_options`` or ``negated``) when no single option
+    can be read; a judge may then decide, and without one the item is wrong.
+    """
+    letter, method = read_choice(prediction, options, n_options=len(options or []))
     # The reference may be written "B", "(B)", "B." or "B)"; a bare strip("()") left "B." unequal
     # to every prediction, so such items were always graded wrong.
     truth = answer.strip().strip("()[]*.:：, ").upper()
     if letter is None:
-        return Verdict(False, False, None, "no_choice")
+        return Verdict(False, False, None, method)
     return Verdict(letter == truth, True, letter, "choice")
 
 
@@ -172,23 +270,38 @@ def grade_yes_no(prediction: str, answer: str) -> Verdict:
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def grade_open(prediction: str, answer: str) -> Verdict:
+def grade_open(prediction: str, answer: str, options: list[str] | None = None) -> Verdict:
     """Grade a free-form answer by normalised text.
 
-    Settled as right when the normalised span equals the normalised answer, or, for numeric
-    answers, when the first number in the span equals it. Anything else is unsettled (a judge
-    may decide); the unsettled fallback is right only if the answer appears as whole words.
+    Settled as right when the normalised span equals the normalised answer; for a numeric
+    answer, settled by the span's number when it names exactly one ("Between 6 and 8, so 7."
+    names three and is left to the judge). Anything else is unsettled (a judge may decide). The
+    unsettled fallback (no judge) credits a reply only if the answer appears in it as whole
+    words and the reply holds no negation ("not red but blue"), no alternative ("red or blue"),
+    no other number (numeric answers) and no other option's text (``options``, when given).
     """
     span = answer_span(prediction)
     norm_pred, norm_truth = normalize_text(span), normalize_text(answer)
     if norm_truth and norm_pred == norm_truth:
         return Verdict(True, True, span, "exact")
-    if _NUMBER.fullmatch(answer.strip()):
-        numbers = _NUMBER.findall(span)
-        if numbers:
-            return Verdict(float(numbers[0]) == float(answer), True, numbers[0], "number")
-    contained = bool(norm_truth) and re.search(rf"\b{re.escape(norm_truth)}\b", norm_pred) is not None
-    return Verdict(contained, False, span, "contains" if contained else "no_match")
+    numeric = _NUMBER.fullmatch(answer.strip()) is not None
+    numbers = _NUMBER.findall(span)
+    if numeric and numbers:
+        values = {float(n) for n in numbers}
+        if len(values) == 1:
+            return Verdict(values.pop() == float(answer), True, numbers[0], "number")
+    contained = bool(norm_truth) and re.search(_words(norm_truth), norm_pred) is not None
+    if not contained:
+        return Verdict(False, False, span, "no_match")
+    rest = re.sub(_words(norm_truth), " ", norm_pred)
+    others = [normalize_text(o) for o in options or [] if normalize_text(o) and normalize_text(o) != norm_truth]
+    hedged = (
+        _NEGATION.search(rest) is not None
+        or _ALTERNATIVE.search(rest) is not None
+        or (numeric and any(float(n) != float(answer) for n in numbers))
+        or any(re.search(_words(o), rest) for o in others)
+    )
+    return Verdict(not hedged, False, span, "contains_hedged" if hedged else "contains")
 
 
 def grade(prediction: str, answer: str, kind: str, options: list[str] | None = None) -> Verdict:
@@ -198,5 +311,5 @@ def grade(prediction: str, answer: str, kind: str, options: list[str] | None = N
     if kind == "yesno":
         return grade_yes_no(prediction, answer)
     if kind == "open":
-        return grade_open(prediction, answer)
+        return grade_open(prediction, answer, options)
     raise ValueError(f"unknown answer kind {kind!r}; expected 'choice', 'yesno' or 'open'")

@@ -14,6 +14,7 @@ from vopd.grading import (
     grade_open,
     grade_yes_no,
     normalize_text,
+    strip_think,
 )
 from vopd.grading import grade as grade_rules
 
@@ -46,8 +47,17 @@ def pope_answer(text: str) -> str:
 
 
 def grade_pope(prediction: str, answer: str) -> Verdict:
-    """Grade a POPE reply with :func:`pope_answer` (always settled)."""
-    said = pope_answer(prediction)
+    """Grade a POPE reply with :func:`pope_answer` after dropping its reasoning (``<think>``).
+
+    POPE's own script reads the raw reply, so under ``--thinking`` it would read the first
+    sentence of the reasoning; lmms-eval strips think tags first, and so does vopd. A reply that
+    is all reasoning (cut off inside an unclosed ``<think>``) holds no answer: unsettled. Any
+    other reply is settled, as in the official script.
+    """
+    reply = strip_think(prediction).strip()
+    if not reply and prediction.strip() and "think>" in prediction.lower():
+        return Verdict(False, False, None, "no_yes_no")
+    said = pope_answer(reply)
     return Verdict(said == answer.strip().lower(), True, said, "pope")
 
 

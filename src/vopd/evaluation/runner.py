@@ -30,6 +30,7 @@ from vopd.evaluation.grading import grade
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
+from vopd.grading import UNPARSED_METHODS
 from vopd.jsonl import append_record, end_with_newline, read_records
 
 __all__ = [
@@ -185,8 +186,8 @@ def grade_items(
         verdict = grade(pred, it.answer, it.kind, it.options)
         if verdict.settled or judge is None:
             method = verdict.method if verdict.settled else f"rule_fallback:{verdict.method}"
-            # no letter / no yes-no word could be read (an open answer that does not match is just wrong)
-            unparsed = not verdict.settled and verdict.method in ("no_choice", "no_yes_no")
+            # no single option / yes-no word could be read (an open answer that does not match is just wrong)
+            unparsed = not verdict.settled and verdict.method in UNPARSED_METHODS
             graded.append(
                 GradedItem(
                     it, pred, verdict.correct, method, verdict.extracted, status="unparsed" if unparsed else "graded"
