@@ -311,6 +311,39 @@ def test_failed_requests_count_as_wrong_and_the_cli_exits_non_zero(tmp_path, cap
     assert json.loads((out / "summary.json").read_text())["rows"][0]["overall"] == 75.0
 
 
+def test_pope_original_files_without_image_root_name_the_missing_images_and_the_flag(tmp_path, capsys):
+    """POPE's files name COCO images that live elsewhere: without --image-root every item fails on a
+    missing image, and the console line says so (not just "N items failed")."""
+    import argparse
+
+    from vopd.evaluation.cli_args import EXIT_FAILURES, add_eval_arguments, run_eval
+
+    spec = {"adversarial": [(R, R, "yes"), (R, G, "no")], "random": [(W, R, "no")]}
+    coco = tmp_path / "coco" / "val2014"
+    root = pub.write_pope_original(tmp_path / "POPE" / "output" / "coco", spec, coco)
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    with FakeChatServer(oracle) as server:
+        argv = [f"pope={root}", "--out", str(tmp_path / "out"), "--backend", "openai", "--model", "m"]
+        assert run_eval(parser.parse_args(argv + ["--url", server.url])) == EXIT_FAILURES
+        assert server.requests == []  # nothing could be asked
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "3 items failed" in err and "(3 image not found)" in err and "--image-root" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows"][0]["failure_causes"] == {"image not found": 3}
+
+
+def test_failure_message_names_the_fix_for_the_largest_group():
+    from vopd.evaluation.cli_args import failure_message
+
+    rows = [
+        {"failure_causes": {"request failed": 2}},
+        {"failure_causes": {"judge failed": 5, "image not found": 1}},
+    ]
+    line = failure_message({"rows": rows, "failures": 8})
+    assert "(5 judge failed, 2 request failed, 1 image not found)" in line
+    assert "judge failed: rerun the same command to judge them again" in line and "--allow-failures" in line
+
+
 def test_unknown_prompt_template_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="choose from paper, letters"):
         EvalConfig(benchmarks={"hrbench_4k": "x"}, out_dir=str(tmp_path), prompts={"hrbench_4k": "fancy"})

@@ -24,6 +24,7 @@ __all__ = [
     "add_gap_arguments",
     "eval_config_from_args",
     "gap_config_from_args",
+    "failure_message",
     "run_eval",
     "run_gap",
 ]
@@ -295,11 +296,29 @@ def run_eval(args: argparse.Namespace) -> int:
     summary = Path(args.out) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
-    if result["failures"] and not args.allow_failures:
-        print(
-            f"vopd eval: {result['failures']} items failed (requests or judgements) and were counted wrong; "
-            "rerun the same command to retry them, or pass --allow-failures to accept",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURES
+    if result["failures"]:
+        print(failure_message(result, allow=args.allow_failures), file=sys.stderr)
+        if not args.allow_failures:
+            return EXIT_FAILURES
     return 0
+
+
+def failure_message(summary: dict[str, Any], *, allow: bool = False) -> str:
+    """The console line for items without a verdict: their count by cause (image not found,
+    request failed, judge failed, ...) and the fix for the largest group."""
+    from collections import Counter
+
+    from vopd.evaluation.runner import FAILURE_FIXES
+
+    causes: Counter[str] = Counter()
+    for row in summary["rows"]:
+        causes.update(row.get("failure_causes") or {})
+    total = summary["failures"]
+    if not causes:  # a summary written before causes were recorded
+        causes["request failed or judge failed"] = total
+    ranked = causes.most_common()
+    listed = ", ".join(f"{n} {cause}" for cause, n in ranked)
+    top = ranked[0][0]
+    fix = FAILURE_FIXES.get(top, "rerun the same command to retry them")
+    tail = "" if allow else "; or pass --allow-failures to accept the scores as they are"
+    return f"vopd eval: {total} items failed and were counted wrong ({listed}). {top}: {fix}{tail}"

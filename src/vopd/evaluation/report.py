@@ -42,6 +42,7 @@ def summarize(
                 "failed": scores.get("failed", 0),
                 "judge_failed": scores.get("judge_failed", 0),
                 "unparsed": scores.get("unparsed", 0),
+                "failure_causes": scores.get("failure_causes", {}),
                 "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
             }
         )

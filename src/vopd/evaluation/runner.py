@@ -298,8 +298,39 @@ def evaluate_benchmark(
     predictions = predict(items, backend, store, view="default", batch_size=batch_size)
     graded = grade_items(items, predictions, judge=judge)
     scores = dict(bench.score(graded))
-    scores.update({"n_items": len(graded), **outcome_counts(graded), "prompt": prompt})
+    causes = failure_causes(graded, store)
+    scores.update({"n_items": len(graded), **outcome_counts(graded), "prompt": prompt, "failure_causes": causes})
     return BenchmarkResult(name, scores, graded, files, notes)
+
+
+#: Why items got no verdict, and what fixes the cause (the console names it for the largest group).
+FAILURE_FIXES = {
+    "image not found": "pass --image-root (the folder the relative image paths start from, e.g. COCO's "
+    "val2014/ for POPE's original files); without it they are looked up beside the data file",
+    "image unreadable": "the image files are damaged or not images; the errors in predictions.jsonl name them",
+    "request failed": "rerun the same command to retry them (check --url, --timeout and the server's log)",
+    "judge failed": "rerun the same command to judge them again (check --judge-url and --judge-model)",
+}
+
+
+def classify_failure(error: str | None) -> str:
+    """The cause of a failed item from its stored error: image not found / unreadable, or the request."""
+    text = error or ""
+    if text.startswith("ImageError"):
+        return "image not found" if "no such file" in text else "image unreadable"
+    return "request failed"
+
+
+def failure_causes(graded: Sequence[GradedItem], store: PredictionStore) -> dict[str, int]:
+    """Items without a verdict counted by cause (only causes that occurred, largest first)."""
+    counts: Counter[str] = Counter()
+    for g in graded:
+        if g.status == "failed":
+            rec = store.get(g.item.benchmark, "default", g.item.key) or {}
+            counts[classify_failure(rec.get("error"))] += 1
+        elif g.status == "judge_failed":
+            counts["judge failed"] += 1
+    return dict(counts.most_common())
 
 
 def write_graded(result: BenchmarkResult, path: Path) -> None:
