@@ -213,6 +213,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="folder relative image paths start from (MME-RW JSON, POPE JSON, CV-Bench JSONL), "
         "instead of the data file's folder",
     )
+    parser.add_argument(
+        "--parse",
+        choices=("vopd", "official"),
+        default="vopd",
+        help="how replies are read: vopd's rules (default), or each benchmark's official rule where it has "
+        "one (MME-RW, MMStar, POPE, CV-Bench, MMVP), quirks included, for numbers comparable with a "
+        "leaderboard (docs/evaluation.md)",
+    )
     _add_backend_arguments(parser)
     return parser
 
@@ -231,6 +239,7 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
         label=args.label,
         prompts=dict(args.prompt),
         image_root=args.image_root,
+        parse=args.parse,
     )
 
 

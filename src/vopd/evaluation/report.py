@@ -43,6 +43,9 @@ def summarize(
                 "judge_failed": scores.get("judge_failed", 0),
                 "unparsed": scores.get("unparsed", 0),
                 "failure_causes": scores.get("failure_causes", {}),
+                "parse": scores.get("parse", "vopd"),
+                "rule_only": scores.get("rule_only"),
+                "rule_settled": scores.get("rule_settled"),
                 "metric": BENCHMARKS[name].description if name in BENCHMARKS else "",
             }
         )
@@ -56,6 +59,7 @@ def summarize(
             "value": average,
             "benchmarks": list(PAPER_AVERAGE),
             "missing": missing,
+            "rule_only": [b for b in PAPER_AVERAGE if results.get(b, {}).get("rule_only")],
             "note": MME_SPLIT_NOTE,
         },
         "details": results,
@@ -73,18 +77,37 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
+        mark = " *" if row.get("rule_only") else ""
         lines.append(
-            f"| {row['benchmark']} | {_fmt(row['overall'])} | {_fmt(row['judged_overall'])} | "
+            f"| {row['benchmark']} | {_fmt(row['overall'])}{mark} | {_fmt(row['judged_overall'])} | "
             f"{_fmt(row['n'])} | {_fmt(row['failed'])} | {_fmt(row['judge_failed'])} | "
             f"{_fmt(row['unparsed'])} | {row['metric']} |"
         )
     avg = summary["paper_average"]
     value = _fmt(avg["value"]) if avg["value"] is not None else f"n/a (missing: {', '.join(avg['missing'])})"
+    if avg["value"] is not None and avg.get("rule_only"):
+        value += f" (rule-only: {', '.join(avg['rule_only'])}; not comparable to the paper's)"
     lines += [
         "",
         "score: failed requests and failed judgements count as wrong (as in the official scripts); "
         "judged only: over the items that got a verdict.",
         "",
+    ]
+    for row in summary["rows"]:
+        if row.get("rule_only"):
+            lines += [
+                f"\\* {row['benchmark']}: {row['rule_only']} (no --judge; {_fmt(row['rule_settled'])}% of the "
+                "items settled by a rule, the rest by the no-judge fallback).",
+                "",
+            ]
+    parses = {row["benchmark"]: row.get("parse", "vopd") for row in summary["rows"]}
+    if any(p != "vopd" for p in parses.values()):
+        lines += ["Replies read by (--parse official):", ""]
+        lines += [f"- {name}: {how}" for name, how in parses.items()]
+        lines.append("")
+    else:
+        lines += ["Replies read by vopd's rules (--parse vopd; docs/evaluation.md).", ""]
+    lines += [
         f"Paper 6-benchmark average ({', '.join(avg['benchmarks'])}): **{value}**",
         "",
         f"{avg['note']}.",

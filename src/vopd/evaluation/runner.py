@@ -29,11 +29,14 @@ from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
 from vopd.evaluation.grading import grade
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.metrics import outcome_counts
+from vopd.evaluation.official import OFFICIAL_READERS, OfficialReader
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
 from vopd.grading import UNPARSED_METHODS
 from vopd.jsonl import append_record, end_with_newline, read_records
 
 __all__ = [
+    "PARSES",
+    "RULE_ONLY",
     "EvalConfig",
     "PredictionStore",
     "evaluate_benchmark",
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``--parse`` choices: vopd's rules, or each benchmark's official rule where it has one.
+PARSES = ("vopd", "official")
 
 
 class PredictionStore:
@@ -168,13 +174,15 @@ def grade_items(
     predictions: dict[str, str | None],
     *,
     judge: LLMJudge | None = None,
+    reader: OfficialReader | None = None,
 ) -> list[GradedItem]:
     """Rules first; unsettled items go to the judge if there is one, else the rule's fallback.
 
     ``predictions`` maps ``item.key`` to the answer. Items without a prediction get status
     ``failed``, items the judge could not decide ``judge_failed`` (both ``correct=None``);
     replies from which no answer could be read, without a judge, are wrong with status
-    ``unparsed``.
+    ``unparsed``. With ``reader`` (a benchmark's official rule, :mod:`vopd.evaluation.official`)
+    every reply is read by it instead, and no judge is asked: the official rule settles all.
     """
     graded: list[GradedItem | None] = []
     to_judge: list[tuple[int, EvalItem, str]] = []
@@ -183,8 +191,10 @@ def grade_items(
         if pred is None:
             graded.append(GradedItem(it, None, None, "no_prediction", status="failed"))
             continue
-        verdict = grade(pred, it.answer, it.kind, it.options)
-        if verdict.settled or judge is None:
+        verdict = reader(pred, it) if reader is not None else grade(pred, it.answer, it.kind, it.options)
+        if reader is not None and not verdict.extracted:  # the official rule read nothing: wrong, as there
+            graded.append(GradedItem(it, pred, verdict.correct, verdict.method, None, status="unparsed"))
+        elif verdict.settled or judge is None:
             method = verdict.method if verdict.settled else f"rule_fallback:{verdict.method}"
             # no single option / yes-no word could be read (an open answer that does not match is just wrong)
             unparsed = not verdict.settled and verdict.method in UNPARSED_METHODS
@@ -231,6 +241,10 @@ class EvalConfig:
             paper's eval prompt). The templates of each are in ``BENCHMARKS[name].prompts``.
         image_root: folder that relative image paths start from (MME-RW JSON, POPE original
             files, CV-Bench JSONL, ...), instead of each data file's own folder.
+        parse: ``vopd`` (default): vopd's rules read every reply (:mod:`vopd.grading`);
+            ``official``: each benchmark with an official rule-based scorer reads its replies
+            with that rule, quirks included (:mod:`vopd.evaluation.official`); the others keep
+            vopd's rules. The summary names the parse behind every number.
     """
 
     benchmarks: dict[str, str]
@@ -242,8 +256,11 @@ class EvalConfig:
     label: str = ""
     prompts: dict[str, str] = field(default_factory=dict)
     image_root: str | None = None
+    parse: str = "vopd"
 
     def __post_init__(self) -> None:
+        if self.parse not in PARSES:
+            raise ValueError(f"parse must be one of {', '.join(PARSES)}, got {self.parse!r}")
         if not self.benchmarks:
             raise ValueError("no benchmarks given; pass at least one name=path")
         for name in self.benchmarks:
@@ -281,11 +298,14 @@ def evaluate_benchmark(
     seed: int = 0,
     prompt: str = DEFAULT_PROMPT,
     image_root: str | None = None,
+    parse: str = "vopd",
 ) -> BenchmarkResult:
     """Load, answer (resuming), grade and score one benchmark.
 
-    The scores carry, beside the benchmark's own numbers, ``n_items`` and the counts of
-    ``failed``, ``judge_failed`` and ``unparsed`` items.
+    The scores carry, beside the benchmark's own numbers, ``n_items``, the counts of
+    ``failed``, ``judge_failed`` and ``unparsed`` items, their ``failure_causes``, the
+    ``parse`` that read the replies, and for a judge-scored benchmark graded without a judge
+    ``rule_only`` with the share of items a rule settled (``rule_settled``, percent).
     """
     bench = get_benchmark(name)
     loaded = bench.load(source, seed=seed, prompt=prompt, image_root=image_root)
@@ -296,11 +316,31 @@ def evaluate_benchmark(
         notes.append(f"--limit {limit}: {limit} of {len(items)} items evaluated")
         items = items[:limit]
     predictions = predict(items, backend, store, view="default", batch_size=batch_size)
-    graded = grade_items(items, predictions, judge=judge)
+    reader = OFFICIAL_READERS.get(name) if parse == "official" else None
+    graded = grade_items(items, predictions, judge=judge, reader=reader)
     scores = dict(bench.score(graded))
     causes = failure_causes(graded, store)
     scores.update({"n_items": len(graded), **outcome_counts(graded), "prompt": prompt, "failure_causes": causes})
+    scores["parse"] = parse_used(name, parse)
+    if bench.judge_scored and judge is None:
+        settled = sum(g.status == "graded" and not g.method.startswith("rule_fallback") for g in graded)
+        scores["rule_only"] = RULE_ONLY
+        scores["rule_settled"] = 100.0 * settled / len(graded) if graded else None
     return BenchmarkResult(name, scores, graded, files, notes)
+
+
+#: The mark on a judge-scored benchmark's headline when no judge was used.
+RULE_ONLY = "rule-only, not comparable to the official judge score"
+
+
+def parse_used(name: str, parse: str) -> str:
+    """What read the replies of benchmark ``name`` under ``--parse parse``, in words."""
+    scorer = get_benchmark(name).scorer
+    if parse != "official":
+        return "vopd"
+    if name in OFFICIAL_READERS:
+        return f"official: {scorer}"
+    return f"vopd (no official rule-based scorer: {scorer})"
 
 
 #: Why items got no verdict, and what fixes the cause (the console names it for the largest group).
@@ -385,6 +425,7 @@ def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, A
             seed=cfg.seed,
             prompt=cfg.prompts.get(name, DEFAULT_PROMPT),
             image_root=cfg.image_root,
+            parse=cfg.parse,
         )
         write_graded(result, out / "graded" / f"{name}.jsonl")
         results[name] = result.scores
@@ -418,6 +459,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "prompts": {n: cfg.prompts.get(n, DEFAULT_PROMPT) for n in cfg.benchmarks},
         "image_root": cfg.image_root,
+        "parse": cfg.parse,
     }
 
 

@@ -40,6 +40,10 @@ class Benchmark:
         description: one line for ``--help`` and reports (what the headline number means).
         hub_id: where the published files live, for users with internet.
         prompts: the prompt templates ``load`` accepts; the first (``paper``) is the default.
+        scorer: the benchmark's own scorer, in words (what ``--parse official`` follows, or why
+            it cannot: an LLM judge, option likelihoods).
+        judge_scored: the official score is an LLM judge's: a run without ``--judge`` is marked
+            rule-only in the summary (not comparable to the official number).
     """
 
     name: str
@@ -48,7 +52,11 @@ class Benchmark:
     description: str
     hub_id: str | None = None
     prompts: tuple[str, ...] = ("paper",)
+    scorer: str = ""
+    judge_scored: bool = False
 
+
+MME_RW_SCORER = "rule (MME-RealWorld eval_your_results.py: first capital A-E, else the choice containing the reply)"
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -60,6 +68,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "V* Bench accuracy (direct attributes, relative position)",
             "lmms-lab/vstar-bench",
             vstar.PROMPTS,
+            scorer="option likelihood (V*'s vstar_bench_eval.py; no rule on a generated reply)",
         ),
         Benchmark(
             "zoombench",
@@ -68,6 +77,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             "ZoomBench accuracy, full image",
             "inclusionAI/ZoomBench",
             zoombench.PROMPTS,
+            scorer="LLM judge",
+            judge_scored=True,
         ),
         Benchmark(
             "zoombench_crop",
@@ -76,6 +87,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             "ZoomBench accuracy, evidence crop",
             "inclusionAI/ZoomBench",
             zoombench.PROMPTS,
+            scorer="LLM judge",
+            judge_scored=True,
         ),
         Benchmark(
             "hrbench_4k",
@@ -84,6 +97,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "HR-Bench 4K, mean over 4 option rotations",
             "DreamMr/HR-Bench",
             hrbench.PROMPTS,
+            scorer="LLM judge on every reply (HR-Bench's VLMEvalKit fork)",
         ),
         Benchmark(
             "hrbench_8k",
@@ -92,6 +106,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "HR-Bench 8K, mean over 4 option rotations",
             "DreamMr/HR-Bench",
             hrbench.PROMPTS,
+            scorer="LLM judge on every reply (HR-Bench's VLMEvalKit fork)",
         ),
         Benchmark(
             "mme_rw_en",
@@ -100,6 +115,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "MME-RealWorld EN (full), accuracy",
             "yifanzhang114/MME-RealWorld-Lmms-eval",
             mmerw.PROMPTS,
+            scorer=MME_RW_SCORER,
         ),
         Benchmark(
             "mme_rw_cn",
@@ -108,6 +124,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "MME-RealWorld CN (full), accuracy",
             "yifanzhang114/MME-RealWorld-CN-Lmms-eval",
             mmerw.PROMPTS,
+            scorer=MME_RW_SCORER,
         ),
         Benchmark(
             "mme_rw_lite",
@@ -116,6 +133,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "MME-RealWorld Lite, accuracy",
             "yifanzhang114/MME-RealWorld-lite-lmms-eval",
             mmerw.PROMPTS,
+            scorer=MME_RW_SCORER,
         ),
         Benchmark(
             "visualprobe",
@@ -124,6 +142,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             "VisualProbe, mean over Easy/Medium/Hard (open answers)",
             None,
             visualprobe.PROMPTS,
+            scorer="LLM judge",
+            judge_scored=True,
         ),
         Benchmark(
             "mmvp",
@@ -132,6 +152,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "MMVP pair accuracy (both questions of a pair right)",
             "MMVP/MMVP",
             mmvp.PROMPTS,
+            scorer="rule (Cambrian-1 mmvp_test.py; the MMVP paper used a GPT-4 grader)",
         ),
         Benchmark(
             "cvbench",
@@ -140,8 +161,17 @@ BENCHMARKS: dict[str, Benchmark] = {
             "CV-Bench, mean of 2D and 3D",
             "nyu-visionx/CV-Bench",
             cvbench.PROMPTS,
+            scorer="rule (Cambrian-1 CV-Bench scorers, coco_test.py / omni_test.py)",
         ),
-        Benchmark("mmstar", mmstar.load, mmstar.score, "MMStar accuracy", "Lin-Chen/MMStar", mmstar.PROMPTS),
+        Benchmark(
+            "mmstar",
+            mmstar.load,
+            mmstar.score,
+            "MMStar accuracy",
+            "Lin-Chen/MMStar",
+            mmstar.PROMPTS,
+            scorer="rule (MMStar's exact match: the first character after '(', 'option ' or 'the answer is ')",
+        ),
         Benchmark(
             "pope",
             pope.load,
@@ -149,6 +179,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "POPE F1 (accuracy, precision, recall, yes-ratio in the details)",
             "lmms-lab/POPE",
             pope.PROMPTS,
+            scorer="rule (POPE evaluate.py: first sentence, no/not)",
         ),
     ]
 }

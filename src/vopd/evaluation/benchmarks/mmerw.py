@@ -122,7 +122,8 @@ def make_load(name: str, lang: str):
                     options=options,
                     category=_get(row, "Category", False),
                     question=question,
-                    meta={"task": task.strip().lower() or None, "subtask": subtask},
+                    # the published choices ("(A) ...") are what the official scorer reads
+                    meta={"task": task.strip().lower() or None, "subtask": subtask, "choices": published},
                 )
             )
         return ItemList(items, files=rows.files, notes=rows.notes)
