@@ -29,6 +29,8 @@ def summarize(
     the headline ``overall`` (items without a verdict counted wrong, as the official scripts
     do), ``judged_overall`` (judged items only), ``n`` (items evaluated) and the counts of
     ``failed`` requests, ``judge_failed`` and ``unparsed`` replies; ``failures`` sums the first two.
+    Rows also carry ``failure_causes``, ``parse`` (what read the replies) and, for a judge-scored
+    benchmark run without a judge, ``rule_only`` and ``rule_settled`` (percent settled by a rule).
     """
     rows = []
     for name, scores in results.items():
