@@ -140,9 +140,25 @@ def test_negated_or_hedged_reply_is_no_answer(reply, why):
     assert (verdict.correct, verdict.settled, verdict.method) == (False, False, why)
 
 
-@pytest.mark.parametrize("reply", ["B is correct", "The answer is B, not because of the size.", "B. It is black."])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "B is correct",
+        "The answer is B, not because of the size.",
+        "B. It is black.",
+        # a reply that leads with its answer may discuss the other options
+        "The correct answer is (B) black. The other options, (A) white, (C) green and (D) red, do not match.",
+        "(B) because A is white",
+        "The answer is B. Option A is wrong.",
+    ],
+)
 def test_one_option_named_plainly_still_reads(reply):
     assert read_choice(reply, FIVE) == ("B", "choice")
+
+
+@pytest.mark.parametrize("reply", ["B, but maybe C", "B. Or D.", "B, D", "B is wrong, D is right"])
+def test_a_leading_letter_that_is_hedged_or_negated_is_no_answer(reply):
+    assert read_choice(reply, FIVE)[0] is None
 
 
 def test_unclosed_think_holds_no_answer():

@@ -54,7 +54,7 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNOREC
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # "Answer: X", "The answer is X", "Final answer: X", "答案是 X" (last occurrence wins: models restate).
 _ANSWER_MARKER = re.compile(
-    r"(?:final\s+answer|correct\s+answer|answer\s+is|answer|答案(?:是|为)?)\s*[:：]?\s*", re.IGNORECASE
+    r"(?:(?:final|correct|best)\s+answer|answer)(?:\s+is)?\s*[:：]?\s*|答案(?:是|为)?\s*[:：]?\s*", re.IGNORECASE
 )
 
 
@@ -188,7 +188,14 @@ def read_choice(prediction: str, options: list[str] | None = None, *, n_options:
     mentions = _mentions(span, letters)
     named = {letter for letter, _, _ in mentions}
     if len(named) > 1:
-        return None, "several_options"
+        # "B. Option A is wrong because ...": a reply that leads with one letter, not joined to
+        # another ("C, D", "C or D") and not hedged ("B, or maybe C"), answers with it; every
+        # official scorer reads such a reply as its leading letter too.
+        lead = re.match(rf"^\W*\(?([{letters}])\)?(?:[\.\):：,，]|\s+(?:is|was)\b|$)", span)
+        joined = _choice_patterns(letters)[-1].match(span)
+        if lead is None or joined is not None or _ALTERNATIVE.search(span) or _NEGATED_AFTER.match(span[lead.end(1) :]):
+            return None, "several_options"
+        return lead.group(1), "choice"
     if named:
         negated = any(
             _NEGATED_BEFORE.search(span[:start]) or _NEGATED_AFTER.match(span[end:]) for _, start, end in mentions
