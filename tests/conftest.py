@@ -104,3 +104,20 @@ def vllm_python():
             pytest.fail(reason + " (VOPD_REQUIRE_VLLM=1)")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def vopd_train_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """The checkpoint folder of `vopd train --config configs/tiny_cpu.yaml max_steps=1` (what a user saves)."""
+    from pathlib import Path
+
+    from vopd.checkpoint import latest_checkpoint
+    from vopd.cli import main as cli_main
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    out = tmp_path_factory.mktemp("vopd_train") / "run"
+    argv = ["train", "--config", str(recipe), "max_steps=1", "threads=1", "report_to=[jsonl]", f"output_dir={out}"]
+    assert cli_main(argv) == 0
+    found = latest_checkpoint(out)
+    assert found is not None
+    return Path(found)

@@ -216,3 +216,27 @@ def test_data_check_lists_every_row_when_none_is_usable(tmp_path, capsys):
     assert found.usable == 0 and [p.row for p in found.problems] == [1, 2, 3]
     assert cli_main(["data", "check", str(path)]) == 1
     assert f"{path}:3: invalid JSON" in capsys.readouterr().out
+
+
+def test_data_check_with_a_vopd_train_checkpoint_as_model(vopd_train_checkpoint, tmp_path, capsys):
+    """`--model CHECKPOINT` loads the processor as training does (the image-only fallback without
+    torchvision), not with a bare AutoProcessor that needs the stock video processor."""
+    path = write_dataset(tmp_path / "toy", 2, seed=0)
+    with pytest.warns(UserWarning, match="image-only|ImageOnly"):
+        rc = cli_main(["data", "check", str(path), "--model", str(vopd_train_checkpoint)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "2 of 2 rows usable" in out.out and "prompts measured with the processor" in out.out
+
+
+def test_data_check_on_a_file_without_usable_rows_fails_as_training_does(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = load_config(None, [*BASE, f"data.train={empty}", f"output_dir={tmp_path / 'run'}", "max_steps=1"])
+    with pytest.raises(RecordError) as stopped:
+        train(cfg)
+    assert "no usable records" in str(stopped.value)
+    assert not check_data(empty).ok
+    assert cli_main(["data", "check", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert str(stopped.value) in err, err  # the same message `vopd train` stops with

@@ -61,3 +61,13 @@ def test_fresh_process_without_vopd_loads_model_and_image_processor(tiny_qwen2_v
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Qwen2VLForConditionalGeneration Qwen2VLImageProcessor" in done.stdout
     assert "processor: ImportError True" in done.stdout
+
+
+def test_vopd_train_checkpoint_names_only_classes_transformers_exports(vopd_train_checkpoint):
+    """Every class named in the checkpoint's JSON configs (processor, image/video processor, tokenizer) is
+    public: a tool reading tokenizer_config.json alone must not look for vopd's ImageOnly* classes."""
+    from support.public_names import class_names, private_class_names
+
+    names = class_names(vopd_train_checkpoint)
+    assert "tokenizer_config.json.processor_class" in names and "processor_config.json.processor_class" in names
+    assert not private_class_names(vopd_train_checkpoint), private_class_names(vopd_train_checkpoint)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from support.public_names import class_names, private_class_names
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.processing_auto import processor_class_from_name
 
@@ -181,6 +182,8 @@ def test_save_tiny_returns_directory(tmp_path, tiny_qwen2_vl):
 def test_every_family_saves_and_reloads_with_full_processor(tiny_models, tiny_images, family, tmp_path):
     model, processor = tiny_models(family)
     path = save_tiny(model, processor, tmp_path / family)
+    # Every class a saved config names is one transformers exports (no vopd-private ImageOnly*).
+    assert class_names(path) and not private_class_names(path), private_class_names(path)
     stock = STOCK_PROCESSORS.get(type(processor).__name__)
     if stock is not None:  # saved under the stock class (needs torchvision to load as such; not here)
         assert json.loads((path / "processor_config.json").read_text())["processor_class"] == stock[0]

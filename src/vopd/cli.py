@@ -89,11 +89,12 @@ def _data_propose(args: argparse.Namespace) -> int:
 
 def _data_check(args: argparse.Namespace) -> int:
     from vopd.config import load_config
-    from vopd.datacheck import check_data, load_processor
+    from vopd.datacheck import check_data
+    from vopd.specs import resolve_processor
 
     cfg = load_config(args.config, [])  # views, out_of_bounds, max_prompt_tokens as training uses them
     path = args.path or cfg.data.train
-    processor = load_processor(args.model, trust_remote_code=cfg.model.trust_remote_code) if args.model else None
+    processor = resolve_processor(args.model, trust_remote_code=cfg.model.trust_remote_code) if args.model else None
     found = check_data(
         path,
         views=cfg.views,
@@ -104,6 +105,10 @@ def _data_check(args: argparse.Namespace) -> int:
         thinking=cfg.model.thinking,
     )
     print(found.report())
+    if found.usable == 0:  # what `vopd train` stops with on this file: the same error, exit status and message
+        from vopd.records import no_usable_records
+
+        raise no_usable_records(found.source, found.problems)
     if not found.ok:
         print(
             f"{len(found.problems)} unusable row(s): fix them, or train with data.on_error=skip to skip them",

@@ -5,7 +5,8 @@ sane (size, pixel budget), every box fits its image - what `vopd.data.load_train
 checks. ``decode=True`` also decodes every image fully and builds both views (a truncated file
 whose header reads fine fails only here, or mid-run). With a model (``model=...``) every prompt
 is built with its processor and measured against ``max_prompt_tokens``. Each problem is named
-``file:row``; the check fails (exit 1) when any row is unusable.
+``file:row``; the check fails (exit 1) when any row is unusable, and when no row is (an empty
+file: the same "no usable records" error ``vopd train`` stops with).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class DataCheck:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """Every row usable, and at least one (training refuses a file without a usable row)."""
+        return not self.problems and self.usable > 0
 
     def report(self, limit: int = 50) -> str:
         head = (
@@ -94,14 +96,3 @@ def check_data(
     return DataCheck(
         loaded.source, len(loaded.samples) + len(loaded.skipped), usable, problems, list(loaded.clipped), checked
     )
-
-
-def load_processor(spec: str, *, trust_remote_code: bool = False) -> Any:
-    """The processor of a model spec, without loading weights where it can (local folder or hub id)."""
-    from vopd.specs import model_spec_names, resolve_model_spec
-
-    if spec.startswith("tiny:") or spec in model_spec_names():
-        return resolve_model_spec(spec)[1]
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(spec, trust_remote_code=trust_remote_code)

@@ -33,6 +33,7 @@ from vopd.processors import register_image_only_processors  # importing register
 
 __all__ = [
     "load_model",
+    "load_processor",
     "chat_prompt",
     "vision_token_ids",
     "build_prompts",
@@ -151,6 +152,23 @@ def load_model(
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = _load_processor(path, model_type, trust_remote_code)
     return model.to(device).eval(), processor
+
+
+def load_processor(path: str, *, trust_remote_code: bool = False) -> ProcessorMixin:
+    """The processor of a hub id or local checkpoint folder, without loading the weights.
+
+    The one processor loader of vopd (`load_model` uses it too): the stock class when it loads
+    with an image processor, else the family's image-only class (`vopd.processors`, with a
+    warning), e.g. for a vopd checkpoint, whose config names the stock class, without torchvision.
+    """
+    from transformers import AutoConfig
+
+    _check_local_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise OSError(f"{path}: cannot read the model config ({exc})") from exc
+    return _load_processor(path, getattr(config, "model_type", None), trust_remote_code)
 
 
 def _check_local_path(path: str) -> None:

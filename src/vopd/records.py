@@ -36,6 +36,7 @@ __all__ = [
     "RecordError",
     "Sample",
     "load_records",
+    "no_usable_records",
     "resolve_record_path",
     "safe_file_name",
     "validate_sample",
@@ -561,9 +562,14 @@ def load_records(
         result.rows.append(row)
     result.layout = layout or "vopd"
     if not result.samples and not allow_empty:
-        why = f"; {len(result.skipped)} rows skipped, first: {result.skipped[0]}" if result.skipped else ""
-        raise RecordError(f"no usable records{why}", file=file)
+        raise no_usable_records(file, result.skipped)
     return result
+
+
+def no_usable_records(file: str | Path, skipped: Sequence[Issue]) -> RecordError:
+    """The error for a record file without a usable row (`vopd train` and `vopd data check` alike)."""
+    why = f"; {len(skipped)} rows skipped, first: {skipped[0]}" if skipped else ""
+    return RecordError(f"no usable records{why}", file=file)
 
 
 # Row layouts other than ours, registered by the modules that read them (importing

@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["register_model_spec", "register_data_spec", "resolve_model_spec", "data_spec_loader", "model_spec_names"]
+__all__ = [
+    "register_model_spec",
+    "register_data_spec",
+    "resolve_model_spec",
+    "resolve_processor",
+    "data_spec_loader",
+    "model_spec_names",
+]
 
 # name -> f(**load_options) -> (model, processor); load_options as in resolve_model_spec.
 _MODELS: dict[str, Callable[..., tuple[Any, Any]]] = {}
@@ -77,6 +84,17 @@ def resolve_model_spec(
     from vopd.models import load_model
 
     return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+
+
+def resolve_processor(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The processor of a model spec: a folder or hub id without loading its weights (through
+    :func:`vopd.models.load_processor`, the loader training uses); ``tiny:*`` and registered
+    names through :func:`resolve_model_spec`."""
+    if spec.startswith("tiny:") or spec in _MODELS or spec == "toy-base":
+        return resolve_model_spec(spec, trust_remote_code=trust_remote_code)[1]
+    from vopd.models import load_processor
+
+    return load_processor(spec, trust_remote_code=trust_remote_code)
 
 
 def data_spec_loader(spec: str) -> Callable[[str], list] | None:
