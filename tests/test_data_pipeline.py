@@ -139,3 +139,28 @@ def test_malformed_toyworld_spec_is_a_clear_error():
     with pytest.raises(ValueError, match="toyworld:N"):
         load_train_samples("toyworld:many")
     assert len(load_train_samples("toyworld:3:5")) == 3
+
+
+def test_crop_replay_shows_the_student_the_teacher_crop_for_a_fixed_share():
+    import dataclasses
+
+    from vopd.data import ViewDataset
+    from vopd.toyworld.scenes import TOY_VIEW, make_dataset
+    from vopd.views import replay_draw
+
+    samples = make_dataset(40, 5)
+    plain = ViewDataset(samples, TOY_VIEW)
+    replay = ViewDataset(samples, dataclasses.replace(TOY_VIEW, student_crop_share=0.5))
+    chosen = [replay_draw(s.id) < 0.5 for s in samples]
+    assert 5 < sum(chosen) < 35  # a share, not all or none
+    for i, pick in enumerate(chosen):
+        a, b = plain[i], replay[i]
+        assert np.array_equal(np.asarray(a.teacher), np.asarray(b.teacher)) and a.text == b.text
+        expected = a.teacher if pick else a.student  # replayed: the student reads the teacher's crop
+        assert np.array_equal(np.asarray(b.student), np.asarray(expected))
+        assert b.student.size == ((112, 112) if pick else (168, 168))
+    # The draw depends on the id alone: the same samples in another order replay the same ids.
+    reverse = ViewDataset(samples[::-1], dataclasses.replace(TOY_VIEW, student_crop_share=0.5))
+    assert [reverse[i].student.size == (112, 112) for i in range(len(samples))] == chosen[::-1]
+    with pytest.raises(Exception, match="student_crop_share"):
+        dataclasses.replace(TOY_VIEW, student_crop_share=1.0)

@@ -168,6 +168,15 @@ class ViewConfig:
         "model)",
         choices=CROP_SOURCES,
     )
+    student_crop_share: float = knob(
+        0.0,
+        "crop replay: this share of the training samples (chosen by a hash of the sample id, "
+        "vopd.views.replay_draw) shows the student the teacher's own crop instead of the full "
+        "image; anchors the student's reading of the privileged view, which full-image training "
+        "alone lets drift (docs/toyworld.md); 0 = off, as in the paper",
+        ge=0,
+        lt=1,
+    )
     proposal_keep: float = knob(
         1.0,
         "with a proposed crop_source: train only on this fraction of the samples, "

@@ -21,7 +21,7 @@ from vopd.images import ImageError, load_image
 from vopd.models import build_prompts, chat_prompt
 from vopd.records import RecordError, Sample
 from vopd.specs import data_spec_loader
-from vopd.views import ViewConfig, make_views, prompt_text, reference_text, student_view
+from vopd.views import ViewConfig, make_views, prompt_text, reference_text, replay_draw, student_view
 
 
 @dataclass
@@ -185,7 +185,10 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def _views(self, sample: Sample) -> tuple[Image.Image, Image.Image, str]:
         if self.teacher_sees == "crop":
-            return make_views(sample, self.views)
+            student, teacher, text = make_views(sample, self.views)
+            if self.views.student_crop_share > 0 and replay_draw(sample.id) < self.views.student_crop_share:
+                student = teacher  # crop replay: the student reads the teacher's own view
+            return student, teacher, text
         # Control: no privileged view. The teacher sees exactly what the student sees.
         image = load_image(sample.image, where=f"sample {sample.id}")
         student = student_view(image, sample.boxes, self.views)

@@ -21,6 +21,7 @@ checkpoint and stops; with ``rollback`` the teacher's weights return to the last
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -92,7 +93,9 @@ class TeacherHealth:
     # -- probe set-up, done once with the initial weights --------------------------------------
 
     def _pairs(self, processor: Any):
-        items = [ViewDataset(self.samples, self.views)[i] for i in range(len(self.samples))]
+        # The probe measures the student on its full-image view: no crop replay here.
+        views = dataclasses.replace(self.views, student_crop_share=0.0)
+        items = [ViewDataset(self.samples, views)[i] for i in range(len(self.samples))]
         return PairCollator(processor, thinking=self.thinking, max_prompt_tokens=None)(items)
 
     def prepare(self, state: Any) -> dict[str, float]:

@@ -11,6 +11,7 @@ with defaults and allowed values, ``docs/data.md`` with pitfalls.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ __all__ = [
     "make_views",
     "prompt_text",
     "reference_text",
+    "replay_draw",
     "student_view",
     "teacher_view",
     "zoomed_size",
@@ -178,6 +180,15 @@ def _provided_crop(sample: Sample, cfg: ViewConfig) -> Image.Image:
         return crop
     ratio = math.sqrt(cfg.max_pixels / (crop.width * crop.height))
     return _resize(crop, (max(1, math.floor(crop.width * ratio)), max(1, math.floor(crop.height * ratio))))
+
+
+def replay_draw(sample_id: str) -> float:
+    """A number in [0, 1) fixed by the sample id alone (SHA-256), for ``ViewConfig.student_crop_share``.
+
+    A hash, not a random stream: the same samples replay the crop whatever the order, batch size,
+    number of workers or resume point.
+    """
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2.0**64
 
 
 def make_views(sample: Sample, cfg: ViewConfig) -> tuple[Image.Image, Image.Image, str]:

@@ -33,7 +33,9 @@ _VIEW_WORDS = {"crop": "crop", "full": "full image", "full+answer": "full image 
 
 def _student_view(cfg: TrainConfig) -> str:
     view = "full + red box" if cfg.views.draw_box else "full"
-    return view + " + hint" if cfg.views.hint else view
+    view = view + " + hint" if cfg.views.hint else view
+    share = cfg.views.student_crop_share
+    return f"{view}, crop replay {share:.0%}" if share > 0 else view
 
 
 def _support(cfg: TrainConfig) -> str:
