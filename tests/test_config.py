@@ -263,3 +263,42 @@ def test_vopd_config_imports_no_model_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-500:] + out.stderr[-2000:]
     assert "LOADED []" in out.stdout and "optim.lr" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("parallel.strategy=fsdp2", "parallel.strategy=fsdp2"), ("lora.r=8", "lora.r=8")],
+)
+def test_vllm_with_fsdp2_or_lora_is_a_config_error_at_load(override, named):
+    """Refused when the config loads, before any model or data is built, naming both keys."""
+    with pytest.raises(ConfigError, match="rollout.engine=vllm") as err:
+        load_config(None, ["rollout.engine=vllm", override])
+    assert named in str(err.value)
+
+
+# What train_setup may still raise, and why none of it is a combination of config keys: each is
+# about the environment (an installed package, a folder on disk) or a programming error.
+SETUP_REFUSALS_OUTSIDE_THE_CONFIG = {
+    ("resolve_trackers", "ConfigError"),  # report_to names a tracker whose package is not installed
+    ("setup", "CheckpointError"),  # --resume: the saved model cannot be loaded
+    ("_resume_point", "FileNotFoundError"),  # --resume without a checkpoint in output_dir
+    ("forward", "TypeError"),  # ResponseHidden.all_logits given the wrong batch type (a programming error)
+}
+
+
+def test_setup_refuses_no_combination_the_config_could_refuse_at_load():
+    """Every `raise` in vopd.train_setup, by enclosing function: only the environment checks above are
+    left; a bad combination of keys is the config's to refuse (`TrainConfig.__post_init__`)."""
+    import ast
+
+    import vopd.train_setup
+
+    tree = ast.parse(Path(vopd.train_setup.__file__).read_text())
+    found = set()
+    for func in ast.walk(tree):
+        if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Raise) and node.exc is not None:
+                    exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                    found.add((func.name, getattr(exc, "id", None) or getattr(exc, "attr", "?")))
+    assert found - SETUP_REFUSALS_OUTSIDE_THE_CONFIG == set()

@@ -446,6 +446,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_knobs(self, "")
         _check_objective(self)
+        if self.rollout.engine == "vllm" and (self.parallel.strategy == "fsdp2" or self.lora.r > 0):
+            # The weight push sends the full, merged parameters of one process (docs/vllm.md).
+            which = "parallel.strategy=fsdp2" if self.parallel.strategy == "fsdp2" else f"lora.r={self.lora.r}"
+            raise ConfigError(
+                f"rollout.engine=vllm with {which} is not supported yet: the weight push sends the full, "
+                "merged parameters of one process (docs/vllm.md); use rollout.engine=hf, or "
+                "parallel.strategy=ddp and lora.r=0"
+            )
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind not in ("ema", "frozen"):
                 raise ConfigError(

@@ -290,11 +290,6 @@ def setup(
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    if cfg.rollout.engine == "vllm" and (sharded or adapters is not None):
-        raise ValueError(
-            "rollout.engine=vllm with sharded training or LoRA is not supported yet: the weight push "
-            "sends the full, merged parameters (docs/vllm.md); use rollout.engine=hf"
-        )
     engine: RolloutEngine = make_engine(cfg, processor)
     if sharded:
         engine = ShardedSampling(engine, student)
