@@ -58,6 +58,7 @@ LAYER: dict[str, str] = {
     # applications
     "vopd.evaluation": "applications",  # package
     "vopd.toyworld": "applications",  # package
+    "vopd.databuild": "applications",  # package: vopd data build (writer and filter models over HTTP)
     # the command line
     "vopd.cli": "cli",
 }

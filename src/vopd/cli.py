@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
     "demo": "CPU toy world: measure the gap, train label-free, measure again, write a report.",
     "gap": "Measure the regional-to-global gap (crop vs full image) of a model on boxed data.",
     "eval": "Evaluate on fine-grained benchmarks (V*, HR-Bench, MME-RealWorld, ZoomBench, ...).",
-    "data": "Build or import training data (toyworld scenes, Vision-OPD-6K check, model-proposed boxes).",
+    "data": "Build or import training data (toyworld scenes, Vision-OPD-6K check, proposed boxes, data from images).",
     "toyworld": "Toy-world utilities: pretrain the tiny base model.",
     "config": "Print every training knob with its default and meaning.",
 }
@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_data)
+    q = dsub.add_parser(
+        "build",
+        help="make training data from your own images: regions, a writer model's questions, a filter "
+        "model's check (docs/data_build.md)",
+    )
+    from vopd.databuild.cli_args import add_build_args  # light: argparse only
+
+    add_build_args(q)
 
     _mount_optional(sub)
     return parser

@@ -1,8 +1,9 @@
 """A tiny OpenAI-compatible chat server on 127.0.0.1 for tests and offline demos.
 
 It answers ``POST /v1/chat/completions`` with whatever ``responder(text, body)`` returns, where
-``text`` is the user message's text; a responder that returns an ``int`` gets that HTTP status
-instead (e.g. 500 for the items a test wants to fail). It is bounded: it stops by itself after ``max_requests``
+``text`` is the user message's text; a list of strings is sent as that many choices (a request
+with ``n``); a responder that returns an ``int`` gets that HTTP status instead (e.g. 500 for the
+items a test wants to fail). It is bounded: it stops by itself after ``max_requests``
 requests or ``lifetime_s`` seconds, so a forgotten server cannot linger.
 
     with FakeChatServer(lambda text, body: "A") as server:
@@ -19,7 +20,7 @@ from typing import Any
 
 __all__ = ["FakeChatServer"]
 
-Responder = Callable[[str, dict[str, Any]], str]
+Responder = Callable[[str, dict[str, Any]], str | list[str] | int]
 
 
 def _user_text(body: dict[str, Any]) -> str:
@@ -92,7 +93,11 @@ class FakeChatServer:
                     if isinstance(text, int):
                         self._send(text, {"error": "scripted failure"})
                     else:
-                        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                        texts = text if isinstance(text, list) else [text]
+                        choices = [
+                            {"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)
+                        ]
+                        self._send(200, {"choices": choices})
 
             def _send(self, code: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode("utf-8")

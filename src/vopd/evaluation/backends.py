@@ -33,6 +33,7 @@ __all__ = [
     "HFBackend",
     "OpenAIBackend",
     "PartialFailure",
+    "chat_choices",
     "chat_completion",
     "check_env_name",
     "image_data_url",
@@ -209,6 +210,20 @@ def chat_completion(
     other HTTP errors (4xx: a bad request will not improve) raise at once. Error messages never
     hold the key: the body of an auth error is dropped, other bodies are redacted.
     """
+    return chat_choices(url, body, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)[0]
+
+
+def chat_choices(
+    url: str,
+    body: dict[str, Any],
+    *,
+    api_key: str | None,
+    timeout_s: float,
+    retries: int,
+    backoff_s: float = 0.5,
+) -> list[str]:
+    """As :func:`chat_completion`, but every choice's text, in order (a body with ``"n": k``
+    asks for k; a server that ignores ``n`` returns fewer, so callers count what they got)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -232,10 +247,11 @@ def chat_completion(
                 raise BackendError(f"{last}: {detail!r} (not retried: fix the request)")
             continue
         try:
-            content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
-            if not isinstance(content, str):
-                raise TypeError("content is not a string")
-            return content
+            choices = json.loads(raw.decode("utf-8"))["choices"]
+            texts = [c["message"]["content"] for c in choices]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise TypeError("no choices, or a content that is not a string")
+            return texts
         except (KeyError, IndexError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
             last = f"{endpoint}: malformed reply ({type(err).__name__}: {err})"
     raise BackendError(redact(f"request failed after {retries + 1} attempts: {last}", [api_key]))
