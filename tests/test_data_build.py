@@ -262,3 +262,50 @@ def test_a_killed_build_resumes_where_it_stopped(toy):
         assert main(_args(root, writer, filt)) == 0
         assert len(writer.requests) == len(samples) - 5  # only what the killed build had not cached
     assert len(load_records(root / "built" / "data.jsonl")) == len(samples)
+
+
+def test_regions_proposed_by_the_model_are_cached_by_image_content(toy, monkeypatch):
+    root, samples, _ = toy
+    oracle = ToyOracle(root / "toy" / "records.jsonl")
+    with FakeChatServer(oracle.writer) as writer, FakeChatServer(oracle.filter) as filt:
+        args = _args(root, writer, filt)
+        at = args.index("--boxes")
+        args[at : at + 2] = [
+            "--propose-model",
+            "toy-base",
+            "--source",
+            "attention",
+            "--config",
+            "configs/toy_demo.yaml",
+        ]
+        assert main(args) == 0
+        stages = json.loads((root / "built" / "data.summary.json").read_text())["stages"]
+        assert stages["regions"]["found"] == len(samples) and stages["writer"]["asked"] == stages["regions"]["kept"]
+        rows = (next((root / "built" / "data.build").glob("regions-*.jsonl"))).read_text().splitlines()
+        assert len(rows) == len(samples) and all(json.loads(r)["model"] == "toy-base" for r in rows)
+
+        def no_model(*a, **k):
+            raise AssertionError("the proposer was loaded although every proposal is cached")
+
+        monkeypatch.setattr("vopd.specs.resolve_model_spec", no_model)
+        assert main(args) == 0
+    out = load_records(root / "built" / "data.jsonl")
+    assert all(s.meta["region"]["source"] == "attention" and s.meta["region"]["model"] == "toy-base" for s in out)
+
+
+def test_filter_local_samples_with_a_local_model(toy):
+    root, samples, _ = toy
+    oracle = ToyOracle(root / "toy" / "records.jsonl")
+    with FakeChatServer(oracle.writer) as writer, FakeChatServer(oracle.filter) as filt:
+        args = _args(root, writer, filt, "built/data.jsonl", "--filter-samples", "2", "--limit", "4")
+        at = args.index("--filter-url")
+        args[at : at + 4] = ["--filter-local", "toy-base"]
+        assert main(args) == 0
+        assert not filt.requests
+    counts = json.loads((root / "built" / "data.summary.json").read_text())["stages"]["filter"]
+    assert counts["asked"] == 4 and counts["requests"] == 4
+    assert counts["kept"] + counts.get("filter_disagrees", 0) + counts.get("filter_unsure", 0) == 4
+    rows = [
+        json.loads(r) for r in next((root / "built" / "data.build").glob("filter-*.jsonl")).read_text().splitlines()
+    ]
+    assert len(rows) == 4 and all(len(r["replies"]) == 2 for r in rows)

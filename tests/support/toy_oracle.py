@@ -7,8 +7,9 @@ about the object inside it, with its true colour among four options. A box aroun
 a refusal that is not JSON. The filter knows the right option of every question the writer wrote
 (it shares the scene's contents) and answers it in a controllable share of its samples, the next
 option otherwise: ``agreement(key)`` on a crop, ``full_agreement(key)`` on a full image, where
-``key`` is the question, its options and ``|`` between them. A question it does not know gets
-rotating letters.
+``key`` joins the question, its options and a hash of the image shown with ``|``. With ``p_right`` each crop sample
+is instead right with that probability (seeded by the key: a noisy reader, for benchmarks). A
+question it does not know gets rotating letters.
 """
 
 from __future__ import annotations
@@ -26,20 +27,30 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vopd.evaluation.backends import image_data_url
+from vopd.images import load_image
 from vopd.records import load_records
 from vopd.toyworld.scenes import COLOURS, question_text
 
 RED = (255, 0, 0)
 
 
-def _images(body: dict[str, Any]) -> list[Image.Image]:
+def _urls(body: dict[str, Any]) -> list[str]:
     out = []
     for message in body.get("messages", []):
         for part in message.get("content", []) if isinstance(message.get("content"), list) else []:
             if part.get("type") == "image_url":
-                data = part["image_url"]["url"].split(",", 1)[1]
-                out.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+                out.append(part["image_url"]["url"])
     return out
+
+
+def _decode(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def _key(question: str, options: list[str], image_url: str) -> str:
+    """What identifies a question for the filter: its text, options and the image it is asked on."""
+    return "|".join([question, *options, hashlib.sha256(image_url.encode()).hexdigest()[:12]])
 
 
 def _h(text: str) -> int:
@@ -56,16 +67,21 @@ class ToyOracle:
         agreement: Callable[[str], float] = lambda key: 1.0,
         full_agreement: Callable[[str], float] = lambda key: 0.0,
         fence: bool = True,
+        p_right: float | None = None,
     ):
-        self.scenes = {Path(str(s.image)).name: s.meta["objects"] for s in load_records(records)}
+        samples = load_records(records).samples
+        self.scenes = {Path(str(s.image)).name: s.meta["objects"] for s in samples}
+        self.paths = {Path(str(s.image)).name: s.image for s in samples}
         self.agreement = agreement
         self.full_agreement = full_agreement
         self.fence = fence
+        self.p_right = p_right
         self.truth: dict[str, str] = {}  # question + options -> the right letter (the writer knows)
 
     def writer(self, text: str, body: dict[str, Any]) -> str:
         name = re.search(r"image=(\S+)", text).group(1)
-        images = _images(body)
+        urls = _urls(body)
+        images = [_decode(u) for u in urls]
         arr = np.asarray(images[-1])
         ys, xs = np.nonzero(np.all(arr == RED, axis=-1))
         if len(images) < 2 or not len(xs):
@@ -87,20 +103,27 @@ class ToyOracle:
         slot = rng.randrange(4)
         options = others[:slot] + [obj["colour"]] + others[slot:]
         question = question_text(obj["shape"])
-        self.truth[question + "|" + "|".join(options)] = "ABCD"[slot]
+        # The filter sees the same crop (the first image here), or the clean full image (--drop-easy).
+        full = image_data_url(load_image(self.paths[name]))
+        for url in (urls[0], full):
+            self.truth[_key(question, options, url)] = "ABCD"[slot]
         reply = json.dumps({"question": question, "options": options, "answer": "ABCD"[slot]})
         return f"Here it is:\n```json\n{reply}\n```" if self.fence and rng.random() < 0.5 else reply
 
     def filter(self, text: str, body: dict[str, Any]) -> list[str]:
-        image = _images(body)[0]
+        url = _urls(body)[0]
+        image = _decode(url)
         options = re.findall(r"^([A-D])\. (.+)$", text, re.MULTILINE)
         n = int(body.get("n", 1))
-        key = text.splitlines()[0] + "|" + "|".join(o for _, o in options)
+        key = _key(text.splitlines()[0], [o for _, o in options], url)
         right = self.truth.get(key)
         full = image.width >= 168  # toy scenes are 168 px; crops of the default views 112 px
         share = self.full_agreement(key) if full else self.agreement(key)
         if right is None:
             return [f"The answer is {options[i % 4][0]}." for i in range(n)]
         wrong = "ABCD"[("ABCD".index(right) + 1) % 4]
+        if self.p_right is not None and not full:  # a noisy reader: each sample right with p_right
+            rng = random.Random(_h(key))
+            return [f"{right}" if rng.random() < self.p_right else f"Answer: {wrong}" for _ in range(n)]
         k = round(share * n)
         return [f"{right}" if i < k else f"Answer: {wrong}" for i in range(n)]
