@@ -54,6 +54,7 @@ LAYER: dict[str, str] = {
     "vopd.train_setup": "training",
     "vopd.trainer": "training",
     "vopd.parallel": "training",
+    "vopd.sharded_checkpoint": "training",  # checkpoint.format=dcp and vopd export
     "vopd.lora": "training",
     # applications
     "vopd.evaluation": "applications",  # package

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 from vopd.config import ConfigError, load_config
 from vopd.runfolder import RunFolderError
+from vopd.sharded_checkpoint import HF_NAMES, SHARD_DIR, assemble, shard_index
 from vopd.trainer import train
 
 # Greedy rollouts make every run score the same responses; lr 1e-3 moves the weights visibly.
@@ -52,7 +53,16 @@ def _run(nproc: int, *args: str, resume: bool = False) -> None:
 
 
 def _load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    return load_file(ckpt / "model.safetensors"), load_file(ckpt / "trainer_state" / "teacher.safetensors")
+    """Student and teacher weights of a checkpoint, gathered (hf) or sharded (dcp) alike."""
+    shards = ckpt / "trainer_state" / SHARD_DIR
+    if not shards.is_dir():
+        return load_file(ckpt / "model.safetensors"), load_file(ckpt / "trainer_state" / "teacher.safetensors")
+    model, teacher = ({k[len(p) :]: assemble(k, c) for k, c in shard_index(shards, p).items()} for p in _PARTS)
+    names = json.loads((ckpt / "trainer_state" / HF_NAMES).read_text())  # module names -> saved (HF) names
+    return {names[k]: v for k, v in model.items()}, teacher
+
+
+_PARTS = ("model.", "teacher.")
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -74,9 +84,19 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process(tmp_path, reference):
+    """Sharded checkpoints (the fsdp2 default): every rank wrote its own shard file; the final
+    checkpoint's exported HF weights equal the shards and the 1-process run."""
     _run(2, FSDP2, "max_steps=2", f"output_dir={tmp_path}")
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state" / "state.json").read_text())
     assert state["world_size"] == 2 and state["config"]["parallel"]["strategy"] == "fsdp2"
+    assert state["format"] == "dcp"
+    shard_files = sorted((tmp_path / "checkpoint-2" / "trainer_state" / SHARD_DIR).glob("*.safetensors"))
+    assert len(shard_files) == 2 and all(f"trainer_state/{SHARD_DIR}/{f.name}" in state["files"] for f in shard_files)
+    assert not (tmp_path / "checkpoint-1" / "model.safetensors").exists()  # only the last one is exported
+    exported = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    sharded, _ = _load(tmp_path / "checkpoint-2")
+    assert exported.keys() == sharded.keys() and all(torch.equal(exported[k], sharded[k]) for k in sharded)
+    torch.testing.assert_close(exported, _load(reference / "checkpoint-2")[0], atol=1e-5, rtol=0)
     m1, t1 = _load(reference / "checkpoint-1")
     m2, t2 = _load(reference / "checkpoint-2")
     assert max(float((m2[k] - m1[k]).abs().max()) for k in m2) > 1e-4, "step 2 did not move the weights"
@@ -96,6 +116,20 @@ def test_fsdp2_resume_one_plus_one_equals_two_at_any_world_size(tmp_path, refere
     res = train(load_config(None, [*ARGS, FSDP2, "max_steps=2", f"output_dir={one}"]), resume=True)
     assert res.steps == 2
     _assert_same(one / "checkpoint-2", reference / "checkpoint-2")
+
+
+@pytest.mark.slow
+def test_fsdp2_gathered_checkpoints_resume_at_another_world_size(tmp_path, reference):
+    """checkpoint.format=hf: the student, teacher and optimiser gathered to rank 0 (a plain HF folder
+    at every save), resumed by one process."""
+    _run(2, FSDP2, "checkpoint.format=hf", "max_steps=1", f"output_dir={tmp_path}")
+    assert (tmp_path / "checkpoint-1" / "trainer_state" / "teacher.safetensors").is_file()
+    res = train(
+        load_config(None, [*ARGS, FSDP2, "checkpoint.format=dcp", "max_steps=2", f"output_dir={tmp_path}"]),
+        resume=True,
+    )
+    assert res.steps == 2
+    _assert_same(tmp_path / "checkpoint-2", reference / "checkpoint-2")
 
 
 def test_resume_with_another_strategy_is_refused(tmp_path):

@@ -284,12 +284,15 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     say: Any = print,
+    tmp: Path | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically; keep the newest ``keep`` intact ones (0 = keep all;
     see `prune_checkpoints`).
 
     ``model_state`` / ``optimizer_state``: full states gathered from a sharded model (FSDP2),
-    written instead of ``model``'s and ``optimizer``'s own.
+    written instead of ``model``'s and ``optimizer``'s own. ``tmp``: the temporary folder
+    (`temporary_folder`) when other processes already wrote their shards into it
+    (`vopd.sharded_checkpoint`); it is completed, listed in ``state.json`` and renamed like any other.
     """
     optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     bad = (
@@ -302,16 +305,17 @@ def save_checkpoint(
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp is None:
+        tmp = temporary_folder(root, step, os.getpid())
+        if tmp.exists():
+            shutil.rmtree(tmp)
     try:
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
             make_processor_stock(tmp)  # stock class name (+ video processor entry): servable outside vopd
         state_dir = tmp / STATE_DIR
-        state_dir.mkdir()
+        state_dir.mkdir(exist_ok=True)
         if teacher_state:
             # Tied weights share storage; safetensors wants each tensor once, so clone.
             save_file(
@@ -349,6 +353,12 @@ def save_checkpoint(
     if keep > 0:
         prune_checkpoints(root, keep, say=say)
     return final
+
+
+def temporary_folder(output_dir: str | Path, step: int, pid: int) -> Path:
+    """Where ``checkpoint-<step>`` is written before its rename (``pid``: the writing process, rank 0's
+    when several write; `clean_stale_temporaries` removes it once that process is gone)."""
+    return Path(output_dir) / f".checkpoint-{step}.tmp-{pid}"
 
 
 def broken_checkpoint_dirs(output_dir: str | Path) -> list[Path]:

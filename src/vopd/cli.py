@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "data": "Build or import training data (toyworld scenes, Vision-OPD-6K check, proposed boxes, data from images).",
     "toyworld": "Toy-world utilities: pretrain the tiny base model.",
     "config": "Print every training knob with its default and meaning.",
+    "export": "Write a checkpoint's student as a plain Hugging Face folder (sharded checkpoints included).",
 }
 
 
@@ -117,6 +118,14 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if found.ok else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vopd.sharded_checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out} (load it with the transformers Auto classes or serve it)")
+    return 0
+
+
 def _mounted(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
@@ -151,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x optim.lr=1e-5")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
+    p.add_argument("checkpoint", help="a checkpoint-N folder of a vopd run (checkpoint.format dcp or hf)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"])
     p.add_argument("--markdown", action="store_true", help="print docs/config.md (a Markdown table)")
     p.set_defaults(func=_config)

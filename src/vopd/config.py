@@ -27,6 +27,7 @@ __all__ = [
     "VIEW_ALIASES",
     "VIEW_NAMES",
     "CROP_SOURCES",
+    "CheckpointConfig",
     "ConfigError",
     "LABELLED_OBJECTIVES",
     "OBJECTIVES",
@@ -43,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "ViewConfig",
     "canonical_view",
+    "checkpoint_format",
     "config_from_dict",
     "config_markdown",
     "config_to_dict",
@@ -362,6 +364,30 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How checkpoints are written (see :mod:`vopd.checkpoint`, :mod:`vopd.sharded_checkpoint`, docs/scaling.md)."""
+
+    format: str = knob(
+        "auto",
+        "auto (dcp under parallel.strategy=fsdp2, else hf), dcp (every rank writes its own shards of student, "
+        "teacher and optimiser state; no gather; resumes at any world size; the run's final checkpoint also "
+        "gets the plain HF weights, vopd export writes them for any other) or hf (the student gathered into a "
+        "plain HF folder on rank 0 at every save). dcp needs parallel.strategy=fsdp2",
+        choices=("auto", "dcp", "hf"),
+    )
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "checkpoint")
+
+
+def checkpoint_format(cfg: TrainConfig) -> str:
+    """``dcp`` or ``hf``: ``checkpoint.format`` with ``auto`` resolved by ``parallel.strategy``."""
+    if cfg.checkpoint.format == "auto":
+        return "dcp" if cfg.parallel.strategy == "fsdp2" else "hf"
+    return cfg.checkpoint.format
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapters through peft (see :mod:`vopd.lora`, docs/scaling.md)."""
 
@@ -404,6 +430,7 @@ class TrainConfig:
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     output_dir: str = knob("runs/vopd", "checkpoints, metrics.jsonl, TensorBoard logs")
     seed: int = knob(0, "seeds the model init (tiny:*), data order and sampling", ge=0)
     prompts_per_step: int = knob(
@@ -446,6 +473,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_knobs(self, "")
         _check_objective(self)
+        if self.checkpoint.format == "dcp" and self.parallel.strategy != "fsdp2":
+            raise ConfigError(
+                "checkpoint.format=dcp writes the shards of a sharded model: it needs parallel.strategy=fsdp2 "
+                "(with ddp every process holds the whole model; use checkpoint.format=hf or auto)"
+            )
         if self.rollout.engine == "vllm" and (self.parallel.strategy == "fsdp2" or self.lora.r > 0):
             # The weight push sends the full, merged parameters of one process (docs/vllm.md).
             which = "parallel.strategy=fsdp2" if self.parallel.strategy == "fsdp2" else f"lora.r={self.lora.r}"

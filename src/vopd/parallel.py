@@ -17,11 +17,12 @@ gather: the root's own all-gather is the communication; its memory is in
 :func:`root_gathered`; the teacher's root is gathered at its first scoring of a step and freed
 before its EMA update.
 
-Checkpoints (documented choice, not DCP): the student and teacher are gathered to full tensors
-on rank 0 and written in the ordinary layout (a plain HF folder + ``trainer_state``); the
-optimiser state is gathered to a full, name-keyed state dict. On resume every rank reads the
-full state and keeps its own shard, so a resume at another world size just works. Cost: rank 0
-holds one full copy of the optimiser state in host memory while saving (72 GB at 9B).
+Checkpoints: with ``checkpoint.format=dcp`` (the default under fsdp2) every rank writes its own
+shards (`vopd.sharded_checkpoint`). With ``checkpoint.format=hf`` the student and teacher are
+gathered to full tensors on rank 0 and written in the ordinary layout (a plain HF folder +
+``trainer_state``), the optimiser state as a full, name-keyed state dict; on resume every rank
+reads the full state and keeps its own shard. Both resume at another world size. Cost of ``hf``:
+rank 0 holds one full copy of the optimiser state in host memory while saving (72 GB at 9B).
 """
 
 from __future__ import annotations

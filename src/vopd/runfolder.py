@@ -58,6 +58,7 @@ HARMLESS_KEYS: tuple[str, ...] = (
     "model.attn_implementation",
     "loss.chunk_size",
     "health.",
+    "checkpoint.",  # a resume reads each checkpoint by the format it records
 )
 
 

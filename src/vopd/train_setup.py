@@ -220,7 +220,9 @@ def setup(
     ckpt, saved = _resume_point(cfg, acc) if resume else (None, None)
     try:
         # A LoRA checkpoint holds the adapter: the base comes from model.path, the adapter below.
-        policy, processor = resolve_model(cfg, str(ckpt) if ckpt and cfg.lora.r == 0 else None)
+        # A sharded (dcp) checkpoint holds no HF weights to build from: its shards are loaded below.
+        weights_in_ckpt = ckpt is not None and cfg.lora.r == 0 and saved.get("format") != "dcp"
+        policy, processor = resolve_model(cfg, str(ckpt) if weights_in_ckpt else None)
     except (OSError, ValueError, RuntimeError) as err:
         if ckpt is None:
             raise
@@ -304,12 +306,19 @@ def setup(
         note = check_resume(saved, cfg.parallel.strategy, acc.num_processes)  # refuses a change of strategy
         if note:
             acc.print(note)
-        teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
-        if sharded:
+        if saved.get("format") == "dcp":  # every rank reads its own slices of the shards (at any world size)
+            from vopd.sharded_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(
+                ckpt, policy=policy, teacher=teacher, root=student, optimizer=state.optimizer, saved=saved
+            )
+        elif sharded:
+            teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
             from vopd.parallel import load_optimizer_state
 
             load_optimizer_state(student, state.optimizer, saved["optimizer"])
         else:
+            teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
             state.optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _apply_lr(scheduler, cfg, acc)

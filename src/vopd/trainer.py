@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vopd.checkpoint import CheckpointError, save_checkpoint
-from vopd.config import SUPERVISED_OBJECTIVES, TrainConfig, config_to_dict
+from vopd.config import SUPERVISED_OBJECTIVES, TrainConfig, checkpoint_format, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fastpath import NaiveInputs, ScoredBatch, SharedPrompts
 from vopd.fused_loss import TeacherLogits, distillation_loss, nll_loss
@@ -429,7 +429,7 @@ def train(
             stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
             final = state.step == total_steps
             if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
-                _save(state)
+                _save(state, final=final)
             if stop_reason:
                 acc.print(f"stopping at step {state.step}: {stop_reason}")
                 interrupted = True
@@ -513,9 +513,29 @@ def _save_on_error(state: TrainState):
         raise
 
 
-def _save(state: TrainState) -> Path | None:
+def _save(state: TrainState, *, final: bool = False) -> Path | None:
     acc = state.accelerator
     acc.wait_for_everyone()
+    extra = {"skipped_steps": state.skipped_steps, "world_size": acc.num_processes, "config": config_to_dict(state.cfg)}
+    if checkpoint_format(state.cfg) == "dcp":  # every rank writes its own shards (vopd.sharded_checkpoint)
+        from vopd.sharded_checkpoint import save_sharded_checkpoint
+
+        path = save_sharded_checkpoint(
+            state.cfg.output_dir,
+            state.step,
+            policy=state.policy,
+            teacher=state.teacher,
+            root=state.student,
+            optimizer=state.optimizer,
+            processor=state.processor,
+            scheduler=state.scheduler,
+            extra=extra,
+            keep=state.cfg.keep_checkpoints,
+            export=final,  # the run's last checkpoint is also a plain HF folder
+            say=acc.print,
+        )
+        state.last_checkpoint = path
+        return path if acc.is_main_process else None
     path, gathered = None, {}
     if state.cfg.parallel.strategy == "fsdp2":  # gather full tensors on every rank (collectives), rank 0 writes
         from vopd.parallel import full_model_state, full_optimizer_state
@@ -540,11 +560,7 @@ def _save(state: TrainState) -> Path | None:
             optimizer=state.optimizer,
             scheduler=state.scheduler,
             **gathered,
-            extra={
-                "skipped_steps": state.skipped_steps,
-                "world_size": acc.num_processes,
-                "config": config_to_dict(state.cfg),
-            },
+            extra=extra,
             keep=state.cfg.keep_checkpoints,
             say=acc.print,
         )
