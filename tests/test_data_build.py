@@ -309,3 +309,14 @@ def test_filter_local_samples_with_a_local_model(toy):
         json.loads(r) for r in next((root / "built" / "data.build").glob("filter-*.jsonl")).read_text().splitlines()
     ]
     assert len(rows) == 4 and all(len(r["replies"]) == 2 for r in rows)
+
+
+def test_an_output_inside_the_image_folder_is_not_read_back_as_an_image(toy):
+    root, samples, _ = toy
+    oracle = ToyOracle(root / "toy" / "records.jsonl")
+    with FakeChatServer(oracle.writer) as writer, FakeChatServer(oracle.filter) as filt:
+        for _ in range(2):
+            assert main(_args(root, writer, filt, "toy/images/built.jsonl")) == 0
+            summary = json.loads((root / "toy" / "images" / "built.summary.json").read_text())
+            assert summary["stages"]["images"]["found"] == len(samples)
+    assert (root / "toy" / "images" / "built.gallery.png").is_file()

@@ -310,7 +310,8 @@ def build_dataset(cfg: BuildConfig) -> BuildSummary:
         RecordError: a bad row in the boxes file (``file:row``).
     """
     files = BuildFiles(cfg.out)
-    paths = find_images(cfg.images)
+    # The gallery is a PNG too: an --out inside an image folder must not feed it back as an input.
+    paths = [p for p in find_images(cfg.images) if p != files.gallery.resolve()]
     extra = [Path(cfg.regions.boxes_file)] if cfg.regions.boxes_file else []
     files.claim(paths + extra + [Path(p) for p in cfg.images if Path(p).is_file()])
     entries, unreadable = scan_images(paths)
