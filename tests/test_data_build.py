@@ -320,3 +320,16 @@ def test_an_output_inside_the_image_folder_is_not_read_back_as_an_image(toy):
             summary = json.loads((root / "toy" / "images" / "built.summary.json").read_text())
             assert summary["stages"]["images"]["found"] == len(samples)
     assert (root / "toy" / "images" / "built.gallery.png").is_file()
+
+
+def test_the_thinking_switch_can_be_left_out_for_hosted_apis():
+    from PIL import Image
+
+    from vopd.databuild.chat import ChatClient
+    from vopd.databuild.settings import ChatConfig
+
+    image = Image.new("RGB", (8, 8))
+    body = ChatClient(ChatConfig(url="http://x/v1", model="m")).body([image], "q", n=3, temperature=1.0, max_tokens=9)
+    assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["n"] == 3
+    bare = ChatClient(ChatConfig(url="http://x/v1", model="m", thinking=None))
+    assert "chat_template_kwargs" not in bare.body([image], "q", n=1, temperature=0.0, max_tokens=9)

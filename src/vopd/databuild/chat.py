@@ -45,8 +45,9 @@ class ChatClient:
             "messages": [{"role": "user", "content": content}],
             "temperature": temperature,
             "max_tokens": max_tokens,
-            "chat_template_kwargs": {"enable_thinking": bool(self.cfg.thinking)},
         }
+        if self.cfg.thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": self.cfg.thinking}
         if n > 1:
             body["n"] = n
         return body

@@ -48,6 +48,11 @@ def add_build_args(q: argparse.ArgumentParser) -> None:
     g = q.add_argument_group("requests")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the variable with the writer's key")
     g.add_argument("--filter-api-key-env", default=None, help="NAME of the variable with the filter's key")
+    g.add_argument(
+        "--no-thinking-switch",
+        action="store_true",
+        help="send no chat_template_kwargs.enable_thinking=false (for hosted APIs that reject unknown fields)",
+    )
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight per server")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
     g.add_argument("--retries", type=int, default=3, help="extra attempts before a request counts as failed")
@@ -70,7 +75,12 @@ def run_build(args: argparse.Namespace) -> int:
     )
 
     views = load_config(args.config, []).views
-    common = {"concurrency": args.concurrency, "timeout_s": args.timeout, "retries": args.retries}
+    common = {
+        "concurrency": args.concurrency,
+        "timeout_s": args.timeout,
+        "retries": args.retries,
+        "thinking": None if args.no_thinking_switch else False,
+    }
     writer_chat = ChatConfig(url=args.writer_url, model=args.writer_model, api_key_env=args.api_key_env, **common)
     filter_chat = None
     if args.filter_url or args.filter_model:

@@ -77,7 +77,8 @@ class ChatConfig:
         timeout_s: wall-clock limit per request attempt.
         retries: extra attempts per request before it counts as failed (and its item as dropped).
         backoff_s: first retry delay (doubles each retry).
-        thinking: the chat template's thinking switch (``chat_template_kwargs.enable_thinking``).
+        thinking: the chat template's thinking switch, sent as ``chat_template_kwargs.enable_thinking``
+            (vLLM, SGLang); None sends no ``chat_template_kwargs`` (hosted APIs that reject unknown fields).
     """
 
     url: str = ""
@@ -87,7 +88,7 @@ class ChatConfig:
     timeout_s: float = 120.0
     retries: int = 3
     backoff_s: float = 0.5
-    thinking: bool = False
+    thinking: bool | None = False
 
     def __post_init__(self) -> None:
         from vopd.evaluation.backends import check_env_name
