@@ -126,6 +126,7 @@ def test_build_keeps_agreeing_questions_and_counts_every_drop(toy, capsys):
     empty = next(s for s in samples if not any(o["box"][0] < 20 and o["box"][1] < 20 for o in s.meta["objects"]))
     with boxes.open("a") as fh:
         fh.write(json.dumps({"image": f"toy/images/{empty.id}.png", "boxes": [[0, 0, 12, 12]]}) + "\n")
+        fh.write(json.dumps({"image": "elsewhere/missing.png", "boxes": [[0, 0, 12, 12], [1, 1, 9, 9]]}) + "\n")
     (root / "toy" / "images" / "broken.png").write_bytes(b"not a png")
     shares = {"circle": 1.0, "square": 0.75, "triangle": 0.25}
     oracle = ToyOracle(root / "toy" / "records.jsonl", agreement=_shape_agreement(shares))
@@ -137,6 +138,7 @@ def test_build_keeps_agreeing_questions_and_counts_every_drop(toy, capsys):
     assert stages["images"] == {"found": 13, "unreadable": 1, "read": 12}
     assert summary["unreadable_images"][0]["path"].endswith("broken.png")
     assert stages["regions"]["found"] == 15 and stages["regions"]["too_large"] == 1
+    assert stages["regions"]["boxes_for_no_input"] == 2  # named an image that is not an input
     assert stages["regions"]["too_small"] == 1 and stages["regions"]["kept"] == 13
     assert stages["writer"]["writer_invalid_json"] == 1 and stages["writer"]["written"] == 12
     filt_counts = stages["filter"]

@@ -147,8 +147,11 @@ def scan_images(paths: list[Path]) -> tuple[list[ImageEntry], list[tuple[str, st
     return entries, unreadable
 
 
-def read_boxes_file(path: str | Path, sizes: dict[Path, tuple[int, int]]) -> dict[Path, list[tuple[Box, str | None]]]:
-    """Boxes per resolved image path from a boxes JSONL (see the module doc).
+def read_boxes_file(
+    path: str | Path, sizes: dict[Path, tuple[int, int]]
+) -> tuple[dict[Path, list[tuple[Box, str | None]]], int]:
+    """Boxes per resolved image path from a boxes JSONL (see the module doc), and the number of
+    boxes given for images that are not inputs (left out).
 
     ``sizes`` gives the size of every input image (needed for normalized boxes). An image path
     that is not an input is matched by its file name when exactly one input has that name.
@@ -163,22 +166,24 @@ def read_boxes_file(path: str | Path, sizes: dict[Path, tuple[int, int]]) -> dic
     for p in sizes:
         by_name.setdefault(p.name, []).append(p)
     out: dict[Path, list[tuple[Box, str | None]]] = {}
+    stray = 0
     with path.open("rb") as fh:
         for row, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
-                out_key, boxes = _parse_boxes_row(raw, path.parent, sizes, by_name)
+                out_key, boxes, left_out = _parse_boxes_row(raw, path.parent, sizes, by_name)
             except RecordError as err:
                 raise err.located(file=path, row=row) from None
+            stray += left_out
             if out_key is not None:
                 out.setdefault(out_key, []).extend(boxes)
-    return out
+    return out, stray
 
 
 def _parse_boxes_row(
     raw: bytes, base: Path, sizes: dict[Path, tuple[int, int]], by_name: dict[str, list[Path]]
-) -> tuple[Path | None, list[tuple[Box, str | None]]]:
+) -> tuple[Path | None, list[tuple[Box, str | None]], int]:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -187,14 +192,14 @@ def _parse_boxes_row(
         raise RecordError("expected an object with an 'image' path", field="image")
     image = Path(obj["image"]).expanduser()
     image = (image if image.is_absolute() else base / image).resolve()
-    if image not in sizes:
-        same = by_name.get(image.name, [])
-        if len(same) != 1:
-            return None, []  # not one of the inputs: counted by the caller as boxes for no input
-        image = same[0]
     boxes = obj.get("boxes")
     if not isinstance(boxes, list):
         raise RecordError("must be a list of [4 numbers] lists", field="boxes")
+    if image not in sizes:
+        same = by_name.get(image.name, [])
+        if len(same) != 1:
+            return None, [], len(boxes)  # not one of the inputs: counted as boxes for no input
+        image = same[0]
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or len(labels) != len(boxes)):
         raise RecordError(f"must be a list with one label per box ({len(boxes)})", field="labels")
@@ -208,7 +213,7 @@ def _parse_boxes_row(
             raise RecordError(err.reason, field=f"boxes[{i}]") from None
         label = None if labels is None or labels[i] is None else str(labels[i])
         parsed.append((box, label))
-    return image, parsed
+    return image, parsed, 0
 
 
 def given_regions(entries: list[ImageEntry], boxes_file: str | Path) -> tuple[list[Region], list[ImageEntry], int]:
@@ -217,7 +222,7 @@ def given_regions(entries: list[ImageEntry], boxes_file: str | Path) -> tuple[li
     A box with no area inside its image is dropped here with a warning (it cannot be cropped).
     """
     sizes = {e.path: e.size for e in entries}
-    given = read_boxes_file(boxes_file, sizes)
+    given, stray = read_boxes_file(boxes_file, sizes)
     regions: list[Region] = []
     without: list[ImageEntry] = []
     for entry in entries:
@@ -229,7 +234,6 @@ def given_regions(entries: list[ImageEntry], boxes_file: str | Path) -> tuple[li
                 log.warning("%s: box %s lies outside the image; skipped", entry.path, box.as_list())
                 continue
             regions.append(Region(f"{entry.id}-r{k}", entry, box.clip(entry.size), label))
-    stray = sum(len(v) for k, v in given.items() if k not in sizes)
     return regions, without, stray
 
 
