@@ -89,6 +89,35 @@ def state_bytes(
     return out
 
 
+def load_bytes(
+    shape: ModelShape, *, strategy: str, world: int = 1, teacher: str = "ema", bf16: bool = True, base_bytes: int = 4
+) -> float:
+    """Peak host bytes per rank while a run loads its model and teacher (before the first step).
+
+    fsdp2 (meta-device loading, `vopd.parallel.load_sharded`): the rank's student and teacher
+    shards plus one decoder layer's worth of tensors in flight (each rank reads only its own
+    slices). ddp: the whole student and the whole teacher copy. The student is read at
+    ``base_bytes`` per parameter (fp32 master weights: 4).
+    """
+    P = shape.params
+    teacher_bytes = (2 + (4 if teacher == "ema" else 0)) if bf16 else 4
+    if teacher == "frozen" and not bf16:
+        teacher_bytes = 4
+    if strategy == "fsdp2":
+        return (base_bytes + teacher_bytes) * P / world + base_bytes * shape.layer_params
+    return (base_bytes + teacher_bytes) * P
+
+
+def load_table() -> str:
+    """Markdown: per-rank host memory while loading, at 4B and 9B (fp32 student, EMA teacher, bf16)."""
+    rows = ["| model | strategy | ranks | host memory per rank while loading |", "|---|---|---|---|"]
+    for shape in (QWEN35_4B, QWEN35_9B):
+        for strategy, world in (("ddp", 8), ("fsdp2", 8)):
+            need = load_bytes(shape, strategy=strategy, world=world)
+            rows.append(f"| {shape.name} | {strategy} | {world} | {need / GB:.1f} GB |")
+    return "\n".join(rows) + "\n"
+
+
 def activation_bytes(shape: ModelShape, *, tokens: int, checkpointing: bool = True, bytes_per: int = 2) -> float:
     """Rough activation memory of one micro-batch of ``tokens`` tokens: with gradient checkpointing
     each layer keeps its input and one layer's internals (~16 x hidden per token) are live."""
@@ -123,3 +152,4 @@ def paper_table() -> str:
 
 if __name__ == "__main__":
     print(paper_table())
+    print(load_table())

@@ -132,6 +132,20 @@ def test_fsdp2_gathered_checkpoints_resume_at_another_world_size(tmp_path, refer
     _assert_same(tmp_path / "checkpoint-2", reference / "checkpoint-2")
 
 
+@pytest.mark.slow
+def test_fsdp2_loads_each_rank_s_shards_from_a_folder(tmp_path, reference):
+    """model.path a folder: every rank builds the model on the meta device and reads its own slices
+    (vopd.parallel.WeightFiles); 2 steps equal the 1-process run of the same weights (tiny:qwen2_vl
+    at seed 0 is the folder's model)."""
+    from vopd.tiny_models import build_tiny_model
+
+    model, processor = build_tiny_model("qwen2_vl", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    _run(2, FSDP2, "max_steps=2", f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}")
+    _assert_same(tmp_path / "run" / "checkpoint-2", reference / "checkpoint-2")
+
+
 def test_resume_with_another_strategy_is_refused(tmp_path):
     args = [*ARGS, "max_steps=1", "rollout.max_new_tokens=2", f"output_dir={tmp_path}"]
     train(load_config(None, args))

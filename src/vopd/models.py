@@ -154,6 +154,32 @@ def load_model(
     return model.to(device).eval(), processor
 
 
+def build_empty_model(
+    path: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """The model of a local checkpoint folder with its parameters on the meta device (no memory, no
+    weights read): buffers such as rotary frequencies are real. For sharded loading
+    (`vopd.parallel.load_sharded`), which fills each rank's shards from the files afterwards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, **kwargs)
+    if (Path(path) / "generation_config.json").is_file():  # as from_pretrained would
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
 def load_processor(path: str, *, trust_remote_code: bool = False) -> ProcessorMixin:
     """The processor of a hub id or local checkpoint folder, without loading the weights.
 

@@ -254,19 +254,182 @@ def build_sharded(
     teacher_dtype: torch.dtype | None,
     param_dtype: torch.dtype | None,
     device: torch.device,
+    weights: WeightFiles | None = None,
 ) -> ShardedTeacher:
-    """Copy the teacher from the unsharded ``policy``, then shard student and teacher with one plan."""
+    """Shard student and teacher with one plan.
+
+    ``weights`` None: ``policy`` holds its full weights; the teacher is copied from it, then both
+    are sharded. ``weights`` given: ``policy``'s parameters are on the meta device
+    (`vopd.models.build_empty_model`); both skeletons are sharded, each rank allocates only its own
+    shards and reads its own slices from the files, and the teacher's shards are copied from the
+    student's (no rank ever holds a full copy).
+    """
     import copy
 
-    teacher_model = copy.deepcopy(policy)
+    teacher_model = copy.deepcopy(policy)  # with ``weights``: a meta skeleton, no memory
     if teacher_dtype is not None:
         teacher_model.to(teacher_dtype)
     teacher_model.eval()
     teacher_model.requires_grad_(False)
     teacher_root = TeacherRoot(teacher_model)
+    if weights is not None:
+        kept = {m: _real_buffers(m) for m in (policy, teacher_model)}
     apply_fsdp2(student_root, policy, device=device, param_dtype=param_dtype)
     apply_fsdp2(teacher_root, teacher_model, device=device, param_dtype=None)
+    if weights is not None:
+        for module, buffers in kept.items():
+            module.to_empty(device=device)  # this rank's shards only, uninitialised
+            _restore_buffers(module, buffers)
+        weights.fill(policy)
+        _copy_shards(teacher_model, policy)
     return ShardedTeacher(teacher_kind, teacher_root, policy, rate=rate)
+
+
+def _real_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Buffers that hold values (not meta): ``to_empty`` would drop them (rotary frequencies ...)."""
+    return {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    for name, buf in model.named_buffers():
+        if name in saved:
+            _local(buf).copy_(saved[name])
+
+
+@torch.no_grad()
+def _copy_shards(target: nn.Module, source: nn.Module) -> None:
+    """Each rank copies its local shards of ``source`` into ``target`` (same plan; dtype cast)."""
+    from vopd.teacher import matched_parameters
+
+    for t, s in matched_parameters(target, source):
+        _local(t).copy_(_local(s))
+    src = dict(source.named_buffers())
+    for name, buf in target.named_buffers():
+        if name in src:
+            _local(buf).copy_(_local(src[name]))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightFiles:
+    """The safetensors files of a checkpoint folder, read one slice at a time.
+
+    Each tensor's header entry gives its byte range; a rank reads only the rows of its own shard
+    (a contiguous byte range for FSDP2's dim-0 sharding) with plain file reads, so neither the
+    full tensor nor a memory map of the file is ever held.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        import json
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["model.safetensors"]
+        )
+        self.entries: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, header entry)
+        for name in files:
+            path = self.folder / name
+            with path.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self.entries[key] = (path, 8 + n, entry)
+
+    @staticmethod
+    def usable(folder: str | os.PathLike) -> bool:
+        """A local folder with safetensors weights (hub ids, ``tiny:`` models, .bin files: no)."""
+        from pathlib import Path
+
+        f = Path(folder)
+        return (f / "config.json").is_file() and (
+            (f / "model.safetensors").is_file() or (f / "model.safetensors.index.json").is_file()
+        )
+
+    def names_for(self, model: nn.Module) -> dict[str, str] | None:
+        """Each state-dict key of ``model`` -> its name in the files (the name transformers saves
+        it under, or the key itself); None when a parameter is in neither form."""
+        from vopd.sharded_checkpoint import hf_names, model_shards
+
+        try:
+            saved = hf_names(model)
+        except ValueError:
+            return None
+        buffers = {n for n, _ in model.named_buffers()}
+        out = {}
+        for key in model_shards(model):
+            found = next((c for c in (saved.get(key), key) if c in self.entries), None)
+            if found is None:
+                if key in buffers:
+                    continue  # a buffer the files do not hold keeps the value the model computed
+                return None
+            out[key] = found
+        return out
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module) -> None:
+        """Read this rank's slice of every tensor of ``model`` (sharded, allocated) from the files."""
+        names = self.names_for(model)
+        if names is None:
+            raise ValueError(f"{self.folder}: its tensor names do not match {type(model).__name__}")
+        state = model.state_dict()
+        for key, file_key in names.items():
+            target = state[key]
+            local = _local(target)
+            start = _row_offset(target)
+            self._read_rows(file_key, start, local)
+
+    def _read_rows(self, name: str, start: int, out: Tensor) -> None:
+        path, base, entry = self.entries[name]
+        shape = entry["shape"]
+        rows = out.shape[0] if out.dim() else 1
+        fits = out.dim() == 0 and not shape or (shape and list(out.shape[1:]) == shape[1:] and start + rows <= shape[0])
+        if not fits:
+            raise ValueError(
+                f"{path}: {name} has shape {shape}, the model's shard is {tuple(out.shape)} at row {start}"
+            )
+        dtype = _ST_DTYPES[entry["dtype"]]
+        row = dtype.itemsize
+        for d in shape[1:]:
+            row *= d
+        if rows == 0:
+            return
+        with path.open("rb") as fh:
+            fh.seek(base + entry["data_offsets"][0] + start * row)
+            buf = bytearray(rows * row)
+            fh.readinto(buf)
+        out.copy_(torch.frombuffer(buf, dtype=dtype).view(out.shape))
+
+
+def _row_offset(t: Tensor) -> int:
+    """First row of this rank's dim-0 shard of ``t`` (0 for a replicated tensor)."""
+    if not hasattr(t, "device_mesh"):
+        return 0
+    from torch.distributed.tensor import Shard
+
+    (placement,) = t.placements
+    if not isinstance(placement, Shard) or placement.dim != 0:
+        raise ValueError(f"unexpected placement {placement} (FSDP2 shards dim 0)")
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-t.shape[0] // world)  # torch.chunk: ceil-sized chunks, the last ones shorter or empty
+    return min(rank * chunk, t.shape[0])
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

@@ -36,24 +36,23 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _dedup(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the second name of a tied tensor (safetensors stores each storage once); loading the
-    first name fills both."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in state.items():
-        local = _local(t)
-        key = local.untyped_storage().data_ptr() if local.numel() else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
+def _untied(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the second name of a tied parameter or buffer (safetensors stores each
+    storage once; loading the first name fills both). Found on the module, so it works on meta too."""
+    first: dict[int, str] = {}
+    drop = set()
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in tensors:
+        if id(t) in first:
+            drop.add(name)
+        else:
+            first[id(t)] = name
+    return {k: v for k, v in state.items() if k not in drop}
 
 
 def model_shards(policy: nn.Module) -> dict[str, Tensor]:
     """The student's state: sharded (DTensor) parameters by their HF names, no copy."""
-    return _dedup({k: v.detach() for k, v in policy.state_dict().items()})
+    return _untied(policy, {k: v.detach() for k, v in policy.state_dict().items()})
 
 
 def teacher_shards(teacher: Any) -> dict[str, Tensor]:
@@ -71,7 +70,7 @@ def teacher_shards(teacher: Any) -> dict[str, Tensor]:
             state[name] = DTensor.from_local(master, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         else:
             state[name] = master
-    return _dedup(state)
+    return _untied(teacher.model, state)
 
 
 def optimizer_shards(root: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:

@@ -222,12 +222,15 @@ def setup(
         # A LoRA checkpoint holds the adapter: the base comes from model.path, the adapter below.
         # A sharded (dcp) checkpoint holds no HF weights to build from: its shards are loaded below.
         weights_in_ckpt = ckpt is not None and cfg.lora.r == 0 and saved.get("format") != "dcp"
-        policy, processor = resolve_model(cfg, str(ckpt) if weights_in_ckpt else None)
+        policy, processor, weights = _sharded_skeleton(cfg, str(ckpt) if weights_in_ckpt else cfg.model.path)
+        if policy is None:
+            policy, processor = resolve_model(cfg, str(ckpt) if weights_in_ckpt else None)
     except (OSError, ValueError, RuntimeError) as err:
         if ckpt is None:
             raise
         raise CheckpointError(f"{ckpt}: the model cannot be loaded ({type(err).__name__}: {err})") from err
-    policy.to(acc.device)
+    if weights is None:  # a meta skeleton is allocated shard by shard in vopd.parallel.build_sharded
+        policy.to(acc.device)
     if cfg.model.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -255,6 +258,7 @@ def setup(
             teacher_dtype=teacher_dtype,
             param_dtype=teacher_dtype,
             device=acc.device,
+            weights=weights,
         )
     elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
         from vopd.lora import AdapterTeacher
@@ -349,6 +353,29 @@ def setup(
         carry_answers=cfg.objective == "sft_gold",
     )
     return state, sampler, dataset, total_steps
+
+
+def _sharded_skeleton(cfg: TrainConfig, source: str) -> tuple[Any, Any, Any]:
+    """Under ``parallel.strategy=fsdp2`` (full fine-tuning) from a local folder of safetensors
+    weights: ``(model on the meta device, processor, vopd.parallel.WeightFiles)``, so that each rank
+    later reads only its own shards. ``(None, None, None)`` otherwise (hub ids, ``tiny:`` models,
+    LoRA, ddp, tensor names the files do not hold): every rank then loads the full model."""
+    from vopd.parallel import WeightFiles
+
+    if cfg.parallel.strategy != "fsdp2" or cfg.lora.r > 0 or not WeightFiles.usable(source):
+        return None, None, None
+    from vopd.models import build_empty_model, load_processor
+
+    policy = build_empty_model(
+        source,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    weights = WeightFiles(source)
+    if weights.names_for(policy) is None:
+        return None, None, None
+    return policy, load_processor(source, trust_remote_code=cfg.model.trust_remote_code), weights
 
 
 def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:
