@@ -17,6 +17,10 @@ gather: the root's own all-gather is the communication; its memory is in
 :func:`root_gathered`; the teacher's root is gathered at its first scoring of a step and freed
 before its EMA update.
 
+Loading: from a folder of safetensors weights the model is built on the meta device, sharded, and
+each rank reads only its own rows (:class:`WeightFiles`); the teacher's shards are copied from the
+student's (:func:`build_sharded`), so no rank holds a full copy.
+
 Checkpoints: with ``checkpoint.format=dcp`` (the default under fsdp2) every rank writes its own
 shards (`vopd.sharded_checkpoint`). With ``checkpoint.format=hf`` the student and teacher are
 gathered to full tensors on rank 0 and written in the ordinary layout (a plain HF folder +
