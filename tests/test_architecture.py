@@ -39,6 +39,7 @@ LAYER: dict[str, str] = {
     "vopd.specs": "core",
     "vopd.knobs": "core",  # the knob machinery: declare, check, load YAML
     "vopd.jsonl": "core",  # append-only JSONL logs that survive a kill (predictions, proposals)
+    "vopd.outputs": "core",  # output ownership and cache keys (what made a cache): eval, gap, proposals, data
     "vopd.config": "core",  # every knob as data (views, rollout and health import their sections)
     "vopd.grounding": "core",  # crop_source=grounding: family box formats, prompt, parser (engine passed in)
     # training: the run, its data pipeline, sampling, checkpoints, the health probe.

@@ -112,7 +112,7 @@ def test_gap_over_checkpoints(tmp_path):
     assert [r["step"] for r in runs] == [0.0, 10.0]
     assert runs[0]["gap"]["value"] > 0 and runs[1]["gap"]["value"] == 0.0
     assert (tmp_path / "out" / "gap_over_training.png").is_file()
-    assert (tmp_path / "out" / "ckpt-0" / "gap.json").is_file()
+    assert (tmp_path / "out" / "gap-ckpt-0" / "gap.json").is_file()  # gap-<folder>: never a checkpoint folder
 
 
 def test_gap_cli_arguments_round_trip(tmp_path):

@@ -91,5 +91,5 @@ def test_gap_refuses_proposals_cached_by_another_model(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--model", "tiny:qwen2_vl"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "made by toy-base, not tiny:qwen2_vl" in err[0] and "--out" in err[0]
+    assert len(err) == 1 and "model: 'toy-base' -> 'tiny:qwen2_vl'" in err[0] and "output folder" in err[0]
     assert main([*args, "--model", "toy-base"]) == 0  # the same model reuses its cache

@@ -53,7 +53,9 @@ def _data(args: argparse.Namespace) -> int:
     if args.kind == "toyworld":
         from vopd.toyworld.scenes import write_dataset
 
-        path = write_dataset(args.out, args.n, args.seed)
+        if args.n < 1:
+            raise SystemExit("vopd data toyworld: --n must be >= 1")
+        path = write_dataset(args.out, args.n, args.seed, overwrite=args.overwrite)
         print(f"wrote {args.n} toy scenes to {path}")
         return 0
     if args.kind == "propose":
@@ -83,6 +85,7 @@ def _data_propose(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         thinking=cfg.model.thinking,
+        overwrite=args.overwrite,
     )
     print(done.report())
     return 0
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=500)
     q.add_argument("--seed", type=int, default=123)
     q.add_argument("--out", required=True)
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace records.jsonl/images in --out that vopd did not write"
+    )
     q.set_defaults(func=_data)
     q = dsub.add_parser("check", help="check a JSONL (ours or Vision-OPD-6K) as training would; exit 1 on bad rows")
     q.add_argument("path", nargs="?", help="record file or folder (default: data.train of --config)")
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the whole image as their box, flagged in meta.box_status)",
     )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: remove the proposals cached beside --out and replace --out, even if vopd did not write it",
+    )
     q.set_defaults(func=_data)
     q = dsub.add_parser(
         "build",
@@ -293,6 +304,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str, str, str], ...] = (
         "remove or move the broken checkpoint folder named above, then resume from an intact one",
     ),
     ("vopd.runfolder", "RunFolderError", "run folder", ""),  # its message says what to do
+    ("vopd.outputs", "OutputError", "output folder", ""),  # its message says what to do
     ("vopd.trainer", "TrainingError", "training stopped", "see metrics.jsonl in the run folder; the message says why"),
 )
 
@@ -332,14 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``vopd``; returns the exit status (see the module docstring)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
-    import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N with vopd.specs (cheap: no model code)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:  # everything inside: a Ctrl-C while the imports load is the same one line as one mid-run
+        import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N with vopd.specs (no model code)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        command = args.command
         return args.func(args)
     except BrokenPipeError:  # the reader went away (e.g. `vopd config | head`): nothing left to say
         sys.stderr.close()
@@ -347,14 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"vopd {args.command}: interrupted", file=sys.stderr)
+        print(f"vopd {command}: interrupted" if command else "vopd: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure becomes one line (traceback with --debug)
         if debug:
             raise
         label, advice, code = _explain(err)
         tail = f" -> {advice}" if advice else ""
-        print(f"vopd {args.command}: {label}: {_one_line(err)}{tail}", file=sys.stderr)
+        print(f"vopd {command}: {label}: {_one_line(err)}{tail}", file=sys.stderr)
         return code
 
 

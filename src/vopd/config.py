@@ -231,9 +231,26 @@ class RolloutConfig:
         "[--max-model-len, '512', --enforce-eager]",
         factory=list,
     )
+    vllm_request_timeout: float = knob(
+        0.0,
+        "engine=vllm: seconds one sampling request may take before the run stops naming the "
+        "server; 0 = 60 + 0.1 per max_new_tokens (a server that accepts and never answers is "
+        "found in about a minute, not ten)",
+        ge=0,
+    )
+    vllm_start_timeout: float = knob(
+        300.0,
+        "engine=vllm: seconds to wait for the server vopd starts to answer /health before "
+        "stopping it and the run (raise it for large models or slow disks)",
+        gt=0,
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "rollout")
+
+    def request_timeout(self) -> float:
+        """``vllm_request_timeout``, or its default scaled with ``max_new_tokens`` when 0."""
+        return self.vllm_request_timeout or 60.0 + 0.1 * self.max_new_tokens
 
 
 @dataclass

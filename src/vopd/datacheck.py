@@ -19,7 +19,7 @@ from vopd.datasets import load_records
 from vopd.images import ImageError
 from vopd.models import build_prompts
 from vopd.records import Issue, RecordError
-from vopd.views import ViewConfig, make_views
+from vopd.views import ViewConfig, make_views, missing_evidence
 
 __all__ = ["DataCheck", "check_data"]
 
@@ -76,8 +76,12 @@ def check_data(
         checked.append("images decoded, views built")
     if processor is not None:
         checked.append(f"prompts measured with the processor (max_prompt_tokens={max_prompt_tokens})")
+    crop_source = getattr(views, "crop_source", "box")
     for sample, row in zip(loaded.samples, loaded.rows):
         try:
+            missing = missing_evidence(sample, views) if crop_source == "box" else None
+            if missing:  # what make_views refuses in training, found without decoding
+                raise RecordError(missing, field="boxes")
             if decode or processor is not None:
                 student, teacher, text = make_views(sample, views)
                 if processor is not None and max_prompt_tokens:

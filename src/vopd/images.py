@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
+    "check_model_shape",
     "ImageError",
     "ImageSource",
     "decode_base64_image",
@@ -31,6 +33,11 @@ __all__ = [
 #: About 179 megapixels. Pillow refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` on its own
 #: as well; both refusals become :class:`ImageError`.
 DEFAULT_MAX_PIXELS = 178_956_970
+
+#: Longer side over shorter side a model's processor accepts: the Qwen-VL processors refuse more
+#: than 200 (and a strip that thin holds nothing to answer about). Checked per row, before batching,
+#: so one such image fails (or, with data.on_error=skip, drops) its own row, not its batch.
+MAX_ASPECT_RATIO = 200.0
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -121,6 +128,25 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
             f"{label}: {width}x{height} = {width * height:,} pixels exceeds max_pixels="
             f"{max_pixels:,} (a possible decompression bomb); downscale the image or raise "
             "max_pixels if you trust the file"
+        )
+
+
+def check_model_shape(size: tuple[int, int], *, where: str = "") -> None:
+    """Refuse an image size no model processor can take: an empty side, or an aspect ratio above
+    :data:`MAX_ASPECT_RATIO`.
+
+    Raises:
+        ImageError: naming ``where`` (the sample or row), the size and what to do.
+    """
+    width, height = size
+    label = where or "image"
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{label}: has an empty size {width}x{height}")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"{label}: {width}x{height} has an aspect ratio of {ratio:.0f}, over the {MAX_ASPECT_RATIO:.0f} the "
+            "model processors accept; crop or pad the image, or drop the row"
         )
 
 

@@ -23,6 +23,7 @@ measures proposals against gold boxes where they exist (hit rate, IoU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from vopd.grounding import FALLBACK_STATUSES, ground, status_counts
 from vopd.images import load_image
 from vopd.jsonl import end_with_newline, read_records
 from vopd.models import build_prompts
+from vopd.outputs import OutputError, content_hash, settings_diff, weights_fingerprint
 from vopd.records import Box, Sample
 from vopd.rollout import HFGenerateEngine, RolloutConfig
 from vopd.views import ViewConfig, evidence_region, prompt_text, teacher_view
@@ -59,6 +61,8 @@ __all__ = [
     "crops_from_model",
     "surest",
     "PROPOSALS_FILE",
+    "cached_proposals",
+    "proposal_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -410,6 +414,55 @@ def check_cache_model(cache: str | Path, source: str, model_name: str) -> None:
         )
 
 
+def _image_key(image: Any) -> str:
+    """Content hash of a sample's image (a path, encoded bytes or a PIL image)."""
+    if isinstance(image, (str, Path)):
+        return content_hash(image)
+    data = image if isinstance(image, bytes) else image.tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def proposal_settings(cfg: ProposalConfig, model_name: str | None) -> dict[str, Any]:
+    """What makes a proposal besides its image: the proposing model (name and a fingerprint of
+    its weights) and every setting of ``cfg`` that changes the box (not the batch size)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    if model_name:
+        local = Path(model_name).exists()
+        settings["model"] = str(Path(model_name).resolve()) if local else model_name
+        settings["weights"] = weights_fingerprint(model_name)
+    return settings
+
+
+def cached_proposals(
+    path: str | Path, samples: Sequence[Sample], cfg: ProposalConfig, model_name: str | None
+) -> dict[str, Proposal]:
+    """The cached proposals of ``samples`` in ``path``; a row made otherwise (another model, weights,
+    setting, or another image under the same id) is refused by name. Rows written before a field
+    existed are not checked on that field."""
+    wanted = {s.id: s for s in samples}
+    settings = proposal_settings(cfg, model_name)
+    done: dict[str, Proposal] = {}
+    for n, row in enumerate(read_records(Path(path), ("id", "box", "score", "source")), 1):
+        if row.get("source") != cfg.source or row["id"] not in wanted:
+            continue
+        recorded = row.get("made_with") if isinstance(row.get("made_with"), dict) else {}
+        changed = settings_diff(recorded, settings)
+        if not recorded and model_name and row.get("model") not in (None, model_name):  # rows before made_with
+            changed = [f"model: {row['model']!r} -> {model_name!r}"]
+        if not changed and row.get("image") is not None:
+            here = _image_key(wanted[row["id"]].image)
+            if row["image"] != here:
+                changed = [f"image content: {row['image']} -> {here} (another image under the same id)"]
+        if changed:
+            raise OutputError(
+                f"{path}:{n}: sample {row['id']!r} was proposed otherwise ({changed[0]}); reusing it would "
+                "give this run another run's boxes: pass --overwrite (or delete that cache), or write to another "
+                "--out / output_dir"
+            )
+        done[row["id"]] = Proposal(row["id"], Box(*row["box"]), row["score"], row["source"], row.get("status", "ok"))
+    return done
+
+
 def load_or_propose(
     model: Any,
     processor: Any,
@@ -424,18 +477,19 @@ def load_or_propose(
     """:func:`propose`, reusing (and, if ``write``, extending) a JSONL cache of earlier proposals.
 
     The cache holds one row per sample (``id``, ``box`` [x1, y1, x2, y2], ``score``, ``source``,
-    ``status`` when it is not ``ok``, and ``model`` when ``model_name`` is given); rows of another
-    source are ignored, so an interrupted run resumes where it stopped.
+    ``status`` when it is not ``ok``, ``model`` when ``model_name`` is given, ``image``: the
+    image's content hash, ``made_with``: :func:`proposal_settings`); rows of another source are
+    ignored, so an interrupted run resumes where it stopped.
 
     Raises:
-        ValueError: ``model_name`` is given and the cache holds this source's proposals made by
-            another model (rows that name no model, written before the field existed, are reused).
+        OutputError: a cached row of one of ``samples`` was made by another model (or other
+            weights at the same path), with other settings, or from another image under the same
+            id (rows written before these fields existed are reused).
     """
     path = Path(cache) if cache else None
-    if model_name and path and path.is_file():
-        check_cache_model(path, cfg.source, model_name)
-    done = {p.sample_id: p for p in read_proposals(path, source=cfg.source)} if path and path.is_file() else {}
+    done = cached_proposals(path, samples, cfg, model_name) if path and path.is_file() else {}
     todo = [s for s in samples if s.id not in done]
+    made_with = proposal_settings(cfg, model_name) if todo and path and write else {}
     for chunk in _batches(todo, max(1, 4 * cfg.batch_size)):
         new = propose(model, processor, chunk, view_cfg, cfg)
         if path and write:
@@ -443,13 +497,15 @@ def load_or_propose(
             if path.is_file():
                 end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
             with path.open("a") as fh:
-                for p in new:
+                for p, s in zip(new, chunk):
                     row = {
                         "id": p.sample_id,
                         "box": p.box.as_list(),
                         "score": p.score,
                         "source": p.source,
                         **({"model": model_name} if model_name else {}),
+                        "image": _image_key(s.image),
+                        "made_with": made_with,
                     }
                     fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
         done.update({p.sample_id: p for p in new})
@@ -465,6 +521,7 @@ def crops_from_model(
     *,
     main: bool = True,
     thinking: bool | None = None,
+    model_name: str | None = None,
 ) -> list[Sample]:
     """Training samples whose evidence box is the model's own proposal (``views.crop_source``).
 
@@ -476,7 +533,9 @@ def crops_from_model(
     """
     cfg = ProposalConfig(source=view_cfg.crop_source, thinking=thinking)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
-    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, Path(output_dir) / PROPOSALS_FILE, write=main)
+    proposals = load_or_propose(
+        model, processor, blind, view_cfg, cfg, Path(output_dir) / PROPOSALS_FILE, write=main, model_name=model_name
+    )
     keep = getattr(view_cfg, "proposal_keep", 1.0)
     if keep < 1.0:
         kept = surest(proposals, keep)

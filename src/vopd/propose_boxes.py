@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from vopd.datasets import load_records
 from vopd.grounding import FALLBACK_STATUSES
+from vopd.outputs import OutputError
 from vopd.proposals import (
     PROPOSAL_SOURCES,
     ProposalConfig,
+    cached_proposals,
     check_cache_model,
     load_or_propose,
     proposal_quality,
-    read_proposals,
 )
 from vopd.records import Sample, write_records
 from vopd.views import ViewConfig
@@ -101,6 +102,7 @@ def write_proposed_boxes(
     batch_size: int = 100,
     progress: bool = True,
     thinking: bool | None = None,
+    overwrite: bool = False,
 ) -> ProposedBoxes:
     """Propose a box for each record of ``path`` and write the records to ``out``.
 
@@ -115,6 +117,10 @@ def write_proposed_boxes(
             instead of writing them with the whole image as their box.
         thinking: the chat template's thinking switch for the proposer's prompts (the
             ``--config``'s ``model.thinking``).
+        overwrite: remove ``out`` and its cache first. Without it an existing ``out`` with no
+            cache beside it (not written by this command) is refused, and so is a cached
+            proposal made by another model, with other settings, or from another image under
+            the same id (:func:`vopd.proposals.cached_proposals`).
 
     Raises:
         ValueError: ``out`` or its cache is the input file, the cache holds another model's
@@ -133,13 +139,21 @@ def write_proposed_boxes(
         raise ValueError(
             f"--out {out} (cache {cache.name}) would overwrite the input {loaded.source}; write to another file"
         )
+    if overwrite:
+        for stale in (cache, out):
+            stale.unlink(missing_ok=True)
+    elif out.exists() and not cache.is_file():  # ours always has its cache beside it
+        raise OutputError(
+            f"--out {out} already exists and vopd did not write it (no {cache.name} beside it); choose another "
+            "--out, or pass --overwrite to replace it"
+        )
     samples = list(loaded.samples)[:limit]
     view_cfg = view_cfg or ViewConfig()
     cfg = ProposalConfig(source=source, batch_size=batch_size, thinking=thinking)
     blind = [dataclasses.replace(s, boxes=[], teacher_image=None) for s in samples]
     if cache.is_file():
         check_cache_model(cache, source, model_name)
-    done = {p.sample_id for p in read_proposals(cache, source=source)} if cache.is_file() else set()
+    done = set(cached_proposals(cache, blind, cfg, model_name)) if cache.is_file() else set()
     todo = [s for s in blind if s.id not in done]
     model, processor = load_model() if todo else (None, None)
     chunk = max(1, 4 * batch_size)
@@ -154,7 +168,7 @@ def write_proposed_boxes(
             part = todo[start : start + chunk]
             load_or_propose(model, processor, part, view_cfg, cfg, cache, model_name=model_name)
             bar.update(len(part))
-    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache)  # all cached by now
+    proposals = load_or_propose(model, processor, blind, view_cfg, cfg, cache, model_name=model_name)  # all cached
     keep = [(s, p) for s, p in zip(samples, proposals) if not (skip_fallbacks and p.status in FALLBACK_STATUSES)]
     write_records([_with_box(s, p, model_name) for s, p in keep], out)
     quality = {"source": source, **proposal_quality(proposals, samples, view_cfg)}

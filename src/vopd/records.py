@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from vopd.images import ImageError, image_size, load_image
+from vopd.images import ImageError, check_model_shape, image_size, load_image
+from vopd.outputs import public_mode
 
 __all__ = [
     "Box",
@@ -609,6 +610,7 @@ def _checked_size(sample: Sample, row: int) -> tuple[int, int]:
     where = f"sample {sample.id!r}"
     try:
         size = image_size(sample.image, where=where)
+        check_model_shape(size, where=where)  # a 3x1000 strip fails its row here, not a whole batch later
     except ImageError as err:
         raise RecordError(str(err), field="image") from None
     if isinstance(sample.teacher_image, (str, bytes)):
@@ -711,6 +713,7 @@ def write_jsonl_rows(rows: Iterable[dict[str, Any] | str], path: str | Path) -> 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        public_mode(tmp)  # mkstemp makes 0600; the records are as readable as any file the user writes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

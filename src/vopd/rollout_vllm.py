@@ -47,7 +47,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +91,13 @@ class VLLMServerEngine:
         url: a running server (``http://host:port``); None starts one with ``python``.
         python: the vLLM environment's interpreter (default ``.venv-vllm/bin/python``).
         server_args: extra arguments for the server command line.
-        startup_timeout: seconds to wait for a started server to become healthy.
+        startup_timeout: seconds to wait for a started server to become healthy
+            (``rollout.vllm_start_timeout``).
+        request_timeout: seconds one request may wait for its reply (``rollout.vllm_request_timeout``).
         request_threads: concurrent HTTP requests (vLLM batches concurrent requests).
+
+    ``interruptible`` is True while the engine only waits (for the server to start, or for replies):
+    the trainer's signal handler then stops the run at once instead of finishing the step.
     """
 
     def __init__(
@@ -104,7 +108,8 @@ class VLLMServerEngine:
         url: str | None = None,
         python: str = ".venv-vllm/bin/python",
         server_args: Sequence[str] = (),
-        startup_timeout: float = 600.0,
+        startup_timeout: float = 300.0,
+        request_timeout: float = 120.0,
         request_threads: int = 64,
     ) -> None:
         self.processor = processor
@@ -113,6 +118,8 @@ class VLLMServerEngine:
         self.python = python
         self.server_args = list(server_args)
         self.startup_timeout = startup_timeout
+        self.request_timeout = request_timeout
+        self.interruptible = False
         self.request_threads = request_threads
         self.process: subprocess.Popen | None = None
         self._fingerprint: tuple[int, int] | None = None
@@ -166,26 +173,43 @@ class VLLMServerEngine:
             )
             env = server_env()
             log = (self.work_dir / "vllm_server.log").open("w")
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            # Its own process group (close() stops the server and its workers together), and a death
+            # signal from the kernel if this process dies without running close() (SIGKILL): no orphan.
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            )
             atexit.register(self.close)
             self.url = f"http://127.0.0.1:{port}"
-            self._wait_healthy()
+            try:
+                self._wait_healthy()
+            except BaseException:  # a timeout, a signal, Ctrl-C: the server must not outlive the wait
+                self.close()
+                raise
             self._fingerprint = _fingerprint(model)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with code {self.process.returncode}:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
+        self.interruptible = True
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"the vLLM server exited with code {self.process.returncode}:\n{self._log_tail()}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                        if r.status == 200:
+                            return
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                time.sleep(1.0)
+        finally:
+            self.interruptible = False
         self.close()
-        raise TimeoutError(f"the vLLM server was not healthy after {self.startup_timeout:.0f} s:\n{self._log_tail()}")
+        raise TimeoutError(
+            f"the vLLM server was not healthy after {self.startup_timeout:.0f} s (rollout.vllm_start_timeout; "
+            f"log: {self.work_dir / 'vllm_server.log'}):\n{self._log_tail()}"
+        )
 
     def _log_tail(self, lines: int = 40) -> str:
         log = self.work_dir / "vllm_server.log"
@@ -276,8 +300,7 @@ class VLLMServerEngine:
             "logit_bias": {str(i): _BLOCK_BIAS for i in blocked},
             "add_generation_prompt": False,
         }
-        with ThreadPoolExecutor(max_workers=max(1, min(self.request_threads, len(prompts)))) as pool:
-            replies = list(pool.map(lambda a: self._request(body, *a), zip(prompts, seeds)))
+        replies = self._map(lambda a: self._request(body, *a), list(zip(prompts, seeds)))
         rows: list[list[int]] = []
         logps: list[list[float]] = []
         for (ids, _, _), (prompt_ids, choices) in zip(prompts, replies):
@@ -302,6 +325,50 @@ class VLLMServerEngine:
             sampler_logp_B_T=logp.masked_fill(~mask, 0.0),
             prompt_index_B=torch.arange(len(prompts)).repeat_interleave(cfg.n),
         )
+
+    def _map(self, fn: Any, args: list[Any]) -> list[Any]:
+        """``[fn(a) for a in args]`` on up to ``request_threads`` daemon threads; the first error is raised.
+
+        Daemon threads, not a pool: a run stopped mid-request (a signal) must not wait at exit for
+        replies that may never come. The wait is interruptible (``self.interruptible``).
+        """
+        results: list[Any] = [None] * len(args)
+        errors: list[BaseException] = []
+        todo = list(enumerate(args))
+        lock, done = threading.Lock(), threading.Event()
+        left = [len(args)]
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not todo or errors:
+                        return
+                    i, a = todo.pop(0)
+                try:
+                    results[i] = fn(a)
+                except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+                    with lock:
+                        errors.append(err)
+                    done.set()
+                    return
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+
+        if not args:
+            return []
+        for _ in range(max(1, min(self.request_threads, len(args)))):
+            threading.Thread(target=worker, daemon=True).start()
+        self.interruptible = True
+        try:
+            while not done.wait(0.5):  # short waits: a signal handler runs between them
+                pass
+        finally:
+            self.interruptible = False
+        if errors:
+            raise errors[0]
+        return results
 
     def _prompts(self, prompt_batch: Any) -> list[tuple[list[int], str, str]]:
         """(trainer prompt ids, text with one image placeholder, image data URI) per prompt row."""
@@ -329,6 +396,12 @@ class VLLMServerEngine:
             "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": text}],
         }
         reply = self._post("/v1/chat/completions", {**body, "messages": [message], "seed": seed})
+        if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list):
+            keys = ", ".join(map(str, reply)) if isinstance(reply, dict) else type(reply).__name__
+            raise RuntimeError(
+                f"{self.url}/v1/chat/completions answered without 'choices' ({keys or 'empty'}): not an "
+                "OpenAI/vLLM chat-completions server; check rollout.vllm_url"
+            )
         choices = []
         for choice in sorted(reply["choices"], key=lambda c: c["index"]):
             token_ids = list(choice.get("token_ids") or [])
@@ -346,8 +419,13 @@ class VLLMServerEngine:
             f"{self.url}{route}", data=data, method="POST", headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=600) as r:
+            with urllib.request.urlopen(request, timeout=self.request_timeout) as r:
                 raw = r.read()
+        except TimeoutError:  # accepted, then silent: a stuck or overloaded server
+            raise RuntimeError(
+                f"vLLM server {self.url}{route}: no reply within {self.request_timeout:g} s "
+                "(rollout.vllm_request_timeout); check that the server is not stuck or overloaded"
+            ) from None
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:2000]
             hint = " (start the server with VLLM_SERVER_DEV_MODE=1 for weight pushes)" if err.code == 404 else ""
@@ -356,9 +434,21 @@ class VLLMServerEngine:
                 hint += "; server log: " + " | ".join(dict.fromkeys(c.split("] ", 1)[-1] for c in causes[-3:]))
             raise RuntimeError(f"vLLM server {route}: HTTP {err.code}{hint}: {detail}") from None
         except urllib.error.URLError as err:
+            if isinstance(err.reason, TimeoutError):
+                raise RuntimeError(
+                    f"vLLM server {self.url}{route}: no reply within {self.request_timeout:g} s "
+                    "(rollout.vllm_request_timeout); check that the server is not stuck or overloaded"
+                ) from None
             tail = f"\n{self._log_tail()}" if self.process is not None else ""
             raise RuntimeError(f"vLLM server {self.url}{route} unreachable: {err.reason}{tail}") from None
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            head = raw[:60].decode(errors="replace").replace("\n", " ")
+            raise RuntimeError(
+                f"{self.url}{route} answered something that is not JSON ({head!r}...): not an OpenAI/vLLM "
+                "server; check rollout.vllm_url"
+            ) from None
 
 
 def server_command(
@@ -420,6 +510,16 @@ def server_env() -> dict[str, str]:
 def _fingerprint(model: torch.nn.Module) -> tuple[int, int]:
     """Changes whenever any parameter is modified in place (optimiser steps, EMA, loading)."""
     return id(model), sum(p._version for p in model.parameters())
+
+
+def _die_with_parent() -> None:
+    """In the forked server, before exec: ask Linux to SIGTERM it when vopd dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: close() and atexit still stop it
+        pass
 
 
 def _free_port() -> int:

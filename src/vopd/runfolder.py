@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vopd.checkpoint import broken_checkpoint_dirs, checkpoint_dirs, clean_stale_temporaries
+from vopd.outputs import public_mode
 
 __all__ = [
     "HARMLESS_KEYS",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.jsonl"
+PROPOSALS_FILE = "proposals.jsonl"  # views.crop_source's cache (vopd.proposals.PROPOSALS_FILE): part of the run
 LOCK_FILE = ".vopd-train.lock"  # held (flock) by the process training into the folder
 _HELD: dict[str, int] = {}  # folders this process holds the lock of -> lock file descriptor
 TRACKER_DIR = "vopd"  # accelerate's tracker logs (TensorBoard) under output_dir
@@ -72,6 +74,8 @@ def _has_run(root: Path) -> list[str]:
     metrics = root / METRICS_FILE
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append(METRICS_FILE)
+    if (root / PROPOSALS_FILE).is_file():  # made by the earlier run's model: --overwrite must not keep it
+        found.append(PROPOSALS_FILE)
     return found
 
 
@@ -85,6 +89,8 @@ def prepare_run_folder(
 ) -> None:
     """Claim ``output_dir`` for this run; clean temporaries that crashed saves left behind.
 
+    An empty ``output_dir`` is refused (it would train into the current folder).
+
     Without ``resume`` a folder holding an earlier run is refused unless ``overwrite``, which
     removes that run's checkpoints, ``metrics.jsonl`` and tracker logs (only the main process
     deletes; every process raises the same refusal).
@@ -93,6 +99,10 @@ def prepare_run_folder(
         RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` is set,
             or both are set.
     """
+    if str(output_dir).strip() == "":
+        raise RunFolderError(
+            f"output_dir={str(output_dir)!r} would train into the current folder; name a folder, e.g. output_dir=runs/x"
+        )
     root = Path(output_dir)
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: pick one")
@@ -250,5 +260,6 @@ def truncate_metrics(output_dir: str | Path, step: int) -> int:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write("".join(f"{line}\n" for line in kept))
+        public_mode(tmp)
         os.replace(tmp, path)
     return dropped

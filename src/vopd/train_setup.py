@@ -180,14 +180,29 @@ def _proposed_crops(
     origins go with them.
     """
     proposed = (
-        crops_from_model(samples, cfg.views, policy, processor, cfg.output_dir, thinking=cfg.model.thinking)
+        crops_from_model(
+            samples,
+            cfg.views,
+            policy,
+            processor,
+            cfg.output_dir,
+            thinking=cfg.model.thinking,
+            model_name=cfg.model.path,
+        )
         if acc.is_main_process
         else None
     )
     acc.wait_for_everyone()
     if proposed is None:
         proposed = crops_from_model(
-            samples, cfg.views, policy, processor, cfg.output_dir, main=False, thinking=cfg.model.thinking
+            samples,
+            cfg.views,
+            policy,
+            processor,
+            cfg.output_dir,
+            main=False,
+            thinking=cfg.model.thinking,
+            model_name=cfg.model.path,
         )
     kept, i = [], 0
     for sample, origin in zip(samples, origins):
@@ -402,6 +417,8 @@ def make_engine(cfg: TrainConfig, processor: Any) -> RolloutEngine:
             url=cfg.rollout.vllm_url or None,
             python=cfg.rollout.vllm_python,
             server_args=cfg.rollout.vllm_args,
+            startup_timeout=cfg.rollout.vllm_start_timeout,
+            request_timeout=cfg.rollout.request_timeout(),
         )
     return HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
 

@@ -319,12 +319,22 @@ class TrainResult:
     health: list[dict[str, float]] = field(default_factory=list)  # teacher-health probes, step 0 included
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns at the step boundary."""
+class _StopNow(Exception):
+    """A signal arrived while the step only waited (on a rollout server): abandon the step."""
 
-    def __init__(self) -> None:
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns at the step boundary.
+
+    While ``waiting()`` is true (the step only waits on a server: nothing of it is computed yet)
+    the first signal abandons the step at once (`_StopNow`) instead of waiting for replies that
+    may take minutes or never come; the finished steps are saved all the same.
+    """
+
+    def __init__(self, waiting: Callable[[], bool] = lambda: False) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._waiting = waiting
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -338,6 +348,9 @@ class _StopFlag:
         if self.signum is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        if self._waiting():
+            print(f"\nsignal {signum}: abandoning the step in flight, saving a checkpoint, then exiting", flush=True)
+            raise _StopNow(f"signal {signum}")
         print(f"\nsignal {signum}: finishing this step, saving a checkpoint, then exiting", flush=True)
 
     def __exit__(self, *exc: Any) -> None:
@@ -398,46 +411,18 @@ def train(
     bar = tqdm(
         total=total_steps, initial=state.step, desc="vopd train", disable=not acc.is_main_process, dynamic_ncols=True
     )
-    with bar, _StopFlag() as stop, _save_on_error(state):  # the bar closes before an error is printed
-        batches: list[PromptPair] = []
-        for pair in loader:
-            if pair.error:  # a row that cannot be used (data.on_error=raise), named file:row
-                raise RecordError(pair.error)
-            batches.append(pair)
-            if len(batches) < per_step:
-                continue
-            skipped = [line for b in batches for line in b.skipped]  # rows that failed to load (on_error=skip)
-            metrics = train_step(state, batches)
-            batches = []
-            state.step += 1
-            state.mid_update = False
-            for callback in callbacks:
-                metrics.update(callback(state) or {})
-            _record(state, metrics, skipped, metrics_file, final=state.step == total_steps)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{metrics['divergence']:.3g}",
-                len=f"{metrics['response_length']:.1f}",
-                s=f"{metrics['time_step']:.2f}",
-            )
-            if state.bad_in_a_row >= cfg.max_bad_steps:
-                bar.close()
-                raise TrainingError(
-                    f"{state.bad_in_a_row} non-finite losses/gradients in a row at step {state.step}; "
-                    f"last good checkpoint: {state.last_checkpoint or 'none'}. Lower optim.lr or check the data."
-                )
-            stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
-            final = state.step == total_steps
-            if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
-                _save(state, final=final)
-            if stop_reason:
-                acc.print(f"stopping at step {state.step}: {stop_reason}")
-                interrupted = True
-                break
+    waiting = lambda: bool(getattr(state.engine, "interruptible", False))  # noqa: E731
+    try:
+        with bar, _StopFlag(waiting) as stop, _save_on_error(state):  # the bar closes before an error is printed
+            interrupted = _loop(state, loader, stop, bar, callbacks, health, metrics_file, per_step, total_steps)
+    except _StopNow as why:  # _save_on_error saved the finished steps first
+        acc.print(f"stopping at step {state.step}: {why}")
+        interrupted = True
+    finally:
+        if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started, whatever happened
+            state.engine.close()
     bar.close()
     acc.end_training()
-    if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started
-        state.engine.close()
     release_run_folder(cfg.output_dir)
     result = TrainResult(
         out,
@@ -451,6 +436,56 @@ def train(
     if acc.is_main_process:
         print(summary(result))
     return result
+
+
+def _loop(
+    state: TrainState,
+    loader: Any,
+    stop: _StopFlag,
+    bar: Any,
+    callbacks: list[Callback],
+    health: Any,
+    metrics_file: Path | None,
+    per_step: int,
+    total_steps: int,
+) -> bool:
+    """The steps of `train`; returns whether a signal or the health probe stopped the run early."""
+    cfg, acc = state.cfg, state.accelerator
+    batches: list[PromptPair] = []
+    for pair in loader:
+        if pair.error:  # a row that cannot be used (data.on_error=raise), named file:row
+            raise RecordError(pair.error)
+        batches.append(pair)
+        if len(batches) < per_step:
+            continue
+        skipped = [line for b in batches for line in b.skipped]  # rows that failed to load (on_error=skip)
+        metrics = train_step(state, batches)
+        batches = []
+        state.step += 1
+        state.mid_update = False
+        for callback in callbacks:
+            metrics.update(callback(state) or {})
+        _record(state, metrics, skipped, metrics_file, final=state.step == total_steps)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['divergence']:.3g}",
+            len=f"{metrics['response_length']:.1f}",
+            s=f"{metrics['time_step']:.2f}",
+        )
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            bar.close()
+            raise TrainingError(
+                f"{state.bad_in_a_row} non-finite losses/gradients in a row at step {state.step}; "
+                f"last good checkpoint: {state.last_checkpoint or 'none'}. Lower optim.lr or check the data."
+            )
+        stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
+        final = state.step == total_steps
+        if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
+            _save(state, final=final)
+        if stop_reason:
+            acc.print(f"stopping at step {state.step}: {stop_reason}")
+            return True
+    return False
 
 
 def _record(
@@ -496,7 +531,7 @@ def _save_on_error(state: TrainState):
         yield
     except (TrainingError, CheckpointError):
         raise  # diverging (the last good checkpoint is the one to go back to), or saving itself failed
-    except Exception:
+    except Exception as err:
         saved_step = int(state.last_checkpoint.name.split("-")[-1]) if state.last_checkpoint else 0
         if state.mid_update or state.step <= saved_step or state.accelerator.num_processes > 1:
             raise
@@ -505,9 +540,9 @@ def _save_on_error(state: TrainState):
         except Exception as err:  # the original error matters more; say why nothing was saved
             print(f"vopd train: could not save a checkpoint after the error ({err})", flush=True)
         else:
+            why = "a signal;" if isinstance(err, _StopNow) else "the error below; fix the cause and"
             print(
-                f"vopd train: saved {path} (step {state.step}) before stopping on the error below; "
-                "fix the cause and continue with --resume",
+                f"vopd train: saved {path} (step {state.step}) before stopping on {why} continue with --resume",
                 flush=True,
             )
         raise

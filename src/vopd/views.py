@@ -28,6 +28,7 @@ __all__ = [
     "ViewConfig",
     "evidence_region",
     "make_views",
+    "missing_evidence",
     "prompt_text",
     "reference_text",
     "replay_draw",
@@ -191,6 +192,21 @@ def replay_draw(sample_id: str) -> float:
     return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2.0**64
 
 
+def missing_evidence(sample: Sample, cfg: ViewConfig) -> str | None:
+    """Why the teacher view of ``sample`` cannot be built (no boxes and no usable crop), or None.
+
+    The one rule `make_views` applies and ``vopd data check`` reports (``"boxes": []`` or ``null``
+    with no ``teacher_image``), so the check rejects exactly what training rejects.
+    """
+    if sample.boxes or (cfg.use_provided_crop and sample.teacher_image is not None):
+        return None
+    return (
+        f"sample {sample.id!r} has no evidence boxes"
+        + (" (teacher_image ignored: use_provided_crop=False)" if sample.teacher_image else "")
+        + "; the teacher view needs boxes or a teacher_image"
+    )
+
+
 def make_views(sample: Sample, cfg: ViewConfig) -> tuple[Image.Image, Image.Image, str]:
     """Return ``(student image, teacher image, prompt text)`` for one sample.
 
@@ -212,10 +228,5 @@ def make_views(sample: Sample, cfg: ViewConfig) -> tuple[Image.Image, Image.Imag
         except ValueError as err:
             raise RecordError(f"sample {sample.id!r}: {err}", field="boxes") from None
     else:
-        raise RecordError(
-            f"sample {sample.id!r} has no evidence boxes"
-            + (" (teacher_image ignored: use_provided_crop=False)" if sample.teacher_image else "")
-            + "; the teacher view needs boxes or a teacher_image",
-            field="boxes",
-        )
+        raise RecordError(missing_evidence(sample, cfg) or "", field="boxes")
     return student, teacher, prompt_text(sample, hint=cfg.hint)

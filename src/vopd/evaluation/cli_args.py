@@ -68,6 +68,12 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge-api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable with the judge key"
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove this command's earlier output (answers, verdicts, results) in --out first; without it "
+        "a rerun resumes only when every setting that determines an answer is the same",
+    )
+    parser.add_argument(
         "--allow-failures",
         action="store_true",
         help="exit 0 even when requests or judgements failed (they count as wrong in the scores)",
@@ -166,6 +172,7 @@ def gap_config_from_args(args: argparse.Namespace) -> Any:
         seed=args.seed,
         limit=args.limit,
         judge=_judge_config(args),
+        overwrite=args.overwrite,
     )
 
 
@@ -229,6 +236,16 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
     """``EvalConfig`` from parsed ``vopd eval`` arguments."""
     from vopd.evaluation.runner import EvalConfig
 
+    names = [name for name, _ in args.benchmarks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a dict would keep only the last path: say so instead of evaluating one silently
+        from vopd.knobs import ConfigError
+
+        paths = [p for n, p in args.benchmarks if n == twice[0]]
+        raise ConfigError(
+            f"benchmark {twice[0]!r} is named twice ({', '.join(paths)}); evaluate each into its own --out, "
+            "or put the files in one folder"
+        )
     return EvalConfig(
         benchmarks=dict(args.benchmarks),
         out_dir=args.out,
@@ -240,6 +257,7 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
         prompts=dict(args.prompt),
         image_root=args.image_root,
         parse=args.parse,
+        overwrite=args.overwrite,
     )
 
 
@@ -278,13 +296,19 @@ def gap_summary(result: dict[str, Any], out: str) -> str:
         return f"gap over checkpoints written to {out}"
     lines = [f"{result['n_questions']} questions"]
     for view, block in result["views"].items():
+        if block["ci"] is None:  # every answer of this view failed: no accuracy to show
+            lines.append(f"  {view:9s}   n/a    (no answer judged; {block['unjudged']} unjudged)")
+            continue
         lo, hi = block["ci"]
         lines.append(f"  {view:9s} {block['accuracy']:5.1f} %  [{lo:.1f}, {hi:.1f}]  ({block['unjudged']} unjudged)")
     gap = result["gap"]
-    lines.append(
-        f"  gap (crop - full) {gap['value']:+.1f} points, {result['interval']}: "
-        f"[{gap['ci'][0]:+.1f}, {gap['ci'][1]:+.1f}]; exact McNemar p = {gap['mcnemar_p']:.3g}"
-    )
+    if gap["ci"] is None:
+        lines.append("  gap (crop - full) n/a: no question was judged in both views")
+    else:
+        lines.append(
+            f"  gap (crop - full) {gap['value']:+.1f} points, {result['interval']}: "
+            f"[{gap['ci'][0]:+.1f}, {gap['ci'][1]:+.1f}]; exact McNemar p = {gap['mcnemar_p']:.3g}"
+        )
     lines.append(f"  written: {out}/gap.json, {out}/gap.png")
     return "\n".join(lines)
 

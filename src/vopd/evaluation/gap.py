@@ -27,7 +27,7 @@ from vopd.config import VIEW_NAMES, ConfigError, canonical_view
 from vopd.evaluation.backends import Backend, BackendConfig, make_backend
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.report import plot_bars, plot_gap_over_training
-from vopd.evaluation.runner import PredictionStore, grade_items, predict
+from vopd.evaluation.runner import PredictionStore, answer_settings, grade_items, predict
 from vopd.evaluation.stats import mcnemar_exact, paired_bootstrap_ci, paired_table, wilson_interval
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
 
@@ -67,6 +67,8 @@ class GapConfig:
         seed: bootstrap seed.
         limit: use only the first N questions.
         judge: optional judge for open answers.
+        overwrite: remove the earlier ``vopd gap`` output in ``out_dir`` first; without it a rerun
+            resumes only when every setting that determines an answer matches.
     """
 
     data: str
@@ -81,8 +83,11 @@ class GapConfig:
     seed: int = 0
     limit: int | None = None
     judge: JudgeConfig | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
         self.views = tuple(canonical_view(v, key="gap views") for v in self.views)
         if not {"full", "crop"} <= set(self.views):
             raise ConfigError(f"gap views must include 'full' and 'crop'; got {self.views}")
@@ -347,14 +352,76 @@ def _step(path: str, index: int) -> float:
     return float(numbers[-1]) if numbers else float(index)
 
 
+#: What ``vopd gap`` writes in its output folder (``--overwrite`` removes these; ``gap-*``: per checkpoint).
+GAP_OUTPUTS = (
+    "predictions.jsonl",
+    "judge.jsonl",
+    "gap.json",
+    "gap.png",
+    "gap_over_training.json",
+    "gap_over_training.png",
+    "proposals.jsonl",
+    "gap-*",
+)
+
+
+def checkpoint_folders(checkpoints: list[str]) -> dict[str, str]:
+    """One result subfolder name per checkpoint path, unique per path: ``gap-<folder name>``, with
+    the parent folder's name (then a hash of the path) added where two paths share a name
+    (``runA/checkpoint-2`` and ``runB/checkpoint-2``). The ``gap-`` prefix keeps results out of
+    the checkpoint folders themselves when ``--out`` is the run folder."""
+    import hashlib
+
+    paths = {c: Path(c).resolve() for c in checkpoints}
+    candidates = (
+        lambda p: p.name,
+        lambda p: f"{p.parent.name}-{p.name}",
+        lambda p: f"{p.parent.name}-{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}",
+    )
+    for name in candidates:
+        found = {c: f"gap-{name(p)}" for c, p in paths.items()}
+        if len(set(found.values())) == len(set(paths.values())):
+            break
+    return found
+
+
+def _gap_settings(cfg: GapConfig) -> dict[str, Any]:
+    """What determines the answers of `vopd gap` besides the model: data, views, crop rules, seed."""
+    view = cfg.view
+    return {
+        "data": str(Path(cfg.data).resolve()) if Path(cfg.data).exists() else cfg.data,
+        "benchmark": cfg.benchmark,
+        "seed": cfg.seed,
+        **{f"view.{k}": getattr(view, k, None) for k in ("zoom", "context", "min_side", "use_provided_crop")},
+        "view.crop_source": getattr(view, "crop_source", "box"),
+    }
+
+
 def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any]:
     """Measure the gap (per checkpoint if ``cfg.checkpoints``) and write JSON and PNG.
 
-    Writes ``gap.json`` and ``gap.png`` into ``cfg.out_dir`` (or into one subfolder per
-    checkpoint, plus ``gap_over_training.json`` / ``.png``). Returns the result dict.
+    Writes ``gap.json`` and ``gap.png`` into ``cfg.out_dir`` (or into one ``gap-<checkpoint>``
+    subfolder per checkpoint, plus ``gap_over_training.json`` / ``.png``). Returns the result dict.
+    A folder holding another run's answers (other model, weights or settings) is refused, named,
+    unless ``cfg.overwrite`` (see `vopd.outputs.claim_output`).
     """
+    from vopd.outputs import claim_output
+
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = _gap_settings(cfg)
+    if not cfg.checkpoints:
+        settings.update(answer_settings(cfg.backend, cfg.judge))
+    elif cfg.judge is not None:
+        settings["judge"] = answer_settings(cfg.backend, cfg.judge)["judge"]
+    claim_output(out, command="vopd gap", owned=GAP_OUTPUTS, overwrite=cfg.overwrite, settings=settings)
+    subfolders = checkpoint_folders(cfg.checkpoints)
+    for ckpt in cfg.checkpoints:  # each checkpoint's answers are cached under its own identity
+        claim_output(
+            out / subfolders[ckpt],
+            command="vopd gap",
+            owned=GAP_OUTPUTS,
+            settings=answer_settings(dataclasses.replace(cfg.backend, model=ckpt)),
+        )
     samples = load_gap_samples(cfg.data, benchmark=cfg.benchmark, seed=cfg.seed, limit=cfg.limit)
     judge = LLMJudge(cfg.judge, out / "judge.jsonl") if cfg.judge else None
     dataset = cfg.benchmark or Path(cfg.data).stem
@@ -382,8 +449,7 @@ def main_gap(cfg: GapConfig, *, backend: Backend | None = None) -> dict[str, Any
         return result
     runs = []
     for index, ckpt in enumerate(sorted(cfg.checkpoints, key=lambda p: _step(p, 0))):
-        sub = out / Path(ckpt).name
-        sub.mkdir(parents=True, exist_ok=True)
+        sub = out / subfolders[ckpt]
         ckpt_backend = make_backend(dataclasses.replace(cfg.backend, model=ckpt))
         result = measure_gap(
             samples, ckpt_backend, cfg, store=PredictionStore(sub / "predictions.jsonl"), judge=judge, dataset=dataset

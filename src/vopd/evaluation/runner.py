@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from vopd.evaluation.backends import Backend, BackendConfig, BackendError, PartialFailure, make_backend
 from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
 from vopd.evaluation.grading import grade
@@ -32,13 +34,17 @@ from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.official import OFFICIAL_READERS, OfficialReader
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
 from vopd.grading import UNPARSED_METHODS
+from vopd.images import check_model_shape
 from vopd.jsonl import append_record, end_with_newline, read_records
+from vopd.outputs import claim_output, weights_fingerprint
 
 __all__ = [
     "PARSES",
     "RULE_ONLY",
+    "EVAL_OUTPUTS",
     "EvalConfig",
     "PredictionStore",
+    "answer_settings",
     "evaluate_benchmark",
     "grade_items",
     "main_eval",
@@ -49,6 +55,30 @@ log = logging.getLogger(__name__)
 
 #: ``--parse`` choices: vopd's rules, or each benchmark's official rule where it has one.
 PARSES = ("vopd", "official")
+
+
+#: What ``vopd eval`` writes in its output folder (``--overwrite`` removes these).
+EVAL_OUTPUTS = ("predictions.jsonl", "judge.jsonl", "graded", "summary.json", "summary.md", "summary.png")
+
+
+def answer_settings(backend: BackendConfig, judge: JudgeConfig | None = None) -> dict[str, Any]:
+    """What determines a cached answer besides the question: the model (path and a fingerprint
+    of its weights, or the served name and URL), the token budget, the thinking switch, the
+    dtype, and the judge when there is one (see `vopd.outputs.claim_output`)."""
+    local = backend.kind == "hf" and bool(backend.model) and Path(backend.model).exists()
+    out: dict[str, Any] = {
+        "backend": backend.kind,
+        "model": str(Path(backend.model).resolve()) if local else backend.model,
+        "max_new_tokens": backend.max_new_tokens,
+        "thinking": backend.thinking,
+    }
+    if backend.kind == "hf":
+        out.update(model_weights=weights_fingerprint(backend.model) if backend.model else "", dtype=backend.dtype)
+    else:
+        out["url"] = _without_credentials(backend.url)
+    if judge is not None:
+        out["judge"] = f"{judge.model} @ {_without_credentials(judge.url)}"
+    return out
 
 
 class PredictionStore:
@@ -138,7 +168,10 @@ def _answer_chunk(
     prompts, positions = [], []
     for i, it in enumerate(chunk):
         try:
-            prompts.append(to_prompt(it))
+            prompt = to_prompt(it)
+            if isinstance(prompt.image, Image.Image):  # one unusable image fails its item, not the batch
+                check_model_shape(prompt.image.size, where=f"{it.benchmark} item {it.id}")
+            prompts.append(prompt)
             positions.append(i)
         except Exception as err:  # noqa: BLE001 - recorded per item, retried next run
             errors[i] = f"{type(err).__name__}: {err}"
@@ -245,6 +278,8 @@ class EvalConfig:
             ``official``: each benchmark with an official rule-based scorer reads its replies
             with that rule, quirks included (:mod:`vopd.evaluation.official`); the others keep
             vopd's rules. The summary names the parse behind every number.
+        overwrite: remove the earlier ``vopd eval`` output in ``out_dir`` first; without it a
+            rerun resumes only when every setting that determines an answer matches.
     """
 
     benchmarks: dict[str, str]
@@ -257,6 +292,7 @@ class EvalConfig:
     prompts: dict[str, str] = field(default_factory=dict)
     image_root: str | None = None
     parse: str = "vopd"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.parse not in PARSES:
@@ -408,7 +444,16 @@ def main_eval(cfg: EvalConfig, *, backend: Backend | None = None) -> dict[str, A
     from vopd.evaluation.report import summarize, write_summary
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = answer_settings(cfg.backend, cfg.judge)
+    for name in cfg.benchmarks:  # the prompt template, option shuffle and image folder change the answers
+        settings.update(
+            {
+                f"{name}.prompt": cfg.prompts.get(name, DEFAULT_PROMPT),
+                f"{name}.seed": cfg.seed,
+                f"{name}.image_root": cfg.image_root,
+            }
+        )
+    claim_output(out, command="vopd eval", owned=EVAL_OUTPUTS, overwrite=cfg.overwrite, settings=settings)
     backend = backend or make_backend(cfg.backend)
     store = PredictionStore(out / "predictions.jsonl")
     judge = LLMJudge(cfg.judge, out / "judge.jsonl") if cfg.judge else None

@@ -45,6 +45,16 @@ class DemoConfig:
     # the shipped world and its base; another world needs its own base (model.path=DIR).
     world: str = "M"
 
+    def __post_init__(self) -> None:
+        from vopd.knobs import ConfigError
+
+        # 0 steps would train by the recipe's own length, 0 scenes or interval would fail late (a plot, a modulo)
+        for name, flag in (("steps", "--steps"), ("eval_every", "--eval-every"), ("n_eval", "--n-eval")):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: all cores), got {self.threads}")
+
     def _spec(self, n: int, seed: int) -> str:
         # World M keeps the spec it always had, so its recorded configurations stay the same.
         return f"toyworld:{n}:{seed}" + ("" if self.world == "M" else f":{self.world}")

@@ -287,13 +287,19 @@ def make_dataset(n: int, seed: int, cfg: SceneConfig = SceneConfig()) -> list[Sa
     return [make_scene(scene_rng(seed, i), cfg, scene_id=f"toy-{seed}-{i:05d}")[1] for i in range(n)]
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, cfg: SceneConfig = SceneConfig()) -> Path:
+def write_dataset(
+    out_dir: str | Path, n: int, seed: int, cfg: SceneConfig = SceneConfig(), *, overwrite: bool = False
+) -> Path:
     """Write ``n`` scenes to ``out_dir`` in the project's record format; returns the records path.
 
-    Backs ``vopd data toyworld --n 500 --seed 123 --out DIR``.
+    Backs ``vopd data toyworld --n 500 --seed 123 --out DIR``. A ``records.jsonl`` or ``images/``
+    already in ``out_dir`` that this command did not write is refused unless ``overwrite``
+    (`vopd.outputs.claim_output`).
     """
+    from vopd.outputs import claim_output
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, command="vopd data toyworld", owned=("records.jsonl", "images"), overwrite=overwrite)
     path = out / "records.jsonl"
     write_records(make_dataset(n, seed, cfg), path)
     return path

@@ -55,7 +55,15 @@ def load(
         return _load_original(path, seed)
     rows = read_rows(source, (".parquet",))
     items = [_from_parquet_row(n, row, rows_base(row, image_root)) for n, row in enumerate(rows)]
-    return ItemList(items, files=rows.files, notes=rows.notes)
+    notes = list(rows.notes)
+    if path.is_dir():  # both layouts in one folder: the parquet is read, the original JSON + images are not
+        original = sorted({p.parent.relative_to(path).as_posix() or "." for p in path.rglob("*.json")})
+        if original:
+            notes.append(
+                "not read (the original layout; this folder's parquet was read instead, one layout per run): "
+                + ", ".join(f"{o}/" for o in original)
+            )
+    return ItemList(items, files=rows.files, notes=notes)
 
 
 def _from_parquet_row(n: int, row: dict, base: Path) -> EvalItem:

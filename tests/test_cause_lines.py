@@ -1,0 +1,43 @@
+"""Lines that name the cause: a Ctrl-C at any moment, and counts that make no sense, refused up front.
+
+Root cause: the CLI's `try` began after its imports (Ctrl-C in the first 0.2 s was a traceback),
+and `vopd demo --n-eval 0` worked 67 s before failing in matplotlib, `--eval-every 0` ended in
+ZeroDivisionError, `--steps 0` trained one step, and `vopd gap --limit -1` measured 7 of 8.
+(A full disk during a checkpoint save: tests/test_run_safety.py.)
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import vopd.cli as cli
+
+
+def test_ctrl_c_while_the_cli_loads_is_the_one_interrupted_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train", "x=1"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "vopd train: interrupted" and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--steps", "0"), ("--n-eval", "0"), ("--eval-every", "0"), ("--eval-every", "-5")]
+)
+def test_demo_counts_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    start = time.monotonic()
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), flag, value]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert f"{flag} must be >= 1, got {value}" in err and "config error" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_gap_limit_below_one_is_refused(tmp_path, capsys):
+    code = cli.main(["gap", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--limit", "-1"])
+    assert code == 1
+    assert "limit must be >= 1, got -1" in capsys.readouterr().err
