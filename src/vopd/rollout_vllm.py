@@ -358,10 +358,10 @@ class VLLMServerEngine:
 
         if not args:
             return []
-        for _ in range(max(1, min(self.request_threads, len(args)))):
-            threading.Thread(target=worker, daemon=True).start()
-        self.interruptible = True
+        self.interruptible = True  # before the first request leaves
         try:
+            for _ in range(max(1, min(self.request_threads, len(args)))):
+                threading.Thread(target=worker, daemon=True).start()
             while not done.wait(0.5):  # short waits: a signal handler runs between them
                 pass
         finally:

@@ -63,7 +63,7 @@ EVAL_OUTPUTS = ("predictions.jsonl", "judge.jsonl", "graded", "summary.json", "s
 
 def answer_settings(backend: BackendConfig, judge: JudgeConfig | None = None) -> dict[str, Any]:
     """What determines a cached answer besides the question: the model (path and a fingerprint
-    of its weights, or the served name and URL), the token budget, the thinking switch, the
+    of its weights, or the served name), the token budget, the thinking switch, the
     dtype, and the judge when there is one (see `vopd.outputs.claim_output`)."""
     local = backend.kind == "hf" and bool(backend.model) and Path(backend.model).exists()
     out: dict[str, Any] = {
@@ -72,10 +72,10 @@ def answer_settings(backend: BackendConfig, judge: JudgeConfig | None = None) ->
         "max_new_tokens": backend.max_new_tokens,
         "thinking": backend.thinking,
     }
+    # A server's model is its served name: the URL is left out, so a server restarted on another
+    # port still resumes (and a rerun to retry failed requests works after a restart).
     if backend.kind == "hf":
         out.update(model_weights=weights_fingerprint(backend.model) if backend.model else "", dtype=backend.dtype)
-    else:
-        out["url"] = _without_credentials(backend.url)
     if judge is not None:
         out["judge"] = f"{judge.model} @ {_without_credentials(judge.url)}"
     return out
