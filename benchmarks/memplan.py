@@ -5,11 +5,19 @@ Activations are estimated separately and roughly (they depend on sequence length
 checkpointing); `bench_memory.py` checks the state part against CPU measurements at small scale.
 
     python benchmarks/memplan.py            # the paper recipe at 4B and 9B, per strategy
+    python benchmarks/memplan.py --config PATH   # a checkpoint's config.json (or its folder): exact shape
+
+With ``--config`` the parameter count is exact: the model is built on PyTorch's meta device from
+the config (no memory, no weights) and its parameters counted, so it equals the checkpoint's
+(e.g. 8,292,166,656 for Qwen2.5-VL-7B-Instruct, its safetensors index's total_size / 2).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GB = 1e9
 
@@ -22,6 +30,7 @@ class ModelShape:
     layers: int
     vocab: int
     tied: bool  # LM head shares the embedding matrix
+    intermediate: int | None = None  # the language model's MLP width (None: unknown, taken as 3 x hidden)
 
     @property
     def root_params(self) -> float:
@@ -33,17 +42,65 @@ class ModelShape:
         return (self.params - self.root_params) / self.layers
 
 
-# Assumed shapes (check the checkpoint's config.json): Qwen3.5, vocabulary 248,320.
-QWEN35_4B = ModelShape("Qwen3.5-4B", 4.0e9, 2560, 32, 248_320, tied=True)
-QWEN35_9B = ModelShape("Qwen3.5-9B", 9.0e9, 4096, 32, 248_320, tied=False)
+# Qwen3.5 shapes from the released config.json values (docs/real_checkpoints.md cites the sources);
+# parameters: language model + vision tower as transformers loads them (the checkpoints also hold a
+# multi-token-prediction head, ~0.12 B at 4B and ~0.24 B at 9B, that training does not load).
+QWEN35_4B = ModelShape("Qwen3.5-4B", 4.539e9, 2560, 32, 248_320, tied=True, intermediate=9216)
+QWEN35_9B = ModelShape("Qwen3.5-9B", 9.410e9, 4096, 32, 248_320, tied=False, intermediate=12288)
 
 
 def lora_params(shape: ModelShape, r: int) -> float:
-    """Adapter parameters for r on the language model's q/k/v/o/gate/up/down (k/v taken as full width:
-    an upper bound under grouped-query attention)."""
-    h, inter = shape.hidden, 3 * shape.hidden  # MLP width ~3x hidden (Qwen3.5 dense)
+    """Adapter parameters for r on the language model's q/k/v/o/gate/up/down (every attention
+    projection taken as hidden x hidden: an upper bound under grouped-query attention, and an
+    estimate for linear-attention layers, whose projections have other shapes)."""
+    h = shape.hidden
+    inter = shape.intermediate or 3 * h
     per_layer = 4 * r * (h + h) + 3 * r * (h + inter)
     return per_layer * shape.layers
+
+
+def shape_from_config(path: str | Path) -> ModelShape:
+    """The exact shape of a checkpoint from its ``config.json`` (a file or the folder holding it).
+
+    Parameters are counted on a model built on the meta device (transformers, no weights, no
+    memory); hidden size, layers, vocabulary, tying and MLP width are read from the text config.
+    Raises FileNotFoundError without a config.json and ValueError for a model_type this
+    transformers does not know (its count cannot be derived: say so rather than guess).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file() or file.name != "config.json":
+        raise FileNotFoundError(f"{file}: no config.json (pass the file or the checkpoint folder)")
+    raw = json.loads(file.read_text())
+    model_type = raw.get("model_type")
+    try:
+        config = AutoConfig.from_pretrained(file.parent)  # as the checkpoint loads (old flat layouts converted)
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"{file}: model_type {model_type!r} is unknown to this transformers: its parameter count cannot be derived"
+        ) from err
+    with torch.device("meta"):
+        if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            model = AutoModelForImageTextToText.from_config(config)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+    text = config.get_text_config()
+    return ModelShape(
+        name=file.parent.resolve().name,
+        params=params,
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        intermediate=getattr(text, "intermediate_size", None),
+    )
 
 
 def state_bytes(
@@ -108,10 +165,11 @@ def load_bytes(
     return (base_bytes + teacher_bytes) * P
 
 
-def load_table() -> str:
-    """Markdown: per-rank host memory while loading, at 4B and 9B (fp32 student, EMA teacher, bf16)."""
+def load_table(shapes: tuple[ModelShape, ...] | None = None) -> str:
+    """Markdown: per-rank host memory while loading (fp32 student, EMA teacher, bf16), at Qwen3.5
+    4B and 9B by default."""
     rows = ["| model | strategy | ranks | host memory per rank while loading |", "|---|---|---|---|"]
-    for shape in (QWEN35_4B, QWEN35_9B):
+    for shape in shapes or (QWEN35_4B, QWEN35_9B):
         for strategy, world in (("ddp", 8), ("fsdp2", 8)):
             need = load_bytes(shape, strategy=strategy, world=world)
             rows.append(f"| {shape.name} | {strategy} | {world} | {need / GB:.1f} GB |")
@@ -127,16 +185,16 @@ def activation_bytes(shape: ModelShape, *, tokens: int, checkpointing: bool = Tr
     return tokens * per_token * shape.layers * 16
 
 
-def paper_table() -> str:
+def paper_table(shapes: tuple[ModelShape, ...] | None = None) -> str:
     """Markdown: per-GPU estimate of the paper recipe (EMA teacher, bf16, 8 rollouts x up to 1024
-    tokens, one prompt per micro-batch) at 4B and 9B for each strategy."""
+    tokens, one prompt per micro-batch) for each strategy, at Qwen3.5 4B and 9B by default."""
     tokens = 8 * (1024 + 1024)  # n=8 sequences x (prompt ~1024 incl. image tokens + 1024 response)
     rows = [
         "| model | strategy | GPUs | weights+teacher+grads+AdamW per GPU | + gathered units | + activations "
         "(1 prompt x 8 x ~2k tokens, checkpointed) | total per GPU |",
         "|---|---|---|---|---|---|---|",
     ]
-    for shape in (QWEN35_4B, QWEN35_9B):
+    for shape in shapes or (QWEN35_4B, QWEN35_9B):
         act = activation_bytes(shape, tokens=tokens)
         for strategy, world in (("ddp", 8), ("fsdp2", 8), ("lora", 1)):
             parts = state_bytes(shape, strategy=strategy, world=world, lora_r=16)
@@ -150,6 +208,24 @@ def paper_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a checkpoint's config.json or its folder (default: Qwen3.5 4B and 9B)")
+    args = parser.parse_args(argv)
+    if args.config:
+        shape = shape_from_config(args.config)
+        print(f"parameters: {shape.params}")
+        tied = "tied" if shape.tied else "untied"
+        print(
+            f"{shape.name}: hidden {shape.hidden}, {shape.layers} layers, MLP {shape.intermediate}, "
+            f"vocabulary {shape.vocab:,} ({tied} head)\n"
+        )
+        print(paper_table((shape,)))
+        print(load_table((shape,)))
+    else:
+        print(paper_table())
+        print(load_table())
+
+
 if __name__ == "__main__":
-    print(paper_table())
-    print(load_table())
+    main()

@@ -36,6 +36,7 @@ LAYER: dict[str, str] = {
     "vopd.teacher": "core",
     "vopd.tiny_models": "core",
     "vopd.stock_processor": "core",  # checkpoints name the stock processor class
+    "vopd.random_model": "core",  # vopd model random: a real config's model with random weights
     "vopd.specs": "core",
     "vopd.knobs": "core",  # the knob machinery: declare, check, load YAML
     "vopd.jsonl": "core",  # append-only JSONL logs that survive a kill (predictions, proposals)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "toyworld": "Toy-world utilities: pretrain the tiny base model.",
     "config": "Print every training knob with its default and meaning.",
     "export": "Write a checkpoint's student as a plain Hugging Face folder (sharded checkpoints included).",
+    "model": "Model utilities: build a random model from a real checkpoint's small files (no weights needed).",
 }
 
 
@@ -126,6 +127,23 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out} (load it with the transformers Auto classes or serve it)")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from vopd.random_model import write_random_model
+
+    made = write_random_model(
+        args.src,
+        args.out,
+        layers=args.layers,
+        vision_layers=args.vision_layers,
+        hidden=args.hidden,
+        vision_hidden=args.vision_hidden,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    print(made.report())
     return 0
 
 
@@ -232,6 +250,33 @@ def build_parser() -> argparse.ArgumentParser:
     from vopd.databuild.cli_args import add_build_args  # light: argparse only
 
     add_build_args(q)
+
+    p = sub.add_parser("model", help=COMMANDS["model"], description=COMMANDS["model"])
+    msub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    q = msub.add_parser(
+        "random",
+        help="write SRC's model with random weights (optionally shrunk) and SRC's tokenizer, chat template, "
+        "processor and generation files unchanged: a local model folder for every vopd command "
+        "(docs/real_checkpoints.md)",
+    )
+    q.add_argument("src", help="checkpoint folder with config.json (weights not needed)")
+    q.add_argument("--out", required=True, help="new or empty output folder")
+    q.add_argument("--layers", type=int, default=None, help="text layers (default: SRC's)")
+    q.add_argument("--vision-layers", type=int, default=None, help="vision tower blocks (default: SRC's)")
+    q.add_argument(
+        "--hidden", type=int, default=None, help="text width, a multiple of the head dimension (default: SRC's)"
+    )
+    q.add_argument(
+        "--vision-hidden",
+        type=int,
+        default=None,
+        help="vision tower width, a multiple of its head dimension (default: SRC's)",
+    )
+    q.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights (default: SRC's dtype)"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    q.set_defaults(func=_model)
 
     _mount_optional(sub)
     return parser
