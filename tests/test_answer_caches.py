@@ -247,3 +247,15 @@ def test_a_vstar_folder_with_both_layouts_names_the_one_left_out(tmp_path):
     loaded = get_benchmark("vstar").load(root)
     assert len(list(loaded)) == 3
     assert any("not read (the original layout" in note for note in loaded.notes)
+
+
+def test_a_first_run_that_wrote_nothing_does_not_lock_the_folder(tmp_path):
+    """A typo in --model failed before any answer: the corrected rerun must not be refused."""
+    from vopd.outputs import claim_output
+
+    out = tmp_path / "o"
+    claim_output(out, command="vopd eval", owned=("predictions.jsonl",), settings={"model": "typo"})
+    claim_output(out, command="vopd eval", owned=("predictions.jsonl",), settings={"model": "right"})
+    (out / "predictions.jsonl").write_text("{}\n")
+    with pytest.raises(OutputError, match="model: 'right' -> 'other'"):
+        claim_output(out, command="vopd eval", owned=("predictions.jsonl",), settings={"model": "other"})

@@ -41,3 +41,11 @@ def test_gap_limit_below_one_is_refused(tmp_path, capsys):
     code = cli.main(["gap", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--limit", "-1"])
     assert code == 1
     assert "limit must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_gap_with_one_checkpoint_given_twice_is_refused(tmp_path, capsys):
+    """It was measured twice into one folder: two points of one step in gap_over_training."""
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    args = ["gap", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--checkpoints", str(ckpt)]
+    assert cli.main([*args, str(tmp_path / "run" / ".." / "run" / "checkpoint-1")]) == 1
+    assert "is given twice" in capsys.readouterr().err

@@ -117,3 +117,13 @@ def test_record_files_respect_the_umask(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "metrics.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("command", ["eval", "gap"])
+def test_empty_out_is_refused_not_the_current_folder(tmp_path, monkeypatch, capsys, command):
+    """`--out ""` became Path("") == ".": the results (and their record) landed in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    data = "vstar=v" if command == "eval" else "r.jsonl"
+    assert main([command, data, "--out", "", "--backend", "openai", "--model", "m"]) == 1
+    assert "out_dir is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

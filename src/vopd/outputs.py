@@ -182,10 +182,12 @@ def claim_output(
         manifest = None
     if manifest is None and present:
         raise OutputError(
-            f"{root} already holds {', '.join(present[:4])}, which {command} did not write (no {MANIFEST}); "
+            f"{root} already holds {', '.join(present[:4])}, which {command} did not write (no readable {MANIFEST}); "
             "choose another output folder, or pass --overwrite to replace them"
         )
-    recorded = dict((manifest or {}).get("settings") or {})
+    # The record binds only while results it describes are there: a first run that failed before
+    # writing any (a typo in --model, a wrong path) must not lock the folder to its settings.
+    recorded = dict((manifest or {}).get("settings") or {}) if present else {}
     new = dict(settings or {})
     changed = settings_diff(recorded, new)
     if changed:

@@ -86,8 +86,15 @@ class GapConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if not str(self.out_dir).strip():  # Path("") is ".": results would land in the current folder
+            raise ValueError("out_dir is empty: name an output folder, e.g. --out runs/eval1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        seen: dict[Path, str] = {}
+        for ckpt in self.checkpoints:  # measured twice, it would be two points of one step, one folder
+            if Path(ckpt).resolve() in seen:
+                raise ValueError(f"checkpoint {ckpt} is given twice (also as {seen[Path(ckpt).resolve()]})")
+            seen[Path(ckpt).resolve()] = ckpt
         self.views = tuple(canonical_view(v, key="gap views") for v in self.views)
         if not {"full", "crop"} <= set(self.views):
             raise ConfigError(f"gap views must include 'full' and 'crop'; got {self.views}")

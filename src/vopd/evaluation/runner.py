@@ -295,6 +295,8 @@ class EvalConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if not str(self.out_dir).strip():  # Path("") is ".": results would land in the current folder
+            raise ValueError("out_dir is empty: name an output folder, e.g. --out runs/eval1")
         if self.parse not in PARSES:
             raise ValueError(f"parse must be one of {', '.join(PARSES)}, got {self.parse!r}")
         if not self.benchmarks:
