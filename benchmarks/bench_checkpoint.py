@@ -10,6 +10,7 @@ rank 0 writes the plain HF folder from the sharded checkpoint (`vopd export`), m
 The order of the two saves alternates with ``--order``.
 
     python benchmarks/bench_checkpoint.py            # writes results/checkpoint_save.{json,md}
+    python benchmarks/bench_checkpoint.py --file-mb 0 --name checkpoint_save_one_file  # one dcp file per rank
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ from bench_memory import SHAPE  # noqa: E402
 from common import ProcessPeak, machine, machine_markdown, rss_mb, write_results  # noqa: E402
 
 
-def worker(model_dir: str, out: str, order: list[str]) -> None:
+def worker(model_dir: str, out: str, order: list[str], file_mb: int) -> None:
     """One rank: train one step, save it in each format of ``order``, write ``out``.rank.json."""
     import gc
 
+    import vopd.sharded_checkpoint as sc
+
+    if file_mb:
+        sc.FILE_BYTES = file_mb << 20
+    else:
+        sc.FILE_BYTES = 1 << 62  # one file per rank
     import torch.distributed as dist
 
     import vopd.toyworld  # noqa: F401  registers toyworld:N
@@ -94,6 +101,7 @@ def worker(model_dir: str, out: str, order: list[str]) -> None:
 
 def report(result: dict, mach: dict) -> str:
     ranks = result["ranks"]
+    files = f"about {result['file_mb']} MB of a rank's shards each" if result["file_mb"] else "one per rank"
     lines = [
         "# Benchmark 11: checkpoint save, sharded (dcp) vs gathered (hf), 2 processes",
         "",
@@ -101,7 +109,8 @@ def report(result: dict, mach: dict) -> str:
         "",
         f"Model: the random Qwen2-VL of `bench_memory.py` ({result['params'] / 1e6:.0f}M parameters), fp32, "
         "EMA teacher (fp32), AdamW, `parallel.strategy=fsdp2`, 2 gloo processes (`torchrun --standalone`), "
-        f"after one training step. Save order: {', '.join(result['order'])}. Per save: wall seconds of the "
+        f"after one training step. Save order: {', '.join(result['order'])}. dcp files: {files}. "
+        "Per save: wall seconds of the "
         "slowest rank and, per rank, peak RSS above the RSS before the save (peak counter reset before each).",
         "",
         "| save | seconds (slowest rank) | peak above start, rank 0 (MB) | rank 1 (MB) | on disk (MB) |",
@@ -129,11 +138,15 @@ def report(result: dict, mach: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        worker(argv[1], argv[2], argv[3].split(","))
+        worker(argv[1], argv[2], argv[3].split(","), int(argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", default="dcp,hf", help="save order (default dcp,hf)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--file-mb", type=int, default=256, help="dcp: MB of a rank's shards per file (0: one file per rank)"
+    )
+    parser.add_argument("--name", default="checkpoint_save", help="results file name")
     args = parser.parse_args(argv)
     from bench_memory import model_shape
     from common import build_workload_model
@@ -161,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
     result = {"machine": mach, "params": params, "order": args.order.split(","), "ranks": ranks}
-    write_results("checkpoint_save", result, report(result, mach))
+    result["file_mb"] = args.file_mb
+    write_results(args.name, result, report(result, mach))
 
 
 if __name__ == "__main__":

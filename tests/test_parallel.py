@@ -146,6 +146,35 @@ def test_fsdp2_loads_each_rank_s_shards_from_a_folder(tmp_path, reference):
     _assert_same(tmp_path / "run" / "checkpoint-2", reference / "checkpoint-2")
 
 
+@pytest.mark.slow
+def test_fsdp2_external_teacher_equals_one_process(tmp_path):
+    """teacher.kind=external (another checkpoint, here a tiny model of another seed) sharded with
+    the student's kind of plan: 2 processes give the 1-process (ddp) student after 2 steps."""
+    from vopd.tiny_models import build_tiny_model
+
+    model, processor = build_tiny_model("qwen2_vl", seed=7)
+    model.save_pretrained(tmp_path / "teacher")
+    processor.save_pretrained(tmp_path / "teacher")
+    ext = ["teacher.kind=external", f"teacher.path={tmp_path / 'teacher'}", "max_steps=2"]
+    train(load_config(None, [*ARGS, *ext, f"output_dir={tmp_path / 'one'}"]))
+    _run(2, FSDP2, *ext, f"output_dir={tmp_path / 'two'}")
+    one = load_file(tmp_path / "one" / "checkpoint-2" / "model.safetensors")
+    two = _load(tmp_path / "two" / "checkpoint-2")[0]
+    start = build_tiny_model("qwen2_vl", seed=0)[0].state_dict()["lm_head.weight"]  # the student's init
+    assert float((one["lm_head.weight"] - start).abs().max()) > 1e-4, "the steps did not move the student"
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_trust_region_teacher_equals_one_process(tmp_path):
+    """teacher.kind=trust_region: a sharded frozen reference mixed with the current (sharded) student;
+    2 processes give the 1-process student and reference after 2 steps."""
+    tr = ["teacher.kind=trust_region", "teacher.mix=0.5", "max_steps=2"]
+    train(load_config(None, [*ARGS, *tr, f"output_dir={tmp_path / 'one'}"]))
+    _run(2, FSDP2, *tr, f"output_dir={tmp_path / 'two'}")
+    _assert_same(tmp_path / "two" / "checkpoint-2", tmp_path / "one" / "checkpoint-2")
+
+
 def test_resume_with_another_strategy_is_refused(tmp_path):
     args = [*ARGS, "max_steps=1", "rollout.max_new_tokens=2", f"output_dir={tmp_path}"]
     train(load_config(None, args))
@@ -177,5 +206,5 @@ def test_sharded_ema_teacher_equals_unsharded_reference(tmp_path, dtype):
 def test_fsdp2_config_refuses_what_it_does_not_support():
     with pytest.raises(ConfigError, match="parallel.strategy=.zero3. is not one of ddp . fsdp2"):
         load_config(None, ["parallel.strategy=zero3"])
-    with pytest.raises(ConfigError, match="teacher.kind ema or frozen"):
+    with pytest.raises(ConfigError, match="teacher.kind ema, frozen, trust_region or external, got live"):
         load_config(None, [FSDP2, "teacher.kind=live"])

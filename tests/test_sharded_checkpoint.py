@@ -110,3 +110,10 @@ def test_export_splits_files_and_writes_an_index(run, tmp_path):
     files = sc.export_hf(run / "checkpoint-1", tmp_path, max_file_bytes=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(files) > 2 and set(index["weight_map"]) == set(_sharded_student(run / "checkpoint-1"))
+
+
+def test_file_plan_bounds_each_rank_s_file():
+    """Consecutive tensors share a file until about file_bytes of one rank's share is in it."""
+    state = {"model": {"a": torch.zeros(100, 10), "b": torch.zeros(100, 10)}, "optim": {"a": {"m": torch.zeros(5)}}}
+    assert sc.file_plan(state, world=2, file_bytes=4000) == {"model.a": 1, "model.b": 1, "optim.a.m": 2}
+    assert sc.file_plan(state, world=1, file_bytes=4000) == {"model.a": 1, "model.b": 2, "optim.a.m": 3}

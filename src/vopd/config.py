@@ -372,7 +372,7 @@ class ParallelConfig:
         "ddp",
         "ddp (each process holds the whole student, teacher and optimiser state; also plain "
         "1-process runs) or fsdp2 (all three sharded per decoder layer / vision block; "
-        "teacher.kind ema or frozen, health.every=0)",
+        "any teacher.kind but live, health.every=0)",
         choices=("ddp", "fsdp2"),
     )
 
@@ -504,9 +504,10 @@ class TrainConfig:
                 "parallel.strategy=ddp and lora.r=0"
             )
         if self.parallel.strategy == "fsdp2":
-            if self.teacher.kind not in ("ema", "frozen"):
+            if self.teacher.kind == "live":
                 raise ConfigError(
-                    f"parallel.strategy=fsdp2 supports teacher.kind ema or frozen, got {self.teacher.kind}"
+                    "parallel.strategy=fsdp2 supports teacher.kind ema, frozen, trust_region or external, got live "
+                    "(docs/scaling.md says why)"
                 )
             if self.health.every > 0:
                 raise ConfigError(

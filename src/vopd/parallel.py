@@ -161,13 +161,16 @@ class ShardedTeacher:
     def __init__(self, kind: str, root: TeacherRoot, student: nn.Module, *, rate: float):
         from vopd.teacher import CopyTeacher, matched_parameters
 
-        if kind not in ("ema", "frozen"):
-            raise ValueError(f"teacher.kind={kind} is not supported with parallel.strategy=fsdp2 (use ema or frozen)")
+        if kind not in ("ema", "frozen", "external"):
+            raise ValueError(
+                f"teacher.kind={kind} is not supported with parallel.strategy=fsdp2 (use ema, frozen or external)"
+            )
         self.kind, self.root, self.rate = kind, root, rate
         self.model = root.model
         self._scorer = CopyTeacher(self.model, kind="frozen")  # scoring only; the EMA is done here
         self._gathered = False
-        self._pairs = matched_parameters(self.model, student)  # raises on a name / shape mismatch
+        # another checkpoint (external) pairs with nothing; a copy's parameters must match by name and shape
+        self._pairs = [] if kind == "external" else matched_parameters(self.model, student)
         self._names = [n for n, _ in student.named_parameters()]
         self.master: dict[str, Tensor] = {}
         if kind == "ema":  # fp32 master shards of the low-precision parameters, from the exact student weights
@@ -240,6 +243,31 @@ class ShardedTeacher:
             master.copy_(_shard_of(state[name], current[name]).to(torch.float32))
 
 
+class ShardedTrustRegion(ShardedTeacher):
+    """``teacher.kind=trust_region`` under FSDP2: a frozen reference sharded like the student, its
+    logits mixed with the current student's (`vopd.teacher.TrustRegionTeacher`'s arithmetic).
+
+    Scoring the current student needs its root unit (LM head, embeddings) gathered; it is gathered
+    here, before the student's own forward, which keeps it gathered (``reshard_after_forward=False``)
+    until the backward frees it: the same gather the step already pays, held a little earlier.
+    """
+
+    def __init__(self, root: TeacherRoot, student_root: nn.Module, student: nn.Module, *, mix: float):
+        from vopd.teacher import TrustRegionTeacher
+
+        super().__init__("frozen", root, student, rate=0.0)
+        self.kind = "trust_region"
+        self.student_root = student_root
+        self._mixer = TrustRegionTeacher(self.model, student, mix)
+
+    def score(self, batch: Any, mask_B_T: Tensor) -> Any:
+        if not self._gathered:
+            gather_root(self.root)
+            self._gathered = True
+        gather_root(self.student_root)
+        return self._mixer.score(batch, mask_B_T)
+
+
 def _shard_of(full: Tensor, like: Tensor) -> Tensor:
     """This rank's shard of ``full`` laid out like the (possibly sharded) tensor ``like``."""
     if not hasattr(like, "device_mesh"):
@@ -259,6 +287,8 @@ def build_sharded(
     param_dtype: torch.dtype | None,
     device: torch.device,
     weights: WeightFiles | None = None,
+    external: nn.Module | None = None,
+    mix: float = 0.0,
 ) -> ShardedTeacher:
     """Shard student and teacher with one plan.
 
@@ -266,18 +296,24 @@ def build_sharded(
     are sharded. ``weights`` given: ``policy``'s parameters are on the meta device
     (`vopd.models.build_empty_model`); both skeletons are sharded, each rank allocates only its own
     shards and reads its own slices from the files, and the teacher's shards are copied from the
-    student's (no rank ever holds a full copy).
+    student's (no rank ever holds a full copy). ``external`` (``teacher.kind=external``): that model,
+    with its weights, is the teacher, sharded with the same kind of plan.
     """
     import copy
 
-    teacher_model = copy.deepcopy(policy)  # with ``weights``: a meta skeleton, no memory
+    if external is not None:
+        from vopd.teacher import check_same_vocabulary
+
+        check_same_vocabulary(external, policy)
+    teacher_model = external if external is not None else copy.deepcopy(policy)  # ``weights``: meta, no memory
     if teacher_dtype is not None:
         teacher_model.to(teacher_dtype)
     teacher_model.eval()
     teacher_model.requires_grad_(False)
     teacher_root = TeacherRoot(teacher_model)
+    meta = [policy] + ([teacher_model] if external is None else [])
     if weights is not None:
-        kept = {m: _real_buffers(m) for m in (policy, teacher_model)}
+        kept = {m: _real_buffers(m) for m in meta}
     apply_fsdp2(student_root, policy, device=device, param_dtype=param_dtype)
     apply_fsdp2(teacher_root, teacher_model, device=device, param_dtype=None)
     if weights is not None:
@@ -285,7 +321,10 @@ def build_sharded(
             module.to_empty(device=device)  # this rank's shards only, uninitialised
             _restore_buffers(module, buffers)
         weights.fill(policy)
-        _copy_shards(teacher_model, policy)
+        if external is None:
+            _copy_shards(teacher_model, policy)
+    if teacher_kind == "trust_region":  # ``mix``: the current student's share of the teacher's logits
+        return ShardedTrustRegion(teacher_root, student_root, policy, mix=mix)
     return ShardedTeacher(teacher_kind, teacher_root, policy, rate=rate)
 
 

@@ -108,12 +108,44 @@ def sharded_state(policy: nn.Module, teacher: Any, root: nn.Module, optimizer: t
     return {"model": model_shards(policy), "teacher": teacher_shards(teacher), "optim": optim}, groups
 
 
-def save_shards(folder: Path, state: dict[str, Any]) -> None:
-    """Write this rank's shards of ``state`` under ``folder`` (collective: every rank calls it)."""
+#: About how many bytes of its own shards a rank puts in one file. safetensors serialises a whole
+#: file in memory (twice its size at the peak), so smaller files bound a rank's save memory.
+FILE_BYTES = 256 << 20
+
+
+def file_plan(state: dict[str, Any], world: int, file_bytes: int = FILE_BYTES) -> dict[str, int]:
+    """Flattened tensor name -> file number (1, 2, ...), the same on every rank: consecutive tensors
+    fill a file until about ``file_bytes`` of each rank's share (full size / ``world``) is in it."""
+    plan: dict[str, int] = {}
+    index, used = 1, 0
+
+    def walk(tree: Any, prefix: str) -> None:
+        nonlocal index, used
+        for key, value in tree.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                walk(value, name)
+            elif isinstance(value, Tensor):
+                share = value.numel() * value.element_size() // max(world, 1)
+                if used and used + share > file_bytes:
+                    index, used = index + 1, 0
+                plan[name] = index
+                used += share
+
+    walk(state, "")
+    return plan
+
+
+def save_shards(folder: Path, state: dict[str, Any], *, file_bytes: int | None = None) -> None:
+    """Write this rank's shards of ``state`` under ``folder``, about ``file_bytes`` (default
+    :data:`FILE_BYTES`) per file (collective: every rank calls it)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    plan = file_plan(state, dist.get_world_size(), file_bytes or FILE_BYTES)
+    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=plan, save_distributed=True)
+    dcp.save(state, storage_writer=writer)
 
 
 def load_shards(folder: Path, state: dict[str, Any]) -> None:

@@ -231,6 +231,18 @@ def answering_model(teacher: Teacher) -> nn.Module:
     )
 
 
+def check_same_vocabulary(external: nn.Module, student: nn.Module) -> None:
+    """Refuse an external teacher whose output vocabulary differs from the student's: the divergence
+    compares distributions over the same token ids."""
+    v_teacher = external.get_output_embeddings().weight.shape[0]
+    v_student = student.get_output_embeddings().weight.shape[0]
+    if v_teacher != v_student:
+        raise ValueError(
+            f"external teacher vocabulary ({v_teacher}) differs from the student's ({v_student}): "
+            "teacher and student must share one tokenizer"
+        )
+
+
 def make_teacher(
     kind: str,
     student: nn.Module,
@@ -262,12 +274,6 @@ def make_teacher(
     if kind == "external":
         if external is None:
             raise ValueError("teacher.kind=external needs the external model (teacher.path)")
-        v_teacher = external.get_output_embeddings().weight.shape[0]
-        v_student = student.get_output_embeddings().weight.shape[0]
-        if v_teacher != v_student:  # the divergence compares distributions over the same token ids
-            raise ValueError(
-                f"external teacher vocabulary ({v_teacher}) differs from the student's ({v_student}): "
-                "teacher and student must share one tokenizer"
-            )
+        check_same_vocabulary(external, student)
         return CopyTeacher(_frozen_copy(external, dtype), kind="external")
     raise ValueError(f"unknown teacher kind {kind!r}")

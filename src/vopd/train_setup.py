@@ -274,6 +274,9 @@ def setup(
             param_dtype=teacher_dtype,
             device=acc.device,
             weights=weights,
+            # another checkpoint: loaded whole on each rank, then sharded
+            external=resolve_model(cfg, cfg.teacher.path)[0] if cfg.teacher.kind == "external" else None,
+            mix=cfg.teacher.mix,
         )
     elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
         from vopd.lora import AdapterTeacher
