@@ -167,9 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     out = tmp / "ckpt"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "bench_checkpoint.py")]
-    proc = subprocess.run(
-        [*cmd, "--worker", str(model_dir), str(out), args.order], capture_output=True, text=True, env=env
-    )
+    worker_args = ["--worker", str(model_dir), str(out), args.order, str(args.file_mb)]
+    proc = subprocess.run([*cmd, *worker_args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
