@@ -461,3 +461,69 @@ def test_a_full_disk_inside_torch_save_names_the_disk_and_the_bytes(two_checkpoi
         train(_cfg(out, "max_steps=3", "save_every=1"), resume=True)
     assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
     assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+_FAKE_MINUTES_PER_STEP = 10.0
+# A default run whose wall clock advances _FAKE_MINUTES_PER_STEP per finished step (vopd.trainer._clock):
+# the test needs minutes between checkpoints without waiting for them.
+_KILLABLE_RUN = f"""
+import sys
+import vopd.toyworld
+import vopd.trainer as trainer
+from vopd.config import load_config
+
+done = [0]
+trainer._clock = lambda: 60.0 * {_FAKE_MINUTES_PER_STEP} * done[0]
+trainer.train(load_config(None, sys.argv[1:]), callbacks=[lambda state: done.__setitem__(0, state.step)])
+"""
+
+
+def _finished_steps(out: Path) -> list[int]:
+    """The steps of metrics.jsonl's complete lines (a line being written, or cut by the kill, is not one)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+def test_a_default_run_killed_at_a_random_step_resumes_from_a_recent_checkpoint(tmp_path):
+    """kill -9 (no Python handler runs: the OOM killer, a preempted node) at a random step of a run with
+    the default save settings: the newest intact checkpoint is at most `save_minutes` older than the
+    last finished step, and --resume continues from it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vopd.config import TrainConfig
+
+    default_minutes = TrainConfig().save_minutes
+    assert default_minutes > 0 and TrainConfig().save_every == 0  # the default saves by wall time
+    interval_steps = int(default_minutes // _FAKE_MINUTES_PER_STEP)
+    seed = random.randrange(10**6)
+    # After the first interval, so there is a checkpoint to resume (before it a killed run restarts from
+    # step 0 and loses less than the interval by definition).
+    kill_at = random.Random(seed).randrange(interval_steps + 1, 2 * interval_steps + 1)
+    out = tmp_path / "run"
+    argv = [*BASE, f"output_dir={out}", f"max_steps={2 * interval_steps + 2}"]
+    run = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, *argv], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            if len(_finished_steps(out)) >= kill_at:
+                break
+            time.sleep(0.02)
+        assert run.poll() is None, f"the run ended (rc {run.returncode}) before step {kill_at} (seed {seed})"
+        os.kill(run.pid, signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait()
+    last_step = _finished_steps(out)[-1]  # the kill lands at or after step kill_at
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None, f"killed at step {last_step} (seed {seed}): no checkpoint"
+    saved = int(ckpt.name.split("-")[-1])
+    lost_minutes = (last_step - saved) * _FAKE_MINUTES_PER_STEP
+    assert 0 <= lost_minutes <= default_minutes, (last_step, saved, seed)
+    check_checkpoint(ckpt)
+    res = train(_cfg(out, f"max_steps={saved + 1}"), resume=True)
+    assert res.steps == saved + 1 and [h["step"] for h in res.history] == [saved + 1]

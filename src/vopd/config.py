@@ -456,7 +456,13 @@ class TrainConfig:
     micro_batch_prompts: int = knob(8, "prompts per forward/backward (gradient accumulation splits a step)", ge=1)
     max_steps: int = knob(0, "0 = one pass over the data (epochs x len(data) / prompts_per_step)", ge=0)
     epochs: float = knob(1.0, "passes over the data, used when max_steps = 0", gt=0)
-    save_every: int = knob(0, "checkpoint every N steps (0 = only at the end); the last step always saves", ge=0)
+    save_every: int = knob(0, "also checkpoint every N steps (0 = by wall time only); the last step always saves", ge=0)
+    save_minutes: float = knob(
+        30.0,
+        "checkpoint when this many minutes of wall time have passed since the last checkpoint (or the "
+        "start), so a kill -9, the OOM killer or a preempted node loses at most that much; 0 = off",
+        ge=0,
+    )
     keep_checkpoints: int = knob(2, "newest checkpoints kept (0 = keep all)", ge=0)
     log_every: int = knob(1, "write metrics every N steps (the last step is always written)", ge=1)
     mixed_precision: str = knob(

@@ -45,6 +45,7 @@ HARMLESS_KEYS: tuple[str, ...] = (
     "max_steps",
     "epochs",
     "save_every",
+    "save_minutes",
     "keep_checkpoints",
     "log_every",
     "report_to",

@@ -452,6 +452,7 @@ def _loop(
     """The steps of `train`; returns whether a signal or the health probe stopped the run early."""
     cfg, acc = state.cfg, state.accelerator
     batches: list[PromptPair] = []
+    last_save = _clock()  # the start counts as a save: save_minutes runs from here
     for pair in loader:
         if pair.error:  # a row that cannot be used (data.on_error=raise), named file:row
             raise RecordError(pair.error)
@@ -480,8 +481,14 @@ def _loop(
             )
         stop_reason = getattr(health, "stop_reason", None) or (f"signal {stop.signum}" if stop.signum else None)
         final = state.step == total_steps
-        if final or stop_reason or (cfg.save_every and state.step % cfg.save_every == 0):
+        if (
+            _save_due(state, _clock() - last_save)  # first: every process must take part in it
+            or final
+            or stop_reason
+            or (cfg.save_every and state.step % cfg.save_every == 0)
+        ):
             _save(state, final=final)
+            last_save = _clock()
         if stop_reason:
             acc.print(f"stopping at step {state.step}: {stop_reason}")
             return True
@@ -520,6 +527,26 @@ def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, A
     return TeacherHealth(
         cfg.health, probe, views=cfg.views, grader=grader or default_grader, thinking=cfg.model.thinking
     )
+
+
+#: The wall clock of ``save_minutes`` (a module attribute so a test can drive it step by step).
+_clock = time.monotonic
+
+
+def _save_due(state: TrainState, seconds_since_save: float) -> bool:
+    """Whether ``save_minutes`` have passed since the last checkpoint, by the main process's clock:
+    saving is collective, so with several processes every one follows rank 0's decision."""
+    minutes = state.cfg.save_minutes
+    if not minutes:
+        return False
+    due = seconds_since_save >= 60.0 * minutes
+    if state.accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(due)], device=state.accelerator.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 @contextmanager
