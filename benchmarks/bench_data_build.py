@@ -14,7 +14,7 @@
    scenes (clean full image, open question), so the comparison is the share of the gap closed.
 
     python benchmarks/bench_data_build.py [--work runs/data_build] [--n 2000] [--steps 100]
-        [--n-eval 200] [--threads 1] [--p-right 0.9] [--proposals]
+        [--n-eval 200] [--threads 1] [--p-right 0.9] [--proposals [--no-proposed-training]]
 
 Writes benchmarks/results/data_build_toy.{json,md}. Stages whose output exists in ``--work`` are
 skipped (the build itself resumes from its caches).
@@ -106,11 +106,47 @@ def _demo(work: Path, name: str, args: argparse.Namespace, *overrides: str) -> d
     return {k: r[k] for k in keep}
 
 
+def _prompt_probe(work: Path, n: int = 120) -> dict:
+    """The toy base's greedy accuracy on the first ``n`` built questions, crop and full image, with the
+    built prompt (options + instruction) and with the open toy question (what the evaluation asks)."""
+    import dataclasses
+
+    import torch
+
+    from vopd.evaluation.backends import HFBackend
+    from vopd.evaluation.types import PromptItem
+    from vopd.images import load_image
+    from vopd.records import load_records
+    from vopd.specs import resolve_model_spec
+    from vopd.toyworld.model import toy_answer_colour
+    from vopd.toyworld.scenes import TOY_VIEW
+    from vopd.views import prompt_text, teacher_view
+
+    torch.manual_seed(0)
+    model, processor = resolve_model_spec("toy-base")
+    backend = HFBackend(model.eval(), processor, max_new_tokens=8)
+    samples = load_records(work / "given" / "data.jsonl").samples[:n]
+    out = {}
+    for view in ("crop", "full"):
+        for prompt in ("multiple choice", "open"):
+            items = []
+            for s in samples:
+                image = load_image(s.image)
+                shown = teacher_view(image, s.boxes, TOY_VIEW) if view == "crop" else image
+                asked = s if prompt == "multiple choice" else dataclasses.replace(s, options=None)
+                items.append(PromptItem(id=s.id, image=shown, text=prompt_text(asked, hint=False)))
+            replies = [r for i in range(0, n, 40) for r in backend.generate(items[i : i + 40])]
+            right = sum(toy_answer_colour(r) == s.options[ord(s.answer) - 65] for r, s in zip(replies, samples))
+            out[f"{view}, {prompt}"] = round(right / len(samples), 4)
+    return {"n": len(samples), **out}
+
+
 def _markdown(result: dict) -> str:
     lines = [
         "# `vopd data build` in the toy world: yield per stage, then training on the built data",
         "",
-        f"Machine load at start: {result['load']}. Command: `{result['command']}`.",
+        f"Machine load at start: {result['load']}. Command: `{result['command']}`. Builds and demos "
+        "found in --work are reused (the recorded demos ran on the shared 2-core machine at load 12-46).",
         "",
         "## Yield per stage",
         "",
@@ -138,6 +174,16 @@ def _markdown(result: dict) -> str:
             f"| {name} | {d['base']['full']:.1%} | {d['final']['full']:.1%} | {d['final']['crop']:.1%} | "
             f"{d['gap_closed']:.0%} | {d['full_gain_p_value']:.2g} | {d['train_seconds']:.0f} |"
         )
+    probe = result.get("prompt_probe")
+    if probe:
+        lines += [
+            "",
+            f"## The toy base on the built prompts (greedy, first {probe['n']} built questions)",
+            "",
+            "| view, prompt | accuracy |",
+            "|---|---|",
+            *[f"| {k} | {v:.1%} |" for k, v in probe.items() if k != "n"],
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -165,6 +211,11 @@ def main() -> None:
     parser.add_argument("--p-right", type=float, default=0.9, help="the noisy filter's per-sample accuracy")
     parser.add_argument("--proposals", action="store_true", help="also build from the toy base's attention proposals")
     parser.add_argument("--no-train", action="store_true", help="build and check only")
+    parser.add_argument(
+        "--no-proposed-training",
+        action="store_true",
+        help="with --proposals: build from them, train on given boxes only",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import vopd.toyworld  # noqa: F401  registers toy-base
@@ -193,10 +244,11 @@ def main() -> None:
         "training": {},
     }
     if not args.no_train:
+        result["prompt_probe"] = _prompt_probe(work)
         result["training"]["gold toy data (vopd demo)"] = _demo(work, "demo_gold", args)
         built = work / "given" / "data.jsonl"
         result["training"]["built from given boxes"] = _demo(work, "demo_built", args, f"data.train={built}")
-        if args.proposals:
+        if args.proposals and not args.no_proposed_training:
             built = work / "proposed" / "data.jsonl"
             result["training"]["built from attention proposals"] = _demo(
                 work, "demo_proposed", args, f"data.train={built}"
