@@ -335,3 +335,13 @@ def test_the_thinking_switch_can_be_left_out_for_hosted_apis():
     assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["n"] == 3
     bare = ChatClient(ChatConfig(url="http://x/v1", model="m", thinking=None))
     assert "chat_template_kwargs" not in bare.body([image], "q", n=1, temperature=0.0, max_tokens=9)
+
+
+def test_a_bad_boxes_row_is_named_by_file_and_row(toy, capsys):
+    root, samples, boxes = toy
+    with boxes.open("a") as fh:
+        fh.write(json.dumps({"image": f"toy/images/{samples[0].id}.png", "boxes": [[1, 2, 3]]}) + "\n")
+    with FakeChatServer(lambda t, b: "x") as writer, FakeChatServer(lambda t, b: "x") as filt:
+        assert main(_args(root, writer, filt)) == 1
+        assert not writer.requests
+    assert f"boxes.jsonl:{len(samples) + 1}: field 'boxes[0]'" in capsys.readouterr().err

@@ -30,6 +30,7 @@ __all__ = [
     "Region",
     "area_rule",
     "find_images",
+    "proposals_fingerprint",
     "given_regions",
     "proposed_regions",
     "read_boxes_file",
@@ -205,10 +206,12 @@ def _parse_boxes_row(
         raise RecordError(f"must be a list with one label per box ({len(boxes)})", field="labels")
     fmt = obj.get("box_format", "xyxy")
     normalized = obj.get("box_normalized", False)
+    if not isinstance(normalized, bool):
+        raise RecordError("must be true or false", field="box_normalized")
     parsed = []
     for i, values in enumerate(boxes):
         try:
-            box = Box.from_format(values, fmt, normalized=bool(normalized), image_size=sizes[image])
+            box = Box.from_format(values, fmt, normalized=normalized, image_size=sizes[image])
         except RecordError as err:
             raise RecordError(err.reason, field=f"boxes[{i}]") from None
         label = None if labels is None or labels[i] is None else str(labels[i])

@@ -17,7 +17,7 @@ from typing import Any
 
 from vopd.config import ViewConfig
 
-__all__ = ["BuildConfig", "ChatConfig", "FilterConfig", "RegionConfig", "WriterConfig", "fingerprint"]
+__all__ = ["BuildConfig", "ChatConfig", "FilterConfig", "RegionConfig", "WriterConfig", "fingerprint", "view_settings"]
 
 #: How model proposals are made without a question: the question the proposer is asked about every image.
 DEFAULT_PROPOSE_QUESTION = "Which small detail of this image is worth a closer look?"
