@@ -175,6 +175,27 @@ def test_fsdp2_trust_region_teacher_equals_one_process(tmp_path):
     _assert_same(tmp_path / "two" / "checkpoint-2", tmp_path / "one" / "checkpoint-2")
 
 
+@pytest.mark.slow
+def test_fsdp2_health_probe_equals_one_process(tmp_path):
+    """health.every=1 under fsdp2: every rank runs the probe with the roots gathered; the probe's
+    numbers and the weights equal the 1-process run."""
+    hp = ["health.every=1", "health.probe_size=2", "health.max_new_tokens=4", "max_steps=2"]
+    train(load_config(None, [*ARGS, *hp, f"output_dir={tmp_path / 'one'}"]))
+    _run(2, FSDP2, *hp, f"output_dir={tmp_path / 'two'}")
+    _assert_same(tmp_path / "two" / "checkpoint-2", tmp_path / "one" / "checkpoint-2")
+
+    def probes(run: Path) -> list[dict[str, float]]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("health/")} for r in rows]
+
+    one, two = probes(tmp_path / "one"), probes(tmp_path / "two")
+    assert len(one) == len(two) and any("health/teacher_drift" in r for r in one)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+
+
 def test_resume_with_another_strategy_is_refused(tmp_path):
     args = [*ARGS, "max_steps=1", "rollout.max_new_tokens=2", f"output_dir={tmp_path}"]
     train(load_config(None, args))

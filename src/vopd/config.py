@@ -372,7 +372,7 @@ class ParallelConfig:
         "ddp",
         "ddp (each process holds the whole student, teacher and optimiser state; also plain "
         "1-process runs) or fsdp2 (all three sharded per decoder layer / vision block; "
-        "any teacher.kind but live, health.every=0)",
+        "any teacher.kind but live)",
         choices=("ddp", "fsdp2"),
     )
 
@@ -514,10 +514,6 @@ class TrainConfig:
                 raise ConfigError(
                     "parallel.strategy=fsdp2 supports teacher.kind ema, frozen, trust_region or external, got live "
                     "(docs/scaling.md says why)"
-                )
-            if self.health.every > 0:
-                raise ConfigError(
-                    "health.every > 0 is not supported with parallel.strategy=fsdp2 yet; set health.every=0"
                 )
             if self.lora.r > 0:
                 raise ConfigError("lora.r > 0 with parallel.strategy=fsdp2 is not supported: LoRA runs with ddp")

@@ -54,6 +54,21 @@ def default_grader(text: str, sample: Sample) -> bool:
 
 
 @contextlib.contextmanager
+def _roots_gathered(state: Any) -> Iterator[None]:
+    """Under ``parallel.strategy=fsdp2`` the probe runs the models' parts directly (generate, the
+    backbone): the student's and the teacher's root units (embeddings, LM head) are gathered
+    meanwhile. Every rank runs the same probe on the same prompts, so the collectives line up."""
+    if state.cfg.parallel.strategy != "fsdp2":
+        yield
+        return
+    from vopd.parallel import root_gathered
+
+    state.teacher.gather()  # released by the teacher's next update
+    with root_gathered(state.student):
+        yield
+
+
+@contextlib.contextmanager
 def _generation_model(teacher: Any) -> Iterator[Any | None]:
     """The module that generates like the teacher (None for mixed-logit teachers). A teacher that
     shares the student's model (LoRA adapters) switches it to the teacher's weights meanwhile."""
@@ -104,9 +119,10 @@ class TeacherHealth:
         self.engine = HFGenerateEngine(state.processor)
         device = state.accelerator.device
         greedy = RolloutConfig(n=1, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
-        ro = self.engine.sample(state.policy, self.pairs.teacher.to(device), greedy)
-        self.ids_B_T, self.mask_B_T = ro.response_ids_B_T.to(device), ro.mask_B_T.to(device)
-        logits_N_V = state.teacher.score(self._probe_batch(device), self.mask_B_T)(slice(None)).float()
+        with _roots_gathered(state):
+            ro = self.engine.sample(state.policy, self.pairs.teacher.to(device), greedy)
+            self.ids_B_T, self.mask_B_T = ro.response_ids_B_T.to(device), ro.mask_B_T.to(device)
+            logits_N_V = state.teacher.score(self._probe_batch(device), self.mask_B_T)(slice(None)).float()
         logp_N_V = torch.log_softmax(logits_N_V, dim=-1)
         top_logp_N_K, top_ids_N_K = logp_N_V.topk(min(self.cfg.top_k, logp_N_V.shape[-1]), dim=-1)
         self._ref = {"ids": top_ids_N_K, "logp": add_tail_bucket(top_logp_N_K)}
@@ -140,9 +156,7 @@ class TeacherHealth:
         ]
         return sum(self.grader(t, s) for t, s in zip(texts, self.samples)) / len(self.samples)
 
-    def __call__(self, state: Any, *, force: bool = False) -> dict[str, float]:
-        if not force and (self.cfg.every <= 0 or state.step % self.cfg.every):
-            return {}
+    def _measure(self, state: Any) -> dict[str, float]:
         out = {"health/teacher_drift": self.drift(state)}
         device = state.accelerator.device
         if self.grader is not None:
@@ -153,9 +167,17 @@ class TeacherHealth:
                     )
             out["health/student_acc"] = self._accuracy(state.policy, self.pairs.student, state.processor, device)
             out["health/student_crop_acc"] = self._accuracy(state.policy, self.pairs.teacher, state.processor, device)
+        return out
+
+    def __call__(self, state: Any, *, force: bool = False) -> dict[str, float]:
+        if not force and (self.cfg.every <= 0 or state.step % self.cfg.every):
+            return {}
+        with _roots_gathered(state):
+            out = self._measure(state)
         if self._check(state.step, out):
             self._healthy = {k: v.detach().to("cpu", copy=True) for k, v in state.teacher.state_dict().items()}
         elif self.cfg.on_degrade == "rollback" and self._healthy:
+            device = state.accelerator.device
             state.teacher.load_state_dict({k: v.to(device) for k, v in self._healthy.items()})
             out["health/rolled_back"] = 1.0
         self.history.append({"step": float(state.step), **out})

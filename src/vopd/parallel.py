@@ -178,10 +178,14 @@ class ShardedTeacher:
                 if p_tgt.dtype.is_floating_point and torch.finfo(p_tgt.dtype).bits < 32:
                     self.master[name] = _local(p_src).detach().to(torch.float32, copy=True)
 
-    def score(self, batch: Any, mask_B_T: Tensor) -> Any:
-        if not self._gathered:  # kept gathered until the update: the loss reads the head chunk by chunk
+    def gather(self) -> None:
+        """Gather the teacher's root unit (kept until the update: the loss reads the head chunk by chunk)."""
+        if not self._gathered:
             gather_root(self.root)
             self._gathered = True
+
+    def score(self, batch: Any, mask_B_T: Tensor) -> Any:
+        self.gather()
         return self._scorer.score(batch, mask_B_T)
 
     def _release(self) -> None:
@@ -261,9 +265,7 @@ class ShardedTrustRegion(ShardedTeacher):
         self._mixer = TrustRegionTeacher(self.model, student, mix)
 
     def score(self, batch: Any, mask_B_T: Tensor) -> Any:
-        if not self._gathered:
-            gather_root(self.root)
-            self._gathered = True
+        self.gather()
         gather_root(self.student_root)
         return self._mixer.score(batch, mask_B_T)
 
