@@ -395,6 +395,7 @@ def part_env(res: Result, dry: bool, work: Path) -> None:
     from importlib.metadata import PackageNotFoundError, requires, version
 
     import torch
+    import torch.distributed
     import transformers
     from packaging.requirements import Requirement
     from packaging.version import Version
@@ -898,7 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu_check.json, gpu_check.md and gpu_check.log")
     parser.add_argument("--dry-run", action="store_true", help="CPU, shrunk shapes: the same code paths in ~1 minute")
-    parser.add_argument("--budget-s", type=float, default=None, help="time for all parts (default 420 on GPU, 1200 dry)")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="time for all parts (default 420 on GPU, 1200 dry)"
+    )
     parser.add_argument("--parts", default=",".join(p.name for p in PARTS), help="comma-separated subset, in run order")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -4,12 +4,12 @@ Shapes come from real checkpoints' ``config.json``:
 
 - **Qwen2.5-VL-7B-Instruct** and **Qwen3-VL-8B-Instruct**: the files vendored under
   ``tests/data/real_models/`` (their source and licence are in the README there);
-- **Qwen3-VL-2B-Instruct** is not vendored: :func:`qwen3_vl_2b_config` takes the Qwen3-VL-8B file
-  and sets the sizes that differ, from the table "Shapes of the checkpoints users train" in
-  ``tests/data/real_models/README.md`` (read off the official ``Qwen/Qwen3-VL-2B-Instruct``
-  config.json: hidden 2048, 28 layers, 16 heads, 8 KV heads, head dim 128, MLP 6144, tied
-  embeddings; vision depth 24, width 1024, MLP 4096, deepstack layers [5, 11, 17]). Built on the
-  meta device it has 2,127,532,032 parameters, the README's 2.128 B (tests/test_gpu_check.py).
+- **Qwen3-VL-2B-Instruct** is not vendored: :func:`real_config` takes the Qwen3-VL-8B file and sets
+  the sizes that differ to those of the official ``Qwen/Qwen3-VL-2B-Instruct`` config.json on the
+  Hugging Face hub (hidden 2048, 28 layers, 16 heads, 8 KV heads, head dim 128, MLP 6144, tied
+  embeddings; vision depth 24, width 1024, MLP 4096, 16 heads, deepstack layers [5, 11, 17]; the
+  rest, rope and vocabulary included, as 8B). Built on the meta device it has 2,127,532,032
+  parameters (tests/test_gpu_check.py).
 
 The tokenizer, chat template, image-processor settings and stop tokens are the real files of the
 same folder (Qwen3-VL-2B uses the 8B folder's: the family shares them), so prompts, image tokens and
@@ -37,7 +37,7 @@ SHAPES = {
     "qwen2_5_vl_7b": "qwen2_5_vl_7b_instruct",
 }
 
-# Qwen3-VL-2B-Instruct: the sizes that differ from Qwen3-VL-8B (tests/data/real_models/README.md).
+# Qwen3-VL-2B-Instruct: the sizes that differ from Qwen3-VL-8B (the official config.json, see above).
 _QWEN3_VL_2B_TEXT = {
     "hidden_size": 2048,
     "num_hidden_layers": 28,
@@ -134,15 +134,11 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 def load_processor(shape: str):
-    """The real processor of ``shape``'s folder (tokenizer, chat template, image processor), images only."""
-    from transformers import AutoConfig
+    """The real processor of ``shape``'s folder (tokenizer, chat template, image processor) through
+    vopd's one processor loader (the stock class, or the image-only one without torchvision)."""
+    from vopd.models import load_processor as vopd_load_processor
 
-    from vopd.processors import register_image_only_processors
-
-    path = folder(shape)
-    model_type = AutoConfig.from_pretrained(path).model_type
-    # The stock processors also want a video processor (torchvision); vopd's image-only ones do not.
-    return register_image_only_processors()[model_type].from_pretrained(path)
+    return vopd_load_processor(str(folder(shape)))
 
 
 def build_model(config: dict[str, Any], shape: str, *, device: str, dtype: str, seed: int):
