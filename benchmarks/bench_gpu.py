@@ -14,7 +14,8 @@ paper's 8 x 1024 response tokens, V = 151,936 and 248,320), ``fsdp2`` (``paralle
 under torchrun, 1 process, NCCL).
 
 ``--dry-run``: the same parts and code paths on CPU at shrunk shapes (gpu_models.shrink), fp32
-where CPU needs it, in about a minute; tests/test_gpu_check.py runs it in CI.
+where CPU needs it (a few minutes on 2 cores, most of it starting Python processes);
+tests/test_gpu_check.py runs it in CI.
 
     python benchmarks/bench_gpu.py --out DIR [--dry-run] [--budget-s 420] [--parts a,b]
 """
@@ -98,6 +99,8 @@ def orchestrate(out: Path, *, dry: bool, budget_s: float, parts: list[str], work
             entry.update(status="skipped", reason=f"skipped for time: {left:.0f} s left, the part needs {part.min_s} s")
         else:
             timeout = min(DRY_TIMEOUT_S if dry else part.timeout_s, left)
+            entry["status"] = "running"  # what a run killed from outside shows
+            _write(out, report, start)
             entry.update(_run_part(part.name, dry=dry, timeout=timeout, work=work, log=log))
         if part.name == "env":
             env_ok = entry["status"] == "ok"
@@ -524,6 +527,7 @@ def part_loss_cuda(res: Result, dry: bool, work: Path) -> None:
         per_token, _ = per_token_divergence(h64 @ w64.T, teacher64, None, LossKnobs())
         ref = per_token.mean()
         ref.backward()
+        ref = ref.detach()
         loss, grad_h, grad_w = _fused_loss(x)
         errors = {
             "loss": abs(float(loss) - float(ref)) / abs(float(ref)),
