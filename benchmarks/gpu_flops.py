@@ -23,6 +23,8 @@ count.
 
 ``P_layers`` = parameters of the language model's decoder layers, ``P_vision`` = the vision tower's
 (merger included), ``L`` layers, ``d_attn`` = heads x head dim, ``d`` hidden, ``V`` vocabulary.
+``F_vision`` is approximate: the mergers run on n_patch / 4 merged tokens and the position table
+is a lookup, so it overcounts them, by well under 1 % of the update's FLOPs at the check's shapes.
 
 Update phase (teacher scoring + student forward/backward): the teacher runs one forward
 ``F(crop)``; the student's backward costs twice its forward for every weight that trains (input

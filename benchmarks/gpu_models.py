@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 REAL_MODELS = REPO / "tests" / "data" / "real_models"
 
-#: name -> (vendored folder with the tokenizer/processor/generation files, how the config is made)
+#: shape name -> the vendored folder whose config.json, tokenizer, processor and generation files it uses
 SHAPES = {
     "qwen3_vl_2b": "qwen3_vl_8b_instruct",
     "qwen3_vl_8b": "qwen3_vl_8b_instruct",
