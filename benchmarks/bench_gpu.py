@@ -383,6 +383,7 @@ def memplan_estimate(summary: dict[str, Any], *, strategy: str, teacher: str, to
         summary["layers"],
         summary["vocab"],
         summary["tied"],
+        intermediate=summary["intermediate"],
     )
     parts = memplan.state_bytes(shape, strategy=strategy, world=1, teacher=teacher, bf16=True, lora_r=lora_r)
     parts["activations (rough rule)"] = memplan.activation_bytes(shape, tokens=tokens)

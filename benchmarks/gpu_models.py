@@ -15,14 +15,13 @@ The tokenizer, chat template, image-processor settings and stop tokens are the r
 same folder (Qwen3-VL-2B uses the 8B folder's: the family shares them), so prompts, image tokens and
 special-token ids are what a user's run has. Only the weights are random.
 
-``--dry-run`` shrinks every shape (:func:`shrink`: 2 text layers of width 64, a 2-block vision
-tower of width 64) and keeps the real vocabulary, ids, patch sizes and rope layout, so the CPU run
-takes the same code paths in seconds.
+``--dry-run`` shrinks every shape (:func:`shrink`: 2 text layers of width 128, a 2-block vision
+tower of one head) and keeps the real vocabulary, ids, head dimensions, patch sizes and rope
+layout, so the CPU run takes the same code paths in seconds.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -81,38 +80,15 @@ def _text(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("text_config", config)
 
 
-def shrink(config: dict[str, Any], *, hidden: int = 64, layers: int = 2, vision_width: int = 64) -> dict[str, Any]:
-    """A tiny copy of ``config`` for the CPU dry run: ``layers`` text layers of width ``hidden`` (head
-    dim 32, so the mrope sections are rescaled to sum to 16), a 2-block vision tower of width
-    ``vision_width``; vocabulary, token ids, patch/merge sizes and rope type unchanged."""
-    out = copy.deepcopy(config)
-    text = _text(out)
-    head_dim = 32
-    text.update(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // head_dim,
-        num_key_value_heads=1,
-        head_dim=head_dim,
-        intermediate_size=2 * hidden,
-    )
-    for rope_key in ("rope_scaling", "rope_parameters"):
-        rope = out.get(rope_key) if rope_key in out else text.get(rope_key)
-        if rope and "mrope_section" in rope:
-            rope["mrope_section"] = [6, 5, 5] if rope.get("mrope_interleaved") else [4, 6, 6]
-    if "max_window_layers" in text:
-        text["max_window_layers"] = layers
-    vision = out["vision_config"]
-    vision.update(depth=2, hidden_size=vision_width, num_heads=2, out_hidden_size=hidden)
-    if "intermediate_size" in vision:
-        vision["intermediate_size"] = 2 * vision_width
-    if "embed_dim" in vision:
-        vision["embed_dim"] = vision_width
-    if "fullatt_block_indexes" in vision:
-        vision["fullatt_block_indexes"] = [1]
-    if "deepstack_visual_indexes" in vision:
-        vision["deepstack_visual_indexes"] = [0]
-    return out
+def shrink(config: dict[str, Any], *, hidden: int = 128, layers: int = 2) -> dict[str, Any]:
+    """A small copy of ``config`` (`vopd.random_model.shrink_config`, as ``vopd model random`` shrinks):
+    ``layers`` text layers of width ``hidden`` (a multiple of the head dimension, 128 here), a 2-block
+    vision tower of one head; vocabulary, token ids, head dimensions, rope and patch sizes unchanged."""
+    from vopd.random_model import shrink_config
+
+    vision = config["vision_config"]
+    one_head = int(vision["hidden_size"]) // int(vision["num_heads"])
+    return shrink_config(config, layers=layers, vision_layers=2, hidden=hidden, vision_hidden=one_head)
 
 
 def make_config(config: dict[str, Any]):
