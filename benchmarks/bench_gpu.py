@@ -597,7 +597,8 @@ def worker_train_step_side(res: Result, dry: bool, work: Path, side: str) -> Non
 
     device = "cuda" if side == "cuda" else "cpu"
     config = gpu_models.shrink(gpu_models.real_config("qwen3_vl_2b"))
-    gpu_models.register("gpu-check-small", config, "qwen3_vl_2b", device=device)
+    # Built on CPU on both sides (CPU and CUDA generators draw different weights), moved by setup.
+    gpu_models.register("gpu-check-small", config, "qwen3_vl_2b", device="cpu")
     data = write_data(work / "data_small", count=4, size=224)
     cfg = train_config(
         [
