@@ -196,6 +196,22 @@ def test_fsdp2_health_probe_equals_one_process(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
 
 
+@pytest.mark.slow
+def test_fsdp2_proposed_crops_equal_one_process(tmp_path):
+    """views.crop_source=attention under fsdp2: every rank proposes in step with the root gathered,
+    rank 0 writes the cache; the proposals and the trained weights equal the 1-process run."""
+    pc = ["views.crop_source=attention", "max_steps=2"]
+    train(load_config(None, [*ARGS, *pc, f"output_dir={tmp_path / 'one'}"]))
+    _run(2, FSDP2, *pc, f"output_dir={tmp_path / 'two'}")
+
+    def boxes(run: Path) -> dict[str, list[float]]:
+        rows = [json.loads(line) for line in (run / "proposals.jsonl").read_text().splitlines()]
+        return {r["id"]: r["box"] for r in rows}
+
+    assert boxes(tmp_path / "two") == boxes(tmp_path / "one") and len(boxes(tmp_path / "one")) == 16
+    _assert_same(tmp_path / "two" / "checkpoint-2", tmp_path / "one" / "checkpoint-2")
+
+
 def test_resume_with_another_strategy_is_refused(tmp_path):
     args = [*ARGS, "max_steps=1", "rollout.max_new_tokens=2", f"output_dir={tmp_path}"]
     train(load_config(None, args))

@@ -517,12 +517,6 @@ class TrainConfig:
                 )
             if self.lora.r > 0:
                 raise ConfigError("lora.r > 0 with parallel.strategy=fsdp2 is not supported: LoRA runs with ddp")
-            if self.views.crop_source != "box":  # the proposers run the policy outside the sharded sampling path
-                raise ConfigError(
-                    f"views.crop_source={self.views.crop_source} with parallel.strategy=fsdp2 is not "
-                    "supported: write the proposals as boxes first (vopd data propose ... --out F) and "
-                    "train on F with views.crop_source=box, or use parallel.strategy=ddp"
-                )
 
 
 def _check_objective(cfg: TrainConfig) -> None:

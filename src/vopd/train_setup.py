@@ -172,13 +172,33 @@ def _proposed_crops(
     processor: Any,
     samples: list,
     origins: list[str],
+    sharded_root: nn.Module | None = None,
 ) -> tuple[list, list[str]]:
     """`vopd.proposals.crops_from_model` on every rank, and the ``file:row`` of each sample kept.
 
     The main process proposes and writes the cache first; the others then read it, so all ranks
     train on the same crops. ``views.proposal_keep`` < 1 drops samples (order kept): their
-    origins go with them.
+    origins go with them. A sharded policy (``sharded_root``: its FSDP2 root) cannot run on one
+    rank alone: every rank proposes the same samples in step (the collectives line up), with the
+    root unit gathered, and only the main process writes the cache.
     """
+    if sharded_root is not None:
+        from vopd.parallel import root_gathered
+
+        acc.wait_for_everyone()  # every rank reads the same cache before proposing what it lacks
+        with root_gathered(sharded_root), torch.no_grad():
+            proposed = crops_from_model(
+                samples,
+                cfg.views,
+                policy,
+                processor,
+                cfg.output_dir,
+                main=acc.is_main_process,
+                thinking=cfg.model.thinking,
+                model_name=cfg.model.path,
+            )
+        acc.wait_for_everyone()
+        return proposed, _kept_origins(samples, origins, proposed)
     proposed = (
         crops_from_model(
             samples,
@@ -204,12 +224,17 @@ def _proposed_crops(
             thinking=cfg.model.thinking,
             model_name=cfg.model.path,
         )
+    return proposed, _kept_origins(samples, origins, proposed)
+
+
+def _kept_origins(samples: list, origins: list[str], proposed: list) -> list[str]:
+    """The ``file:row`` of each sample that ``proposed`` kept (same order)."""
     kept, i = [], 0
     for sample, origin in zip(samples, origins):
         if i < len(proposed) and proposed[i].id == sample.id:
             kept.append(origin)
             i += 1
-    return proposed, kept
+    return kept
 
 
 def setup(
@@ -305,7 +330,9 @@ def setup(
     if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
         samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
     if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
-        samples, origins = _proposed_crops(cfg, acc, policy, processor, samples, origins)
+        samples, origins = _proposed_crops(
+            cfg, acc, policy, processor, samples, origins, sharded_root=student if sharded else None
+        )
     total_steps = _num_steps(cfg, len(samples))
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
