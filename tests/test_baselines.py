@@ -20,6 +20,9 @@ from vopd.records import RecordError
 from vopd.rollout import reference_rollouts
 from vopd.views import REFERENCE_TEMPLATE
 
+# Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
+pytestmark = pytest.mark.numerics
+
 BASE = [
     "model.path=toy-base",
     "data.train=toyworld:4:0",

@@ -9,11 +9,15 @@ import warnings
 
 import pytest
 import torch
+from support.tolerance import divergence_atol, logit_error
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 import vopd.trainer as trainer_mod
 from vopd.fastpath import NaiveInputs, SharedPrompts, sharing_mode
 from vopd.models import build_prompts
+
+# Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
+pytestmark = pytest.mark.numerics
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 N, T = 3, 5
@@ -183,12 +187,31 @@ def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatc
         results[name] = (metrics, captured.pop("grads"))
     ref_metrics, ref_grads = results["naive"]
     assert ref_metrics["divergence"] > 0 and ref_metrics["response_tokens"] > 12
+    # The modes reorder float32 sums (KV cache vs full prompt, chunked vs whole loss), so logits agree
+    # to `logit_error` of their own size, not to a fraction of the divergence built from them
+    # (tests/support/tolerance.py derives both bounds). The scale: the largest logit on these prompts.
+    with torch.no_grad():
+        logit_scale = max(float(state.policy(**b.teacher).logits.abs().max()) for b in batches)
+    text = state.policy.config.get_text_config()
+    sequence = max(int(b.teacher["input_ids"].shape[1]) for b in batches) + state.cfg.rollout.max_new_tokens
+    logp_error = logit_error(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        sequence=sequence,
+        term_scale=logit_scale,
+    )
+    div_atol = divergence_atol(ref_metrics["divergence"], logp_error)
+    assert div_atol < 0.1 * ref_metrics["divergence"], "the bound must stay far below the quantity compared"
     for name, (metrics, grads) in results.items():
         assert metrics["response_tokens"] == ref_metrics["response_tokens"], name
-        assert metrics["divergence"] == pytest.approx(ref_metrics["divergence"], rel=1e-4), name
-        assert metrics["logp_gap"] == pytest.approx(ref_metrics["logp_gap"], rel=1e-4, abs=1e-7), name
+        assert metrics["divergence"] == pytest.approx(ref_metrics["divergence"], rel=0, abs=div_atol), name
+        # logp_gap: a mean of teacher - student log-probs of the sampled tokens; nothing cancels.
+        assert metrics["logp_gap"] == pytest.approx(ref_metrics["logp_gap"], rel=0, abs=2 * logp_error), name
         assert grads.keys() == ref_grads.keys(), name
         for key in ref_grads:
+            # A gradient of D moves by ~logp_error / TV relative (its terms are (P - Q) * dz/dtheta,
+            # TV <= sqrt(8 D)): 2.5e-3 for the top-k run here (D ~ 1.8e-6), 5e-4 for the full one.
             torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-7, rtol=2e-3, msg=f"{name} {key}")
 
 

@@ -22,6 +22,9 @@ from vopd.models import (
 )
 from vopd.tiny_models import FAMILIES as ALL_FAMILIES
 
+# Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
+pytestmark = pytest.mark.numerics
+
 FAMILIES = list(ALL_FAMILIES)
 
 TEXTS = ["What color is the circle?", "Hi"]
@@ -51,6 +54,9 @@ def test_response_logits_equal_full_forward(tiny_models, tiny_images, family):
         hidden = response_hidden_states(model, inputs, 5)
     assert got.shape == (4, 5, len(processor.tokenizer))
     assert hidden.shape == (4, 5, model.config.get_text_config().hidden_size)
+    # fp32 logits/log-probs of size <= ~6 (log V) through ~70 sqrt-units of reductions (2 layers: sequence,
+    # hidden, MLP; tests/support/tolerance.py): another order moves them by ~70 * 2**-24 * 6 ~ 3e-6. The
+    # response-only head vs the full logits: another matmul shape, hence atol 1e-5.
     torch.testing.assert_close(got, full[:, prompt_len - 1 : prompt_len + 4], atol=1e-5, rtol=0)
 
 
@@ -65,6 +71,8 @@ def test_left_padding_does_not_change_a_row(tiny_models, tiny_images, family):
     with torch.no_grad():
         batched = response_logits(model, append_responses(batch, ids, mask), 4)
         single = response_logits(model, append_responses(alone, ids[1:], mask[1:]), 4)
+    # Left padding changes the attention sums' length and the batch's matmul blocking: the fp32
+    # bound above (~3e-6 for these sizes), atol/rtol 1e-5.
     torch.testing.assert_close(batched[1], single[0], atol=1e-5, rtol=1e-5)
 
 

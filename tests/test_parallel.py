@@ -19,6 +19,9 @@ from vopd.runfolder import RunFolderError
 from vopd.sharded_checkpoint import HF_NAMES, SHARD_DIR, assemble, shard_index
 from vopd.trainer import train
 
+# Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
+pytestmark = pytest.mark.numerics
+
 # Greedy rollouts make every run score the same responses; lr 1e-3 moves the weights visibly.
 ARGS = [
     "model.path=tiny:qwen2_vl",
@@ -69,6 +72,10 @@ def _assert_same(a: Path, b: Path) -> None:
     (ma, ta), (mb, tb) = _load(a), _load(b)
     assert ma.keys() == mb.keys() and ta.keys() == tb.keys()
     for key in ma:
+        # 2 processes vs 1: the gradient all-reduce and the per-rank token sums add in another order, which
+        # perturbs each gradient by ~sqrt(n) * 2**-24 relative; AdamW divides by sqrt(v), so the update moves
+        # by as little where gradients are not near zero. 1e-5 absolute (weights move by ~1e-3 a step) holds
+        # under the AVX2 and the portable kernels (CI runs both).
         torch.testing.assert_close(ma[key], mb[key], atol=1e-5, rtol=0, msg=key)
     for key in ta:  # the sharded EMA teacher equals the unsharded one
         torch.testing.assert_close(ta[key], tb[key], atol=1e-5, rtol=0, msg=key)

@@ -19,6 +19,9 @@ from vopd.data import PairCollator
 from vopd.models import append_responses, repeat_prompts, response_logits
 from vopd.objectives import token_divergence
 
+# Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
+pytestmark = pytest.mark.numerics
+
 BASE = [
     "model.path=toy-base",
     "data.train=toyworld:4:0",
