@@ -16,6 +16,9 @@ starts from the same memory baseline. The straightforward path at the target N =
 alone instead of waking the kernel's OOM killer on a shared machine.
 
     python benchmarks/bench_loss.py [--quick] [--sizes 512,1024,8192] [--chunk 64]
+    python benchmarks/bench_loss.py --vocab 248320 --hidden 2560 ...   # Qwen3.5-4B's vocabulary and width
+
+Another ``--vocab`` / ``--hidden`` than the default writes ``results/loss_memory_v{V}_h{H}[_quick]``.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def worker(path: str, n: int, chunk: int) -> dict:
 
 def _spawn(path: str, n: int, chunk: int, limit_gb: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", path, str(n), str(chunk), "--limit-gb", str(limit_gb)]
+    cmd += ["--vocab", str(V), "--hidden", str(H)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -153,7 +157,7 @@ def report(result: dict, mach: dict) -> str:
         return "n/a" if a is None or b is None else format(a / b, fmt)
 
     lines = [
-        "# Benchmark 3: loss memory and time at V = 151,936, H = 2048 (top-100 + tail JSD, forward + backward)",
+        f"# Benchmark 3: loss memory and time at V = {V:,}, H = {H} (top-100 + tail JSD, forward + backward)",
         "",
         machine_markdown(mach),
         "",
@@ -183,8 +187,9 @@ def report(result: dict, mach: dict) -> str:
         f"1-minute load average after each measurement: {min(loads):.2f} .. {max(loads):.2f} (2 cores, shared).",
         "",
         "Peak = resident memory above the level before the call, sampled every 1 ms (see benchmarks/common.py); "
-        "the weights of the two heads (2 x 1.16 GB) and the inputs are allocated before and not counted; the head's "
-        "weight gradient (1.16 GB float32) is counted in every path, and it is most of the fused path's peak.",
+        f"the weights of the two heads (2 x {V * H * 4 / 1e9:.2f} GB) and the inputs are allocated before and not "
+        f"counted; the head's weight gradient ({V * H * 4 / 1e9:.2f} GB float32) is counted in every path, and it is "
+        "most of the fused path's peak.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -215,6 +220,7 @@ def _extrapolation(sizes: list[int], agg, fused_chunks: list[int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global V, H  # the workload's shape: read by _setup, _spawn and report
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", help="comma-separated N (default: quick 256,512; full 512,1024,8192)")
@@ -227,8 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--limit-gb", type=float, default=19.0, help="address-space limit of each worker")
     parser.add_argument("--append", action="store_true", help="add to the rows of the existing results file")
+    parser.add_argument("--vocab", type=int, default=V, help=f"vocabulary size (default {V:,}: Qwen2/2.5/3-VL)")
+    parser.add_argument("--hidden", type=int, default=H, help=f"hidden size (default {H})")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "N", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    default_shape = (args.vocab, args.hidden) == (V, H)
+    V, H = args.vocab, args.hidden
     if args.worker:
         limit = int(args.limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     skip = {(p, int(n)) for p, n in (x.split(":") for x in args.skip.split(",") if x)}
     mach = machine()
     result = run(sizes, chunks, repeats, args.limit_gb, args.paths.split(","), skip)
-    name = "loss_memory" + ("_quick" if args.quick else "")
+    name = "loss_memory" + ("" if default_shape else f"_v{V}_h{H}") + ("_quick" if args.quick else "")
     previous = RESULTS / f"{name}.json"
     if args.append and previous.exists():  # e.g. one size at a time on a busy machine
         old = json.loads(previous.read_text())
@@ -255,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         mach["earlier_runs"] = old["machine"]
     result["machine"] = mach
     result["quick"] = args.quick
+    result["vocab"], result["hidden"] = V, H
     write_results(name, result, report(result, mach))
 
 
