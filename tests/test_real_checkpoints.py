@@ -486,3 +486,39 @@ def test_gap_and_eval_run_on_the_checkpoint(trained, tmp_path):
     assert code == 0
     predictions = [json.loads(line) for line in (eval_out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_serves_the_checkpoint_with_the_trainers_prompt_ids(trained, vllm_python, tmp_path):
+    """The engine refuses to sample unless the server's prompt ids equal the trainer's (real
+    tokenizer, real template, real pixel budget); its log-probs equal the trainer's."""
+    import torch
+    from PIL import Image, ImageDraw
+    from support.reference import teacher_forced_logp
+
+    from vopd.models import build_prompts, load_model, vision_token_ids
+    from vopd.rollout import RolloutConfig
+    from vopd.rollout_vllm import VLLMServerEngine
+
+    folder, checkpoint = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, processor = load_model(str(checkpoint))
+    image = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(image).ellipse((40, 40, 120, 120), fill="blue")
+    batch = build_prompts(processor, [image, image.crop((0, 0, 150, 150))], ["What colour?", "How many circles?"])
+    engine = VLLMServerEngine(
+        processor,
+        work_dir=tmp_path,
+        python=str(vllm_python),
+        server_args=["--max-model-len", "2048", "--enforce-eager"],
+        # vLLM profiles the real budget's largest image (16,384 tokens) at start: minutes on a busy CPU.
+        startup_timeout=1200,
+    )
+    try:
+        ro = engine.sample(model, batch, RolloutConfig(n=2, temperature=1.0, max_new_tokens=6), generator_seed=1)
+    finally:
+        engine.close()
+    want = teacher_forced_logp(model, batch, ro, vision_token_ids(processor, model))
+    torch.testing.assert_close(ro.sampler_logp_B_T[ro.mask_B_T].double(), want[ro.mask_B_T], atol=2e-3, rtol=0)
