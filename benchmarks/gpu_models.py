@@ -17,7 +17,7 @@ special-token ids are what a user's run has. Only the weights are random.
 
 ``--dry-run`` shrinks every shape (:func:`shrink`: 2 text layers of width 128, a 2-block vision
 tower of one head) and keeps the real vocabulary, ids, head dimensions, patch sizes and rope
-layout, so the CPU run takes the same code paths in seconds.
+layout, so the CPU run takes the same code paths at a small cost.
 """
 
 from __future__ import annotations
