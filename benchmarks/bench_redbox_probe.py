@@ -10,7 +10,9 @@ held-out scenes under views that separate the three cues of the paper's student 
 - ``boxed_full``: red box + hint (the paper's student input);
 - ``decoy_box``: red box + hint drawn around a *distractor* of another colour. A model that
   reads the box answers the decoy's colour (``follows_decoy``); a model that found the target
-  by its own cues (shape word, outline) still answers the target's colour;
+  by its own cues (shape word, outline) still answers the target's colour. Every view is scored
+  on the same scenes (those with such a distractor), and ``follows_decoy`` of the other views is
+  the base rate of answering that distractor's colour without a box on it;
 - ``crop``: the teacher's view.
 
 Usage (results go to ``benchmarks/results/redbox/``)::
@@ -91,7 +93,8 @@ def main() -> None:
     result: dict = {"model": args.model, "n": args.n, "seed": args.seed, "threads": args.threads, "views": {}}
     t0 = time.perf_counter()
     for name in ("full", "hint_only", "box_only", "boxed_full", "decoy_box", "crop"):
-        idx = [i for i, d in enumerate(decoys) if d is not None] if name == "decoy_box" else list(range(len(samples)))
+        # Every view on the same scenes: those with a distractor of another colour (the decoy's).
+        idx = [i for i, d in enumerate(decoys) if d is not None]
         colours: list[str | None] = []
         for b in range(0, len(idx), 250):
             chunk = idx[b : b + 250]
@@ -102,10 +105,10 @@ def main() -> None:
             ids = ro.response_ids_B_T.masked_fill(~ro.mask_B_T, tok.pad_token_id)
             colours += [toy_answer_colour(t) for t in tok.batch_decode(ids, skip_special_tokens=True)]
         target = [c == samples[i].meta["colour"] for c, i in zip(colours, idx)]
-        row = {"n": len(idx), "acc": sum(target) / len(idx)}
-        if name == "decoy_box":
-            follows = [c == samples[i].meta["objects"][decoys[i]]["colour"] for c, i in zip(colours, idx)]
-            row["follows_decoy"] = sum(follows) / len(idx)
+        # follows_decoy: answers the decoy distractor's colour; on views without the decoy box it
+        # is the base rate of that wrong answer, to compare the decoy_box view against.
+        follows = [c == samples[i].meta["objects"][decoys[i]]["colour"] for c, i in zip(colours, idx)]
+        row = {"n": len(idx), "acc": sum(target) / len(idx), "follows_decoy": sum(follows) / len(idx)}
         result["views"][name] = row
         print(f"{name:11s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "n"), flush=True)
     result["seconds"] = time.perf_counter() - t0

@@ -31,7 +31,7 @@ BASE_VIEWS = ("full", "crop", "boxed_full")
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    steps: int = 200  # label-free OPD steps
+    steps: int = 300  # label-free OPD steps (the recipe's max_steps)
     eval_every: int = 50  # held-out evaluation interval (steps)
     n_eval: int = 500  # held-out scenes
     eval_seed: int = 123  # seed of the held-out scenes (never trained on)
