@@ -15,7 +15,8 @@ def test_reduced_demo_improves_clean_full_accuracy(tmp_path):
     cfg = DemoConfig(out=str(tmp_path), steps=40, eval_every=40, n_eval=200, threads=1)
     results = run_demo(cfg)
     base, final = results["base"], results["final"]
-    # 40 label-free steps: the student reads the full image better (recorded: 47.5 % -> 62.0 %).
+    # 40 label-free steps: the student reads the full image better (recorded with the current recipe,
+    # cosine over 40 steps and crop replay: 47.5 % -> 62.5 %, crop 99.0 -> 99.5 %; 62.0 % before).
     assert final["full"] >= base["full"] + 0.05, (base, final)
     assert results["full_gain_p_value"] < 0.01
     assert final["crop"] >= base["crop"] - 0.05  # the teacher's view is not destroyed
