@@ -2,10 +2,11 @@
 
 Every rank writes its own shards of the student, the teacher (EMA parameters at their fp32
 master precision) and the AdamW moments with ``torch.distributed.checkpoint`` (DCP) into
-``checkpoint-N/trainer_state/shards/``: one safetensors file per rank, each tensor's place in
-the full tensor recorded as JSON in the file's header (DCP's Hugging Face storage layout, so
-nothing in a checkpoint is unpickled). Nothing is gathered: each rank holds only its own shards
-(plus the serialised bytes of its file) while saving. Loading reads, on every rank, only the
+``checkpoint-N/trainer_state/shards/``: safetensors files of about :data:`FILE_BYTES` of one
+rank's shards each, each tensor's place in the full tensor recorded as JSON in the file's header
+(DCP's Hugging Face storage layout, so nothing in a checkpoint is unpickled). Nothing is gathered:
+each rank holds only its own shards (plus the serialised bytes of the file being written) while
+saving. Loading reads, on every rank, only the
 slices of its own shards, at any world size (DCP reshards).
 
 The rest of the checkpoint protocol is `vopd.checkpoint`'s: the shards go into the temporary
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 SHARD_DIR = "shards"  # under trainer_state/
-_ROOT = ("model", "teacher", "optim")  # the three parts of the sharded state
 _DCP_INFO = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint's header key for each tensor's offsets
 
 
@@ -51,7 +51,7 @@ def _untied(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def model_shards(policy: nn.Module) -> dict[str, Tensor]:
-    """The student's state: sharded (DTensor) parameters by their HF names, no copy."""
+    """The student's state: sharded (DTensor) parameters and buffers by their module names, no copy."""
     return _untied(policy, {k: v.detach() for k, v in policy.state_dict().items()})
 
 
