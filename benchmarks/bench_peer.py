@@ -127,7 +127,7 @@ class VopdRunner:
     ):
         import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
         from vopd.config import load_config
-        from vopd.trainer import setup
+        from vopd.train_setup import setup
 
         cfg = load_config(
             None,

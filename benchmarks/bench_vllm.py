@@ -34,7 +34,7 @@ CPU_SERVER_ARGS = ["--max-model-len", "2048", "--enforce-eager"]
 def _state(model_dir: Path, out: Path, *, engine: str, P: int, n: int, T: int, vllm_python: str):
     import vopd.toyworld  # noqa: F401  (registers the toyworld:N data spec)
     from vopd.config import load_config
-    from vopd.trainer import setup
+    from vopd.train_setup import setup
 
     args = ",".join(f"'{a}'" for a in CPU_SERVER_ARGS)
     cfg = load_config(
@@ -70,7 +70,7 @@ def _prompts(state, P: int, k: int):
 
 
 def rollout_throughput(hf, vl, *, P: int, n: int, T: int, reps: int) -> dict:
-    from vopd.rollout import RolloutConfig
+    from vopd.config import RolloutConfig
 
     cfg = RolloutConfig(n=n, temperature=1.0, max_new_tokens=T)
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ def main() -> None:
 
     import vopd
     import vopd.toyworld  # noqa: F401  (registers toyworld:N where a registry exists)
+    import vopd.train_setup as train_setup
     import vopd.trainer as trainer_mod
     from vopd.config import load_config
     from vopd.data import PairCollator
@@ -53,7 +54,7 @@ def main() -> None:
                 f"output_dir={out}",
             ],
         )
-        state, sampler, dataset, _ = trainer_mod.setup(cfg)
+        state, sampler, dataset, _ = train_setup.setup(cfg)
         collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
         batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:1]]
 

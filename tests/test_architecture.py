@@ -32,7 +32,7 @@ LAYER: dict[str, str] = {
     "vopd.fused_loss": "core",
     "vopd.models": "core",
     "vopd.processors": "core",
-    "vopd.fastpath": "core",
+    "vopd.scoring": "core",  # what a model scores: ScoredBatch, shared prompts, the family table
     "vopd.teacher": "core",
     "vopd.tiny_models": "core",
     "vopd.stock_processor": "core",  # checkpoints name the stock processor class
@@ -42,7 +42,6 @@ LAYER: dict[str, str] = {
     "vopd.jsonl": "core",  # append-only JSONL logs that survive a kill (predictions, proposals)
     "vopd.outputs": "core",  # output ownership and cache keys (what made a cache): eval, gap, proposals, data
     "vopd.config": "core",  # every knob as data (views, rollout and health import their sections)
-    "vopd.grounding": "core",  # crop_source=grounding: family box formats, prompt, parser (engine passed in)
     # training: the run, its data pipeline, sampling, checkpoints, the health probe.
     "vopd.data": "training",
     "vopd.datacheck": "training",
@@ -50,8 +49,7 @@ LAYER: dict[str, str] = {
     "vopd.rollout_vllm": "training",  # rollout.engine=vllm
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",
-    "vopd.proposals": "training",
-    "vopd.propose_boxes": "training",  # vopd data propose: proposals written as boxes
+    "vopd.proposals": "training",  # package: crops proposed by the model, grounding, vopd data propose
     "vopd.health": "training",
     "vopd.train_setup": "training",
     "vopd.trainer": "training",

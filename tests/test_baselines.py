@@ -10,10 +10,11 @@ import torch
 from support.steps import capture_grads, seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
-import vopd.trainer as trainer_mod
-from vopd.config import ConfigError, load_config
+import vopd.train_setup as train_setup
+from vopd.config import load_config
 from vopd.data import PairCollator
 from vopd.fused_loss import nll_loss
+from vopd.knobs import ConfigError
 from vopd.models import append_responses, response_logits, vision_token_ids
 from vopd.objectives import token_nll, token_weights
 from vopd.records import RecordError
@@ -43,7 +44,7 @@ BASE = [
 
 def _setup(tmp_path, *extra, strip_answers=False):
     cfg = load_config(None, [*BASE, f"output_dir={tmp_path}", *extra])
-    state, sampler, dataset, _ = trainer_mod.setup(cfg)
+    state, sampler, dataset, _ = train_setup.setup(cfg)
     if strip_answers:  # records without answers: a label-free objective must not need them
         dataset.samples = [dataclasses.replace(s, answer=None) for s in dataset.samples]
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vopd.cli import EXPECTED_ERRORS, main
-from vopd.config import ConfigError
+from vopd.knobs import ConfigError
 
 
 def _one_line(err: str) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vopd.config import ConfigError, describe_config, load_config, parse_overrides
+from vopd.config import describe_config, load_config, parse_overrides
+from vopd.knobs import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,7 +99,8 @@ def test_docs_config_reference_is_up_to_date():
 
 def test_health_drift_warns_without_a_grader():
     """The label-free drift check must run even when no probe accuracy is measured."""
-    from vopd.health import HealthConfig, TeacherHealth
+    from vopd.config import HealthConfig
+    from vopd.health import TeacherHealth
 
     health = TeacherHealth(HealthConfig(every=1, drift_warn=0.5), [], views=None, grader=None)
     assert health._check(0, {"health/teacher_drift": 0.0}) is True  # the reference probe

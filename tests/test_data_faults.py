@@ -20,13 +20,12 @@ from PIL import Image
 
 from vopd.checkpoint import latest_checkpoint
 from vopd.cli import main as cli_main
-from vopd.config import load_config
+from vopd.config import ViewConfig, load_config
 from vopd.data import ViewDataset, drop_over_long_texts, load_train_data
 from vopd.datacheck import check_data
 from vopd.records import RecordError, load_records
 from vopd.toyworld.scenes import write_dataset
 from vopd.trainer import train
-from vopd.views import ViewConfig
 
 
 def _noise_png(path: Path, size: int = 96) -> Path:

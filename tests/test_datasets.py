@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vopd.config import ViewConfig
 from vopd.datasets import parse_problem, write_visionopd6k
 from vopd.images import load_image
 from vopd.records import Box, RecordError, Sample, load_records
-from vopd.views import HINT, INSTRUCTION, ViewConfig, make_views, prompt_text, teacher_view
+from vopd.views import HINT, INSTRUCTION, make_views, prompt_text, teacher_view
 
 PROBLEM = f"<image>\nWhat color is the car?\n\n{HINT}\n\nA. red\nB. blue\nC. green\nD. white\n\n{INSTRUCTION}"
 

@@ -2,9 +2,8 @@
 
 import pytest
 
-from vopd.evaluation.grading import answer_span, extract_choice, extract_yes_no, grade, grade_open
 from vopd.evaluation.judge import parse_judge_reply
-from vopd.grading import read_choice, strip_think
+from vopd.grading import answer_span, extract_choice, extract_yes_no, grade, grade_open, read_choice, strip_think
 
 OPTIONS = ["white", "black", "green", "red"]
 

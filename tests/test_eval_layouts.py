@@ -18,7 +18,7 @@ from support.fake_server import FakeChatServer
 
 from vopd.evaluation import BackendConfig, EvalConfig, main_eval
 from vopd.evaluation.benchmarks import get_benchmark
-from vopd.evaluation.grading import pope_answer
+from vopd.grading import pope_answer
 
 pytest.importorskip("pyarrow")
 

@@ -10,8 +10,10 @@ from PIL import Image
 from support.scripted import ScriptedEngine
 
 import vopd.proposals as proposals_mod
-from vopd.config import ConfigError
-from vopd.grounding import (
+from vopd.config import ViewConfig
+from vopd.knobs import ConfigError
+from vopd.proposals import ProposalConfig, load_or_propose, proposal_quality, read_proposals
+from vopd.proposals.grounding import (
     GROUNDING_FORMATS,
     INPUT_PIXELS,
     RELATIVE_1000,
@@ -22,9 +24,7 @@ from vopd.grounding import (
     status_counts,
     to_image_box,
 )
-from vopd.proposals import ProposalConfig, load_or_propose, proposal_quality, read_proposals
 from vopd.records import Box, Sample
-from vopd.views import ViewConfig
 
 QWEN2, QWEN25, QWEN3 = (GROUNDING_FORMATS[f] for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
 
@@ -70,8 +70,8 @@ def test_qwen2_5_vl_input_size_is_the_patch_grid_times_the_patch(tiny_models):
     """The resized size the absolute boxes refer to: image_grid_thw x patch = the processor's smart resize."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    from vopd.grounding import model_input_size
     from vopd.models import build_prompts
+    from vopd.proposals.grounding import model_input_size
 
     model, processor = tiny_models("qwen2_5_vl")
     for size in [(200, 90), (60, 300)]:
@@ -221,7 +221,7 @@ def test_demo_report_says_how_many_answers_fell_back():
 def test_ground_reads_each_family_in_its_own_frame(tiny_models, family, answer, expected):
     """A non-square 200 x 90 image, which the tiny processors resize to 140 x 56: each family's answer
     lands on the same region of the original image only when read in the family's own frame."""
-    from vopd.grounding import ground
+    from vopd.proposals.grounding import ground
 
     model, processor = tiny_models(family)
     engine = ScriptedEngine(processor, [answer])

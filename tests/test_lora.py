@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
-from vopd.config import ConfigError, load_config
-from vopd.fastpath import FullInputs
+from vopd.config import load_config
+from vopd.knobs import ConfigError
 from vopd.lora import STUDENT, TEACHER, adapter_parameters
+from vopd.scoring import FullInputs
 from vopd.train_setup import setup
 from vopd.trainer import train
 

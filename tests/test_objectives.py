@@ -14,7 +14,6 @@ from vopd.objectives import (
     add_tail_bucket,
     aggregate,
     generalized_jsd,
-    importance_weights,
     rollout_correction,
     sampled_token_divergence,
     token_divergence,
@@ -172,8 +171,9 @@ def test_matches_trl_tail_sampled_and_ratio(trl_sdpo):
 
     old = s + torch.linspace(-1.5, 1.5, N, dtype=F64)
     loss = torch.ones(N, dtype=F64)
+    # The sampler-mismatch weight is TRL's importance-sampling clip, with the sampler's log-probs as "old".
     assert_close(
-        loss * importance_weights(s, old, clip=2.0), trl_sdpo.apply_importance_sampling_clipping(loss, s, old, 2.0)
+        loss * rollout_correction(s, old, clip=2.0), trl_sdpo.apply_importance_sampling_clipping(loss, s, old, 2.0)
     )
 
 
@@ -366,18 +366,12 @@ def test_sampled_token_gradient_is_reverse_kl_gradient_in_expectation():
     assert_close(lp.grad, torch.tensor([0.5, -1.0], dtype=F64))
 
 
-def test_importance_weights_clip_clamp_and_detach():
-    new = torch.tensor([0.0, 0.5, 1.0, 30.0, -30.0], dtype=F64, requires_grad=True)
-    old = torch.zeros(5, dtype=F64)
-    w = importance_weights(new, old, clip=2.0)
-    assert_close(w, torch.tensor([1.0, math.exp(0.5), 2.0, 2.0, math.exp(-20.0)], dtype=F64))
-    assert not w.requires_grad
-    assert_close(importance_weights(new, new.detach()), torch.ones(5, dtype=F64), rtol=0, atol=0)
+def test_rollout_correction_clip_and_detach():
     r = rollout_correction(torch.tensor([0.0, -1.0, 3.0], requires_grad=True), torch.tensor([0.0, 0.0, 0.0]), clip=1.5)
     assert_close(r, torch.tensor([1.0, math.exp(-1.0), 1.5]))
     assert not r.requires_grad
     with pytest.raises(ValueError, match="clip"):
-        importance_weights(new, old, clip=0.0)
+        rollout_correction(torch.zeros(2), torch.zeros(2), clip=0.0)
 
 
 # --- aggregate ----------------------------------------------------------------------------------

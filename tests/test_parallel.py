@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
-from vopd.config import ConfigError, load_config
+from vopd.config import load_config
+from vopd.knobs import ConfigError
 from vopd.runfolder import RunFolderError
 from vopd.sharded_checkpoint import HF_NAMES, SHARD_DIR, assemble, shard_index
 from vopd.trainer import train

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vopd.proposals as proposals_mod
-from vopd.config import ConfigError, load_config
+from vopd.config import ViewConfig, load_config
+from vopd.knobs import ConfigError
 from vopd.proposals import (
     Proposal,
     ProposalConfig,
@@ -25,7 +26,6 @@ from vopd.proposals import (
 )
 from vopd.records import Box, write_records
 from vopd.toyworld.scenes import TOY_VIEW, make_dataset
-from vopd.views import ViewConfig
 
 
 def test_candidate_windows_cover_and_contain_every_small_object():
@@ -308,7 +308,7 @@ def test_a_cache_torn_by_a_kill_mid_write_resumes(tmp_path, monkeypatch):
 def test_proposal_keep_keeps_each_training_row_with_its_own_file_row(tmp_path, monkeypatch):
     """With views.proposal_keep < 1 the dataset's ``file:row`` origins (named in data errors)
     belong to the samples kept, not to the first rows of the file."""
-    import vopd.trainer as trainer_mod
+    import vopd.train_setup as train_setup
     from vopd.data import load_train_data
 
     records = write_records(make_dataset(8, 4), tmp_path / "d" / "r.jsonl")
@@ -331,7 +331,7 @@ def test_proposal_keep_keeps_each_training_row_with_its_own_file_row(tmp_path, m
             f"output_dir={tmp_path / 'run'}",
         ],
     )
-    _, _, dataset, _ = trainer_mod.setup(cfg)
+    _, _, dataset, _ = train_setup.setup(cfg)
     samples, origins = load_train_data(str(records))
     origin_of = dict(zip((s.id for s in samples), origins))
     assert [s.id for s in dataset.samples] == [s.id for s in samples[4:]]
@@ -418,7 +418,7 @@ def test_proposal_config_rejects_empty_batches_and_budgets():
 @pytest.mark.parametrize("source", ["search", "attention", "grounding"])
 def test_the_proposer_prompts_follow_the_thinking_switch(tiny_qwen2_vl, monkeypatch, tmp_path, source):
     """model.thinking reaches every prompt a proposer builds, as it reaches training's prompts."""
-    import vopd.grounding as grounding_mod
+    import vopd.proposals.grounding as grounding_mod
 
     model, processor = tiny_qwen2_vl
     seen: list = []

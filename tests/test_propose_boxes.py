@@ -12,12 +12,13 @@ from support.scripted import ScriptedEngine
 import vopd.proposals as proposals_mod
 from vopd.cli import PROPOSAL_SOURCES as CLI_SOURCES
 from vopd.cli import main
+from vopd.config import ViewConfig
 from vopd.datasets import load_records
 from vopd.proposals import PROPOSAL_SOURCES
-from vopd.propose_boxes import proposals_cache_path
+from vopd.proposals.boxes import proposals_cache_path
 from vopd.records import Box, write_records
 from vopd.toyworld.scenes import make_dataset
-from vopd.views import ViewConfig, make_views
+from vopd.views import make_views
 
 BOX = '{"bbox_2d": [14, 28, 70, 84], "label": "the shape"}'  # a 168 px scene enters tiny Qwen2.5-VL as 112 px
 

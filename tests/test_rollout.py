@@ -9,11 +9,11 @@ import torch
 from conftest import with_bias
 from support.reference import teacher_forced_logp
 
+from vopd.config import RolloutConfig
 from vopd.models import append_responses, build_prompts, repeat_prompts, response_logits, vision_token_ids
 from vopd.rollout import (
     BlockTokens,
     HFGenerateEngine,
-    RolloutConfig,
     block_vision_tokens,
     eos_token_ids,
     response_mask,

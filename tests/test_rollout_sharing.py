@@ -11,13 +11,15 @@ import pytest
 import torch
 from conftest import with_bias
 
+from vopd.config import RolloutConfig
 from vopd.models import build_prompts, vision_token_ids
-from vopd.rollout import SHARED_PREFILL_FAMILIES, HFGenerateEngine, RolloutConfig, eos_token_ids
+from vopd.rollout import HFGenerateEngine, eos_token_ids
+from vopd.scoring import PREFIX_FAMILIES
 
 # Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
 pytestmark = pytest.mark.numerics
 
-SHARED = sorted(SHARED_PREFILL_FAMILIES)
+SHARED = sorted(PREFIX_FAMILIES)
 TEXTS = ["What color is the circle?", "Hi"]
 
 
@@ -94,4 +96,4 @@ def test_prompt_decoded_once_per_prompt_and_fallback_families(tiny_models, tiny_
         hook.remove()
     assert rows[0] == (P, L) and rows[1:3] == [(4 * P, 1)] * 2  # shared: one P-row prefill, then 1-token steps
     assert rows[3] == (4 * P, L)  # generate: the prompt decoded n times
-    assert "qwen3_5" not in SHARED_PREFILL_FAMILIES and "idefics3" not in SHARED_PREFILL_FAMILIES
+    assert "qwen3_5" not in PREFIX_FAMILIES and "idefics3" not in PREFIX_FAMILIES

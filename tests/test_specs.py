@@ -9,8 +9,9 @@ import pytest
 
 import vopd.specs as specs
 import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N
-from vopd.config import ConfigError, LossConfig, TeacherConfig, load_config
+from vopd.config import LossConfig, TeacherConfig, load_config
 from vopd.data import load_train_samples
+from vopd.knobs import ConfigError
 
 
 def test_toyworld_registers_its_names_and_unregistered_names_fail_clearly(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from support.steps import capture_grads, seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
-import vopd.trainer as trainer_mod
+import vopd.train_setup as train_setup
 from vopd.config import load_config
 from vopd.data import PairCollator
 from vopd.models import append_responses, repeat_prompts, response_logits
@@ -42,7 +42,7 @@ BASE = [
 
 def _setup(tmp_path, *extra):
     cfg = load_config(None, [*BASE, f"output_dir={tmp_path}", *extra])
-    state, sampler, dataset, _ = trainer_mod.setup(cfg)
+    state, sampler, dataset, _ = train_setup.setup(cfg)
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
     batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:2]]
     return state, batches
@@ -123,7 +123,7 @@ def test_teacher_weights_policy_after_optimiser_steps(kind, tmp_path):
             torch.testing.assert_close(p, initial[name], atol=0, rtol=0, msg=name)
         prompts, ro = batches[0].teacher, state.engine.sample(state.policy, batches[0].student, state.cfg.rollout)
         full = append_responses(repeat_prompts(prompts, state.cfg.rollout.n), ro.response_ids_B_T, ro.mask_B_T)
-        from vopd.fastpath import FullInputs
+        from vopd.scoring import FullInputs
 
         T = ro.response_ids_B_T.shape[1]
         got = teacher.score(FullInputs(full, T), ro.mask_B_T)(slice(None))

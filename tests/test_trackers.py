@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 import vopd.train_setup as train_setup
-from vopd.config import ConfigError, TrainConfig, load_config
+from vopd.config import TrainConfig, load_config
+from vopd.knobs import ConfigError
 from vopd.train_setup import resolve_trackers
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vopd.config import ViewConfig
 from vopd.records import Box, RecordError, Sample
 from vopd.views import (
     HINT,
     INSTRUCTION,
-    ViewConfig,
     evidence_region,
     make_views,
     prompt_text,

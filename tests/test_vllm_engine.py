@@ -28,9 +28,10 @@ from PIL import Image, ImageDraw
 from support.reference import teacher_forced_logp
 
 import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
-from vopd.config import ConfigError, load_config
+from vopd.config import RolloutConfig, load_config
+from vopd.knobs import ConfigError
 from vopd.models import build_prompts, load_model, vision_token_ids
-from vopd.rollout import HFGenerateEngine, RolloutConfig
+from vopd.rollout import HFGenerateEngine
 from vopd.rollout_vllm import (
     EngineMismatchError,
     VLLMServerEngine,

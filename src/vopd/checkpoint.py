@@ -8,8 +8,8 @@ folder, every file and the folder are fsynced, and only then is it renamed into 
 crash nor a power cut mid-write leaves a half checkpoint behind or destroys a finished one.
 
 ``state.json`` (written last) lists every file of the checkpoint with its size; `check_checkpoint`
-verifies that list and each safetensors header cheaply, and `latest_intact_checkpoint` falls back
-to the newest checkpoint that passes, saying which file of the newer one is broken.
+verifies that list and each safetensors header cheaply, and `load_resume_point` falls back to the
+newest checkpoint that passes, saying which file of the newer one is broken.
 """
 
 from __future__ import annotations
@@ -76,17 +76,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest finished checkpoint (by its state.json; contents not verified)."""
     dirs = [d for d in checkpoint_dirs(output_dir) if (d / STATE_DIR / "state.json").is_file()]
     return dirs[-1] if dirs else None
-
-
-def latest_intact_checkpoint(output_dir: str | Path, *, say: Any = print) -> Path | None:
-    """The newest checkpoint that passes `check_checkpoint`; each broken newer one is reported
-    through ``say`` (naming the broken file) and skipped. None when there is none at all.
-
-    Raises:
-        CheckpointError: checkpoints exist but every one of them is broken.
-    """
-    found = _newest_passing(output_dir, check_checkpoint, say)
-    return found[0] if found else None
 
 
 def load_resume_point(output_dir: str | Path, *, say: Any = print) -> tuple[Path, dict[str, Any]] | None:

@@ -68,7 +68,7 @@ def _data_propose(args: argparse.Namespace) -> int:
     from vopd.config import load_config
 
     cfg = load_config(args.config, [])  # the views the proposals are made with
-    from vopd.propose_boxes import write_proposed_boxes
+    from vopd.proposals.boxes import write_proposed_boxes
     from vopd.specs import resolve_model_spec
 
     def load() -> tuple:

@@ -28,7 +28,6 @@ __all__ = [
     "VIEW_NAMES",
     "CROP_SOURCES",
     "CheckpointConfig",
-    "ConfigError",
     "LABELLED_OBJECTIVES",
     "OBJECTIVES",
     "SUPERVISED_OBJECTIVES",
@@ -45,7 +44,6 @@ __all__ = [
     "ViewConfig",
     "canonical_view",
     "checkpoint_format",
-    "config_from_dict",
     "config_markdown",
     "config_to_dict",
     "describe_config",
@@ -615,11 +613,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (YAML/JSON serialisable) of a config dataclass."""
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """The inverse of :func:`config_to_dict` (checks every key and value)."""
-    return build(TrainConfig, data)
 
 
 def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[KnobInfo]:

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vopd.config import ViewConfig
 from vopd.datasets import load_records  # every registered layout (our JSONL, Vision-OPD-6K)
 from vopd.images import ImageError, load_image
 from vopd.models import build_prompts, chat_prompt
 from vopd.records import RecordError, Sample
 from vopd.specs import data_spec_loader
-from vopd.views import ViewConfig, make_views, prompt_text, reference_text, replay_draw, student_view
+from vopd.views import make_views, prompt_text, reference_text, replay_draw, student_view
 
 
 @dataclass

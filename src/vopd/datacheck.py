@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vopd.config import ViewConfig
 from vopd.datasets import load_records
 from vopd.images import ImageError
 from vopd.models import build_prompts
 from vopd.records import Issue, RecordError
-from vopd.views import ViewConfig, make_views, missing_evidence
+from vopd.views import make_views, missing_evidence
 
 __all__ = ["DataCheck", "check_data"]
 

@@ -3,7 +3,8 @@
 Rules run first and settle the large majority of answers. A rule either settles an item
 (``Verdict.settled``) or says it cannot; only then may an LLM judge be asked (see
 :mod:`vopd.evaluation.judge`). A core module (no imports from vopd): the evaluation package and the
-trainer's teacher-health probe both grade with it. ``vopd.evaluation.grading`` re-exports it.
+trainer's teacher-health probe both grade with it. POPE's replies are read as POPE's own script
+reads them (:func:`pope_answer`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ __all__ = [
     "grade",
     "grade_choice",
     "grade_open",
+    "grade_pope",
     "grade_yes_no",
     "normalize_text",
+    "pope_answer",
     "read_choice",
     "strip_think",
     "UNPARSED_METHODS",
@@ -311,12 +314,41 @@ def grade_open(prediction: str, answer: str, options: list[str] | None = None) -
     return Verdict(not hedged, False, span, "contains_hedged" if hedged else "contains")
 
 
+def pope_answer(text: str) -> str:
+    """Read a reply as POPE's official evaluation script does: ``"no"`` or ``"yes"``, never unsure.
+
+    Only the first sentence counts (up to the first period); commas are dropped, the rest split
+    on spaces; the reply is "no" if one of the words is exactly ``No``, ``no`` or ``not``, and
+    "yes" otherwise, also when it holds neither word.
+    """
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
+
+
+def grade_pope(prediction: str, answer: str) -> Verdict:
+    """Grade a POPE reply with :func:`pope_answer` after dropping its reasoning (``<think>``).
+
+    POPE's own script reads the raw reply, so under ``--thinking`` it would read the first
+    sentence of the reasoning; lmms-eval strips think tags first, and so does vopd. A reply that
+    is all reasoning (cut off inside an unclosed ``<think>``) holds no answer: unsettled. Any
+    other reply is settled, as in the official script.
+    """
+    reply = strip_think(prediction).strip()
+    if not reply and prediction.strip() and "think>" in prediction.lower():
+        return Verdict(False, False, None, "no_yes_no")
+    said = pope_answer(reply)
+    return Verdict(said == answer.strip().lower(), True, said, "pope")
+
+
 def grade(prediction: str, answer: str, kind: str, options: list[str] | None = None) -> Verdict:
-    """Dispatch on ``kind`` (``choice``, ``yesno`` or ``open``)."""
+    """Dispatch on ``kind`` (``choice``, ``yesno``, ``pope`` or ``open``)."""
+    if kind == "pope":
+        return grade_pope(prediction, answer)
     if kind == "choice":
         return grade_choice(prediction, answer, options)
     if kind == "yesno":
         return grade_yes_no(prediction, answer)
     if kind == "open":
         return grade_open(prediction, answer, options)
-    raise ValueError(f"unknown answer kind {kind!r}; expected 'choice', 'yesno' or 'open'")
+    raise ValueError(f"unknown answer kind {kind!r}; expected 'choice', 'yesno', 'pope' or 'open'")

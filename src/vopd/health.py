@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd.config import HealthConfig
+from vopd.config import HealthConfig, RolloutConfig
 from vopd.data import PairCollator, ViewDataset
-from vopd.fastpath import FullInputs
 from vopd.grading import grade
 from vopd.models import append_responses
 from vopd.objectives import add_tail_bucket, generalized_jsd
 from vopd.records import Sample
-from vopd.rollout import HFGenerateEngine, RolloutConfig
+from vopd.rollout import HFGenerateEngine
+from vopd.scoring import FullInputs
 
 Grader = Callable[[str, Sample], bool]
 

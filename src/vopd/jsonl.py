@@ -1,9 +1,13 @@
-"""Append-only JSONL logs that survive a kill mid-write (predictions, judge verdicts, proposals).
+"""JSONL files that survive a kill mid-write: append-only logs and whole files written at once.
 
-A run killed while writing leaves a last line without its newline, or half a record. Readers
-close such a line before appending (:func:`end_with_newline`) and skip lines that are not
-JSON objects with the fields they need, with one warning naming file and line
-(:func:`read_records`), so a resume never dies on its own log.
+Logs (predictions, judge verdicts, proposals, training metrics) grow one record at a time
+(:func:`append_record`). A run killed while writing leaves a last line without its newline, or
+half a record. Readers close such a line before appending (:func:`end_with_newline`) and skip
+lines that are not JSON objects with the fields they need, with one warning naming file and
+line (:func:`read_records`), so a resume never dies on its own log.
+
+A file written whole (a record file, a trimmed log) goes to a temporary file that is then
+renamed into place (:func:`write_rows`): a reader sees the old file or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_record", "end_with_newline", "read_records"]
+from vopd.outputs import public_mode
+
+__all__ = ["append_record", "end_with_newline", "read_records", "write_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +68,20 @@ def append_record(path: Path, record: dict[str, Any], *, fsync: bool = True) -> 
         f.flush()
         if fsync:
             os.fsync(f.fileno())
+
+
+def write_rows(rows: Iterable[dict[str, Any] | str], path: str | Path) -> Path:
+    """Write JSON objects (or already-encoded lines), one per line, atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        public_mode(tmp)  # mkstemp makes 0600; the file is as readable as any file the user writes
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

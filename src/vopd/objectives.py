@@ -374,18 +374,6 @@ def _at_least_one(count: float | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(count, dtype=torch.float64, device=device).clamp(min=1)
 
 
-def importance_weights(logp_new_N: Tensor, logp_old_N: Tensor, *, clip: float = 2.0) -> Tensor:
-    """Distillation ratio ``min(exp(clamp(log pi_new - log pi_old, -20, 20)), clip)``, detached.
-
-    Multiplies the per-token loss when a rollout batch is reused for several optimiser steps;
-    exactly 1 when each batch is used once (pi_new == pi_old).
-    """
-    if not clip > 0:
-        raise ValueError(f"importance-weight clip must be > 0, got {clip}")
-    log_ratio = (logp_new_N - logp_old_N).detach().clamp(-20.0, 20.0)
-    return log_ratio.exp().clamp(max=clip)
-
-
 def rollout_correction(logp_old_N: Tensor, logp_rollout_N: Tensor, *, clip: float = 2.0) -> Tensor:
     """Sampler-mismatch weight ``min(exp(log pi_old - log pi_rollout), clip)``, detached.
 

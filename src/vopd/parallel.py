@@ -8,7 +8,7 @@ student's and the EMA update is a local ``torch._foreach_lerp_`` with no communi
 
 Why the root is a wrapper and is gathered explicitly: vopd calls the model's parts directly
 (the backbone for hidden states, the LM head chunk by chunk in the fused loss, ``generate`` for
-rollouts), not only ``model.forward``. The student wrapper is `vopd.train_setup.ResponseHidden`,
+rollouts), not only ``model.forward``. The student wrapper is `vopd.scoring.ResponseHidden`,
 whose forward FSDP2 hooks; with ``reshard_after_forward=False`` its root parameters (LM head
 included) stay gathered from the forward until the backward has reduce-scattered their
 gradients, so the fused chunked loss runs unchanged on the plain gathered head (no extra
@@ -39,13 +39,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True when ``module`` holds FSDP2-sharded (DTensor) parameters."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def ensure_process_group(device: torch.device) -> None:

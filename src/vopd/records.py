@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from vopd.images import ImageError, check_model_shape, image_size, load_image
-from vopd.outputs import public_mode
+from vopd.jsonl import write_rows
 
 __all__ = [
     "Box",
@@ -41,7 +40,6 @@ __all__ = [
     "resolve_record_path",
     "safe_file_name",
     "validate_sample",
-    "write_jsonl_rows",
     "write_records",
 ]
 
@@ -701,21 +699,4 @@ def write_records(samples: Iterable[Sample], path: str | Path, *, image_dir: str
             lines.append(json.dumps(row, ensure_ascii=False))
         except TypeError as err:
             raise RecordError(f"sample {sample.id!r} is not JSON-serialisable ({err})", field="meta") from None
-    return write_jsonl_rows(lines, path)
-
-
-def write_jsonl_rows(rows: Iterable[dict[str, Any] | str], path: str | Path) -> Path:
-    """Write JSON objects (or already-encoded lines), one per line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        public_mode(tmp)  # mkstemp makes 0600; the records are as readable as any file the user writes
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_rows(lines, path)

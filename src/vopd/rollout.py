@@ -13,8 +13,8 @@ METHOD.md 2.4), recorded step by step without keeping [T, B, V] scores in memory
 
 Prefill sharing: `generate(num_return_sequences=n)` copies every prompt n times before the first
 forward, so the image is encoded and the (long) prompt decoded n times. For the families in
-`vopd.fastpath.PREFIX_FAMILIES` (the one family table, shared with scoring) the engine instead
-runs each prompt once (`vopd.fastpath.prefill_prompts`), expands its key/value cache to the n
+`vopd.scoring.PREFIX_FAMILIES` (the one family table, shared with scoring) the engine instead
+runs each prompt once (`vopd.scoring.prefill_prompts`), expands its key/value cache to the n
 rows and continues with its own decode loop,
 which mirrors `generate`'s sampling step for step (float32 logits, the same processors, one
 `torch.multinomial` over the [B, V] probabilities per step, finished rows fed the pad id), so
@@ -33,11 +33,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from vopd.config import RolloutConfig
-from vopd.fastpath import PREFIX_FAMILIES, prefill_prompts, text_positions
 from vopd.models import backbone, output_head, vision_token_ids
+from vopd.scoring import PREFIX_FAMILIES, prefill_prompts, text_positions
 
 __all__ = [
-    "RolloutConfig",
     "Rollouts",
     "RolloutEngine",
     "HFGenerateEngine",
@@ -46,12 +45,7 @@ __all__ = [
     "eos_token_ids",
     "reference_rollouts",
     "response_mask",
-    "SHARED_PREFILL_FAMILIES",
 ]
-
-# Families that decode n samples from one prefill per prompt: the prompt-sharing table of
-# vopd.fastpath (verified against generate() by tests/test_rollout_sharing.py). Same object.
-SHARED_PREFILL_FAMILIES = PREFIX_FAMILIES
 
 # End-of-turn / end-of-text tokens of the supported families; any present in the vocab stops a row.
 _END_TOKEN_STRINGS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<end_of_utterance>", "<eos>")
@@ -212,7 +206,7 @@ class _SampledLogProbs(LogitsProcessor):
 
 class HFGenerateEngine:
     """Rollouts with the model's KV cache: one prefill per prompt shared by its n samples
-    (`vopd.fastpath.PREFIX_FAMILIES`), else `model.generate` with `num_return_sequences=n`.
+    (`vopd.scoring.PREFIX_FAMILIES`), else `model.generate` with `num_return_sequences=n`.
 
     Args:
         processor_or_blocked_ids: the processor (vision token ids and EOS ids are read from it)
@@ -347,7 +341,7 @@ def _decode_from_shared_prefill(
     Each step is `generate`'s sampling step: float32 logits of the last position -> processors ->
     softmax -> one `torch.multinomial` draw per row (argmax when greedy); rows that have emitted an
     EOS get the pad id; stop when every row is done or after `max_new_tokens`. Prefill and M-RoPE
-    positions are `vopd.fastpath`'s: the prompt's from the model's own rule, then max + 1, + 2, ...
+    positions are `vopd.scoring`'s: the prompt's from the model's own rule, then max + 1, + 2, ...
     on all three axes for the generated tokens.
     """
     base, head = backbone(model), output_head(model)

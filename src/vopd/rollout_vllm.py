@@ -55,8 +55,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
+from vopd.config import RolloutConfig
 from vopd.models import vision_token_ids
-from vopd.rollout import RolloutConfig, Rollouts, eos_token_ids, response_mask
+from vopd.rollout import Rollouts, eos_token_ids, response_mask
 from vopd.stock_processor import make_processor_stock
 
 __all__ = [

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vopd.checkpoint import broken_checkpoint_dirs, checkpoint_dirs, clean_stale_temporaries
-from vopd.outputs import public_mode
+from vopd.jsonl import write_rows
 
 __all__ = [
     "HARMLESS_KEYS",
@@ -258,9 +257,5 @@ def truncate_metrics(output_dir: str | Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("".join(f"{line}\n" for line in kept))
-        public_mode(tmp)
-        os.replace(tmp, path)
+        write_rows(kept, path)
     return dropped

@@ -10,7 +10,7 @@ text). It never receives gradients. Its weights are one of:
 - ``live``: the current student itself (no copy). The paper reports collapse; we warn loudly;
 - ``external``: another checkpoint, frozen.
 
-``teacher.score(batch, mask_B_T)`` runs the teacher model(s) on a typed `vopd.fastpath.ScoredBatch`
+``teacher.score(batch, mask_B_T)`` runs the teacher model(s) on a typed `vopd.scoring.ScoredBatch`
 and returns a `vopd.fused_loss.TeacherLogits`: the final hidden states at the valid response
 tokens plus the output head, so the loss makes the teacher's logits chunk by chunk and never
 holds a [tokens, vocab] tensor for the whole batch.
@@ -25,9 +25,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from vopd.fastpath import ScoredBatch
 from vopd.fused_loss import TeacherLogits
 from vopd.models import output_head
+from vopd.scoring import ScoredBatch
 
 
 class Teacher(Protocol):

@@ -14,34 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
-from vopd.config import LABELLED_OBJECTIVES, ConfigError, TrainConfig, config_to_dict
+from vopd.config import LABELLED_OBJECTIVES, TrainConfig, config_to_dict
 from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data, require_answers
-from vopd.fastpath import NaiveInputs, ScoredBatch
+from vopd.knobs import ConfigError
 from vopd.proposals import crops_from_model
 from vopd.rollout import HFGenerateEngine, RolloutEngine
 from vopd.runfolder import check_resume_config, check_world_size, prepare_run_folder
+from vopd.scoring import ResponseHidden
 from vopd.specs import resolve_model_spec
 from vopd.teacher import Teacher, make_teacher
-
-
-class ResponseHidden(nn.Module):
-    """Wraps the policy so the student forward goes through ``accelerate``/DDP's forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: ScoredBatch, *, all_logits: bool = False) -> Tensor:
-        """[B, T, H] hidden states predicting the responses; with ``all_logits`` (a `NaiveInputs`
-        batch, naive mode) [B, T, V] logits from the model's full forward, as the released code does."""
-        if all_logits:
-            if not isinstance(batch, NaiveInputs):
-                raise TypeError(f"all_logits needs a NaiveInputs batch, got {type(batch).__name__}")
-            return batch.response_logits(self.model)
-        return batch.response_hidden_states(self.model)
 
 
 @dataclass

@@ -18,7 +18,6 @@ change. Checkpoints are atomic and resumable (model, teacher, optimiser, schedul
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -36,27 +35,18 @@ from tqdm.auto import tqdm
 from vopd.checkpoint import CheckpointError, save_checkpoint
 from vopd.config import SUPERVISED_OBJECTIVES, TrainConfig, checkpoint_format, config_to_dict
 from vopd.data import PairCollator, PromptPair, load_train_samples
-from vopd.fastpath import NaiveInputs, ScoredBatch, SharedPrompts
 from vopd.fused_loss import TeacherLogits, distillation_loss, nll_loss
+from vopd.jsonl import append_record
 from vopd.models import linear_head, output_head
 from vopd.objectives import LossKnobs, loss_knobs, token_weights
 from vopd.records import RecordError
 from vopd.rollout import Rollouts, reference_rollouts
 from vopd.runfolder import release_run_folder, truncate_metrics
+from vopd.scoring import NaiveInputs, ScoredBatch, SharedPrompts
 from vopd.teacher import answering_model
-from vopd.train_setup import ResponseHidden, TrainState, resolve_model, setup
+from vopd.train_setup import TrainState, setup
 
-__all__ = [
-    "ResponseHidden",
-    "TrainResult",
-    "TrainState",
-    "TrainingError",
-    "resolve_model",
-    "setup",
-    "summary",
-    "train",
-    "train_step",
-]
+__all__ = ["TrainResult", "TrainingError", "summary", "train", "train_step"]
 
 Callback = Callable[["TrainState"], "dict[str, float] | None"]
 
@@ -87,7 +77,7 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
     """One Vision-OPD step (or a baseline's, per ``cfg.objective``) over the micro-batches of this
     process's share of the step's prompts.
 
-    ``sharing`` ("prefix" | "image" | "none", see `vopd.fastpath`) defaults to "prefix", or to the
+    ``sharing`` ("prefix" | "image" | "none", see `vopd.scoring`) defaults to "prefix", or to the
     straightforward path everywhere when ``cfg.naive`` (which also computes full-vocabulary logits
     at every position and the loss in one piece, to measure what the optimisations buy).
     """
@@ -511,8 +501,7 @@ def _record(
     if state.step % state.cfg.log_every == 0 or final:
         state.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
         if metrics_file:
-            with metrics_file.open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            append_record(metrics_file, metrics, fsync=False)
 
 
 def _make_health(cfg: TrainConfig, train_samples: list, grader: Callable[[str, Any], bool] | None) -> Any:

@@ -5,7 +5,7 @@ the full image (optionally with the evidence box drawn in red), the teacher sees
 around the evidence. Crops are always cut from the clean image, never from a copy with a box
 drawn on it, so no red pixels leak into the teacher's view.
 
-Knobs live in :class:`vopd.config.ViewConfig` (re-exported here); ``docs/config.md`` lists them
+Knobs live in :class:`vopd.config.ViewConfig`; ``docs/config.md`` lists them
 with defaults and allowed values, ``docs/data.md`` with pitfalls.
 """
 
@@ -25,7 +25,6 @@ __all__ = [
     "HINT",
     "INSTRUCTION",
     "REFERENCE_TEMPLATE",
-    "ViewConfig",
     "evidence_region",
     "make_views",
     "missing_evidence",

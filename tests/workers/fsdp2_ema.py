@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from vopd.parallel import build_sharded
+from vopd.scoring import ResponseHidden
 from vopd.teacher import make_teacher
 from vopd.tiny_models import build_tiny_model
-from vopd.train_setup import ResponseHidden
 
 
 def main(out: str, dtype_name: str) -> None:

@@ -23,17 +23,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vopd.config import ViewConfig
 from vopd.images import load_image
-from vopd.records import (
-    Box,
-    RecordError,
-    Sample,
-    register_layout,
-    resolve_record_path,
-    safe_file_name,
-    write_jsonl_rows,
-)
-from vopd.views import HINT, INSTRUCTION, ViewConfig, prompt_text, student_view, teacher_view
+from vopd.jsonl import write_rows
+from vopd.records import Box, RecordError, Sample, register_layout, resolve_record_path, safe_file_name
+from vopd.views import HINT, INSTRUCTION, prompt_text, student_view, teacher_view
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -198,7 +192,7 @@ def write_visionopd6k(
                 "answer": sample.answer,
             }
         )
-    return write_jsonl_rows(rows, out_dir / file_name)
+    return write_rows(rows, out_dir / file_name)
 
 
 register_layout("visionopd6k", is_visionopd6k_row, parse_visionopd6k_row)

@@ -9,10 +9,10 @@
 """
 
 from vopd.evaluation.backends import Backend, BackendConfig, HFBackend, OpenAIBackend, make_backend
-from vopd.evaluation.grading import Verdict, grade
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.runner import EvalConfig, PredictionStore, grade_items, main_eval, predict
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
+from vopd.grading import Verdict, grade
 
 __all__ = [
     "Backend",

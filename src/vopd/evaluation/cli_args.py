@@ -148,8 +148,8 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def gap_config_from_args(args: argparse.Namespace) -> Any:
     """``GapConfig`` from parsed ``vopd gap`` arguments."""
+    from vopd.config import ViewConfig
     from vopd.evaluation.gap import GapConfig
-    from vopd.views import ViewConfig
 
     view = ViewConfig(
         zoom=args.zoom,

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vopd.config import VIEW_NAMES, ConfigError, canonical_view
+from vopd.config import VIEW_NAMES, canonical_view
 from vopd.evaluation.backends import Backend, BackendConfig, make_backend
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.report import plot_bars, plot_gap_over_training
 from vopd.evaluation.runner import PredictionStore, answer_settings, grade_items, predict
 from vopd.evaluation.stats import mcnemar_exact, paired_bootstrap_ci, paired_table, wilson_interval
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
+from vopd.knobs import ConfigError
 
 __all__ = ["GAP_VIEWS", "GapConfig", "gap_statistics", "load_gap_samples", "main_gap", "measure_gap"]
 
@@ -40,7 +41,7 @@ GAP_VIEWS = VIEW_NAMES
 
 
 def _view_config_default() -> Any:
-    from vopd.views import ViewConfig
+    from vopd.config import ViewConfig
 
     return ViewConfig()
 

@@ -132,7 +132,7 @@ def pair_accuracy(graded: Sequence[GradedItem], pair: Callable[[GradedItem], str
 def pope_metrics(graded: Sequence[GradedItem]) -> dict[str, Any]:
     """POPE accuracy, precision, recall, F1 (positive = "yes") and the yes-ratio of predictions.
 
-    Replies are read as POPE's own script reads them (see :func:`vopd.evaluation.grading.pope_answer`),
+    Replies are read as POPE's own script reads them (see :func:`vopd.grading.pope_answer`),
     so every reply is a yes or a no. An item without a reply counts as the wrong answer (a false
     negative when the truth is yes, a false positive when it is no), as a missing answer is
     wrong in the official count; ``judged_*`` values leave those items out. The yes-ratio is the

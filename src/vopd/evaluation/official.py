@@ -18,9 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from vopd.evaluation.grading import pope_answer
 from vopd.evaluation.types import EvalItem
-from vopd.grading import Verdict
+from vopd.grading import Verdict, pope_answer
 
 __all__ = [
     "OFFICIAL_READERS",

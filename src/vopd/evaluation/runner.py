@@ -28,12 +28,11 @@ from PIL import Image
 
 from vopd.evaluation.backends import Backend, BackendConfig, BackendError, PartialFailure, make_backend
 from vopd.evaluation.benchmarks import DEFAULT_PROMPT, get_benchmark
-from vopd.evaluation.grading import grade
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.metrics import outcome_counts
 from vopd.evaluation.official import OFFICIAL_READERS, OfficialReader
 from vopd.evaluation.types import EvalItem, GradedItem, PromptItem
-from vopd.grading import UNPARSED_METHODS
+from vopd.grading import UNPARSED_METHODS, grade
 from vopd.images import check_model_shape
 from vopd.jsonl import append_record, end_with_newline, read_records
 from vopd.outputs import claim_output, weights_fingerprint

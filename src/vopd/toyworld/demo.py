@@ -91,7 +91,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from vopd.toyworld.evaluate import HeldOutEvaluator
     from vopd.toyworld.model import toy_base_path
     from vopd.toyworld.scenes import make_dataset, world_config
-    from vopd.trainer import resolve_model, train
+    from vopd.train_setup import resolve_model
+    from vopd.trainer import train
 
     start = time.perf_counter()
     out = Path(cfg.out)

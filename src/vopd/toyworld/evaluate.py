@@ -24,19 +24,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vopd.config import RolloutConfig, ViewConfig
 from vopd.models import build_prompts
 from vopd.records import Sample
-from vopd.rollout import HFGenerateEngine, RolloutConfig
+from vopd.rollout import HFGenerateEngine
 from vopd.toyworld.model import toy_answer_correct
-from vopd.toyworld.scenes import ALL_VIEWS, TOY_VIEW, VIEWS, view_input
-from vopd.views import ViewConfig
+from vopd.toyworld.scenes import TOY_VIEW, VIEWS, view_input
 
 __all__ = [
-    "VIEWS",
-    "ALL_VIEWS",
     "PreparedViews",
     "ViewEval",
-    "view_input",
     "prepare_views",
     "evaluate_views",
     "HeldOutEvaluator",

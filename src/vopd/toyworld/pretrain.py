@@ -28,15 +28,17 @@ import transformers
 from vopd.models import append_responses, build_prompts, response_logits
 from vopd.records import Sample
 from vopd.tiny_models import save_tiny
-from vopd.toyworld.evaluate import VIEWS, evaluate_views, prepare_views, view_input
+from vopd.toyworld.evaluate import evaluate_views, prepare_views
 from vopd.toyworld.model import TOY_BASE_DIR, build_toy_model
 from vopd.toyworld.scenes import (
     HELDOUT_SEED,
     VALIDATION_SEED,
+    VIEWS,
     SceneConfig,
     make_dataset,
     make_scene,
     scene_rng,
+    view_input,
 )
 
 __all__ = ["DEFAULT_BASE_DIR", "PretrainConfig", "pretrain_base", "answer_batch", "supervised_loss"]

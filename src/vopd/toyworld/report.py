@@ -92,7 +92,7 @@ def plot_gap(results: dict[str, Any], path: Path) -> None:
 
 def plot_examples(samples: list[Sample], base: Any, final: Any, path: Path, k: int = 6) -> None:
     """Scenes the base got wrong on the full image (first), with crops and both answers."""
-    from vopd.toyworld.evaluate import view_input
+    from vopd.toyworld.scenes import view_input
 
     plt = pyplot()
     order = [i for i in range(len(samples)) if not base.correct["full"][i]] + [

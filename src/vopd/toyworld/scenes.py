@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vopd.config import ViewConfig
 from vopd.images import load_image
 from vopd.records import Box, Sample, write_records
-from vopd.views import ViewConfig, prompt_text, student_view, teacher_view
+from vopd.views import prompt_text, student_view, teacher_view
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -12,7 +12,7 @@ sample's gold boxes (``views.crop_source=box``). The sources here find the regio
   over layers and heads; the window centred on the strongest image token is the proposal, scored
   by how far the peak stands above the strongest token outside that window.
 - ``grounding``: ask the model for the box of the evidence in its family's box format and parse
-  it (:mod:`vopd.grounding`); an answer without a usable box falls back to the whole image and is
+  it (:mod:`vopd.proposals.grounding`); an answer without a usable box falls back to the whole image and is
   counted (``Proposal.status``).
 
 A proposal is one box per sample; :func:`with_proposed_boxes` puts it in place of the gold boxes
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,15 +32,15 @@ from typing import Any
 
 import torch
 
-from vopd.config import CROP_SOURCES
-from vopd.grounding import FALLBACK_STATUSES, ground, status_counts
+from vopd.config import CROP_SOURCES, RolloutConfig, ViewConfig
 from vopd.images import load_image
-from vopd.jsonl import end_with_newline, read_records
+from vopd.jsonl import append_record, end_with_newline, read_records
 from vopd.models import build_prompts
 from vopd.outputs import OutputError, content_hash, settings_diff, weights_fingerprint
+from vopd.proposals.grounding import FALLBACK_STATUSES, ground, status_counts
 from vopd.records import Box, Sample
-from vopd.rollout import HFGenerateEngine, RolloutConfig
-from vopd.views import ViewConfig, evidence_region, prompt_text, teacher_view
+from vopd.rollout import HFGenerateEngine
+from vopd.views import evidence_region, prompt_text, teacher_view
 
 __all__ = [
     "CROP_SOURCES",
@@ -285,7 +284,7 @@ def grounding_proposals(
     view_cfg: ViewConfig,
     cfg: ProposalConfig = ProposalConfig(),
 ) -> list[Proposal]:
-    """The box the model gives when asked where the evidence is (greedy; :func:`vopd.grounding.ground`).
+    """The box the model gives when asked where the evidence is (greedy; :func:`vopd.proposals.grounding.ground`).
 
     Answers without a usable box get the whole image (no zoom) and are logged here and counted
     by :func:`proposal_quality`.
@@ -335,7 +334,7 @@ def proposal_quality(proposals: Sequence[Proposal], samples: Sequence[Sample], v
     the centre of the gold boxes' union; ``mean_iou``: IoU of the proposal's crop with the gold
     crop (both from :func:`vopd.views.evidence_region` with ``view_cfg``). A grounding fallback
     (no usable box: the whole image) is a miss, whatever it contains. Grounding proposals add
-    how their answers parsed over all samples (:func:`vopd.grounding.status_counts`).
+    how their answers parsed over all samples (:func:`vopd.proposals.grounding.status_counts`).
     """
     by_id = {s.id: s for s in samples}
     hits = centre = n = 0
@@ -496,18 +495,17 @@ def load_or_propose(
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 end_with_newline(path)  # a row torn by a kill mid-write stays on a line of its own
-            with path.open("a") as fh:
-                for p, s in zip(new, chunk):
-                    row = {
-                        "id": p.sample_id,
-                        "box": p.box.as_list(),
-                        "score": p.score,
-                        "source": p.source,
-                        **({"model": model_name} if model_name else {}),
-                        "image": _image_key(s.image),
-                        "made_with": made_with,
-                    }
-                    fh.write(json.dumps({**row, **({"status": p.status} if p.status != "ok" else {})}) + "\n")
+            for p, s in zip(new, chunk):
+                row = {
+                    "id": p.sample_id,
+                    "box": p.box.as_list(),
+                    "score": p.score,
+                    "source": p.source,
+                    **({"model": model_name} if model_name else {}),
+                    "image": _image_key(s.image),
+                    "made_with": made_with,
+                }
+                append_record(path, {**row, **({"status": p.status} if p.status != "ok" else {})}, fsync=False)
         done.update({p.sample_id: p for p in new})
     return [done[s.id] for s in samples]
 

@@ -1,4 +1,4 @@
-"""The sharing shortcuts of vopd.fastpath equal the straightforward computation (values and
+"""The sharing shortcuts of vopd.scoring equal the straightforward computation (values and
 gradients), do the work they promise (image encoded once, prompt decoded once), and fall back
 cleanly; the training step gives the same loss and gradients in every mode, naive included."""
 
@@ -12,9 +12,10 @@ import torch
 from support.tolerance import divergence_atol, logit_error
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
+import vopd.train_setup as train_setup
 import vopd.trainer as trainer_mod
-from vopd.fastpath import NaiveInputs, SharedPrompts, sharing_mode
 from vopd.models import build_prompts
+from vopd.scoring import NaiveInputs, SharedPrompts, sharing_mode
 
 # Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
 pytestmark = pytest.mark.numerics
@@ -155,7 +156,7 @@ def step_setup(tmp_path_factory):
             f"output_dir={tmp_path_factory.mktemp('fastpath_step')}",
         ],
     )
-    state, sampler, dataset, _ = trainer_mod.setup(cfg)
+    state, sampler, dataset, _ = train_setup.setup(cfg)
     collate = PairCollator(state.processor, thinking=cfg.model.thinking, max_prompt_tokens=None)
     batches = [collate([dataset[i] for i in idx]) for idx in list(iter(sampler))[:2]]
     return state, batches

@@ -23,8 +23,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from vopd.config import ViewConfig
 from vopd.datasets import load_records
-from vopd.grounding import FALLBACK_STATUSES
 from vopd.outputs import OutputError
 from vopd.proposals import (
     PROPOSAL_SOURCES,
@@ -34,8 +34,8 @@ from vopd.proposals import (
     load_or_propose,
     proposal_quality,
 )
+from vopd.proposals.grounding import FALLBACK_STATUSES
 from vopd.records import Sample, write_records
-from vopd.views import ViewConfig
 
 __all__ = ["ProposedBoxes", "proposals_cache_path", "write_proposed_boxes"]
 

@@ -10,7 +10,7 @@ image is encoded n times and the long prompt runs through the decoder n times. T
   one), expand their key/value cache to P*n rows, then run only the response tokens against it.
   The hidden state that predicts response token 0 is the prompt's last one; tokens 1..T-1 come
   from the response pass. Autograd flows through the repeated cache, so gradients equal the
-  straightforward ones (tests/test_fastpath.py checks loss and gradients).
+  straightforward ones (tests/test_scoring.py checks loss and gradients).
 
 Both are specific to model families whose forward accepts precomputed per-image features as a
 tuple and whose decoder uses a plain key/value cache (the Qwen-VL families listed below); any
@@ -45,6 +45,7 @@ __all__ = [
     "NaiveInputs",
     "FullInputs",
     "ScoredBatch",
+    "ResponseHidden",
     "sharing_mode",
     "PREFIX_FAMILIES",
     "IMAGE_FAMILIES",
@@ -55,7 +56,7 @@ __all__ = [
 
 MODES = ("prefix", "image", "none")
 
-# model_type -> prompt computed once for its n rows: verified for scoring by tests/test_fastpath.py
+# model_type -> prompt computed once for its n rows: verified for scoring by tests/test_scoring.py
 # (same hidden states and gradients as the straightforward computation) and for sampling by
 # tests/test_rollout_sharing.py (same tokens and log-probs as generate()). Qwen3.5 (hybrid
 # linear-attention layers, whose recurrent cache is not a key/value cache) is not verified for
@@ -283,3 +284,20 @@ def _prefix_shared_hidden(model: nn.Module, shared: SharedPrompts) -> Tensor:
         return_dict=True,
     )
     return torch.cat([first_B_1_H, rest.last_hidden_state], dim=1)
+
+
+class ResponseHidden(nn.Module):
+    """Wraps the policy so the student forward goes through ``accelerate``/DDP's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: ScoredBatch, *, all_logits: bool = False) -> Tensor:
+        """[B, T, H] hidden states predicting the responses; with ``all_logits`` (a `NaiveInputs`
+        batch, naive mode) [B, T, V] logits from the model's full forward, as the released code does."""
+        if all_logits:
+            if not isinstance(batch, NaiveInputs):
+                raise TypeError(f"all_logits needs a NaiveInputs batch, got {type(batch).__name__}")
+            return batch.response_logits(self.model)
+        return batch.response_hidden_states(self.model)
