@@ -198,9 +198,12 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_config(path)
 
 
-def test_renamed_key_still_works_with_a_note():
-    with pytest.warns(UserWarning, match="micro_batch is now micro_batch_prompts"):
-        assert load_config(None, ["micro_batch=3"]).micro_batch_prompts == 3
+def test_old_key_names_are_refused_with_the_current_name():
+    """0.x dropped the old names: an old key fails at load time and the error suggests the new one."""
+    with pytest.raises(ConfigError, match=r"unknown config key micro_batch \(did you mean micro_batch_prompts\?\)"):
+        load_config(None, ["micro_batch=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key teacher\.rate \(did you mean teacher\.ema_rate\?\)"):
+        load_config(None, ["teacher.rate=0.2"])
 
 
 def test_every_section_raises_config_error_when_built_in_python():
@@ -244,13 +247,14 @@ def test_every_knob_has_a_rule_or_is_free_text():
             assert rule.describe(), f"{key} is numeric but has no allowed range"
 
 
-def test_view_vocabulary_and_old_names():
-    from vopd.config import VIEW_NAMES, canonical_view
+def test_view_vocabulary_refuses_other_names():
+    from vopd.config import VIEW_NAMES, check_view
 
     assert VIEW_NAMES == ("full", "crop", "boxed_full")
-    assert [canonical_view(v) for v in ("global", "regional", "student")] == list(VIEW_NAMES)
-    with pytest.raises(ConfigError, match="boxed_full"):
-        canonical_view("zoomed")
+    assert [check_view(v) for v in VIEW_NAMES] == list(VIEW_NAMES)
+    for old in ("global", "regional", "student", "zoomed"):  # the names vopd gap used before 0.x too
+        with pytest.raises(ConfigError, match=f"view='{old}' is not one of full \\| crop \\| boxed_full"):
+            check_view(old)
 
 
 def test_vopd_config_imports_no_model_code():

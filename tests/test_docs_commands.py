@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vopd.cli import build_parser
-from vopd.config import TrainConfig, describe_config
+from vopd.config import describe_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -78,7 +78,7 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     return {opt for action in parser._actions for opt in action.option_strings}
 
 
-KNOWN_KEYS = {row.key for row in describe_config()} | set(TrainConfig.RENAMED)
+KNOWN_KEYS = {row.key for row in describe_config()}
 
 
 def problems(command: str, *, full: bool) -> list[str]:

@@ -130,7 +130,7 @@ def test_gap_cli_arguments_round_trip(tmp_path):
                 "m",
                 "--url",
                 server.url,
-                "--student-view",
+                "--boxed-full",
                 "--zoom",
                 "3",
                 "--n-boot",
@@ -138,7 +138,7 @@ def test_gap_cli_arguments_round_trip(tmp_path):
             ]
         )
         cfg = gap_config_from_args(args)
-        assert cfg.views == ("full", "crop", "boxed_full") and cfg.view.zoom == 3.0  # --student-view: old name
+        assert cfg.views == ("full", "crop", "boxed_full") and cfg.view.zoom == 3.0
         assert run_gap(args) == 0
     result = json.loads((tmp_path / "o" / "gap.json").read_text())
     assert result["n_questions"] == 4
@@ -151,10 +151,10 @@ def test_gap_config_rejects_bad_values(tmp_path):
         GapConfig(data="x", out_dir=str(tmp_path), views=("full", "zoomed"))
 
 
-def test_gap_accepts_the_old_view_names(tmp_path):
-    """`vopd gap` used global/regional/student; they now name full/crop/boxed_full (one vocabulary)."""
-    cfg = GapConfig(data="x", out_dir=str(tmp_path), views=("global", "regional", "student"))
-    assert cfg.views == ("full", "crop", "boxed_full")
+def test_gap_refuses_the_old_view_names(tmp_path):
+    """`vopd gap` used global/regional/student before 0.x; one vocabulary now (full/crop/boxed_full)."""
+    with pytest.raises(ValueError, match="'global' is not one of full"):
+        GapConfig(data="x", out_dir=str(tmp_path), views=("global", "regional", "student"))
     with pytest.raises(ValueError, match="n_boot"):
         GapConfig(data="x", out_dir=str(tmp_path), n_boot=10)
 
@@ -191,7 +191,7 @@ def test_gap_with_tiny_hf_model(tmp_path, tiny_qwen2_vl):
     table = result["gap"]["table"]
     assert sum(table.values()) == result["gap"]["n_paired"]
     # greedy decoding is deterministic: asking again gives the same answers
-    prompt = view_prompt(_eval_item(samples[0], "gap"), "global", cfg.view)  # old name of "full"
+    prompt = view_prompt(_eval_item(samples[0], "gap"), "full", cfg.view)
     again = HFBackend(model, processor, max_new_tokens=4).generate([prompt])
     assert again[0] == store.answer("gap", "full", samples[0].id)
     measure_gap(samples, backend, cfg, store=PredictionStore(tmp_path / "pred.jsonl"))
@@ -207,5 +207,4 @@ def test_gap_statistics_identical_views_zero_gap():
     result = gap_statistics({"full": graded, "crop": graded}, n_boot=200)
     assert result["gap"]["value"] == 0.0 and result["gap"]["ci"] == [0.0, 0.0]
     assert result["gap"]["n_paired"] == 5 and result["views"]["full"]["unjudged"] == 1
-    assert gap_statistics({"global": graded, "regional": graded}, n_boot=200)["views"].keys() == {"full", "crop"}
     assert result["gap"]["mcnemar_p"] == 1.0

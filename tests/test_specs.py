@@ -3,13 +3,11 @@ teacher knobs; one chunk-size default."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 import vopd.specs as specs
 import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N
-from vopd.config import LossConfig, TeacherConfig, load_config
+from vopd.config import LossConfig, load_config
 from vopd.data import load_train_samples
 from vopd.knobs import ConfigError
 
@@ -42,18 +40,9 @@ def test_tiny_spec_builds_a_tiny_model():
     assert model.config.model_type == "qwen2_vl" and processor is not None
 
 
-def test_teacher_rate_is_split_and_the_old_name_maps_by_kind():
-    cfg = TeacherConfig()
-    assert (cfg.ema_rate, cfg.mix, cfg.rate) == (0.05, 0.05, None)
-    with pytest.warns(FutureWarning, match="teacher.ema_rate"):
-        ema = load_config(None, ["teacher.kind=ema", "teacher.rate=0.2"]).teacher
-    assert (ema.ema_rate, ema.mix, ema.rate) == (0.2, 0.05, None)
-    with pytest.warns(FutureWarning, match="teacher.mix"):
-        trust = load_config(None, ["teacher.kind=trust_region", "teacher.rate=0.3"]).teacher
-    assert (trust.ema_rate, trust.mix, trust.rate) == (0.05, 0.3, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new names never warn
-        load_config(None, ["teacher.kind=ema", "teacher.ema_rate=0.1", "teacher.mix=0.2"])
+def test_teacher_ema_rate_and_mix_are_separate_knobs():
+    cfg = load_config(None, ["teacher.kind=ema", "teacher.ema_rate=0.1", "teacher.mix=0.2"]).teacher
+    assert (cfg.ema_rate, cfg.mix) == (0.1, 0.2)
     with pytest.raises(ConfigError, match="teacher.mix"):
         load_config(None, ["teacher.mix=1.5"])
 

@@ -7,8 +7,8 @@ the values it accepts. ``vopd config`` prints them and ``docs/config.md`` is gen
 
 Adding a knob: add a ``knob(...)`` field to its section (or a new section dataclass whose
 ``__post_init__`` calls ``check_knobs(self, "<section>")`` and a field of that type on
-:class:`TrainConfig`), then regenerate docs/config.md. A renamed key goes in the section's
-``RENAMED`` mapping so old recipes keep working.
+:class:`TrainConfig`), then regenerate docs/config.md. A renamed or removed key is refused
+(with a suggestion of the nearest key), not mapped: see the README's notes on 0.x.
 
 This module imports no model code (no torch, no transformers).
 """
@@ -16,15 +16,13 @@ This module imports no model code (no torch, no transformers).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from vopd.knobs import ConfigError, KnobInfo, build, check_knobs, describe, knob, load_yaml
 
 __all__ = [
-    "VIEW_ALIASES",
     "VIEW_NAMES",
     "CROP_SOURCES",
     "CheckpointConfig",
@@ -42,7 +40,7 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "ViewConfig",
-    "canonical_view",
+    "check_view",
     "checkpoint_format",
     "config_markdown",
     "config_to_dict",
@@ -84,18 +82,12 @@ CROP_SOURCES: tuple[str, ...] = ("box", "search", "attention", "grounding")
 #: The one view vocabulary (training, ``vopd gap``, the toy world): the clean full image, the
 #: zoomed evidence crop (the teacher's view) and the full image with the red box + hint.
 VIEW_NAMES: tuple[str, ...] = ("full", "crop", "boxed_full")
-#: Names ``vopd gap`` used before the vocabulary was unified; still accepted.
-VIEW_ALIASES: dict[str, str] = {"global": "full", "regional": "crop", "student": "boxed_full"}
 
 
-def canonical_view(name: str, *, key: str = "view") -> str:
-    """The current name of a view (old names such as ``global`` map to ``full``)."""
-    name = VIEW_ALIASES.get(name, name)
+def check_view(name: str, *, key: str = "view") -> str:
+    """``name`` if it is one of :data:`VIEW_NAMES`, else a `ConfigError` naming ``key``."""
     if name not in VIEW_NAMES:
-        raise ConfigError(
-            f"{key}={name!r} is not one of {' | '.join(VIEW_NAMES)} "
-            f"(old names: {', '.join(f'{a}={b}' for a, b in VIEW_ALIASES.items())})"
-        )
+        raise ConfigError(f"{key}={name!r} is not one of {' | '.join(VIEW_NAMES)}")
     return name
 
 
@@ -302,24 +294,9 @@ class TeacherConfig:
         "what the teacher sees: crop (Vision-OPD) or full (control: no privileged view)",
         choices=("crop", "full"),
     )
-    rate: float | None = knob(
-        None,
-        "deprecated old name, mapped by kind: sets mix for kind=trust_region, else ema_rate (with a warning)",
-        ge=0,
-        le=1,
-    )
 
     def __post_init__(self) -> None:
         check_knobs(self, "teacher")
-        if self.rate is not None:  # the old knob meant the EMA rate or the trust-region mix, by kind
-            target = "mix" if self.kind == "trust_region" else "ema_rate"
-            warnings.warn(
-                f"teacher.rate is deprecated: use teacher.{target} (set to {self.rate} for teacher.kind={self.kind})",
-                FutureWarning,
-                stacklevel=2,
-            )
-            setattr(self, target, self.rate)
-            self.rate = None
         if self.kind == "external" and not self.path:
             raise ConfigError("teacher.kind=external needs teacher.path=<checkpoint>")
 
@@ -488,9 +465,6 @@ class TrainConfig:
         choices=OBJECTIVES,
     )
 
-    # Old key names still accepted (with a warning): {"old": "new"}.
-    RENAMED: ClassVar[dict[str, str]] = {"micro_batch": "micro_batch_prompts"}
-
     def __post_init__(self) -> None:
         check_knobs(self, "")
         _check_objective(self)
@@ -635,7 +609,4 @@ def config_markdown() -> str:
     for row in describe_config():
         cells = [f"`{row.key}`", f"`{row.default}`", row.allowed, row.help]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    renamed = TrainConfig.RENAMED
-    if renamed:
-        lines += ["", "Old key names still accepted: " + ", ".join(f"`{a}` = `{b}`" for a, b in renamed.items()) + "."]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ A config section is a plain dataclass whose fields are made with :func:`knob`; i
 ``__post_init__`` calls :func:`check_knobs` with the section's dotted name, so a bad value is a
 :class:`ConfigError` naming the key (``optim.lr must be >= 0, got -1.0``) whether the section was
 built from YAML, from ``key=value`` overrides or in Python. :func:`build` turns a nested mapping
-into sections (unknown keys rejected with a suggestion, renamed keys accepted with a note) and
+into sections (unknown keys rejected with a suggestion) and
 :func:`load_yaml` reads YAML with duplicate keys and tags rejected, naming the file and line.
 
 This module imports nothing from vopd and no model code: ``vopd config`` stays light.
@@ -18,7 +18,6 @@ import functools
 import math
 import types
 import typing
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,13 +33,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """The values a knob accepts: a set of choices (with old names as aliases) and/or a numeric range.
+    """The values a knob accepts: a set of choices and/or a numeric range.
 
     For list-valued knobs the rule applies to every item.
     """
 
     choices: tuple[str, ...] = ()
-    aliases: Mapping[str, str] = field(default_factory=dict)  # old name -> current name
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -49,10 +47,7 @@ class Rule:
     def describe(self) -> str:
         """Human-readable allowed values, e.g. ``in [0, 1)`` or ``topk | full | sampled``."""
         if self.choices:
-            text = " | ".join(self.choices)
-            if self.aliases:
-                text += " (old names: " + ", ".join(f"{a}={b}" for a, b in self.aliases.items()) + ")"
-            return text
+            return " | ".join(self.choices)
         low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
         high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
         if low and high:
@@ -64,10 +59,8 @@ class Rule:
         return ""
 
     def apply(self, key: str, value: Any) -> Any:
-        """Return ``value`` (an alias replaced by its current name) or raise :class:`ConfigError`."""
+        """Return ``value`` or raise :class:`ConfigError`."""
         if self.choices:
-            if isinstance(value, str) and value in self.aliases:
-                return self.aliases[value]
             if value not in self.choices:
                 raise ConfigError(f"{key}={value!r} is not one of {self.describe()}")
             return value
@@ -91,7 +84,6 @@ def knob(
     *,
     factory: Any = None,
     choices: tuple[str, ...] = (),
-    aliases: Mapping[str, str] | None = None,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
@@ -99,12 +91,12 @@ def knob(
 ) -> Any:
     """A dataclass field that carries its help text and allowed values (see :class:`Rule`).
 
-    ``factory`` builds a mutable default (a list); ``choices`` / ``aliases`` make an enum;
+    ``factory`` builds a mutable default (a list); ``choices`` make an enum;
     ``ge``/``gt``/``le``/``lt`` bound a number (non-finite values are always refused).
     """
     if not help:
         raise TypeError("every knob needs help text")
-    meta = {"help": help, "rule": Rule(tuple(choices), dict(aliases or {}), ge, gt, le, lt)}
+    meta = {"help": help, "rule": Rule(tuple(choices), ge, gt, le, lt)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -278,25 +270,15 @@ def _number(value: Any) -> int | float | None:
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build section dataclass ``cls`` from a nested mapping, rejecting unknown keys by name.
-
-    A section may list renamed keys in a ``RENAMED`` class attribute (``{"old": "new"}``); the
-    old key still works and a warning says the new name.
-    """
+    """Build section dataclass ``cls`` from a nested mapping, rejecting unknown keys by name."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} expects a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
-        if key in renamed:
-            warnings.warn(
-                f"config key {prefix}{key} is now {prefix}{renamed[key]}; the old name still works", stacklevel=2
-            )
-            key = renamed[key]
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""

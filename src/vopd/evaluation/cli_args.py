@@ -114,11 +114,9 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--boxed-full",
-        "--student-view",
         dest="boxed_full",
         action="store_true",
-        help="also ask the boxed_full view: the full image + red box + hint (the paper's training "
-        "student's view; --student-view is the old name)",
+        help="also ask the boxed_full view: the full image + red box + hint (the paper's training student's view)",
     )
     parser.add_argument(
         "--checkpoints",

@@ -8,8 +8,7 @@ Every question is answered with the same model and greedy decoding under two vie
 
 and optionally ``boxed_full``: the full image with the red box and the hint (the paper's
 training student's view). These are the view names of training and the toy world too
-(:data:`vopd.config.VIEW_NAMES`); the older names ``global``, ``regional`` and ``student`` are
-still accepted. The gap is ``accuracy(crop) - accuracy(full)`` over the questions judged in both
+(:data:`vopd.config.VIEW_NAMES`). The gap is ``accuracy(crop) - accuracy(full)`` over the questions judged in both
 views, with a paired bootstrap 95% interval and an exact McNemar p-value.
 """
 
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vopd.config import VIEW_NAMES, canonical_view
+from vopd.config import VIEW_NAMES, check_view
 from vopd.evaluation.backends import Backend, BackendConfig, make_backend
 from vopd.evaluation.judge import JudgeConfig, LLMJudge
 from vopd.evaluation.report import plot_bars, plot_gap_over_training
@@ -58,7 +57,6 @@ class GapConfig:
             ``vstar`` layout ships boxes) instead of as records.
         backend: the model that answers (``model`` is overridden by each checkpoint).
         views: which views to ask (:data:`GAP_VIEWS`); ``full`` and ``crop`` are required.
-            The old names ``global``/``regional``/``student`` are accepted and renamed.
         view: crop and box settings (:class:`vopd.views.ViewConfig`); the crop view uses its
             zoom rules, the boxed_full view draws the box and adds the hint.
         checkpoints: measure each of these model paths (e.g. ``run_dir/*``) and plot the gap
@@ -96,7 +94,7 @@ class GapConfig:
             if Path(ckpt).resolve() in seen:
                 raise ValueError(f"checkpoint {ckpt} is given twice (also as {seen[Path(ckpt).resolve()]})")
             seen[Path(ckpt).resolve()] = ckpt
-        self.views = tuple(canonical_view(v, key="gap views") for v in self.views)
+        self.views = tuple(check_view(v, key="gap views") for v in self.views)
         if not {"full", "crop"} <= set(self.views):
             raise ConfigError(f"gap views must include 'full' and 'crop'; got {self.views}")
         if self.n_boot < 100:
@@ -218,7 +216,7 @@ def view_prompt(item: EvalItem, view: str, view_cfg: Any) -> PromptItem:
     """The prompt of one view: the clean image, the evidence crop, or the boxed image + hint."""
     from vopd.views import make_views
 
-    view = canonical_view(view)
+    view = check_view(view)
     sample = item.meta["sample"]
     cfg = dataclasses.replace(view_cfg, draw_box=view == "boxed_full", hint=False)
     student, teacher, _ = make_views(sample, cfg)
@@ -288,7 +286,7 @@ def gap_statistics(
     in every view). Accuracies and gaps are in percentage points; intervals are ``[low, high]``
     at ``level``.
     """
-    graded = {canonical_view(view): items for view, items in graded.items()}
+    graded = {check_view(view): items for view, items in graded.items()}
     outcomes = {view: _outcomes(items) for view, items in graded.items()}
     stats = dict(n_boot=n_boot, level=level, seed=seed)
     result: dict[str, Any] = {
