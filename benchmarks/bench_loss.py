@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_markdown, summary, timed, write_results  # noqa: E402
 
+from vopd.config import LossConfig  # noqa: E402
 from vopd.fused_loss import chunked_token_divergence, fused_chunked_divergence  # noqa: E402
-from vopd.objectives import token_divergence  # noqa: E402
+from vopd.objectives import LossKnobs, token_divergence  # noqa: E402
 
 H, V, K = 2048, 151_936, 100
 PATHS = ("straightforward", "chunked", "fused")
@@ -56,6 +57,11 @@ def _setup(n: int):
     return head, teacher_head, student_h, teacher_h
 
 
+def _knobs(chunk: int) -> LossKnobs:
+    """JSD beta 0.5 on the student's top-K + tail, ``chunk`` tokens per chunk."""
+    return LossKnobs.from_config(LossConfig(beta=0.5, top_k=K, add_tail=True, chunk_size=chunk))
+
+
 def straightforward(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
     student_logits = head(student_h)
     with torch.no_grad():
@@ -66,9 +72,7 @@ def straightforward(student_h, teacher_h, head, teacher_head, chunk: int) -> flo
 
 
 def chunked(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
-    per_token, _ = chunked_token_divergence(
-        student_h, head, lambda rows: teacher_head(teacher_h[rows]), chunk_size=chunk, beta=0.5, top_k=K
-    )
+    per_token, _ = chunked_token_divergence(student_h, head, lambda rows: teacher_head(teacher_h[rows]), _knobs(chunk))
     loss = per_token.mean()
     loss.backward()
     return float(loss.detach())
@@ -83,9 +87,7 @@ def fused(student_h, teacher_h, head, teacher_head, chunk: int) -> float:
         head.bias,
         lambda rows: teacher_head(teacher_h[rows]),
         weights_N,
-        chunk_size=chunk,
-        beta=0.5,
-        top_k=K,
+        _knobs(chunk),
     )
     loss.backward()
     return float(loss.detach())

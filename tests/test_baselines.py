@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from support.knobs import knobs
 from support.steps import capture_grads, seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
@@ -275,10 +276,10 @@ def test_nll_loss_chunked_equals_one_piece_and_cross_entropy():
     head = torch.nn.Linear(5, 11, dtype=torch.float64)
     ids = torch.randint(0, 11, (7,), generator=g)
     weights = token_weights(torch.ones(7, dtype=torch.bool))
-    chunked, stats = nll_loss(hidden, head, ids, weights, chunk_size=3)
+    chunked, stats = nll_loss(hidden, head, ids, weights, knobs(chunk_size=3))
     (g_chunked,) = torch.autograd.grad(chunked, hidden)
     logits = head(hidden)
-    whole, _ = nll_loss(logits, None, ids, weights)
+    whole, _ = nll_loss(logits, None, ids, weights, knobs())
     want = torch.nn.functional.cross_entropy(logits, ids)
     torch.testing.assert_close(chunked, want)
     torch.testing.assert_close(whole, want)

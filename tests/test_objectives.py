@@ -7,9 +7,11 @@ import os
 
 import pytest
 import torch
+from support.knobs import knobs
 from torch.testing import assert_close
 
 from vopd.fused_loss import chunked_token_divergence
+from vopd.knobs import ConfigError
 from vopd.objectives import (
     add_tail_bucket,
     aggregate,
@@ -459,7 +461,7 @@ def chunk_setup(seed: int = 22, n: int = 7, h: int = 5, v: int = 30):
         ("topk", dict(top_k=4, beta=0.5)),
         ("topk", dict(top_k=4, support="union", add_tail=False)),
         ("full", dict(beta=0.0)),
-        ("sampled", {}),
+        ("sampled", dict(beta=1.0)),
     ],
 )
 def test_chunked_equals_unchunked(chunk_size, estimator, kw):
@@ -469,10 +471,8 @@ def test_chunked_equals_unchunked(chunk_size, estimator, kw):
         hidden,
         lambda x: x @ weight,
         lambda rows: t_hidden[rows] @ t_weight,
-        chunk_size=chunk_size,
-        estimator=estimator,
+        knobs(chunk_size=chunk_size, estimator=estimator, **kw),
         token_ids_N=ids,
-        **kw,
     )
     grads = torch.autograd.grad(loss.pow(2).sum(), (hidden, weight))
 
@@ -498,7 +498,7 @@ def test_chunked_equals_unchunked(chunk_size, estimator, kw):
 def test_chunked_tail_mass_stats():
     hidden, weight, t_hidden, t_weight, _ = chunk_setup(seed=23)
     _, stats = chunked_token_divergence(
-        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=2, top_k=4
+        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, knobs(chunk_size=2, top_k=4)
     )
     p_s = torch.softmax(hidden @ weight, -1)
     p_t = torch.softmax(t_hidden @ t_weight, -1)
@@ -506,7 +506,7 @@ def test_chunked_tail_mass_stats():
     assert_close(stats["tail_mass_N"], 1 - p_s.gather(-1, top_ids).sum(-1).detach())
     assert_close(stats["teacher_tail_mass_N"], 1 - p_t.gather(-1, top_ids).sum(-1))
     _, full_stats = chunked_token_divergence(
-        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, estimator="full"
+        hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, knobs(estimator="full")
     )
     assert (full_stats["tail_mass_N"] == 0).all()
 
@@ -521,7 +521,7 @@ def test_chunked_never_keeps_vocab_sized_tensors_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_token_divergence(
-            hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, chunk_size=3, top_k=4
+            hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, knobs(chunk_size=3, top_k=4)
         )
     assert saved and all(64 not in shape for shape in saved), saved
     loss.sum().backward()
@@ -537,26 +537,37 @@ def test_chunked_without_grad_and_teacher_slices():
         return t_hidden[rows] @ t_weight
 
     with torch.no_grad():
-        loss, _ = chunked_token_divergence(hidden, lambda x: x @ weight, teacher_fn, chunk_size=3)
+        loss, _ = chunked_token_divergence(hidden, lambda x: x @ weight, teacher_fn, knobs(chunk_size=3))
     assert not loss.requires_grad
     assert seen == [slice(0, 3), slice(3, 6), slice(6, 7)]
     assert_close(loss, token_divergence(hidden @ weight, t_hidden @ t_weight))
 
 
 @pytest.mark.parametrize(
-    "kwargs, err, match",
+    "loss, err, match",
     [
-        (dict(estimator="topk", top_k=None), ValueError, "estimator='full'"),
-        (dict(estimator="full", top_k=5), ValueError, "top_k"),
-        (dict(estimator="sampled", beta=0.5), ValueError, "reverse KL"),
-        (dict(estimator="sampled", top_k=5), ValueError, "top_k"),
-        (dict(estimator="sampled"), ValueError, "token_ids_N"),
-        (dict(estimator="beam"), ValueError, "estimator"),
-        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(estimator="topk", top_k=None), ConfigError, r"loss\.top_k expects an integer"),
+        (dict(estimator="sampled", beta=0.5), ConfigError, "reverse KL only: set loss.beta=1"),
+        (dict(estimator="beam"), ConfigError, r"loss\.estimator='beam' is not one of"),
+        (dict(chunk_size=0), ConfigError, r"loss\.chunk_size"),
         (dict(topk=5), TypeError, "topk"),
     ],
 )
-def test_chunked_bad_options_raise(kwargs, err, match):
-    hidden, weight, t_hidden, t_weight, _ = chunk_setup()
+def test_bad_loss_settings_are_refused_where_they_are_built(loss, err, match):
+    """One validation: the loss settings are checked once, when ``loss.*`` is built."""
     with pytest.raises(err, match=match):
-        chunked_token_divergence(hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, **kwargs)
+        knobs(**loss)
+
+
+def test_knobs_read_top_k_for_the_topk_estimator_only():
+    assert knobs(top_k=7).top_k == 7
+    assert knobs(estimator="full", top_k=7).top_k is None
+    assert knobs(estimator="sampled", beta=1.0, top_k=7).top_k is None
+
+
+def test_chunked_sampled_needs_the_sampled_tokens():
+    hidden, weight, t_hidden, t_weight, _ = chunk_setup()
+    with pytest.raises(ValueError, match="token_ids_N"):
+        chunked_token_divergence(
+            hidden, lambda x: x @ weight, lambda rows: t_hidden[rows] @ t_weight, knobs(estimator="sampled", beta=1.0)
+        )

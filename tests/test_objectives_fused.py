@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.knobs import knobs as loss_knobs
 
 from vopd.fused_loss import chunked_token_divergence, fused_chunked_divergence
 from vopd.objectives import aggregate
@@ -24,7 +25,7 @@ ESTIMATORS = {
     ),
     "full_forward_kl": dict(estimator="full", beta=0.0),
     "full_jsd": dict(estimator="full", beta=0.5),
-    "sampled": dict(estimator="sampled"),
+    "sampled": dict(estimator="sampled", beta=1.0),
 }
 
 
@@ -62,14 +63,13 @@ def _head(weight, bias, softcap):
     return project
 
 
-def _reference(mask_B_T, hidden, weight, bias, teacher_N_V, ids_N, knobs, *, mode, softcap=None, chunk=4):
+def _reference(mask_B_T, hidden, weight, bias, teacher_N_V, ids_N, loss, *, mode, softcap=None, chunk=4):
     per_token_N, stats = chunked_token_divergence(
         hidden,
         _head(weight, bias, softcap),
         lambda rows: teacher_N_V[rows],
-        chunk_size=chunk,
+        loss_knobs(chunk_size=chunk, **loss),
         token_ids_N=ids_N,
-        **knobs,
     )
     per_token_B_T = torch.zeros(mask_B_T.shape, dtype=per_token_N.dtype).masked_scatter(mask_B_T, per_token_N)
     return aggregate(per_token_B_T, mask_B_T, mode=mode), stats
@@ -84,20 +84,19 @@ def _grads(loss, leaves):
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fused_equals_chunked_plus_aggregate(name, mode, softcap):
-    knobs = ESTIMATORS[name]
+    loss_keys = ESTIMATORS[name]
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem()
     ref_leaves = _leaves(hidden, weight, bias)
-    ref_loss, ref_stats = _reference(mask_B_T, *ref_leaves, teacher_N_V, ids_N, knobs, mode=mode, softcap=softcap)
+    ref_loss, ref_stats = _reference(mask_B_T, *ref_leaves, teacher_N_V, ids_N, loss_keys, mode=mode, softcap=softcap)
     ref_grads = _grads(ref_loss, ref_leaves)
     leaves = _leaves(hidden, weight, bias)
     loss, stats = fused_chunked_divergence(
         *leaves,
         lambda rows: teacher_N_V[rows],
         _weights(mask_B_T, mode),
-        chunk_size=3,
+        loss_knobs(chunk_size=3, **loss_keys),
         token_ids_N=ids_N,
         softcap=softcap,
-        **knobs,
     )
     grads = _grads(loss, leaves)
     assert loss.dtype == torch.float64 and loss.shape == ()
@@ -118,7 +117,9 @@ def test_chunk_size_and_upstream_gradient_scale():
     results = []
     for chunk, scale in [(1, 1.0), (5, 1.0), (100, 2.5)]:
         leaves = _leaves(hidden, weight)
-        loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=chunk, top_k=7)
+        loss, _ = fused_chunked_divergence(
+            *leaves, None, lambda r: teacher_N_V[r], w_N, loss_knobs(chunk_size=chunk, top_k=7)
+        )
         (scale * loss).backward()
         results.append((loss.detach(), leaves[0].grad / scale, leaves[1].grad / scale))
     for loss, grad_h, grad_w in results[1:]:
@@ -132,7 +133,7 @@ def test_rollout_correction_from_chunk_stats_and_gradients_accumulate():
     precomputed weights; gradients add to an existing .grad."""
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(2)
     _, full_stats = chunked_token_divergence(
-        hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], token_ids_N=ids_N, top_k=7
+        hidden, _head(weight, bias, None), lambda r: teacher_N_V[r], loss_knobs(top_k=7), token_ids_N=ids_N
     )
     sampler_logp_N = full_stats["student_logp_N"] + 0.8 * torch.randn(
         len(ids_N), generator=torch.Generator().manual_seed(0), dtype=torch.float64
@@ -148,11 +149,9 @@ def test_rollout_correction_from_chunk_stats_and_gradients_accumulate():
                 *leaves,
                 lambda r: teacher_N_V[r],
                 weights,
-                chunk_size=4,
+                loss_knobs(chunk_size=4, top_k=7, ratio_clip=2.0),
                 token_ids_N=ids_N,
-                top_k=7,
                 rollout_logp_N=rollout,
-                ratio_clip=2.0,
             )
             loss.backward()
         outs.append((loss.detach(), stats, [t.grad for t in leaves]))
@@ -171,10 +170,10 @@ def test_distillation_loss_paths_agree(rollout, mode):
     (logits given) give the same loss, stats and gradients, rollout correction included."""
     from vopd.fused_loss import distillation_loss
     from vopd.models import LinearHead
-    from vopd.objectives import loss_knobs, token_weights
+    from vopd.objectives import token_weights
 
     mask_B_T, hidden, weight, bias, teacher_N_V, ids_N = _problem(5)
-    knobs = loss_knobs("topk", top_k=7, beta=0.3)
+    knobs = loss_knobs(top_k=7, beta=0.3, chunk_size=3)
     weights_N = token_weights(mask_B_T, mode)
     rollout_logp_N = (
         -torch.rand(len(ids_N), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
@@ -195,10 +194,9 @@ def test_distillation_loss_paths_agree(rollout, mode):
             head,
             lambda r: teacher_N_V[r],
             weights_N,
-            knobs=knobs,
+            knobs,
             token_ids_N=ids_N,
             rollout_logp_N=rollout_logp_N,
-            chunk_size=3,
         )
         results.append((loss.detach(), stats, _grads(loss, leaves)))
     ref_loss, ref_stats, ref_grads = results[0]
@@ -217,16 +215,14 @@ def test_no_grad_gives_the_loss_only_and_bad_arguments_raise():
     w_N = _weights(mask_B_T, "token_mean")
     leaves = _leaves(hidden, weight)
     with torch.no_grad():
-        loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, top_k=7)
+        loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, loss_knobs(top_k=7))
     ref, _ = _reference(mask_B_T, hidden, weight, None, teacher_N_V, ids_N, dict(top_k=7), mode="token_mean")
     assert not loss.requires_grad
     torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="token_weights_N must have shape"):
-        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N[:-1], top_k=7)
-    with pytest.raises(ValueError, match="chunk_size"):
-        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=0, top_k=7)
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N[:-1], loss_knobs(top_k=7))
     with pytest.raises(ValueError, match="softcap"):
-        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, softcap=0.0, top_k=7)
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, loss_knobs(top_k=7), softcap=0.0)
 
 
 def test_second_backward_raises_clearly():
@@ -235,10 +231,10 @@ def test_second_backward_raises_clearly():
     mask_B_T, hidden, weight, _, teacher_N_V, ids_N = _problem(4, bias=False)
     w_N = _weights(mask_B_T, "token_mean")
     leaves = _leaves(hidden, weight)
-    loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, chunk_size=4, top_k=7)
+    loss, _ = fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, loss_knobs(chunk_size=4, top_k=7))
     (grad_h,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
     assert float(grad_h.abs().max()) > 0
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
     with pytest.raises(ValueError, match="rollout_logp_N needs token_ids_N"):
-        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, top_k=7, rollout_logp_N=w_N)
+        fused_chunked_divergence(*leaves, None, lambda r: teacher_N_V[r], w_N, loss_knobs(top_k=7), rollout_logp_N=w_N)

@@ -1,5 +1,5 @@
 """Model and data specs: one resolver for every command, names registered from above; the split
-teacher knobs; one chunk-size default."""
+teacher knobs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 import vopd.specs as specs
 import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N
-from vopd.config import LossConfig, load_config
+from vopd.config import load_config
 from vopd.data import load_train_samples
 from vopd.knobs import ConfigError
 
@@ -45,11 +45,3 @@ def test_teacher_ema_rate_and_mix_are_separate_knobs():
     assert (cfg.ema_rate, cfg.mix) == (0.1, 0.2)
     with pytest.raises(ConfigError, match="teacher.mix"):
         load_config(None, ["teacher.mix=1.5"])
-
-
-def test_one_chunk_size_default():
-    from vopd.fused_loss import DEFAULT_CHUNK_SIZE, chunked_token_divergence, fused_chunked_divergence
-
-    assert LossConfig().chunk_size == DEFAULT_CHUNK_SIZE
-    for fn in (chunked_token_divergence, fused_chunked_divergence):
-        assert fn.__kwdefaults__["chunk_size"] == DEFAULT_CHUNK_SIZE

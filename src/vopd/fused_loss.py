@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +33,6 @@ from vopd.models import LinearHead, apply_softcap
 from vopd.objectives import (
     LossKnobs,
     corrected_weights,
-    loss_knobs,
     mix_logits,
     per_token_divergence,
     token_nll,
@@ -42,17 +40,12 @@ from vopd.objectives import (
 )
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
     "TeacherLogits",
     "distillation_loss",
     "chunked_token_divergence",
     "fused_chunked_divergence",
     "nll_loss",
 ]
-
-# Response tokens per chunk of the vocabulary projection (128 x 152k vocab ~ 80 MB per fp32
-# tensor); loss.chunk_size in the config. The result does not depend on it.
-DEFAULT_CHUNK_SIZE = 128
 
 LogitsFn = Callable[[slice], Tensor]
 Head = Callable[[Tensor], Tensor]
@@ -86,12 +79,10 @@ def distillation_loss(
     head: LinearHead | Head | None,
     teacher: LogitsFn,
     weights_N: Tensor,
-    *,
     knobs: LossKnobs,
+    *,
     token_ids_N: Tensor | None = None,
     rollout_logp_N: Tensor | None = None,
-    ratio_clip: float = 2.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``sum_n w_n * c_n * loss_n`` over the valid tokens and its gradients, as memory allows.
 
@@ -112,46 +103,30 @@ def distillation_loss(
             head.bias,
             teacher,
             weights_N,
-            chunk_size=chunk_size,
+            knobs,
             token_ids_N=token_ids_N,
             softcap=head.softcap,
-            knobs=knobs,
             rollout_logp_N=rollout_logp_N,
-            ratio_clip=ratio_clip,
         )
     if head is None:  # the logits are given: the loss in one piece
         per_token_N, stats = per_token_divergence(student_N, teacher(slice(None)), token_ids_N, knobs)
         stats = {k: v.detach() for k, v in stats.items()}
     else:
-        per_token_N, stats = chunked_token_divergence(
-            student_N, head, teacher, chunk_size=chunk_size, token_ids_N=token_ids_N, knobs=knobs
-        )
-    weights_N, correction_N = corrected_weights(weights_N, stats.get("student_logp_N"), rollout_logp_N, clip=ratio_clip)
+        per_token_N, stats = chunked_token_divergence(student_N, head, teacher, knobs, token_ids_N=token_ids_N)
+    weights_N, correction_N = corrected_weights(
+        weights_N, stats.get("student_logp_N"), rollout_logp_N, clip=knobs.ratio_clip
+    )
     stats["weight_N"] = weights_N.detach().to(per_token_N.dtype)
     if correction_N is not None:
         stats["rollout_weight_N"] = correction_N
     return weighted_sum(per_token_N, weights_N), stats
 
 
-def _checked(
-    knobs: LossKnobs | None,
-    estimator: str,
-    divergence_kwargs: dict[str, Any],
-    chunk_size: int,
-    num: int,
-    token_ids_N: Tensor | None,
-) -> LossKnobs:
-    if knobs is None:
-        knobs = loss_knobs(estimator, **divergence_kwargs)
-    elif divergence_kwargs or estimator != "topk":
-        raise TypeError("pass either knobs= or estimator / divergence keywords, not both")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+def _check_ids(num: int, token_ids_N: Tensor | None) -> None:
     if token_ids_N is not None and token_ids_N.shape != (num,):
         raise ValueError(
             f"token_ids_N must have shape ({num},) to match the student's {num} tokens, got {tuple(token_ids_N.shape)}"
         )
-    return knobs
 
 
 def nll_loss(
@@ -159,18 +134,15 @@ def nll_loss(
     head: Head | None,
     token_ids_N: Tensor,
     weights_N: Tensor,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    knobs: LossKnobs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``sum_n w_n * (-log p_S(y_n))``: the supervised baselines' loss, same weights as the divergence.
 
-    ``student_N``: final hidden states [N, H] with the ``head`` (each chunk of ``chunk_size`` tokens
+    ``student_N``: final hidden states [N, H] with the ``head`` (each chunk of ``knobs.chunk_size`` tokens
     under ``torch.utils.checkpoint``, so [N, V] logits are never held), or logits [N, V] with
     ``head=None``. Returns ``(loss, stats)`` with the detached ``student_logp_N`` and ``weight_N``.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    num = student_N.shape[0]
+    num, chunk_size = student_N.shape[0], knobs.chunk_size
     if token_ids_N.shape != (num,) or weights_N.shape != (num,):
         raise ValueError(
             f"token_ids_N and weights_N must have shape ({num},), got {tuple(token_ids_N.shape)} "
@@ -202,14 +174,11 @@ def chunked_token_divergence(
     student_hidden_N_H: Tensor,
     student_head: Head,
     teacher_logits_fn: LogitsFn,
+    knobs: LossKnobs,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    estimator: str = "topk",
     token_ids_N: Tensor | None = None,
-    knobs: LossKnobs | None = None,
-    **divergence_kwargs: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss [N] without ever holding [N, V] logits: chunks of ``chunk_size`` positions at a time.
+    """Per-token loss [N] without ever holding [N, V] logits: ``knobs.chunk_size`` positions at a time.
 
     For each chunk, ``student_head(student_hidden_N_H[chunk])`` gives the student logits and
     ``teacher_logits_fn(chunk_slice)`` the teacher's (called under no_grad). Each chunk runs under
@@ -218,13 +187,10 @@ def chunked_token_divergence(
     ``teacher_logits_fn`` run again, so they must be deterministic). Same loss and gradients as the
     unchunked computation.
 
-    The divergence's settings: ``knobs``, or ``estimator`` plus `vopd.objectives.token_divergence`'s
-    keywords (``beta``, ``top_k``, ``add_tail``, ``temperature``, ``support``; see
-    `vopd.objectives.loss_knobs`). Returns ``(loss_N, stats)`` with the detached [N] stats of
-    `vopd.objectives.per_token_divergence`.
+    Returns ``(loss_N, stats)`` with the detached [N] stats of `vopd.objectives.per_token_divergence`.
     """
-    num = student_hidden_N_H.shape[0]
-    knobs = _checked(knobs, estimator, divergence_kwargs, chunk_size, num, token_ids_N)
+    num, chunk_size = student_hidden_N_H.shape[0], knobs.chunk_size
+    _check_ids(num, token_ids_N)
 
     def chunk_loss(hidden_C_H: Tensor, rows: slice, ids_C: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
@@ -256,15 +222,11 @@ def fused_chunked_divergence(
     head_bias_V: Tensor | None,
     teacher_logits_fn: LogitsFn,
     token_weights_N: Tensor,
+    knobs: LossKnobs,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    estimator: str = "topk",
     token_ids_N: Tensor | None = None,
     softcap: float | None = None,
-    knobs: LossKnobs | None = None,
     rollout_logp_N: Tensor | None = None,
-    ratio_clip: float = 2.0,
-    **divergence_kwargs: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``sum_n w_n * loss_n`` and its gradients in one pass over chunks, never holding [N, V] logits.
 
@@ -282,14 +244,14 @@ def fused_chunked_divergence(
     ``token_weights_N`` [N] are constants (no gradient). With ``rollout_logp_N`` (the sampler's
     log-probs of ``token_ids_N``) each weight is multiplied by the chunk's
     `vopd.objectives.rollout_correction` (from the student's own log-probs, clipped at
-    ``ratio_clip``). ``teacher_logits_fn`` is called once per chunk, under no_grad. Returns
+    ``knobs.ratio_clip``). ``teacher_logits_fn`` is called once per chunk, under no_grad. Returns
     ``(loss, stats)``: a scalar in the loss dtype (float32, or float64 for float64 inputs), and the
     detached [N] stats of :func:`chunked_token_divergence` plus ``weight_N`` (the weights used)
     and ``rollout_weight_N`` (when corrected). Gradients reach ``student_hidden_N_H``,
     ``head_weight_V_H`` and ``head_bias_V``; it is not twice differentiable.
     """
     num = student_hidden_N_H.shape[0]
-    knobs = _checked(knobs, estimator, divergence_kwargs, chunk_size, num, token_ids_N)
+    _check_ids(num, token_ids_N)
     if num == 0:
         raise ValueError("fused_chunked_divergence got no tokens (student_hidden_N_H has N = 0)")
     if token_weights_N.shape != (num,):
@@ -305,8 +267,6 @@ def fused_chunked_divergence(
         token_weights_N,
         token_ids_N,
         rollout_logp_N,
-        ratio_clip,
-        chunk_size,
         knobs,
         softcap,
         want_grad,
@@ -324,8 +284,6 @@ class _FusedPlan:
     weights_N: Tensor
     token_ids_N: Tensor | None
     rollout_logp_N: Tensor | None
-    ratio_clip: float
-    chunk_size: int
     knobs: LossKnobs
     softcap: float | None
     want_grad: bool
@@ -348,8 +306,8 @@ class _FusedDivergence(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         total, chunk_stats = None, []
-        for start in range(0, num, plan.chunk_size):
-            rows = slice(start, min(start + plan.chunk_size, num))
+        for start in range(0, num, plan.knobs.chunk_size):
+            rows = slice(start, min(start + plan.knobs.chunk_size, num))
             hidden_C_H = hidden_N_H[rows].detach()
             with torch.no_grad():
                 teacher_C_V = plan.teacher_logits_fn(rows)
@@ -362,7 +320,7 @@ class _FusedDivergence(torch.autograd.Function):
                 stats_C = {k: v.detach() for k, v in stats_C.items()}
                 rollout_C = None if plan.rollout_logp_N is None else plan.rollout_logp_N[rows]
                 w_C, correction_C = corrected_weights(
-                    plan.weights_N[rows], stats_C.get("student_logp_N"), rollout_C, clip=plan.ratio_clip
+                    plan.weights_N[rows], stats_C.get("student_logp_N"), rollout_C, clip=plan.knobs.ratio_clip
                 )
                 w_C = w_C.detach().to(loss_C.dtype)
                 stats_C["weight_N"] = w_C

@@ -105,8 +105,7 @@ def knob(
 def check_knobs(section: Any, prefix: str) -> None:
     """Check every knob of a section against its rule; call from the section's ``__post_init__``.
 
-    ``prefix`` is the section's dotted name (``"loss"``; ``""`` for top-level keys). Aliased enum
-    values are replaced by their current names in place.
+    ``prefix`` is the section's dotted name (``"loss"``; ``""`` for top-level keys).
     """
     hints = _hints(type(section))
     for f in dataclasses.fields(section):

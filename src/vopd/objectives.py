@@ -28,77 +28,56 @@ Axis suffixes: B rows, T response tokens, V vocabulary, K support size, N flatte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SUPPORTS = ("student", "teacher", "union")
-ESTIMATORS = ("topk", "full", "sampled")
+from vopd.config import LossConfig
+
 AGGREGATIONS = ("token_mean", "seq_mean")
 
 
-# --- the knobs, checked once ---------------------------------------------------------------------
+# --- the settings, built once ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LossKnobs:
-    """The divergence's settings, validated on construction (the one place they are checked).
+    """The loss settings the functions here and in :mod:`vopd.fused_loss` read.
 
-    estimator: ``"topk"`` (a K-id support plus tail), ``"full"`` (the whole vocabulary; top_k is
-    None) or ``"sampled"`` (the sampled-token reverse-KL surrogate; beta is 1, no support).
-    Build from keyword arguments with :func:`loss_knobs`, which also rejects combinations that
-    mean nothing (``top_k`` with ``estimator="full"``, ``support`` with ``"sampled"``).
+    Built once, by :meth:`from_config`, from a :class:`vopd.config.LossConfig` (``loss.*``), which
+    holds each knob's one default and checks every value and combination when it is built (a bad
+    value is a `ConfigError` naming the key). The trainer builds it at setup and passes it
+    unchanged to every micro-batch's loss.
+
+    ``top_k`` is the support size for ``estimator="topk"`` and None otherwise (``"full"``: the
+    whole vocabulary; ``"sampled"``: the sampled token only, reverse KL, ``beta`` = 1).
+    ``chunk_size`` is the number of response tokens per chunk of the vocabulary projection
+    (memory only: results do not depend on it); ``ratio_clip`` clips the rollout correction.
     """
 
-    estimator: str = "topk"
-    beta: float = 0.5
-    top_k: int | None = 100
-    add_tail: bool = True
-    temperature: float = 1.0
-    support: str = "student"
+    estimator: str
+    beta: float
+    top_k: int | None
+    add_tail: bool
+    temperature: float
+    support: str
+    chunk_size: int
+    ratio_clip: float
 
-    def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        _check_beta(self.beta)
-        top_k = self.top_k
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None (full vocabulary), got {top_k!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
-        if self.estimator == "topk" and top_k is None:
-            raise ValueError("estimator='topk' needs a top_k; use estimator='full' for the whole vocabulary")
-        if self.estimator == "full" and top_k is not None:
-            raise ValueError(f"estimator='full' uses the whole vocabulary; drop top_k={top_k}")
-        if self.estimator == "sampled" and (self.beta != 1.0 or top_k is not None):
-            raise ValueError(f"estimator='sampled' estimates reverse KL only (beta=1, no top_k), got beta={self.beta}")
-
-
-def loss_knobs(estimator: str = "topk", **divergence_kwargs: Any) -> LossKnobs:
-    """:class:`LossKnobs` from :func:`token_divergence`-style keywords, defaults filled per estimator.
-
-    ``"full"`` sets ``top_k=None`` (passing a top_k is an error); ``"sampled"`` sets ``beta=1`` and
-    ``top_k=None`` and rejects ``top_k`` / ``add_tail`` / ``support`` (it has no support) and any
-    beta other than 1.
-    """
-    allowed = {"beta", "top_k", "add_tail", "temperature", "support"}
-    unknown = set(divergence_kwargs) - allowed
-    if unknown:
-        raise TypeError(f"unknown divergence option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator == "full" and divergence_kwargs.get("top_k") is None:
-        divergence_kwargs["top_k"] = None
-    if estimator == "sampled":
-        clash = sorted({"top_k", "add_tail", "support"} & set(divergence_kwargs))
-        if clash:
-            raise ValueError(f"estimator='sampled' uses the sampled token only; drop {clash}")
-        divergence_kwargs = {"beta": 1.0, **divergence_kwargs, "top_k": None}
-    return replace(LossKnobs(), estimator=estimator, **divergence_kwargs)
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> LossKnobs:
+        """The settings of ``loss`` (already checked when it was built)."""
+        return cls(
+            estimator=loss.estimator,
+            beta=loss.beta,
+            top_k=loss.top_k if loss.estimator == "topk" else None,
+            add_tail=loss.add_tail,
+            temperature=loss.temperature,
+            support=loss.support,
+            chunk_size=loss.chunk_size,
+            ratio_clip=loss.ratio_clip,
+        )
 
 
 def _check_beta(beta: float) -> None:
@@ -297,9 +276,16 @@ def token_divergence(
     (e.g. vision-token ids) are ignored; a row that is -inf everywhere gives NaN, so pass valid
     tokens only.
     """
-    estimator = "topk" if top_k is not None else "full"
-    knobs = LossKnobs(estimator, beta, top_k, add_tail, temperature, support)
-    return per_token_divergence(student_logits_N_V, teacher_logits_N_V, None, knobs)[0]
+    # The math on its own, with the checks of loss.* (a bad value is a ConfigError, a ValueError).
+    loss = LossConfig(
+        estimator="topk" if top_k is not None else "full",
+        beta=beta,
+        add_tail=add_tail,
+        temperature=temperature,
+        support=support,
+        **({} if top_k is None else {"top_k": top_k}),
+    )
+    return per_token_divergence(student_logits_N_V, teacher_logits_N_V, None, LossKnobs.from_config(loss))[0]
 
 
 def sampled_token_divergence(student_logp_N: Tensor, teacher_logp_N: Tensor) -> Tensor:

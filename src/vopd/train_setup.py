@@ -20,6 +20,7 @@ from vopd.checkpoint import CheckpointError, load_resume_point, restore_rng
 from vopd.config import LABELLED_OBJECTIVES, TrainConfig, config_to_dict
 from vopd.data import StepSampler, ViewDataset, drop_over_long_texts, load_train_data, require_answers
 from vopd.knobs import ConfigError
+from vopd.objectives import LossKnobs
 from vopd.proposals import crops_from_model
 from vopd.rollout import HFGenerateEngine, RolloutEngine
 from vopd.runfolder import check_resume_config, check_world_size, prepare_run_folder
@@ -41,6 +42,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     engine: RolloutEngine
+    knobs: LossKnobs  # the loss settings (loss.*), built once here and passed unchanged to every loss
     step: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
@@ -331,7 +333,19 @@ def setup(
     else:
         student = acc.prepare(student)
         optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
-    state = TrainState(cfg, acc, policy, student, processor, teacher, optimizer, scheduler, engine, adapters=adapters)
+    state = TrainState(
+        cfg,
+        acc,
+        policy,
+        student,
+        processor,
+        teacher,
+        optimizer,
+        scheduler,
+        engine,
+        LossKnobs.from_config(cfg.loss),
+        adapters=adapters,
+    )
     if ckpt is not None:
         state.last_checkpoint = ckpt
         from vopd.parallel import check_resume

@@ -38,7 +38,7 @@ from vopd.data import PairCollator, PromptPair, load_train_samples
 from vopd.fused_loss import TeacherLogits, distillation_loss, nll_loss
 from vopd.jsonl import append_record
 from vopd.models import linear_head, output_head
-from vopd.objectives import LossKnobs, loss_knobs, token_weights
+from vopd.objectives import token_weights
 from vopd.records import RecordError
 from vopd.rollout import Rollouts, reference_rollouts
 from vopd.runfolder import release_run_folder, truncate_metrics
@@ -163,6 +163,22 @@ def _scored(state: TrainState, prompts: Any, ro: Rollouts, sharing: str) -> Scor
     return NaiveInputs(shared.full_inputs(), shared.num_response_tokens) if state.cfg.naive else shared
 
 
+def _student_tokens(
+    state: TrainState, batch: ScoredBatch, ro: Rollouts, num_tokens: float, num_seqs: float
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The student's forward on one micro-batch: its hidden states at the valid response tokens
+    (its logits in naive mode), the response mask, the tokens' weights (`token_weights`,
+    ``loss.aggregation``, normalised by the step's global counts) and whether it is naive."""
+    device, world = state.accelerator.device, state.accelerator.num_processes
+    mask_B_T = ro.mask_B_T.to(device)
+    naive = isinstance(batch, NaiveInputs)
+    student_N = state.student(batch, all_logits=naive)[mask_B_T]
+    weights_N = token_weights(
+        mask_B_T, state.cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world
+    )
+    return student_N, mask_B_T, weights_N, naive
+
+
 def _student_loss(
     state: TrainState,
     batch: ScoredBatch,
@@ -177,24 +193,19 @@ def _student_loss(
     its head, to `vopd.fused_loss.distillation_loss`: fused loss and gradient for a plain linear
     head, checkpointed chunks for other heads, one piece for naive mode's logits.
     """
-    cfg, device, world = state.cfg, state.accelerator.device, state.accelerator.num_processes
-    mask_B_T = ro.mask_B_T.to(device)
-    naive = isinstance(batch, NaiveInputs)
-    student_N = state.student(batch, all_logits=naive)[mask_B_T]
+    student_N, mask_B_T, weights_N, naive = _student_tokens(state, batch, ro, num_tokens, num_seqs)
     # The head is read after the forward: under FSDP2 (vopd.parallel) that is when it is gathered.
     head = None if naive else linear_head(state.policy) or output_head(state.policy)
-    weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
-    rollout_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T] if cfg.loss.rollout_correction else None
+    device = mask_B_T.device
+    rollout_logp_N = ro.sampler_logp_B_T.to(device)[mask_B_T] if state.cfg.loss.rollout_correction else None
     return distillation_loss(
         student_N,
         head,
         teacher,
         weights_N,
-        knobs=_knobs(cfg),
+        state.knobs,
         token_ids_N=ro.response_ids_B_T.to(device)[mask_B_T],
         rollout_logp_N=rollout_logp_N,
-        ratio_clip=cfg.loss.ratio_clip,
-        chunk_size=cfg.loss.chunk_size,
     )
 
 
@@ -207,25 +218,10 @@ def _supervised_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The SFT baselines' share of the step loss: the student's NLL of the target tokens, with the
     same normaliser (`token_weights`, ``loss.aggregation``) as the divergence."""
-    cfg, device, world = state.cfg, state.accelerator.device, state.accelerator.num_processes
-    mask_B_T = ro.mask_B_T.to(device)
-    naive = isinstance(batch, NaiveInputs)
-    student_N = state.student(batch, all_logits=naive)[mask_B_T]
+    student_N, mask_B_T, weights_N, naive = _student_tokens(state, batch, ro, num_tokens, num_seqs)
     head = None if naive else output_head(state.policy)  # read after the forward (FSDP2 gathers it then)
-    weights_N = token_weights(mask_B_T, cfg.loss.aggregation, num_tokens=num_tokens / world, num_seqs=num_seqs / world)
-    return nll_loss(
-        student_N, head, ro.response_ids_B_T.to(device)[mask_B_T], weights_N, chunk_size=cfg.loss.chunk_size
-    )
-
-
-def _knobs(cfg: TrainConfig) -> LossKnobs:
-    lc = cfg.loss
-    if lc.estimator == "sampled":  # reverse KL on the sampled token: no support
-        return loss_knobs("sampled", temperature=lc.temperature)
-    top_k = lc.top_k if lc.estimator == "topk" else None
-    return loss_knobs(
-        lc.estimator, beta=lc.beta, top_k=top_k, add_tail=lc.add_tail, temperature=lc.temperature, support=lc.support
-    )
+    token_ids_N = ro.response_ids_B_T.to(mask_B_T.device)[mask_B_T]
+    return nll_loss(student_N, head, token_ids_N, weights_N, state.knobs)
 
 
 def _maybe_no_sync(acc: Any, module: nn.Module, *, last: bool):
