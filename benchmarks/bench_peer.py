@@ -151,7 +151,7 @@ class VopdRunner:
                 "device=cpu",
             ],
         )
-        self.state, *_ = setup(cfg)
+        self.state = setup(cfg).state
         self.P, self.sharing, self.image_size, self.count = P, sharing, image_size, 0
 
     def step(self) -> dict:

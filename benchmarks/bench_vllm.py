@@ -60,7 +60,7 @@ def _state(model_dir: Path, out: Path, *, engine: str, P: int, n: int, T: int, v
             f"rollout.vllm_args=[{args}]",
         ],
     )
-    return setup(cfg)[0]
+    return setup(cfg).state
 
 
 def _prompts(state, P: int, k: int):

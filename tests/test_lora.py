@@ -49,7 +49,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_lora_teacher_shares_the_base_and_never_trains(tmp_path):
     from vopd.tiny_models import build_tiny_model
 
-    state, *_ = setup(load_config(None, [*ARGS, f"output_dir={tmp_path}"]))
+    state = setup(load_config(None, [*ARGS, f"output_dir={tmp_path}"])).state
     policy = state.policy
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and f".{STUDENT}." in n for n in trainable)
@@ -72,7 +72,7 @@ def test_lora_teacher_shares_the_base_and_never_trains(tmp_path):
     for name, p in adapter_parameters(policy, STUDENT).items():
         torch.testing.assert_close(ema[name], 0.5 * before[name] + 0.5 * p.detach())
     # The frozen teacher is the base model exactly (adapters off), even with a moved adapter.
-    frozen, *_ = setup(load_config(None, [*ARGS, "teacher.kind=frozen", f"output_dir={tmp_path / 'f'}"]))
+    frozen = setup(load_config(None, [*ARGS, "teacher.kind=frozen", f"output_dir={tmp_path / 'f'}"])).state
     with torch.no_grad():
         for p in adapter_parameters(frozen.policy, STUDENT).values():
             p.add_(0.2)

@@ -268,7 +268,8 @@ def test_non_finite_parameters_after_the_update_stop_before_saving(tmp_path, mon
     real_setup = trainer_mod.setup
 
     def poisoned_setup(*args, **kwargs):
-        state, *rest = real_setup(*args, **kwargs)
+        run = real_setup(*args, **kwargs)
+        state = run.state
         real_step = state.optimizer.step
 
         def step(*a, **k):
@@ -279,7 +280,7 @@ def test_non_finite_parameters_after_the_update_stop_before_saving(tmp_path, mon
             return out
 
         state.optimizer.step = step
-        return (state, *rest)
+        return run
 
     monkeypatch.setattr(trainer_mod, "setup", poisoned_setup)
     with pytest.raises(

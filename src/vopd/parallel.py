@@ -121,8 +121,11 @@ class ShardedSampling:
         with root_gathered(self.root), torch.no_grad():
             return self.engine.sample(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+    def step_metrics(self) -> dict[str, float]:
+        return self.engine.step_metrics()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class TeacherRoot(nn.Module):

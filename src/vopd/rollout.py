@@ -89,12 +89,23 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    """Anything that samples `cfg.n` responses per prompt row of a left-padded prompt batch."""
+    """Anything that samples `cfg.n` responses per prompt row of a left-padded prompt batch.
+
+    The trainer calls exactly these three methods.
+    """
 
     def sample(
         self, model: PreTrainedModel, prompt_batch: Any, cfg: RolloutConfig, *, generator_seed: int | None = None
     ) -> Rollouts:
         """Sample responses; rows in prompt-major order."""
+        ...
+
+    def step_metrics(self) -> dict[str, float]:
+        """The engine's own metrics since the last call, logged with each step (may be empty)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine started (a server, a process); called once, after the last step."""
         ...
 
 
@@ -244,6 +255,13 @@ class HFGenerateEngine:
         if pad is None:
             pad = getattr(model.generation_config, "pad_token_id", None)
         return eos, eos[0] if pad is None else int(pad)
+
+    def step_metrics(self) -> dict[str, float]:
+        """None: sampling runs inside the step, timed as its ``time_sample``."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release: the engine runs in this process."""
 
     def sample(
         self, model: PreTrainedModel, prompt_batch: Any, cfg: RolloutConfig, *, generator_seed: int | None = None

@@ -1,8 +1,12 @@
 """Building a training run: model, teacher, optimiser, scheduler, data order, resume state.
 
-`setup(cfg)` returns a :class:`TrainState` ready for `vopd.trainer.train_step`; with
-``resume=True`` it restores the newest checkpoint of ``cfg.output_dir`` (weights, teacher,
-optimiser, scheduler, RNG, step; the data position follows from the step).
+`setup(cfg)` returns a :class:`Run`: the :class:`TrainState` that `vopd.trainer.train_step`
+mutates, the data order and the dataset. It calls one builder per concern, in this order:
+:func:`build_model` (policy, processor, LoRA adapters), :func:`build_teacher` (the one place that
+picks the teacher's implementation), :func:`build_data`, :func:`build_optimizer`,
+:func:`build_engine` (the rollout engine) and, with ``resume=True``, :func:`restore` (teacher,
+optimiser, scheduler, RNG and step of the newest checkpoint of ``cfg.output_dir``; the weights come
+through :func:`build_model`, the data position follows from the step).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -223,17 +227,22 @@ def _kept_origins(samples: list, origins: list[str], proposed: list) -> list[str
     return kept
 
 
-def setup(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> tuple[TrainState, StepSampler, ViewDataset, int]:
-    """Build model, teacher, optimiser, data; restore a checkpoint when ``resume``.
+class Run(NamedTuple):
+    """What :func:`setup` builds: the state a step mutates, the data order and the data."""
+
+    state: TrainState
+    sampler: StepSampler  # the step's prompt indices = f(seed, step): exact resume
+    dataset: ViewDataset
+    total_steps: int
+
+
+def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Build model, teacher, optimiser, data and rollout engine; restore a checkpoint when ``resume``.
 
     ``output_dir`` must not hold another run unless ``resume`` (continue it: the newest intact
     checkpoint, whose saved config must match this one) or ``overwrite`` (remove it); see
-    `vopd.runfolder`.
+    `vopd.runfolder`. The builders run in a fixed order (it fixes which random numbers each one
+    draws, so a run is reproducible from its seed).
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -244,93 +253,16 @@ def setup(
     )
     acc.wait_for_everyone()
     ckpt, saved = _resume_point(cfg, acc) if resume else (None, None)
-    try:
-        # A LoRA checkpoint holds the adapter: the base comes from model.path, the adapter below.
-        # A sharded (dcp) checkpoint holds no HF weights to build from: its shards are loaded below.
-        weights_in_ckpt = ckpt is not None and cfg.lora.r == 0 and saved.get("format") != "dcp"
-        policy, processor, weights = _sharded_skeleton(cfg, str(ckpt) if weights_in_ckpt else cfg.model.path)
-        if policy is None:
-            policy, processor = resolve_model(cfg, str(ckpt) if weights_in_ckpt else None)
-    except (OSError, ValueError, RuntimeError) as err:
-        if ckpt is None:
-            raise
-        raise CheckpointError(f"{ckpt}: the model cannot be loaded ({type(err).__name__}: {err})") from err
-    if weights is None:  # a meta skeleton is allocated shard by shard in vopd.parallel.build_sharded
-        policy.to(acc.device)
-    if cfg.model.gradient_checkpointing:
-        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.train()
-    teacher_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    adapters = None
-    if cfg.lora.r > 0:  # vopd.lora: adapters injected into policy in place; the teacher lives on the same base
-        from vopd.lora import apply_lora, load_adapter
-
-        adapters = apply_lora(policy, cfg.lora, ema_adapter=cfg.teacher.kind == "ema")
-        if ckpt is not None:
-            load_adapter(adapters, ckpt)
-    sharded = cfg.parallel.strategy == "fsdp2"
+    policy, processor, adapters, weights = build_model(cfg, acc, ckpt, saved)
     student = ResponseHidden(policy)
-    if sharded:  # vopd.parallel: student and teacher sharded with one plan (before the optimiser sees the params)
-        from vopd.parallel import ShardedSampling, build_sharded
-
-        teacher: Teacher = build_sharded(
-            student,
-            policy,
-            teacher_kind=cfg.teacher.kind,
-            rate=cfg.teacher.ema_rate,
-            teacher_dtype=teacher_dtype,
-            param_dtype=teacher_dtype,
-            device=acc.device,
-            weights=weights,
-            # another checkpoint: loaded whole on each rank, then sharded
-            external=resolve_model(cfg, cfg.teacher.path)[0] if cfg.teacher.kind == "external" else None,
-            mix=cfg.teacher.mix,
-        )
-    elif adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
-        from vopd.lora import AdapterTeacher
-
-        teacher = AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.ema_rate)
-    else:
-        external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
-        teacher = make_teacher(
-            cfg.teacher.kind,
-            policy,
-            ema_rate=cfg.teacher.ema_rate,
-            mix=cfg.teacher.mix,
-            dtype=teacher_dtype,
-            external=external,
-        )
-    samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
-    samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
-        processor,
-        samples,
-        origins,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        hint=cfg.views.hint,
-        thinking=cfg.model.thinking,
-        on_error=cfg.data.on_error,
+    teacher = build_teacher(cfg, acc, policy, student, adapters, weights)
+    samples, origins = build_data(
+        cfg, acc, policy, processor, sharded_root=student if cfg.parallel.strategy == "fsdp2" else None
     )
-    if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
-        samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
-    if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
-        samples, origins = _proposed_crops(
-            cfg, acc, policy, processor, samples, origins, sharded_root=student if sharded else None
-        )
     total_steps = _num_steps(cfg, len(samples))
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    engine: RolloutEngine = make_engine(cfg, processor)
-    if sharded:
-        engine = ShardedSampling(engine, student)
-    else:
+    optimizer, scheduler = build_optimizer(cfg, policy, total_steps)
+    engine = build_engine(cfg, processor, student)
+    if cfg.parallel.strategy != "fsdp2":  # sharded modules are already distributed (vopd.parallel)
         student = acc.prepare(student)
         optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
     state = TrainState(
@@ -347,32 +279,7 @@ def setup(
         adapters=adapters,
     )
     if ckpt is not None:
-        state.last_checkpoint = ckpt
-        from vopd.parallel import check_resume
-
-        note = check_resume(saved, cfg.parallel.strategy, acc.num_processes)  # refuses a change of strategy
-        if note:
-            acc.print(note)
-        if saved.get("format") == "dcp":  # every rank reads its own slices of the shards (at any world size)
-            from vopd.sharded_checkpoint import load_sharded_checkpoint
-
-            load_sharded_checkpoint(
-                ckpt, policy=policy, teacher=teacher, root=student, optimizer=state.optimizer, saved=saved
-            )
-        elif sharded:
-            teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
-            from vopd.parallel import load_optimizer_state
-
-            load_optimizer_state(student, state.optimizer, saved["optimizer"])
-        else:
-            teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
-            state.optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _apply_lr(scheduler, cfg, acc)
-        restore_rng(saved["rng"])
-        state.step = saved["step"]
-        state.skipped_steps = saved.get("skipped_steps", 0)
-        acc.print(f"resumed from {ckpt} at step {state.step}")
+        restore(state, ckpt, saved)
     sampler = StepSampler(
         len(samples),
         prompts_per_step=cfg.prompts_per_step,
@@ -395,7 +302,173 @@ def setup(
         reference_in_teacher=cfg.objective == "opsd",
         carry_answers=cfg.objective == "sft_gold",
     )
-    return state, sampler, dataset, total_steps
+    return Run(state, sampler, dataset, total_steps)
+
+
+def build_model(
+    cfg: TrainConfig, acc: Any, ckpt: Path | None, saved: dict[str, Any] | None
+) -> tuple[nn.Module, Any, Any, Any]:
+    """The student policy in training mode, its processor, its LoRA adapters (``lora.r > 0``,
+    injected in place; else None) and, for a sharded load, the weight files its shards are read
+    from (else None: the policy is on the device). From ``ckpt`` (trainer state ``saved``) when
+    resuming: its weights; for LoRA the base of ``model.path`` and the checkpoint's adapter; for a
+    sharded (dcp) checkpoint, which holds no HF weights, ``model.path`` (:func:`restore` loads the
+    shards)."""
+    try:
+        weights_in_ckpt = ckpt is not None and cfg.lora.r == 0 and saved.get("format") != "dcp"
+        policy, processor, weights = _sharded_skeleton(cfg, str(ckpt) if weights_in_ckpt else cfg.model.path)
+        if policy is None:
+            policy, processor = resolve_model(cfg, str(ckpt) if weights_in_ckpt else None)
+    except (OSError, ValueError, RuntimeError) as err:
+        if ckpt is None:
+            raise
+        raise CheckpointError(f"{ckpt}: the model cannot be loaded ({type(err).__name__}: {err})") from err
+    if weights is None:  # a meta skeleton is allocated shard by shard in vopd.parallel.build_sharded
+        policy.to(acc.device)
+    if cfg.model.gradient_checkpointing:
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    adapters = None
+    if cfg.lora.r > 0:  # vopd.lora: adapters injected into policy in place; the teacher lives on the same base
+        from vopd.lora import apply_lora, load_adapter
+
+        adapters = apply_lora(policy, cfg.lora, ema_adapter=cfg.teacher.kind == "ema")
+        if ckpt is not None:
+            load_adapter(adapters, ckpt)
+    return policy, processor, adapters, weights
+
+
+def build_teacher(
+    cfg: TrainConfig, acc: Any, policy: nn.Module, student: nn.Module, adapters: Any, weights: Any = None
+) -> Teacher:
+    """The teacher of ``teacher.kind``; the one place that picks its implementation.
+
+    Sharded training (``parallel.strategy=fsdp2``): student and teacher sharded with one plan,
+    before the optimiser sees the parameters (`vopd.parallel`; ``weights``: the files each rank
+    reads its shards from, see :func:`build_model`). LoRA with an ema or frozen
+    teacher: an adapter on the same base (`vopd.lora`). Otherwise a teacher of `vopd.teacher`
+    (an external one loads ``teacher.path``).
+    """
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    if cfg.parallel.strategy == "fsdp2":
+        from vopd.parallel import build_sharded
+
+        return build_sharded(
+            student,
+            policy,
+            teacher_kind=cfg.teacher.kind,
+            rate=cfg.teacher.ema_rate,
+            teacher_dtype=dtype,
+            param_dtype=dtype,
+            device=acc.device,
+            weights=weights,
+            # another checkpoint: loaded whole on each rank, then sharded
+            external=resolve_model(cfg, cfg.teacher.path)[0] if cfg.teacher.kind == "external" else None,
+            mix=cfg.teacher.mix,
+        )
+    if adapters is not None and cfg.teacher.kind in ("ema", "frozen"):
+        from vopd.lora import AdapterTeacher
+
+        return AdapterTeacher(cfg.teacher.kind, adapters, rate=cfg.teacher.ema_rate)
+    external = resolve_model(cfg, cfg.teacher.path)[0].to(acc.device) if cfg.teacher.kind == "external" else None
+    return make_teacher(
+        cfg.teacher.kind, policy, ema_rate=cfg.teacher.ema_rate, mix=cfg.teacher.mix, dtype=dtype, external=external
+    )
+
+
+def build_data(
+    cfg: TrainConfig, acc: Any, policy: nn.Module, processor: Any, *, sharded_root: nn.Module | None = None
+) -> tuple[list, list[str]]:
+    """The training samples and their ``file:row`` origins, after the checks that are cheap to make
+    before step 1 (over-long questions, missing answers for the labelled objectives) and, for a
+    proposed ``views.crop_source``, with the model's own crops in place of the boxes (a sharded
+    policy, ``sharded_root`` its FSDP2 root, proposes on every rank in step)."""
+    samples, origins = load_train_data(cfg.data.train, out_of_bounds=cfg.data.out_of_bounds, on_error=cfg.data.on_error)
+    samples, origins = drop_over_long_texts(  # cheap (text only): an over-long question is found before step 1
+        processor,
+        samples,
+        origins,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        hint=cfg.views.hint,
+        thinking=cfg.model.thinking,
+        on_error=cfg.data.on_error,
+    )
+    if cfg.objective in LABELLED_OBJECTIVES:  # opsd / sft_gold read the answers: every row needs one
+        samples, origins = require_answers(samples, origins, objective=cfg.objective, on_error=cfg.data.on_error)
+    if cfg.views.crop_source != "box":  # the model proposes the crops; gold boxes are dropped unread
+        samples, origins = _proposed_crops(cfg, acc, policy, processor, samples, origins, sharded_root=sharded_root)
+    return samples, origins
+
+
+def build_optimizer(cfg: TrainConfig, policy: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and its learning-rate schedule (``optim.*``)."""
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+
+
+def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module) -> RolloutEngine:
+    """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server;
+    under sharded training it samples with the student's root unit gathered."""
+    if cfg.rollout.engine == "vllm":  # not with fsdp2 or LoRA (a ConfigError at load)
+        from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
+
+        engine: RolloutEngine = VLLMServerEngine(
+            processor,
+            work_dir=default_work_dir(cfg.output_dir),
+            url=cfg.rollout.vllm_url or None,
+            python=cfg.rollout.vllm_python,
+            server_args=cfg.rollout.vllm_args,
+            startup_timeout=cfg.rollout.vllm_start_timeout,
+            request_timeout=cfg.rollout.request_timeout(),
+        )
+    else:  # naive: generate() repeats each prompt n times
+        engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)
+    if cfg.parallel.strategy == "fsdp2":
+        from vopd.parallel import ShardedSampling
+
+        engine = ShardedSampling(engine, student)
+    return engine
+
+
+def restore(state: TrainState, ckpt: Path, saved: dict[str, Any]) -> None:
+    """Put the checkpoint's trainer state into ``state``: teacher, optimiser, scheduler (this run's
+    ``optim.lr`` wins), RNG and step. The weights were loaded by :func:`build_model`, except a
+    sharded (dcp) checkpoint's: every rank reads its slices of the student's shards here."""
+    cfg, acc = state.cfg, state.accelerator
+    state.last_checkpoint = ckpt
+    from vopd.parallel import check_resume
+
+    note = check_resume(saved, cfg.parallel.strategy, acc.num_processes)  # refuses a change of strategy
+    if note:
+        acc.print(note)
+    if saved.get("format") == "dcp":  # every rank reads its own slices of the shards (at any world size)
+        from vopd.sharded_checkpoint import load_sharded_checkpoint
+
+        load_sharded_checkpoint(
+            ckpt, policy=state.policy, teacher=state.teacher, root=state.student, optimizer=state.optimizer, saved=saved
+        )
+    elif cfg.parallel.strategy == "fsdp2":
+        state.teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
+        from vopd.parallel import load_optimizer_state
+
+        load_optimizer_state(state.student, state.optimizer, saved["optimizer"])
+    else:
+        state.teacher.load_state_dict({k: v.to(acc.device) for k, v in saved["teacher"].items()})
+        state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    _apply_lr(state.scheduler, cfg, acc)
+    restore_rng(saved["rng"])
+    state.step = saved["step"]
+    state.skipped_steps = saved.get("skipped_steps", 0)
+    acc.print(f"resumed from {ckpt} at step {state.step}")
 
 
 def _sharded_skeleton(cfg: TrainConfig, source: str) -> tuple[Any, Any, Any]:
@@ -432,23 +505,6 @@ def _resume_point(cfg: TrainConfig, acc: Any) -> tuple[Path, dict[str, Any]]:
         check_world_size(saved.get("world_size"), acc.num_processes, checkpoint=ckpt)
     check_resume_config(saved.get("config"), config_to_dict(cfg), checkpoint=ckpt, say=acc.print)
     return ckpt, saved
-
-
-def make_engine(cfg: TrainConfig, processor: Any) -> RolloutEngine:
-    """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server."""
-    if cfg.rollout.engine == "vllm":
-        from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
-
-        return VLLMServerEngine(
-            processor,
-            work_dir=default_work_dir(cfg.output_dir),
-            url=cfg.rollout.vllm_url or None,
-            python=cfg.rollout.vllm_python,
-            server_args=cfg.rollout.vllm_args,
-            startup_timeout=cfg.rollout.vllm_start_timeout,
-            request_timeout=cfg.rollout.request_timeout(),
-        )
-    return HFGenerateEngine(processor, share_prefill=not cfg.naive)  # naive: generate() repeats each prompt n times
 
 
 def _apply_lr(scheduler: Any, cfg: TrainConfig, acc: Any) -> None:

@@ -136,8 +136,7 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
         **{f"time_{k}": v for k, v in timer.seconds.items()},
         time_step=step_seconds,
     )
-    if hasattr(state.engine, "step_metrics"):  # e.g. the vLLM engine's weight-sync seconds
-        metrics.update(state.engine.step_metrics())
+    metrics.update(state.engine.step_metrics())  # e.g. the vLLM engine's weight-sync seconds
     if cfg.loss.rollout_correction:
         metrics["rollout_weight"] = _global_sum(acc, sums["weight"]) / max(num_tokens, 1.0)
     return metrics
@@ -360,7 +359,8 @@ def train(
     An exception mid-run saves a checkpoint first when the state is consistent (one process).
     """
     start = time.perf_counter()
-    state, sampler, dataset, total_steps = setup(cfg, resume=resume, overwrite=overwrite)
+    run = setup(cfg, resume=resume, overwrite=overwrite)
+    state, sampler, dataset, total_steps = run.state, run.sampler, run.dataset, run.total_steps
     acc = state.accelerator
     if resume and acc.is_main_process:
         truncate_metrics(cfg.output_dir, state.step)  # the steps after the checkpoint are run again
@@ -405,8 +405,7 @@ def train(
         acc.print(f"stopping at step {state.step}: {why}")
         interrupted = True
     finally:
-        if hasattr(state.engine, "close"):  # e.g. stop the vLLM server this run started, whatever happened
-            state.engine.close()
+        state.engine.close()  # e.g. stop the vLLM server this run started, whatever happened
     bar.close()
     acc.end_training()
     release_run_folder(cfg.output_dir)
