@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from support.knobs import knobs
-from support.steps import capture_grads, seeded_step
+from support.steps import seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.train_setup as train_setup
@@ -153,14 +153,13 @@ def test_sft_self_is_the_student_nll_of_the_teachers_greedy_crop_answers(tmp_pat
     want_grads = {k: p.grad.clone() for k, p in state.policy.named_parameters() if p.grad is not None}
     state.policy.zero_grad(set_to_none=True)
     store: dict = {}
-    capture_grads(monkeypatch, store)
     calls, sample = [], state.engine.sample
     monkeypatch.setattr(
         state.engine,
         "sample",
         lambda model, prompts, cfg: calls.append((model, prompts)) or sample(model, prompts, cfg),
     )
-    metrics = seeded_step(state, batches)
+    metrics = seeded_step(state, batches, capture=store)
     assert len(calls) == len(batches)  # the teacher answered, on its crop prompts
     assert all(m is teacher and p is b.teacher for (m, p), b in zip(calls, batches))
     assert metrics["divergence"] == pytest.approx(want.item(), rel=1e-5)
@@ -207,14 +206,13 @@ def test_opsd_teacher_sees_the_full_image_and_the_answer_student_prompt_unchange
 def test_opsd_loss_comes_from_the_answer_in_the_teacher_text(tmp_path, monkeypatch):
     state, batches, _ = _setup(tmp_path / "a", "objective=opsd")
     store: dict = {}
-    capture_grads(monkeypatch, store)
-    metrics = seeded_step(state, batches)
+    metrics = seeded_step(state, batches, capture=store)
     assert metrics["divergence"] > 1e-4 and "logp_gap" in metrics
     assert max(float(g.abs().max()) for g in store["grads"].values()) > 1e-6
     assert all(p.grad is None for p in state.teacher.model.parameters())
     # The same step with the answer taken out of the teacher's text: identical views, same weights, loss 0.
     same = [dataclasses.replace(b, teacher=b.student) for b in batches]
-    assert seeded_step(state, same)["divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert seeded_step(state, same, capture=store)["divergence"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_opsd_without_answers_is_an_error_naming_the_row_or_a_counted_skip(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ cleanly; the training step gives the same loss and gradients in every mode, naiv
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used belo
 import vopd.train_setup as train_setup
 import vopd.trainer as trainer_mod
 from vopd.models import build_prompts
+from vopd.objectives import LossKnobs
 from vopd.scoring import NaiveInputs, SharedPrompts, sharing_mode
 
 # Float comparisons between code paths: CI runs this file under a second kernel set too (.ci/run).
@@ -166,15 +168,8 @@ def step_setup(tmp_path_factory):
 def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatch, estimator):
     """naive (full logits everywhere, loss in one piece) == straightforward == image-once == prefix."""
     state, batches = step_setup
-    captured = {}
-
-    def capture(st, *, loss_value):
-        captured["grads"] = {k: p.grad.clone() for k, p in st.policy.named_parameters() if p.grad is not None}
-        st.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": 0.0, "lr": 0.0, "skipped": 0.0}
-
-    monkeypatch.setattr(trainer_mod, "_optimizer_step", capture)
-    monkeypatch.setattr(state.cfg.loss, "estimator", estimator)
+    # The loss settings are built once at setup; this test swaps them between steps.
+    monkeypatch.setattr(state, "knobs", LossKnobs.from_config(dataclasses.replace(state.cfg.loss, estimator=estimator)))
     results = {}
     for name, naive, sharing in [
         ("naive", True, None),
@@ -184,8 +179,10 @@ def test_train_step_same_loss_and_gradients_in_every_mode(step_setup, monkeypatc
     ]:
         monkeypatch.setattr(state.cfg, "naive", naive)
         torch.manual_seed(123)  # same rollouts in every mode (the weights never change here)
-        metrics = trainer_mod.train_step(state, batches, sharing=sharing)
-        results[name] = (metrics, captured.pop("grads"))
+        metrics = trainer_mod.train_step(state, batches, sharing=sharing, update=False)
+        grads = {k: p.grad.clone() for k, p in state.policy.named_parameters() if p.grad is not None}
+        state.optimizer.zero_grad(set_to_none=True)
+        results[name] = (metrics, grads)
     ref_metrics, ref_grads = results["naive"]
     assert ref_metrics["divergence"] > 0 and ref_metrics["response_tokens"] > 12
     # The modes reorder float32 sums (KV cache vs full prompt, chunked vs whole loss), so logits agree

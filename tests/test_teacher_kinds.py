@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from support.steps import capture_grads, seeded_step
+from support.steps import seeded_step
 
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 import vopd.train_setup as train_setup
@@ -61,14 +61,9 @@ KINDS = ["ema", "frozen", "trust_region", "live", "external"]
 @pytest.fixture(scope="module")
 def first_step_reference(tmp_path_factory):
     """Divergence and gradients of step 1 with a frozen teacher (the initial model on the crop)."""
-    mp = pytest.MonkeyPatch()
     store: dict = {}
-    capture_grads(mp, store)
-    try:
-        state, batches = _setup(tmp_path_factory.mktemp("ref"), "teacher.kind=frozen")
-        metrics = seeded_step(state, batches)
-    finally:
-        mp.undo()
+    state, batches = _setup(tmp_path_factory.mktemp("ref"), "teacher.kind=frozen")
+    metrics = seeded_step(state, batches, capture=store)
     return metrics, store["grads"]
 
 
@@ -84,8 +79,7 @@ def test_every_teacher_kind_equals_the_initial_model_at_step_one(kind, tmp_path,
     else:
         state, batches = _setup(tmp_path, *extra)
     store: dict = {}
-    capture_grads(monkeypatch, store)
-    metrics = seeded_step(state, batches)
+    metrics = seeded_step(state, batches, capture=store)
     ref_metrics, ref_grads = first_step_reference
     assert state.teacher.kind == kind
     assert ref_metrics["divergence"] > 1e-3  # the crop teacher disagrees with the full-image student
@@ -149,8 +143,7 @@ def test_teacher_view_full_gives_about_zero_loss_at_step_one(tmp_path, monkeypat
     step 1 teacher and student distributions coincide: zero loss, zero gradient."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen", "teacher.view=full")
     store: dict = {}
-    capture_grads(monkeypatch, store)
-    metrics = seeded_step(state, batches)
+    metrics = seeded_step(state, batches, capture=store)
     assert metrics["response_tokens"] > 8
     assert abs(metrics["divergence"]) < 1e-6
     assert abs(metrics["logp_gap"]) < 1e-5
@@ -179,9 +172,8 @@ def test_aggregation_gradients_match_the_formula(aggregation, tmp_path, monkeypa
     sum of all token losses / all tokens; seq_mean = mean over rows of each row's token mean."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen", f"loss.aggregation={aggregation}", "loss.estimator=full")
     store: dict = {}
-    capture_grads(monkeypatch, store)
     rollouts = _recorded_rollouts(monkeypatch, state)
-    seeded_step(state, batches)
+    seeded_step(state, batches, capture=store)
     got = store["grads"]
 
     # The reference: full logits of both models, per-token JSD, then the sums by hand.
@@ -215,8 +207,7 @@ def test_rollout_correction_scales_the_gradient(shift, scale, tol, tmp_path, mon
     min(exp(shift), ratio_clip=2), so the gradient is that multiple of the uncorrected one."""
     state, batches = _setup(tmp_path, "teacher.kind=frozen")
     store: dict = {}
-    capture_grads(monkeypatch, store)
-    plain = seeded_step(state, batches)
+    plain = seeded_step(state, batches, capture=store)
     plain_grads = store.pop("grads")
 
     real = state.engine.sample
@@ -228,7 +219,7 @@ def test_rollout_correction_scales_the_gradient(shift, scale, tol, tmp_path, mon
 
     monkeypatch.setattr(state.engine, "sample", biased)
     monkeypatch.setattr(state.cfg.loss, "rollout_correction", True)
-    corrected = seeded_step(state, batches)
+    corrected = seeded_step(state, batches, capture=store)
     assert corrected["rollout_weight"] == pytest.approx(scale, rel=tol)
     assert corrected["divergence"] == pytest.approx(scale * plain["divergence"], rel=tol)
     if scale == 2.0:  # clipped: every token's weight is exactly 2, so the gradient is exactly doubled

@@ -73,9 +73,15 @@ def _global_sum(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else float(value)
 
 
-def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: str | None = None) -> dict[str, float]:
+def train_step(
+    state: TrainState, micro_batches: list[PromptPair], *, sharing: str | None = None, update: bool = True
+) -> dict[str, float]:
     """One Vision-OPD step (or a baseline's, per ``cfg.objective``) over the micro-batches of this
     process's share of the step's prompts.
+
+    ``update=False`` stops before the optimiser: the step's gradients are left in the parameters'
+    ``.grad`` (added to any already there) and no weight, teacher, optimiser or scheduler state
+    changes; the metrics then have no ``grad_norm``, ``lr`` or ``skipped``. For inspecting a step.
 
     ``sharing`` ("prefix" | "image" | "none", see `vopd.scoring`) defaults to "prefix", or to the
     straightforward path everywhere when ``cfg.naive`` (which also computes full-vocabulary logits
@@ -116,8 +122,10 @@ def train_step(state: TrainState, micro_batches: list[PromptPair], *, sharing: s
         sums["logp_gap"] += float((stats["teacher_logp_N"] - stats["student_logp_N"]).sum())
         sums["tail_mass"] += float(stats["tail_mass_N"].sum())
     # 4. Optimiser step unless the loss or gradient is non-finite (decided identically on all ranks).
-    with timer("optim"):
-        metrics = _optimizer_step(state, loss_value=sums["loss"])
+    metrics: dict[str, float] = {}
+    if update:
+        with timer("optim"):
+            metrics = _optimizer_step(state, loss_value=sums["loss"])
     lengths = torch.cat([r.mask_B_T.sum(1).float() for r in rollouts])
     step_seconds = sum(timer.seconds.values())
     metrics.update(
