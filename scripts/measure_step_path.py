@@ -7,7 +7,7 @@ Runs one step of the tiny CPU set-up (tiny Qwen2-VL, toy scenes, default loss: f
 ``src/vopd``. Prints the files entered and the distinct cross-file call edges
 (``caller file:function -> callee file:function``), marking calls made from inside the loss's
 autograd Function / chunk loop back into another file (callbacks). Run it on two trees to compare
-(docs/architecture.md records the numbers before and after the issue-8 refactor).
+(benchmarks/results/step_path.md records the numbers before and after the loss refactor).
 """
 
 from __future__ import annotations

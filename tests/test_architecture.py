@@ -272,3 +272,49 @@ def test_checker_sees_a_planted_violation(monkeypatch):
     found = _violations()
     assert "upward:vopd.zz_planted -> vopd.trainer" in found
     assert "private:vopd.zz_planted imports vopd.trainer._private_helper" in found
+
+
+# ------------------------------------------------------------------ the module tree of the docs
+
+DOC = SRC.parents[1] / "docs" / "architecture.md"
+
+
+def documented_modules(text: str) -> set[str]:
+    """The module paths (relative to ``src/vopd``) of the ``src/vopd/`` tree in ``text``.
+
+    An entry line is indented two spaces per level and starts with ``name.py`` or ``name/``; a
+    folder line may list more modules after its description only as ``name.py`` words (the
+    benchmark loaders). Deeper-indented lines are descriptions.
+    """
+    block = text.split("```\nsrc/vopd/\n", 1)[1].split("```", 1)[0]
+    found: set[str] = set()
+    folders: list[str] = []
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        words = line.split()
+        if not words or indent % 2 or indent // 2 - 1 > len(folders):
+            continue
+        depth = indent // 2 - 1
+        if not (words[0].endswith(".py") or words[0].endswith("/")):
+            continue
+        folders = folders[:depth]
+        if words[0].endswith("/"):
+            folders.append(words[0].rstrip("/"))
+        found.update("/".join([*folders, w]) for w in words if w.endswith(".py"))
+    return found
+
+
+def test_architecture_doc_names_every_module():
+    """docs/architecture.md's module tree lists exactly the package's modules."""
+    actual = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")}
+    documented = documented_modules(DOC.read_text())
+    assert not actual - documented, f"modules missing from docs/architecture.md: {sorted(actual - documented)}"
+    assert not documented - actual, (
+        f"docs/architecture.md names modules that do not exist: {sorted(documented - actual)}"
+    )
+
+
+def test_documented_modules_reads_nesting():
+    text = "```\nsrc/vopd/\n  a.py  x\n        b.py is a description\n  pkg/  y\n    c.py  z\n"
+    text += "    sub/  d.py e.py\n  f.py\n```\n"
+    assert documented_modules(text) == {"a.py", "pkg/c.py", "pkg/sub/d.py", "pkg/sub/e.py", "f.py"}

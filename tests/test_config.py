@@ -120,7 +120,7 @@ def test_sampled_estimator_requires_reverse_kl():
     assert load_config(None, ["loss.estimator=sampled", "loss.beta=1"]).loss.beta == 1.0
 
 
-# ------------------------------------------------------------- validation at load time (issue 11)
+# ---------------------------------------------------------------------------- validation at load time
 
 
 @pytest.mark.parametrize(

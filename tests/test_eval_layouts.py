@@ -1,4 +1,4 @@
-"""`vopd eval` on benchmark files in the layouts their publishers ship (issue 12).
+"""`vopd eval` on benchmark files in the layouts their publishers ship.
 
 Fixtures come from :mod:`support.published` (written from the published schemas). A scripted
 server on 127.0.0.1 answers by the colour of each image, so every answer is known and each

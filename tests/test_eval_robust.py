@@ -1,4 +1,4 @@
-"""Evaluation against misbehaving servers and damaged logs (issue 11, item 6).
+"""Evaluation against misbehaving servers and damaged logs.
 
 Every server here is a loopback server on 127.0.0.1 that stops by itself (see
 :mod:`support.bad_server`); every loop in it is bounded.

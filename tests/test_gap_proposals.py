@@ -1,4 +1,4 @@
-"""`vopd gap --crop-source search|attention|grounding` on a record file without boxes (issue 13)."""
+"""`vopd gap --crop-source search|attention|grounding` on a record file without boxes."""
 
 from __future__ import annotations
 

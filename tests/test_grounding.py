@@ -1,4 +1,4 @@
-"""views.crop_source=grounding (issue 13): each Qwen family's box format and coordinate frame,
+"""views.crop_source=grounding: each Qwen family's box format and coordinate frame,
 robust parsing, counted fallbacks, and proposals from a scripted model answer end to end."""
 
 from __future__ import annotations

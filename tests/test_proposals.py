@@ -1,4 +1,4 @@
-"""Crops proposed by the model itself (issue 13): candidate windows, quality against gold boxes,
+"""Crops proposed by the model itself: candidate windows, quality against gold boxes,
 and training that never reads a gold box (views.crop_source=search|attention)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`vopd data propose`: the model's proposals written into a copy of a record file as its boxes
-(issue 13): provenance, resume through the cache, --limit, and clear errors."""
+"""`vopd data propose`: the model's proposals written into a copy of a record file as its boxes:
+provenance, resume through the cache, --limit, and clear errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Toy-world reports name the configuration that actually ran (issue 14.1) and every path they
-print resolves from where they are written (issue 14.4)."""
+"""Toy-world reports name the configuration that actually ran and every path they
+print resolves from where they are written."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """report_to: `auto` (the default) logs to what is installed and says what it skipped; a tracker
-named explicitly but not installed is a clear error before any model is loaded (issue 14.2)."""
+named explicitly but not installed is a clear error before any model is loaded."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The student p_S sees the full image, the teacher p_T the evidence crop; both score the same
 response tokens. At every response position we compare their next-token distributions with the
-generalized Jensen-Shannon divergence (METHOD.md section 2.1)
+generalized Jensen-Shannon divergence (docs/method.md, "Objective")
 
     m       = beta * p_T + (1 - beta) * p_S
     JSD_b   = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)

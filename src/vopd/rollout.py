@@ -8,8 +8,8 @@ repetition_penalty defaults are neutralised): at each step the logits go through
     BlockTokens (vision / special ids -> -inf)  ->  temperature  ->  top-p
 
 and the next token is drawn from the softmax of the result. `Rollouts.sampler_logp_B_T` holds the
-log-probability of each sampled token under exactly that distribution (the "pi_rollout" of
-METHOD.md 2.4), recorded step by step without keeping [T, B, V] scores in memory.
+log-probability of each sampled token under exactly that distribution (the "pi_sampler" of
+docs/method.md, "Importance weights"), recorded step by step without keeping [T, B, V] scores in memory.
 
 Prefill sharing: `generate(num_return_sequences=n)` copies every prompt n times before the first
 forward, so the image is encoded and the (long) prompt decoded n times. For the families in

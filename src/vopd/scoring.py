@@ -1,4 +1,4 @@
-"""Scoring n responses per prompt without repeating the prompt (METHOD.md section 6, DESIGN.md).
+"""What a model scores: n responses per prompt, without repeating the prompt (docs/method.md, "Memory").
 
 Every prompt of a step is followed by ``n`` sampled responses. The straightforward computation
 (`repeat_prompts` + `append_responses` + `response_hidden_states`) copies each prompt n times: the

@@ -1,4 +1,4 @@
-"""The Vision-OPD training loop (METHOD.md section 2).
+"""The Vision-OPD training loop (docs/method.md, "One training step").
 
 One step: the student samples ``n`` responses per prompt on the full image; the teacher (same
 model, crop view, its own weights policy) scores the same tokens without gradient; the loss is a
