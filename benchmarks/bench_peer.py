@@ -260,7 +260,7 @@ def report(result: dict, mach: dict) -> str:
         "vopd phases (median s): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in phases.items()) + ".",
         "",
         "vopd samples from one prefill per prompt (the KV cache expanded to its n rollouts, "
-        "`rollout.SHARED_PREFILL_FAMILIES`); TRL's `generate` runs each prompt's prefill once per row. "
+        "`scoring.PREFIX_FAMILIES`); TRL's `generate` runs each prompt's prefill once per row. "
         f"Load average (1 min) at start {mach['load_average_at_start'][0]:.2f}, at the end "
         f"{result.get('load_average_end', [float('nan')])[0]:.2f} (2 shared cores). Steps on this shared machine vary "
         "by up to 2x (min-max above), so ratios from one short run carry roughly +-25%.",

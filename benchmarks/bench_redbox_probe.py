@@ -51,9 +51,10 @@ def main() -> None:
 
     import torch
 
+    from vopd.config import RolloutConfig
     from vopd.models import build_prompts
     from vopd.records import Box
-    from vopd.rollout import HFGenerateEngine, RolloutConfig
+    from vopd.rollout import HFGenerateEngine
     from vopd.specs import resolve_model_spec
     from vopd.toyworld.model import toy_answer_colour
     from vopd.toyworld.scenes import TOY_VIEW, make_dataset
