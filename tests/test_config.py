@@ -286,9 +286,8 @@ def test_vllm_with_fsdp2_or_lora_is_a_config_error_at_load(override, named):
 # about the environment (an installed package, a folder on disk) or a programming error.
 SETUP_REFUSALS_OUTSIDE_THE_CONFIG = {
     ("resolve_trackers", "ConfigError"),  # report_to names a tracker whose package is not installed
-    ("setup", "CheckpointError"),  # --resume: the saved model cannot be loaded
+    ("build_model", "CheckpointError"),  # --resume: the saved model cannot be loaded
     ("_resume_point", "FileNotFoundError"),  # --resume without a checkpoint in output_dir
-    ("forward", "TypeError"),  # ResponseHidden.all_logits given the wrong batch type (a programming error)
 }
 
 

@@ -15,7 +15,8 @@ import vopd.sharded_checkpoint as sc
 import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec
 from vopd.checkpoint import CheckpointError, check_checkpoint, load_resume_point
 from vopd.cli import main
-from vopd.config import ConfigError, load_config
+from vopd.config import load_config
+from vopd.knobs import ConfigError
 from vopd.trainer import train
 
 ARGS = [
