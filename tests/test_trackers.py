@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import vopd.train_setup as train_setup
-from vopd.config import TrainConfig, load_config
+from vopd.config import load_config
 from vopd.knobs import ConfigError
 from vopd.train_setup import resolve_trackers
 
@@ -16,8 +16,15 @@ def _missing(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     monkeypatch.setattr(train_setup, "_tracker_available", lambda n: n not in names and real(n))
 
 
-def test_default_is_auto():
-    assert TrainConfig().report_to == ["jsonl", "auto"]
+def test_a_config_without_report_to_logs_to_every_installed_auto_tracker(monkeypatch):
+    """Nothing named: metrics.jsonl plus TensorBoard when installed, and one notice when it is not."""
+    report_to = load_config(None, []).report_to
+    assert "jsonl" in report_to  # the trainer writes metrics.jsonl whenever report_to holds jsonl
+    monkeypatch.setattr(train_setup, "_tracker_available", lambda n: True)
+    assert resolve_trackers(report_to) == (["tensorboard"], None)
+    monkeypatch.setattr(train_setup, "_tracker_available", lambda n: n != "tensorboard")
+    trackers, notice = resolve_trackers(report_to)
+    assert trackers == [] and "tensorboard not installed" in notice
 
 
 def test_auto_uses_installed_tensorboard(monkeypatch):
