@@ -141,7 +141,7 @@ def test_gap_with_another_model_or_zoom_into_the_same_folder_is_refused(tmp_path
         _gap(tmp_path / "o", server, data)
         with pytest.raises(OutputError, match=r"model: 'good' -> 'bad'"):
             _gap(tmp_path / "o", server, data, model="bad")
-        from vopd.views import ViewConfig
+        from vopd.config import ViewConfig
 
         with pytest.raises(OutputError, match=r"view.zoom: 2.0 -> 3.0"):
             _gap(tmp_path / "o", server, data, view=ViewConfig(zoom=3.0))
@@ -193,8 +193,8 @@ def _samples(root: Path, colour: str, n: int = 3):
 
 
 def test_proposals_for_other_images_under_the_same_ids_are_refused(tmp_path, monkeypatch):
+    from vopd.config import ViewConfig
     from vopd.proposals import ProposalConfig, load_or_propose
-    from vopd.views import ViewConfig
 
     calls: list[str] = []
     _fake_propose(monkeypatch, calls)
@@ -212,8 +212,8 @@ def test_proposals_for_other_images_under_the_same_ids_are_refused(tmp_path, mon
 
 
 def test_proposals_of_other_weights_at_the_same_path_are_refused(tmp_path, monkeypatch):
+    from vopd.config import ViewConfig
     from vopd.proposals import ProposalConfig, load_or_propose
-    from vopd.views import ViewConfig
 
     _fake_propose(monkeypatch, [])
     model = tmp_path / "model"

@@ -41,7 +41,7 @@ def test_toyworld_and_demo_counts_are_validated(tmp_path, capsys):
 
 
 def test_propose_refuses_an_out_file_it_did_not_write(tmp_path):
-    from vopd.propose_boxes import write_proposed_boxes
+    from vopd.proposals.boxes import write_proposed_boxes
 
     data = write_synthetic("records", tmp_path / "d", n=2)
     out = tmp_path / "mine.jsonl"

@@ -304,8 +304,9 @@ def test_sampling_stops_on_the_real_stop_tokens(real_model, share_prefill):
     from PIL import Image
     from support.reference import teacher_forced_logp
 
+    from vopd.config import RolloutConfig
     from vopd.models import append_responses, build_prompts, repeat_prompts, response_logits, vision_token_ids
-    from vopd.rollout import HFGenerateEngine, RolloutConfig, eos_token_ids
+    from vopd.rollout import HFGenerateEngine, eos_token_ids
 
     folder, model, processor = real_model
     stops = json.loads((REAL / folder / "generation_config.json").read_text())["eos_token_id"]
@@ -340,7 +341,7 @@ def test_grounding_reads_the_real_box_formats(real_model):
     from PIL import Image
     from support.scripted import ScriptedEngine
 
-    from vopd.grounding import INPUT_PIXELS, RELATIVE_1000, ground, grounding_format
+    from vopd.proposals.grounding import INPUT_PIXELS, RELATIVE_1000, ground, grounding_format
     from vopd.records import Sample
 
     folder, model, processor = real_model
