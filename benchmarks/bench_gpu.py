@@ -485,6 +485,7 @@ def _fused_loss(x: dict[str, Any], *, one_piece: bool = False) -> tuple[Any, Any
     autocast as the model's forward is). Returns (loss, grad of the hidden states, grad of the head)."""
     import torch
 
+    from vopd.config import LossConfig
     from vopd.fused_loss import TeacherLogits, distillation_loss
     from vopd.models import LinearHead
     from vopd.objectives import LossKnobs
@@ -498,9 +499,11 @@ def _fused_loss(x: dict[str, Any], *, one_piece: bool = False) -> tuple[Any, Any
         bf16 = hidden.dtype == torch.bfloat16
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = torch.nn.functional.linear(hidden, weight)
-        loss, _ = distillation_loss(logits, None, teacher, weights_N, knobs=LossKnobs())
+        loss, _ = distillation_loss(logits, None, teacher, weights_N, knobs=LossKnobs.from_config(LossConfig()))
     else:
-        loss, _ = distillation_loss(hidden, LinearHead(weight, None, None), teacher, weights_N, knobs=LossKnobs())
+        loss, _ = distillation_loss(
+            hidden, LinearHead(weight, None, None), teacher, weights_N, knobs=LossKnobs.from_config(LossConfig())
+        )
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 
@@ -511,6 +514,7 @@ def part_loss_cuda(res: Result, dry: bool, work: Path) -> None:
     under mixed_precision=bf16. The reference starts from the same (bf16-rounded) inputs, so the
     errors measure the computation, not the rounding of the inputs."""
 
+    from vopd.config import LossConfig
     from vopd.objectives import LossKnobs, per_token_divergence
 
     device = _device(dry)
@@ -525,7 +529,7 @@ def part_loss_cuda(res: Result, dry: bool, work: Path) -> None:
         h64 = x["hidden"].double().requires_grad_(True)
         w64 = x["weight"].double().requires_grad_(True)
         teacher64 = x["teacher_hidden"].double() @ x["teacher_weight"].double().T
-        per_token, _ = per_token_divergence(h64 @ w64.T, teacher64, None, LossKnobs())
+        per_token, _ = per_token_divergence(h64 @ w64.T, teacher64, None, LossKnobs.from_config(LossConfig()))
         ref = per_token.mean()
         ref.backward()
         ref = ref.detach()
@@ -654,7 +658,7 @@ def _train_part(
     import torch
     from gpu_flops import dense_bf16_peak, update_flops
 
-    from vopd.fastpath import sharing_mode
+    from vopd.scoring import sharing_mode
     from vopd.trainer import train_step
 
     device = _device(dry)

@@ -7,7 +7,7 @@ work, not model work), nor are elementwise ops, norms, softmaxes or the optimise
 For one view (the student's full image or the teacher's crop) of one prompt with ``T_p`` prompt
 tokens (image tokens included), ``n_patch`` vision patches and ``n`` responses of ``r_i`` tokens,
 scored the way vopd scores it (the LM head only at the response tokens; the prompt as the scoring
-mode of `vopd.fastpath.sharing_mode` computes it):
+mode of `vopd.scoring.sharing_mode` computes it):
 
     F_vision = 2 * P_vision * n_patch                      (x n in mode "none")
     F_layers = 2 * P_layers * (c * T_p + sum_i r_i)        (c = 1 in mode "prefix", else n)
@@ -64,7 +64,7 @@ class ViewWork:
     prompt_tokens: int
     patches: int
     responses: tuple[int, ...]
-    mode: str = "prefix"  # vopd.fastpath sharing mode: prefix | image | none
+    mode: str = "prefix"  # vopd.scoring sharing mode: prefix | image | none
 
 
 @dataclass(frozen=True)
