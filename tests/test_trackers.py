@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+import vopd.toyworld  # noqa: F401  registers the toyworld:N data spec used below
 import vopd.train_setup as train_setup
 from vopd.config import load_config
 from vopd.knobs import ConfigError
