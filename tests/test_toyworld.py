@@ -265,3 +265,9 @@ def test_pretraining_is_deterministic() -> None:
     model_b, _, _ = pretrain_base(cfg)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_write_dataset_refuses_a_negative_seed_by_name_before_claiming_the_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"seed \(--seed\) must be >= 0, got -1"):
+        write_dataset(tmp_path / "d", 4, -1)
+    assert not (tmp_path / "d").exists()

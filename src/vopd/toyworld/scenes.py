@@ -285,6 +285,8 @@ def make_dataset(n: int, seed: int, cfg: SceneConfig = SceneConfig()) -> list[Sa
     """``n`` scenes, deterministic from ``seed``; ids are ``toy-{seed}-{i:05d}``."""
     if n < 0:
         raise ValueError(f"make_dataset: n must be >= 0, got {n}")
+    if seed < 0:  # numpy's generator refuses it deep inside with no name for the setting
+        raise ValueError(f"the toy world's seed (--seed) must be >= 0, got {seed}")
     return [make_scene(scene_rng(seed, i), cfg, scene_id=f"toy-{seed}-{i:05d}")[1] for i in range(n)]
 
 
@@ -299,6 +301,8 @@ def write_dataset(
     """
     from vopd.outputs import claim_output
 
+    if seed < 0:  # before claiming the folder: a refused run leaves nothing behind
+        raise ValueError(f"the toy world's seed (--seed) must be >= 0, got {seed}")
     out = Path(out_dir)
     claim_output(out, command="vopd data toyworld", owned=("records.jsonl", "images"), overwrite=overwrite)
     path = out / "records.jsonl"
