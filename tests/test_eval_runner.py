@@ -215,3 +215,12 @@ def test_eval_cli_arguments(tmp_path):
         parser.parse_args(["vstar", "--out", "o"])  # NAME=PATH required
     with pytest.raises(KeyError, match="unknown benchmark"):
         EvalConfig(benchmarks={"nope": "x"}, out_dir=str(tmp_path))
+
+
+def test_vopd_eval_with_an_unknown_benchmark_is_one_input_line_not_an_unexpected_error(tmp_path, capsys):
+    from vopd.cli import main
+
+    assert main(["eval", "nope=x", "--model", "tiny:qwen2_vl", "--out", str(tmp_path / "o")]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("vopd eval: invalid input: unknown benchmark 'nope'; choose from ["), line
+    assert "unexpected" not in line and "--debug" not in line.split("->")[0]

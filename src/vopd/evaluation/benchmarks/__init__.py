@@ -188,9 +188,16 @@ BENCHMARKS: dict[str, Benchmark] = {
 PAPER_AVERAGE = ("vstar", "zoombench", "hrbench_4k", "hrbench_8k", "mme_rw_en", "mme_rw_cn")
 
 
+class UnknownBenchmarkError(KeyError, ValueError):
+    """A benchmark name not in `BENCHMARKS`: a lookup miss (KeyError) that is the user's input (ValueError)."""
+
+    def __str__(self) -> str:  # KeyError's str() quotes the message; this is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
 def get_benchmark(name: str) -> Benchmark:
     """Look up a benchmark, with the list of valid names in the error."""
     try:
         return BENCHMARKS[name]
     except KeyError:
-        raise KeyError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}") from None
+        raise UnknownBenchmarkError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}") from None
