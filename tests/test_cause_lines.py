@@ -49,3 +49,22 @@ def test_gap_with_one_checkpoint_given_twice_is_refused(tmp_path, capsys):
     args = ["gap", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--checkpoints", str(ckpt)]
     assert cli.main([*args, str(tmp_path / "run" / ".." / "run" / "checkpoint-1")]) == 1
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_vopd_cli_itself_is_imported_is_the_one_interrupted_line():
+    """The signal arrives after the script started importing vopd.cli but before `main` runs."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "sys.argv = ['/usr/bin/vopd', 'train']\n"  # what the installed `vopd` script sees
+        "import vopd.cli\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"  # still before main(): the module's own handler answers
+        "time.sleep(30)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "vopd: interrupted"

@@ -7,10 +7,29 @@ Python traceback is shown only with ``--debug`` (anywhere on the command line) o
 
 from __future__ import annotations
 
-import argparse
 import os
+import signal
 import sys
-from collections.abc import Callable
+
+
+def _interrupted_early(signum: int, frame: object) -> None:
+    """Ctrl-C before `main` takes over (this module's own imports): the one line, no traceback."""
+    sys.stderr.write("vopd: interrupted\n")
+    os._exit(130)
+
+
+# First, before the heavier imports below: only when this module is the program (the `vopd` script or
+# `python -m vopd.cli`), and only if Ctrl-C has its default meaning (a shell's background job ignores it).
+if (__name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "vopd") and (
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+):
+    try:
+        signal.signal(signal.SIGINT, _interrupted_early)
+    except ValueError:  # not the main thread: leave Python's handler
+        pass
+
+import argparse  # noqa: E402  after the early handler on purpose
+from collections.abc import Callable  # noqa: E402
 
 #: ``vopd data propose --source`` choices: vopd.proposals.PROPOSAL_SOURCES (not imported here: torch).
 PROPOSAL_SOURCES = ("search", "attention", "grounding")
@@ -391,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), "")
     try:  # everything inside: a Ctrl-C while the imports load is the same one line as one mid-run
+        if signal.getsignal(signal.SIGINT) is _interrupted_early:  # from here on KeyboardInterrupt says it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         import vopd.toyworld  # noqa: F401  registers toy-base and toyworld:N with vopd.specs (no model code)
 
         parser = build_parser()
