@@ -528,3 +528,33 @@ def test_a_default_run_killed_at_a_random_step_resumes_from_a_recent_checkpoint(
     check_checkpoint(ckpt)
     res = train(_cfg(out, f"max_steps={saved + 1}"), resume=True)
     assert res.steps == saved + 1 and [h["step"] for h in res.history] == [saved + 1]
+
+
+def test_checkpoint_and_export_weights_are_readable_as_the_umask_allows(tmp_path, tiny_qwen2_vl):
+    """The safetensors writer makes 0600 files; under umask 022 the weights are 0644 like the config."""
+    import stat
+
+    from vopd.sharded_checkpoint import export_checkpoint
+
+    model, processor = tiny_qwen2_vl
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    old = os.umask(0o022)
+    try:
+        final = save_checkpoint(
+            tmp_path / "run",
+            1,
+            model=model,
+            processor=processor,
+            teacher_state={k: v for k, v in list(model.state_dict().items())[:2]},
+            optimizer=opt,
+            scheduler=sched,
+            extra={},
+        )
+        check_checkpoint(final)
+        exported = export_checkpoint(final, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    weights = sorted(final.rglob("*.safetensors")) + sorted(exported.rglob("*.safetensors"))
+    assert len(weights) >= 3  # model + teacher, and the export's model
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in weights} == {oct(0o644)}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vopd.outputs import public_weight_modes
 from vopd.stock_processor import make_processor_stock
 
 STATE_DIR = "trainer_state"
@@ -315,6 +316,7 @@ def save_checkpoint(
             {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _to_plain(rng_state())},
             state_dir / "optim_rng.pt",
         )
+        public_weight_modes(tmp)  # the safetensors writer makes 0600 files; others get the umask's mode
         # state.json last: it lists every other file with its size, so a resume can tell a complete
         # checkpoint from one whose bytes an OS crash lost.
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}

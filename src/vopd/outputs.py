@@ -211,3 +211,11 @@ def public_mode(path: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def public_weight_modes(folder: str | Path) -> None:
+    """`public_mode` for every ``*.safetensors`` under ``folder``: the safetensors writer makes them 0600,
+    so a checkpoint or export would be unreadable to the group/others (a server under another account)
+    while its config beside it is readable."""
+    for path in Path(folder).rglob("*.safetensors"):
+        public_mode(path)

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vopd.outputs import public_weight_modes
+
 __all__ = ["COPIED_FILES", "MARKER", "RandomModel", "shrink_config", "write_random_model"]
 
 #: Files copied unchanged from the source folder when present (never weights).
@@ -241,6 +243,7 @@ def write_random_model(
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    public_weight_modes(out)  # the safetensors writer makes 0600 files
     copied = []
     for file in COPIED_FILES:  # after save_pretrained: src's generation_config.json replaces the default one
         if (src / file).is_file():
