@@ -118,3 +118,32 @@ def test_file_plan_bounds_each_rank_s_file():
     state = {"model": {"a": torch.zeros(100, 10), "b": torch.zeros(100, 10)}, "optim": {"a": {"m": torch.zeros(5)}}}
     assert sc.file_plan(state, world=2, file_bytes=4000) == {"model.a": 1, "model.b": 1, "optim.a.m": 2}
     assert sc.file_plan(state, world=1, file_bytes=4000) == {"model.a": 1, "model.b": 2, "optim.a.m": 3}
+
+
+def test_export_names_a_missing_folder_and_a_run_folder_without_advising_removal(tmp_path, capsys):
+    """A missing path is 'not found'; a run folder names its checkpoints; neither says 'remove the folder'."""
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1
+    line = capsys.readouterr().err
+    assert "no such checkpoint folder" in line and "remove" not in line
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    assert main(["export", str(run), "--out", str(tmp_path / "y")]) == 1
+    line = capsys.readouterr().err
+    assert "not a vopd checkpoint" in line and "checkpoint-2: name one of them" in line and "remove" not in line
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_export_into_a_checkpoint_folder_is_refused(tmp_path, capsys):
+    """Pruning deletes checkpoint folders whole: an export inside one would go with it."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny_cpu", f"output_dir={run}", "max_steps=1", "threads=1"]) == 0
+    capsys.readouterr()
+    ckpt = run / "checkpoint-1"
+    assert main(["export", str(ckpt), "--out", str(ckpt / "hf")]) == 1
+    line = capsys.readouterr().err
+    assert "is inside the checkpoint" in line and "pruning would delete the export" in line
+    assert not (ckpt / "hf").exists()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 0  # beside the run: fine
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 1  # again: not empty, said so
+    assert "exists and is not empty" in capsys.readouterr().err

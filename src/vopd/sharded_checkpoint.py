@@ -445,20 +445,43 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     ``out`` is refused (nothing vopd did not write is overwritten).
 
     Raises:
-        CheckpointError: the checkpoint is broken or not a vopd checkpoint.
+        FileNotFoundError: ``checkpoint`` does not exist.
+        ValueError: ``checkpoint`` is not a vopd checkpoint (e.g. the run folder or a plain HF folder).
+        CheckpointError: the checkpoint is broken.
         FileExistsError: ``out`` exists and is not empty.
+        OutputError: ``out`` lies inside a checkpoint folder (pruning would delete it).
     """
     import os
     import shutil
 
-    from vopd.checkpoint import STATE_DIR, CheckpointError, check_checkpoint
+    from vopd.checkpoint import STATE_DIR, check_checkpoint
+    from vopd.outputs import OutputError, public_weight_modes
 
     ckpt, out = Path(checkpoint), Path(out)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint folder")
     if not (ckpt / STATE_DIR / "state.json").is_file():
-        raise CheckpointError(f"{ckpt}: no {STATE_DIR}/state.json, not a vopd checkpoint")
+        # Not CheckpointError: its advice (remove the broken folder) is wrong for a run folder or an HF folder.
+        inside = sorted(p.name for p in ckpt.glob("checkpoint-*") if p.is_dir()) if ckpt.is_dir() else []
+        hint = (
+            f"it holds {', '.join(inside)}: name one of them"
+            if inside
+            else "a plain Hugging Face folder needs no export"
+        )
+        raise ValueError(
+            f"{ckpt} is not a vopd checkpoint (no {STATE_DIR}/state.json); "
+            f"give a checkpoint-N folder of a vopd run ({hint})"
+        )
     check_checkpoint(ckpt)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: choose another --out (nothing is overwritten)")
+    # Pruning deletes a vopd checkpoint folder whole: an export inside one would go with it.
+    inside = next((p for p in out.resolve().parents if (p / STATE_DIR / "state.json").is_file()), None)
+    if inside is not None:
+        raise OutputError(
+            f"{out} is inside the checkpoint {inside}: pruning would delete the export with it; "
+            "choose an --out outside every checkpoint-N folder"
+        )
     sharded = (ckpt / STATE_DIR / SHARD_DIR).is_dir()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -470,6 +493,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         if sharded:
             export_hf(ckpt, tmp)
+        public_weight_modes(tmp)  # copies keep an older checkpoint's 0600; a server may run as another user
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
