@@ -498,8 +498,8 @@ def test_vllm_serves_the_checkpoint_with_the_trainers_prompt_ids(trained, vllm_p
     from PIL import Image, ImageDraw
     from support.reference import teacher_forced_logp
 
-    from vopd.models import build_prompts, load_model, vision_token_ids
     from vopd.config import RolloutConfig
+    from vopd.models import build_prompts, load_model, vision_token_ids
     from vopd.rollout_vllm import VLLMServerEngine
 
     folder, checkpoint = trained
