@@ -271,3 +271,12 @@ def test_write_dataset_refuses_a_negative_seed_by_name_before_claiming_the_folde
     with pytest.raises(ValueError, match=r"seed \(--seed\) must be >= 0, got -1"):
         write_dataset(tmp_path / "d", 4, -1)
     assert not (tmp_path / "d").exists()
+
+
+def test_write_dataset_refuses_an_empty_out_instead_of_writing_into_the_current_folder(tmp_path, monkeypatch):
+    from vopd.outputs import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=r"output folder is empty"):
+        write_dataset("", 2, 0)
+    assert list(tmp_path.iterdir()) == []

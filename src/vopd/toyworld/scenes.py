@@ -304,7 +304,8 @@ def write_dataset(
     if seed < 0:  # before claiming the folder: a refused run leaves nothing behind
         raise ValueError(f"the toy world's seed (--seed) must be >= 0, got {seed}")
     out = Path(out_dir)
-    claim_output(out, command="vopd data toyworld", owned=("records.jsonl", "images"), overwrite=overwrite)
+    # The raw value: Path("") is ".", so claim_output could not refuse --out '' (the current folder).
+    claim_output(out_dir, command="vopd data toyworld", owned=("records.jsonl", "images"), overwrite=overwrite)
     path = out / "records.jsonl"
     write_records(make_dataset(n, seed, cfg), path)
     return path
