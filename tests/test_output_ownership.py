@@ -55,6 +55,21 @@ def test_propose_refuses_an_out_file_it_did_not_write(tmp_path):
     assert out.read_text() == "precious\n"
 
 
+def test_propose_names_an_empty_or_folder_out_as_not_a_file_name(tmp_path, monkeypatch):
+    """--out '' was "PosixPath('.') has an empty name", which hides that --out is the problem."""
+    from vopd.proposals.boxes import write_proposed_boxes
+
+    data = write_synthetic("records", tmp_path / "d", n=2)
+
+    def load():
+        raise AssertionError("no model is loaded before the refusal")
+
+    monkeypatch.chdir(tmp_path)
+    for out in ("", tmp_path / "d"):
+        with pytest.raises(ValueError, match=r"--out .* is not a file name: name the records file"):
+            write_proposed_boxes(data, out, load, source="search", model_name="m", progress=False)
+
+
 def _checkpoint(path: Path) -> Path:
     (path / "trainer_state").mkdir(parents=True)
     (path / "trainer_state" / "state.json").write_text(json.dumps({"step": int(path.name.split("-")[-1])}))

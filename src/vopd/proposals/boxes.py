@@ -123,8 +123,8 @@ def write_proposed_boxes(
             the same id (:func:`vopd.proposals.cached_proposals`).
 
     Raises:
-        ValueError: ``out`` or its cache is the input file, the cache holds another model's
-            proposals, or a bad ``source`` / ``limit`` / ``batch_size``.
+        ValueError: ``out`` is empty or a folder, ``out`` or its cache is the input file, the cache
+            holds another model's proposals, or a bad ``source`` / ``limit`` / ``batch_size``.
         RecordError: the input is missing or a row is bad (``file:row``).
     """
     if source not in PROPOSAL_SOURCES:
@@ -133,6 +133,8 @@ def write_proposed_boxes(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if str(out).strip() in ("", ".") or Path(out).is_dir():  # Path("") is "." and has no name for the cache
+        raise ValueError(f"--out {str(out)!r} is not a file name: name the records file, e.g. --out data/prop.jsonl")
     loaded = load_records(path)
     out, cache = Path(out), proposals_cache_path(out)
     if Path(loaded.source).resolve() in (out.resolve(), cache.resolve()):  # the cache is appended to
