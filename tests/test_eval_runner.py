@@ -224,3 +224,20 @@ def test_vopd_eval_with_an_unknown_benchmark_is_one_input_line_not_an_unexpected
     line = capsys.readouterr().err.strip()
     assert line.startswith("vopd eval: invalid input: unknown benchmark 'nope'; choose from ["), line
     assert "unexpected" not in line and "--debug" not in line.split("->")[0]
+
+
+def test_vopd_eval_and_gap_without_a_model_name_the_flag(tmp_path, capsys):
+    """Was 'the hf backend needs a model path or hub id (BackendConfig.model)': no flag named."""
+    from vopd.cli import main
+
+    bench = write_synthetic("vstar", tmp_path / "v", n=2)
+    assert main(["eval", f"vstar={bench}", "--out", str(tmp_path / "o")]) == 1
+    assert "pass --model PATH_OR_HUB_ID" in capsys.readouterr().err
+    assert (
+        main(
+            ["eval", f"vstar={bench}", "--backend", "openai", "--url", "http://127.0.0.1:9/v1"]
+            + ["--out", str(tmp_path / "p")]
+        )
+        == 1
+    )
+    assert "pass --model NAME" in capsys.readouterr().err

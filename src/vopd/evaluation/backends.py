@@ -267,7 +267,7 @@ class OpenAIBackend:
 
     def __init__(self, cfg: BackendConfig):
         if not cfg.model:
-            raise ValueError("the openai backend needs the served model name (BackendConfig.model)")
+            raise ValueError("the openai backend needs the served model name: pass --model NAME (BackendConfig.model)")
         self.cfg = cfg
         self.api_key = os.environ.get(cfg.api_key_env) or None
 
@@ -364,5 +364,7 @@ def make_backend(cfg: BackendConfig) -> Backend:
     if cfg.kind == "openai":
         return OpenAIBackend(cfg)
     if not cfg.model:
-        raise ValueError("the hf backend needs a model path or hub id (BackendConfig.model)")
+        raise ValueError(
+            "no model to answer with: pass --model PATH_OR_HUB_ID (vopd gap: or --checkpoints) (BackendConfig.model)"
+        )
     return HFBackend.from_config(cfg)
