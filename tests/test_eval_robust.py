@@ -146,8 +146,16 @@ def test_credentials_in_the_url_are_not_written(tmp_path):
 def test_malformed_prediction_lines_are_skipped_with_a_warning_on_resume(tmp_path, caplog):
     root = _mmstar(tmp_path, 4)
     out = tmp_path / "out"
-    out.mkdir()
     items = get_benchmark("mmstar").load(root)
+
+    def run(server: FakeChatServer) -> dict:
+        backend = BackendConfig(kind="openai", model="m", url=server.url)
+        return main_eval(EvalConfig(benchmarks={"mmstar": str(root)}, out_dir=str(out), backend=backend))
+
+    # A first run makes the folder vopd eval's own (a folder it did not write is refused); then its
+    # predictions file is damaged as a kill mid-write or a hand edit would leave it.
+    with FakeChatServer(lambda t, b: "A") as server:
+        run(server)
     good = {"benchmark": "mmstar", "view": "default", "id": items[0].key, "prediction": "A", "error": None}
     lines = [
         "{}",
@@ -160,13 +168,7 @@ def test_malformed_prediction_lines_are_skipped_with_a_warning_on_resume(tmp_pat
     ]
     (out / "predictions.jsonl").write_text("\n".join(lines))  # the last line half-written, no newline
     with caplog.at_level(logging.WARNING), FakeChatServer(lambda t, b: "A") as server:
-        summary = main_eval(
-            EvalConfig(
-                benchmarks={"mmstar": str(root)},
-                out_dir=str(out),
-                backend=BackendConfig(kind="openai", model="m", url=server.url),
-            )
-        )
+        summary = run(server)
         assert len(server.requests) == 3  # item 0 was answered; item 1's prediction was not text
     assert summary["rows"][0]["n"] == 4 and summary["failures"] == 0
     warned = " ".join(r.getMessage() for r in caplog.records)
