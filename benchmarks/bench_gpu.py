@@ -325,6 +325,12 @@ class ReplayEngine:
     def sample(self, model: Any, prompt_batch: Any, cfg: Any, **kwargs: Any) -> Any:
         return self.rollouts
 
+    def step_metrics(self) -> dict[str, float]:  # the rest of vopd.rollout.RolloutEngine: nothing to report
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 def build_run(cfg: Any):
     """The training state and an iterator over the step's micro-batches, as `vopd.trainer.train` makes them."""
