@@ -108,3 +108,26 @@ def test_exit_status_reaches_the_shell():
     )
     assert out.returncode == 2
     assert "device='tpu' is not one of auto | cpu | cuda" in _one_line(out.stderr)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_destroys_the_process_group_before_exit(fails, monkeypatch, capsys):
+    """A torchrun rank must not leave its gloo group to interpreter teardown: its C++ worker threads
+    can then abort the process (SIGABRT, "terminate called without an active exception") after a
+    run that finished, and torchrun reports the rank as failed. Success or failure, the group goes."""
+    import torch
+
+    import vopd.cli as cli
+    from vopd.parallel import ensure_process_group
+
+    ensure_process_group(torch.device("cpu"))  # what accelerate sets up for a torchrun rank
+    assert torch.distributed.is_initialized()
+
+    def command(args):
+        if fails:
+            raise ValueError("bad input")
+        return 0
+
+    monkeypatch.setattr(cli, "_config", command)
+    assert main(["config"]) == (1 if fails else 0)
+    assert not torch.distributed.is_initialized()

@@ -404,6 +404,14 @@ def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != "--debug"], env or "--debug" in argv
 
 
+def _close_process_group() -> None:
+    """A torchrun rank's process group goes before exit (see `vopd.parallel.close_process_group`)."""
+    if "torch.distributed" in sys.modules:  # never import torch just for this (`vopd --help` stays fast)
+        from vopd.parallel import close_process_group
+
+        close_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vopd``; returns the exit status (see the module docstring)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -420,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         command = args.command
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            _close_process_group()
     except BrokenPipeError:  # the reader went away (e.g. `vopd config | head`): nothing left to say
         sys.stderr.close()
         return 141

@@ -57,6 +57,20 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=store, rank=0, world_size=1)
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's C++ worker threads can outlive Python and abort the process
+    ("terminate called without an active exception", SIGABRT) after a run that finished cleanly;
+    torchrun then reports the rank as failed. Local to this process: no collective, so it cannot hang
+    when another rank has already failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules that become FSDP2 units: instances of the classes in ``_no_split_modules``."""
     names: set[str] = set()
