@@ -55,6 +55,7 @@ LAYER: dict[str, str] = {
     "vopd.trainer": "training",
     "vopd.parallel": "training",
     "vopd.sharded_checkpoint": "training",  # checkpoint.format=dcp and vopd export
+    "vopd.sharded_snapshot": "training",  # the vLLM weight snapshot from an FSDP2-sharded student
     "vopd.lora": "training",
     # applications
     "vopd.evaluation": "applications",  # package
