@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 import warnings
@@ -274,3 +275,54 @@ def test_training_with_the_vllm_engine_end_to_end(tmp_path, vllm_python):
     assert (
         json.loads((result.checkpoint / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
     )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_fsdp2_two_processes_train_with_one_server_and_push_the_sharded_student(tmp_path, vllm_python):
+    """parallel.strategy=fsdp2 at 2 gloo processes: rank 0 starts one server, both ranks sample from it;
+    after step 1 every rank writes its own shards into the snapshot and the server reloads it. The
+    pushed snapshot is the student after step 1 (checkpoint-1, gathered by save_pretrained) bit for
+    bit, and the engine's log-probs on both ranks' tokens match the trainer's (rollout_weight ~1)."""
+    from safetensors.torch import load_file
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [
+        "model.path=toy-base",
+        "data.train=toyworld:8:0",
+        "rollout.n=2",
+        "rollout.max_new_tokens=6",
+        "prompts_per_step=4",
+        "micro_batch_prompts=1",
+        "max_steps=2",
+        "report_to=[jsonl]",
+        "threads=1",
+        "health.every=0",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "loss.rollout_correction=true",
+        "device=cpu",
+        "parallel.strategy=fsdp2",
+        "checkpoint.format=hf",
+        "save_every=1",
+        "keep_checkpoints=0",
+        "rollout.engine=vllm",
+        f"rollout.vllm_python={vllm_python}",
+        "rollout.vllm_args=[--max-model-len, '512', --enforce-eager]",
+        f"output_dir={tmp_path}",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hist = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    hist = [h for h in hist if "divergence" in h]
+    assert len(hist) == 2 and hist[0]["time_weight_sync"] == 0.0 and hist[1]["time_weight_sync"] > 0
+    assert all(abs(h["rollout_weight"] - 1.0) < 1e-2 for h in hist), [h["rollout_weight"] for h in hist]
+    assert len(list(tmp_path.rglob("vllm_server.log"))) == 1  # one server for both ranks
+    pushed = load_file(tmp_path / "vllm" / "policy" / "model.safetensors")
+    step1 = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    step2 = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert pushed.keys() == step1.keys()  # save_pretrained's names: what the server loaded at start
+    assert all(torch.equal(pushed[k], step1[k]) for k in step1)
+    assert any(not torch.equal(step2[k], step1[k]) for k in step1)  # step 2 moved the weights (not pushed)

@@ -473,13 +473,11 @@ class TrainConfig:
                 "checkpoint.format=dcp writes the shards of a sharded model: it needs parallel.strategy=fsdp2 "
                 "(with ddp every process holds the whole model; use checkpoint.format=hf or auto)"
             )
-        if self.rollout.engine == "vllm" and (self.parallel.strategy == "fsdp2" or self.lora.r > 0):
-            # The weight push sends the full, merged parameters of one process (docs/vllm.md).
-            which = "parallel.strategy=fsdp2" if self.parallel.strategy == "fsdp2" else f"lora.r={self.lora.r}"
+        if self.rollout.engine == "vllm" and self.lora.r > 0:
+            # The weight push sends the full, merged parameters (docs/vllm.md).
             raise ConfigError(
-                f"rollout.engine=vllm with {which} is not supported yet: the weight push sends the full, "
-                "merged parameters of one process (docs/vllm.md); use rollout.engine=hf, or "
-                "parallel.strategy=ddp and lora.r=0"
+                f"rollout.engine=vllm with lora.r={self.lora.r} is not supported yet: the weight push sends the "
+                "full, merged parameters (docs/vllm.md); use rollout.engine=hf, or lora.r=0"
             )
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind == "live":

@@ -26,6 +26,8 @@ What the trainer and the engine must agree on, and how it is enforced:
   ``POST /collective_rpc`` ``reload_weights`` then resets the prefix and encoder caches (without
   the encoder-cache reset the next image request kills vLLM 0.32's engine). This needs
   ``VLLM_SERVER_DEV_MODE=1`` on the server. The cost is reported as ``time_weight_sync``.
+  Under ``parallel.strategy=fsdp2`` the push is collective: each rank writes its own shards into
+  the snapshot (`vopd.sharded_snapshot`), rank 0 starts or reloads the one server all ranks use.
 
 On GPU, vLLM's NCCL weight-transfer routes would replace the snapshot; colocated mode (vLLM in the
 training process, sleep/wake between phases) is the documented next step (docs/vllm.md).
@@ -58,6 +60,7 @@ from transformers import PreTrainedModel
 from vopd.config import RolloutConfig
 from vopd.models import vision_token_ids
 from vopd.rollout import Rollouts, eos_token_ids, response_mask
+from vopd.sharded_snapshot import is_sharded, write_sharded_snapshot
 from vopd.stock_processor import make_processor_stock
 
 __all__ = [
@@ -154,39 +157,44 @@ class VLLMServerEngine:
             self.push_weights(model)  # whatever it was started on, it now has the trainer's weights
             self._step_push_seconds = 0.0
         else:
-            python = Path(self.python)
-            if not python.exists():
-                raise FileNotFoundError(
-                    f"rollout.engine=vllm: no vLLM interpreter at {python}. Run `bash scripts/setup_vllm.sh` "
-                    "(makes .venv-vllm), or set rollout.vllm_python, "
-                    "or start a server yourself and set rollout.vllm_url"
-                )
+            self._check_python()
             self._write_snapshot(model, with_processor=True)
-            port = _free_port()
-            dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            cmd = server_command(
-                python,
-                self.snapshot_dir,
-                port,
-                self.work_dir / "passthrough_template.jinja",
-                dtype=dtype,
-                extra=self.server_args,
-            )
-            env = server_env()
-            log = (self.work_dir / "vllm_server.log").open("w")
-            # Its own process group (close() stops the server and its workers together), and a death
-            # signal from the kernel if this process dies without running close() (SIGKILL): no orphan.
-            self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
-            )
-            atexit.register(self.close)
-            self.url = f"http://127.0.0.1:{port}"
-            try:
-                self._wait_healthy()
-            except BaseException:  # a timeout, a signal, Ctrl-C: the server must not outlive the wait
-                self.close()
-                raise
+            self._launch(str(next(model.parameters()).dtype).replace("torch.", ""))
             self._fingerprint = _fingerprint(model)
+
+    def _check_python(self) -> None:
+        if not Path(self.python).exists():
+            raise FileNotFoundError(
+                f"rollout.engine=vllm: no vLLM interpreter at {self.python}. Run `bash scripts/setup_vllm.sh` "
+                "(makes .venv-vllm), or set rollout.vllm_python, "
+                "or start a server yourself and set rollout.vllm_url"
+            )
+
+    def _launch(self, dtype: str) -> None:
+        """Start a server on the snapshot already written and wait until it is healthy."""
+        port = _free_port()
+        cmd = server_command(
+            Path(self.python),
+            self.snapshot_dir,
+            port,
+            self.work_dir / "passthrough_template.jinja",
+            dtype=dtype,
+            extra=self.server_args,
+        )
+        env = server_env()
+        log = (self.work_dir / "vllm_server.log").open("w")
+        # Its own process group (close() stops the server and its workers together), and a death
+        # signal from the kernel if this process dies without running close() (SIGKILL): no orphan.
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        atexit.register(self.close)
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            self._wait_healthy()
+        except BaseException:  # a timeout, a signal, Ctrl-C: the server must not outlive the wait
+            self.close()
+            raise
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -233,9 +241,7 @@ class VLLMServerEngine:
         """Load ``model``'s current weights into the server; returns the seconds it took."""
         start = time.perf_counter()
         self._write_snapshot(model, with_processor=False)
-        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.snapshot_dir)}})
-        self._post("/reset_prefix_cache", None)
-        self._post("/reset_encoder_cache", None)  # else the next image request fails (Encoder cache miss)
+        self._reload()
         self._fingerprint = _fingerprint(model)
         seconds = time.perf_counter() - start
         self.last_push_seconds, self.pushes = seconds, self.pushes + 1
@@ -243,16 +249,26 @@ class VLLMServerEngine:
         self._step_push_seconds += seconds
         return seconds
 
+    def _reload(self) -> None:
+        """Make the server load the snapshot's weights, and drop what it cached from the old ones."""
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.snapshot_dir)}})
+        self._post("/reset_prefix_cache", None)
+        self._post("/reset_encoder_cache", None)  # else the next image request fails (Encoder cache miss)
+
     def _sync(self, model: PreTrainedModel) -> None:
         """Start/connect on the first call, push changed weights later. With several training
         processes (same weights on each) only the main one pushes to the shared server; all wait."""
         from accelerate import PartialState
 
+        if is_sharded(model):
+            self._sync_sharded(model)
+            return
         state = PartialState()
         if state.num_processes > 1 and self.url is None:
             raise ValueError(
                 "rollout.engine=vllm with several training processes: start one vLLM server yourself "
-                "(docs/vllm.md) and set rollout.vllm_url; vopd starts a server only for single-process runs"
+                "(docs/vllm.md) and set rollout.vllm_url; vopd starts a server only for single-process "
+                "and parallel.strategy=fsdp2 runs"
             )
         if self._fingerprint is not None and _fingerprint(model) == self._fingerprint:
             return
@@ -264,6 +280,49 @@ class VLLMServerEngine:
         else:
             self._fingerprint = _fingerprint(model)
         state.wait_for_everyone()
+
+    def _sync_sharded(self, model: PreTrainedModel) -> None:
+        """FSDP2 (``model``'s parameters are shards): the push is collective. Every rank writes its own
+        shards into the snapshot (`vopd.sharded_snapshot`: no rank holds a full copy); rank 0 then starts
+        the server (first call, no ``url``) or reloads it, and sends the others its URL (or its error);
+        they wait for that, so no rank samples before the server has the new weights.
+
+        Changes are counted by optimiser steps: a DTensor's in-place updates do not bump its version
+        counter. Every rank votes, and all push if any rank saw a change (all or none enter the collective).
+        """
+        import torch.distributed as dist
+
+        fingerprint = (id(model), _optimizer_steps())
+        changed = torch.tensor([int(fingerprint != self._fingerprint)], device=next(model.parameters()).device)
+        dist.all_reduce(changed, op=dist.ReduceOp.MAX)
+        if not changed.item():
+            return
+        begin = time.perf_counter()
+        launch = self._fingerprint is None and self.url is None
+        if launch and dist.get_rank() == 0:
+            self._check_python()  # before the collective write: a missing environment fails fast
+        write_sharded_snapshot(model, self.snapshot_dir)  # collective; a rank's failure raises on every rank
+        reply: list[Any] = [self.url, None]
+        if dist.get_rank() == 0:
+            try:
+                if launch:
+                    self.processor.save_pretrained(self.snapshot_dir)
+                    make_processor_stock(self.snapshot_dir)
+                    self._launch(str(next(model.parameters()).dtype).replace("torch.", ""))
+                else:
+                    self._reload()
+            except Exception as err:  # sent to the other ranks, which raise it too
+                reply[1] = f"{type(err).__name__}: {err}"
+            reply[0] = self.url
+        dist.broadcast_object_list(reply, src=0)  # the other ranks wait here for the server
+        if reply[1]:
+            raise RuntimeError(f"rank 0 could not {'start' if launch else 'update'} the vLLM server: {reply[1]}")
+        self.url, first, self._fingerprint = reply[0], self._fingerprint is None, fingerprint
+        seconds = time.perf_counter() - begin
+        self.last_push_seconds, self.pushes = seconds, self.pushes + 1
+        if not first:  # as in start(): the initial snapshot is not a step's weight sync
+            self.push_seconds_total += seconds
+            self._step_push_seconds += seconds
 
     def step_metrics(self) -> dict[str, float]:
         """Seconds spent pushing weights since the last call (the trainer logs it per step)."""
@@ -511,6 +570,23 @@ def server_env() -> dict[str, str]:
 def _fingerprint(model: torch.nn.Module) -> tuple[int, int]:
     """Changes whenever any parameter is modified in place (optimiser steps, EMA, loading)."""
     return id(model), sum(p._version for p in model.parameters())
+
+
+_STEPS = {"taken": 0, "hooked": False}  # optimiser steps in this process (any optimiser), once hooked
+
+
+def _count_step(*_: Any) -> None:
+    _STEPS["taken"] += 1
+
+
+def _optimizer_steps() -> int:
+    """Optimiser steps taken in this process since the first call (installs a global step hook once)."""
+    if not _STEPS["hooked"]:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_step)
+        _STEPS["hooked"] = True
+    return _STEPS["taken"]
 
 
 def _die_with_parent() -> None:

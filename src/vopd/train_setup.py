@@ -417,7 +417,7 @@ def build_optimizer(cfg: TrainConfig, policy: nn.Module, total_steps: int) -> tu
 def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module) -> RolloutEngine:
     """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server;
     under sharded training it samples with the student's root unit gathered."""
-    if cfg.rollout.engine == "vllm":  # not with fsdp2 or LoRA (a ConfigError at load)
+    if cfg.rollout.engine == "vllm":  # not with LoRA (a ConfigError at load)
         from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
 
         engine: RolloutEngine = VLLMServerEngine(
@@ -431,7 +431,7 @@ def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module) -> Rollou
         )
     else:  # naive: generate() repeats each prompt n times
         engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)
-    if cfg.parallel.strategy == "fsdp2":
+    if cfg.parallel.strategy == "fsdp2" and cfg.rollout.engine != "vllm":  # vLLM: the server holds the weights
         from vopd.parallel import ShardedSampling
 
         engine = ShardedSampling(engine, student)
