@@ -28,13 +28,19 @@ def test_sharded_snapshot_equals_save_pretrained_in_every_mode(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["modes"] == {"direct": "direct", "gather": "gather", "auto": "direct"}  # one machine: direct
+    results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in (0, 1)]
+    result = results[0]
+    # one machine: direct; a rank that does not find rank 0's nonce (another node): gathered
+    assert result["modes"] == {"direct": "direct", "gather": "gather", "auto": "direct", "auto_split": "gather"}
     assert result["sharded"] and result["uneven"]  # real shards, some split unevenly (torch.chunk's last rank)
+    for r in results:  # rank 0's failure is raised on both ranks
+        assert r["error"] and "could not write the vLLM weight snapshot" in r["error"] and "rank 0:" in r["error"]
+    assert not (tmp_path / "elsewhere" / "model.safetensors").exists()
     want = load_file(tmp_path / "reference" / "model.safetensors")
-    for mode in ("direct", "gather", "auto"):
+    for mode in ("direct", "gather", "auto", "auto_split"):
         folder = tmp_path / mode
-        assert sorted(p.name for p in folder.glob("model*")) == ["model.safetensors"]  # the stale split files went
+        assert sorted(p.name for p in folder.glob("*model*")) == ["model.safetensors"]  # the stale split files went
+        assert not (folder / ".vopd-snapshot-token").exists()
         got = load_file(folder / "model.safetensors")
         assert got.keys() == want.keys(), mode  # save_pretrained's names, tied weights once
         for key in want:

@@ -84,6 +84,35 @@ def test_engine_knob_is_validated_and_missing_vllm_env_is_a_clear_error(tmp_path
         engine.sample(model, build_prompts(processor, list(tiny_images), TEXTS), RolloutConfig(n=1, max_new_tokens=2))
 
 
+@pytest.mark.slow
+def test_fsdp2_without_the_vllm_environment_fails_on_every_rank(tmp_path):
+    """Rank 0 finds no vLLM interpreter before the first (collective) snapshot: both ranks stop with
+    the message, none waits in a collective for a server that will never start."""
+    args = [
+        "model.path=toy-base",
+        "data.train=toyworld:4:0",
+        "rollout.n=1",
+        "rollout.max_new_tokens=2",
+        "prompts_per_step=2",
+        "micro_batch_prompts=1",
+        "max_steps=1",
+        "report_to=[jsonl]",
+        "threads=1",
+        "health.every=0",
+        "device=cpu",
+        "parallel.strategy=fsdp2",
+        "rollout.engine=vllm",
+        f"rollout.vllm_python={tmp_path / 'nope' / 'python'}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("no vLLM interpreter at") == 2, proc.stderr[-3000:]  # one line per rank
+
+
 # ---------------------------------------------------------------- with the vLLM environment
 
 

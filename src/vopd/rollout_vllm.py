@@ -299,8 +299,16 @@ class VLLMServerEngine:
             return
         begin = time.perf_counter()
         launch = self._fingerprint is None and self.url is None
-        if launch and dist.get_rank() == 0:
-            self._check_python()  # before the collective write: a missing environment fails fast
+        if launch:  # before the collective write: a missing environment fails fast, on every rank
+            missing: list[str | None] = [None]
+            if dist.get_rank() == 0:
+                try:
+                    self._check_python()
+                except FileNotFoundError as err:
+                    missing[0] = str(err)
+            dist.broadcast_object_list(missing, src=0)
+            if missing[0]:
+                raise FileNotFoundError(missing[0])
         write_sharded_snapshot(model, self.snapshot_dir)  # collective; a rank's failure raises on every rank
         reply: list[Any] = [self.url, None]
         if dist.get_rank() == 0:

@@ -6,11 +6,13 @@ byte range) and the tensors' bytes, row-major, back to back. The header needs on
 which every rank knows from its sharded (DTensor) parameters; FSDP2 shards each tensor along dim 0,
 so a rank's local shard is one contiguous byte range of the full tensor in that file. Hence:
 
-1. Rank 0 writes the header and sizes the file (``model.safetensors.tmp``; sparse, no data yet).
-2. **direct** (every rank sees that file, i.e. one machine or a shared filesystem): each rank writes
-   its own shard's bytes at their offset (``os.pwrite``); nothing is gathered, no rank ever holds
-   more than its own shards. Every rank fsyncs before the barrier that ends the step.
-3. **gather** (some rank does not see the file, e.g. another node without shared storage): the
+1. Rank 0 writes the header and sizes the file (``model.safetensors.tmp``; sparse, no data yet),
+   and a token file holding a nonce it sends to every rank.
+2. **direct** (every rank reads that nonce in the folder: one machine, or storage shared by all
+   nodes): each rank writes its own shard's bytes at their offset (``os.pwrite``); nothing is
+   gathered, no rank ever holds more than its own shards. Every rank fsyncs before the barrier
+   that ends the step.
+3. **gather** (some rank does not see rank 0's files, e.g. another node without shared storage): the
    tensors are gathered one at a time (``DTensor.full_tensor``, a collective all ranks enter in
    the same order) and rank 0 writes each; every rank holds at most one full tensor at a time.
 4. Rank 0 renames the file into place (``model.safetensors``; the server never reads a half-written
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 __all__ = ["WEIGHTS_FILE", "is_sharded", "snapshot_plan", "write_sharded_snapshot"]
 
 WEIGHTS_FILE = "model.safetensors"
+_TOKEN = ".vopd-snapshot-token"  # rank 0's nonce: which ranks see its folder
 
 _ST_NAMES = {
     torch.float64: "F64",
@@ -64,7 +67,14 @@ def snapshot_plan(model: nn.Module) -> tuple[bytes, list[tuple[str, Tensor, int]
     from vopd.sharded_checkpoint import hf_names, model_shards
 
     state = model_shards(model)
-    names = hf_names(model)
+    try:
+        names = hf_names(model)
+    except ValueError as err:  # the same on every rank: all raise
+        raise ValueError(
+            f"rollout.engine=vllm with parallel.strategy=fsdp2 writes the snapshot from the shards, tensor by "
+            f"tensor, which this model's save format does not allow ({err}); use rollout.engine=hf or "
+            "parallel.strategy=ddp"
+        ) from None
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers refuses files without it
     plan, offset = [], 0
     for key, t in state.items():
@@ -123,6 +133,7 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
 
     Raises:
         RuntimeError: on every rank, when any rank failed (the message names the rank).
+        ValueError: on every rank, when the model's save format converts tensors (fused experts).
     """
     import torch.distributed as dist
 
@@ -135,6 +146,9 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
     header, plan = snapshot_plan(model)
     base = len(header)
     size = base + sum(t.numel() * t.element_size() for _, t, _ in plan)
+    token = folder / _TOKEN
+    nonce = [os.urandom(8).hex()]
+    dist.broadcast_object_list(nonce, src=0)  # rank 0's, new for every write
     error = None
     if rank == 0:
         try:
@@ -142,11 +156,16 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
             with tmp.open("wb") as fh:
                 fh.write(header)
                 fh.truncate(size)  # sparse: the ranks fill it
+            token.write_text(nonce[0])
         except OSError as err:
             error = f"rank 0: {err}"
     _raise(_agree(error), folder)
-    if mode == "auto":  # every rank sees rank 0's file (same machine or shared storage): direct
-        sees = tmp.is_file() and tmp.stat().st_size == size
+    if mode == "auto":  # every rank sees rank 0's files (same machine or shared storage): direct
+        # The nonce, not the path: another node's folder of the same name (an earlier run's) is not rank 0's.
+        try:
+            sees = token.read_text() == nonce[0] and tmp.stat().st_size == size
+        except OSError:
+            sees = False
         mode = "gather" if _agree(None if sees else f"rank {rank} does not see {tmp}") else "direct"
     error = None
     if mode == "direct":
@@ -182,9 +201,12 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
             if fd >= 0:
                 os.close(fd)
     error = _agree(error)
+    if rank == 0 and error is not None:
+        tmp.unlink(missing_ok=True)
     if rank == 0 and error is None:
         try:
             os.replace(tmp, final)
+            token.unlink(missing_ok=True)
             for stale in [*folder.glob("model-*.safetensors"), folder / "model.safetensors.index.json"]:
                 stale.unlink(missing_ok=True)  # an earlier snapshot's files: the server would load them too
             model.config.save_pretrained(folder)
