@@ -184,19 +184,27 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
                 os.close(fd)
         except OSError as err:
             error = f"rank {rank}: {err}"
-    else:
-        fd = os.open(tmp, os.O_WRONLY) if rank == 0 else -1
+    else:  # rank 0 records its errors and keeps entering the gathers: the other ranks are in them too
+        fd = -1
+        if rank == 0:
+            try:
+                fd = os.open(tmp, os.O_WRONLY)
+            except OSError as err:
+                error = f"rank 0: {err}"
         try:
             for _, t, offset in plan:
                 full = t.full_tensor() if hasattr(t, "device_mesh") else t  # collective: same order everywhere
-                if rank == 0 and error is None:
+                if fd >= 0 and error is None:
                     try:
                         _pwrite(fd, full, base + offset)
-                    except OSError as err:  # keep entering the gathers: the others are in them too
+                    except OSError as err:
                         error = f"rank 0: {err}"
                 del full
-            if rank == 0 and error is None:
-                os.fsync(fd)
+            if fd >= 0 and error is None:
+                try:
+                    os.fsync(fd)
+                except OSError as err:
+                    error = f"rank 0: {err}"
         finally:
             if fd >= 0:
                 os.close(fd)
