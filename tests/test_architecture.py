@@ -47,6 +47,7 @@ LAYER: dict[str, str] = {
     "vopd.datacheck": "training",
     "vopd.rollout": "training",
     "vopd.rollout_vllm": "training",  # rollout.engine=vllm
+    "vopd.vllm_lora": "training",  # rollout.engine=vllm with lora.r > 0: adapter-only pushes
     "vopd.checkpoint": "training",
     "vopd.runfolder": "training",
     "vopd.proposals": "training",  # package: crops proposed by the model, grounding, vopd data propose

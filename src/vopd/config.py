@@ -473,12 +473,6 @@ class TrainConfig:
                 "checkpoint.format=dcp writes the shards of a sharded model: it needs parallel.strategy=fsdp2 "
                 "(with ddp every process holds the whole model; use checkpoint.format=hf or auto)"
             )
-        if self.rollout.engine == "vllm" and self.lora.r > 0:
-            # The weight push sends the full, merged parameters (docs/vllm.md).
-            raise ConfigError(
-                f"rollout.engine=vllm with lora.r={self.lora.r} is not supported yet: the weight push sends the "
-                "full, merged parameters (docs/vllm.md); use rollout.engine=hf, or lora.r=0"
-            )
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind == "live":
                 raise ConfigError(

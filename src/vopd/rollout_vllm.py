@@ -28,6 +28,8 @@ What the trainer and the engine must agree on, and how it is enforced:
   ``VLLM_SERVER_DEV_MODE=1`` on the server. The cost is reported as ``time_weight_sync``.
   Under ``parallel.strategy=fsdp2`` the push is collective: each rank writes its own shards into
   the snapshot (`vopd.sharded_snapshot`), rank 0 starts or reloads the one server all ranks use.
+  With a LoRA student (``adapters``) the server runs on the base and each push is the adapter
+  alone, loaded under a new name that sampling requests then name (`vopd.vllm_lora`).
 
 On GPU, vLLM's NCCL weight-transfer routes would replace the snapshot; colocated mode (vLLM in the
 training process, sleep/wake between phases) is the documented next step (docs/vllm.md).
@@ -99,6 +101,8 @@ class VLLMServerEngine:
             (``rollout.vllm_start_timeout``).
         request_timeout: seconds one request may wait for its reply (``rollout.vllm_request_timeout``).
         request_threads: concurrent HTTP requests (vLLM batches concurrent requests).
+        adapters: the peft model of a LoRA student (``lora.r > 0``): the server then serves the base
+            with LoRA enabled and pushes send only the student adapter (`vopd.vllm_lora`).
 
     ``interruptible`` is True while the engine only waits (for the server to start, or for replies):
     the trainer's signal handler then stops the run at once instead of finishing the step.
@@ -115,6 +119,7 @@ class VLLMServerEngine:
         startup_timeout: float = 300.0,
         request_timeout: float = 120.0,
         request_threads: int = 64,
+        adapters: Any = None,
     ) -> None:
         self.processor = processor
         self.work_dir = Path(work_dir)
@@ -132,6 +137,16 @@ class VLLMServerEngine:
         self.push_seconds_total = 0.0
         self.pushes = 0
         self._step_push_seconds = 0.0
+        self.lora = None
+        if adapters is not None:
+            from vopd.vllm_lora import AdapterPush
+
+            self.lora = AdapterPush(adapters, self.work_dir, SERVED_NAME)
+
+    @property
+    def served_model(self) -> str:
+        """What sampling requests name: the current adapter (LoRA), else the served policy."""
+        return self.lora.name if self.lora is not None and self.lora.name else SERVED_NAME
 
     # ------------------------------------------------------------------ server lifecycle
 
@@ -142,7 +157,12 @@ class VLLMServerEngine:
     def _write_snapshot(self, model: PreTrainedModel, *, with_processor: bool) -> None:
         out = self.snapshot_dir
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        if self.lora is not None:  # the server starts on the base; adapters are pushed separately
+            from vopd.vllm_lora import write_base_snapshot
+
+            write_base_snapshot(model, out)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
         if with_processor:
             self.processor.save_pretrained(out)
             make_processor_stock(out)
@@ -160,7 +180,10 @@ class VLLMServerEngine:
             self._check_python()
             self._write_snapshot(model, with_processor=True)
             self._launch(str(next(model.parameters()).dtype).replace("torch.", ""))
-            self._fingerprint = _fingerprint(model)
+            if self.lora is not None:  # the base is served; the adapter goes in as the first push
+                self.push_weights(model)
+                self._step_push_seconds = 0.0
+            self._fingerprint = self._fingerprint_of(model)
 
     def _check_python(self) -> None:
         if not Path(self.python).exists():
@@ -179,9 +202,11 @@ class VLLMServerEngine:
             port,
             self.work_dir / "passthrough_template.jinja",
             dtype=dtype,
-            extra=self.server_args,
+            extra=[*self.server_args, *(self.lora.server_args() if self.lora is not None else [])],
         )
         env = server_env()
+        if self.lora is not None:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the /v1/(un)load_lora_adapter routes
         log = (self.work_dir / "vllm_server.log").open("w")
         # Its own process group (close() stops the server and its workers together), and a death
         # signal from the kernel if this process dies without running close() (SIGKILL): no orphan.
@@ -240,9 +265,12 @@ class VLLMServerEngine:
     def push_weights(self, model: PreTrainedModel) -> float:
         """Load ``model``'s current weights into the server; returns the seconds it took."""
         start = time.perf_counter()
-        self._write_snapshot(model, with_processor=False)
-        self._reload()
-        self._fingerprint = _fingerprint(model)
+        if self.lora is not None:  # the adapter alone, under a new name (vopd.vllm_lora)
+            self.lora.push(lambda route, body: self._post(route, body, text=True))
+        else:
+            self._write_snapshot(model, with_processor=False)
+            self._reload()
+        self._fingerprint = self._fingerprint_of(model)
         seconds = time.perf_counter() - start
         self.last_push_seconds, self.pushes = seconds, self.pushes + 1
         self.push_seconds_total += seconds
@@ -270,7 +298,7 @@ class VLLMServerEngine:
                 "(docs/vllm.md) and set rollout.vllm_url; vopd starts a server only for single-process "
                 "and parallel.strategy=fsdp2 runs"
             )
-        if self._fingerprint is not None and _fingerprint(model) == self._fingerprint:
+        if self._fingerprint is not None and self._fingerprint_of(model) == self._fingerprint:
             return
         if state.is_main_process:
             if self._fingerprint is None:
@@ -278,7 +306,9 @@ class VLLMServerEngine:
             else:
                 self.push_weights(model)
         else:
-            self._fingerprint = _fingerprint(model)
+            self._fingerprint = self._fingerprint_of(model)
+            if self.lora is not None:
+                self.lora.advance()  # the main process pushed the next adapter: name it too
         state.wait_for_everyone()
 
     def _sync_sharded(self, model: PreTrainedModel) -> None:
@@ -332,6 +362,9 @@ class VLLMServerEngine:
             self.push_seconds_total += seconds
             self._step_push_seconds += seconds
 
+    def _fingerprint_of(self, model: PreTrainedModel) -> Any:
+        return (id(model), self.lora.fingerprint()) if self.lora is not None else _fingerprint(model)
+
     def step_metrics(self) -> dict[str, float]:
         """Seconds spent pushing weights since the last call (the trainer logs it per step)."""
         seconds, self._step_push_seconds = self._step_push_seconds, 0.0
@@ -355,7 +388,7 @@ class VLLMServerEngine:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         blocked = vision_token_ids(self.processor, model)
         body = {
-            "model": SERVED_NAME,
+            "model": self.served_model,
             "n": cfg.n,
             "max_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature,
@@ -481,7 +514,8 @@ class VLLMServerEngine:
             choices.append((token_ids, [float(c["logprob"]) for c in content]))
         return list(reply.get("prompt_token_ids") or []), choices
 
-    def _post(self, route: str, payload: dict | None) -> Any:
+    def _post(self, route: str, payload: dict | None, *, text: bool = False) -> Any:
+        """POST ``payload`` as JSON; the reply parsed as JSON (``text``: as a string, e.g. the LoRA routes')."""
         data = json.dumps(payload).encode() if payload is not None else b""
         request = urllib.request.Request(
             f"{self.url}{route}", data=data, method="POST", headers={"Content-Type": "application/json"}
@@ -497,6 +531,8 @@ class VLLMServerEngine:
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:2000]
             hint = " (start the server with VLLM_SERVER_DEV_MODE=1 for weight pushes)" if err.code == 404 else ""
+            if err.code == 404 and "lora_adapter" in route:
+                hint = " (a LoRA student needs a server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
             if err.code >= 500 and self.process is not None:  # the cause is in the server log, not the reply
                 causes = [ln for ln in self._log_tail(400).splitlines() if "Error: " in ln and "Traceback" not in ln]
                 hint += "; server log: " + " | ".join(dict.fromkeys(c.split("] ", 1)[-1] for c in causes[-3:]))
@@ -509,6 +545,8 @@ class VLLMServerEngine:
                 ) from None
             tail = f"\n{self._log_tail()}" if self.process is not None else ""
             raise RuntimeError(f"vLLM server {self.url}{route} unreachable: {err.reason}{tail}") from None
+        if text:
+            return raw.decode(errors="replace")
         try:
             return json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError):

@@ -261,7 +261,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     )
     total_steps = _num_steps(cfg, len(samples))
     optimizer, scheduler = build_optimizer(cfg, policy, total_steps)
-    engine = build_engine(cfg, processor, student)
+    engine = build_engine(cfg, processor, student, adapters)
     if cfg.parallel.strategy != "fsdp2":  # sharded modules are already distributed (vopd.parallel)
         student = acc.prepare(student)
         optimizer = acc.prepare_optimizer(optimizer) if hasattr(acc, "prepare_optimizer") else acc.prepare(optimizer)
@@ -414,10 +414,11 @@ def build_optimizer(cfg: TrainConfig, policy: nn.Module, total_steps: int) -> tu
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
 
 
-def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module) -> RolloutEngine:
-    """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server;
-    under sharded training it samples with the student's root unit gathered."""
-    if cfg.rollout.engine == "vllm":  # not with LoRA (a ConfigError at load)
+def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module, adapters: Any = None) -> RolloutEngine:
+    """The rollout engine of ``rollout.engine``: HF generate in this process, or a vLLM server (with a
+    LoRA student, ``adapters``, it serves the base and receives the adapter alone); under sharded
+    training it samples with the student's root unit gathered."""
+    if cfg.rollout.engine == "vllm":
         from vopd.rollout_vllm import VLLMServerEngine, default_work_dir
 
         engine: RolloutEngine = VLLMServerEngine(
@@ -428,6 +429,7 @@ def build_engine(cfg: TrainConfig, processor: Any, student: nn.Module) -> Rollou
             server_args=cfg.rollout.vllm_args,
             startup_timeout=cfg.rollout.vllm_start_timeout,
             request_timeout=cfg.rollout.request_timeout(),
+            adapters=adapters,
         )
     else:  # naive: generate() repeats each prompt n times
         engine = HFGenerateEngine(processor, share_prefill=not cfg.naive)

@@ -1,0 +1,205 @@
+"""The vLLM rollout engine with a LoRA student: the server serves the base, pushes send the adapter.
+
+Tests marked `vllm` need the vLLM environment and skip without it (CI sets VOPD_REQUIRE_VLLM=1,
+so there they fail instead); see tests/test_vllm_engine.py for the toy base model they serve and
+the log-prob tolerance (fp32 both sides, measured differences ~1e-6).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from support.reference import teacher_forced_logp
+
+import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
+from vopd.config import RolloutConfig, load_config
+from vopd.lora import STUDENT, adapter_parameters, apply_lora
+from vopd.models import build_prompts, load_model, vision_token_ids
+from vopd.rollout_vllm import SERVED_NAME, VLLMServerEngine
+from vopd.vllm_lora import lora_server_args, write_base_snapshot
+
+TEXTS = ["What color is the circle?", "How many boxes are there?"]
+LOGP_ATOL = 2e-3  # as tests/test_vllm_engine.py
+CPU_SERVER_ARGS = ["--max-model-len", "512", "--enforce-eager"]
+
+
+def _images() -> list[Image.Image]:
+    a = Image.new("RGB", (112, 112), "white")
+    ImageDraw.Draw(a).ellipse((20, 30, 44, 54), fill="blue")
+    b = Image.new("RGB", (84, 56), "white")
+    ImageDraw.Draw(b).rectangle((10, 10, 30, 30), fill="green")
+    return [a, b]
+
+
+def _lora(r: int, targets: list[str] | None = None):
+    overrides = [f"lora.r={r}"] + ([f"lora.target_modules=[{','.join(targets)}]"] if targets else [])
+    return load_config(None, overrides).lora
+
+
+# ---------------------------------------------------------------- no vLLM needed
+
+
+def test_vllm_with_lora_is_a_valid_config():
+    cfg = load_config(None, ["rollout.engine=vllm", "lora.r=8"])
+    assert cfg.rollout.engine == "vllm" and cfg.lora.r == 8
+
+
+def test_server_lora_rank_is_the_next_rank_vllm_accepts():
+    assert lora_server_args(4)[:3] == ["--enable-lora", "--max-lora-rank", "8"]
+    assert lora_server_args(16)[2] == "16" and lora_server_args(33)[2] == "64"
+    with pytest.raises(ValueError, match="lora.r=600 is above the largest LoRA rank vLLM serves"):
+        lora_server_args(600)
+
+
+def test_adapter_on_the_vision_tower_is_refused_naming_the_module(tmp_path, tiny_qwen2_vl):
+    model, processor = tiny_qwen2_vl
+    peft_model = apply_lora(copy.deepcopy(model), _lora(4, ["q_proj", "qkv"]), ema_adapter=False)
+    with pytest.raises(ValueError, match=r"the adapter is on model\.visual\.blocks\.0\.attn\.qkv \(2 module"):
+        VLLMServerEngine(processor, work_dir=tmp_path, adapters=peft_model)
+    language_only = apply_lora(copy.deepcopy(model), _lora(4), ema_adapter=True)  # the default targets
+    VLLMServerEngine(processor, work_dir=tmp_path, adapters=language_only)
+
+
+def test_base_snapshot_of_a_lora_policy_equals_the_plain_base(tmp_path, tiny_qwen2_vl):
+    model, _ = tiny_qwen2_vl
+    plain = copy.deepcopy(model)
+    plain.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    policy = copy.deepcopy(model)
+    apply_lora(policy, _lora(4), ema_adapter=True)
+    with torch.no_grad():  # a trained adapter: must not leak into the base the server starts on
+        for p in adapter_parameters(policy, STUDENT).values():
+            p.normal_()
+    write_base_snapshot(policy, tmp_path / "base")
+    want, got = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------- with the vLLM environment
+
+
+@pytest.fixture(scope="module")
+def lora_engine(vllm_python, tmp_path_factory):
+    """The toy base with a rank-4 adapter (random B: it changes the answers) and an engine that
+    starts its own LoRA server on the base at the first sample."""
+    from vopd.toyworld.model import toy_base_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the image-only fallback notice (no torchvision here)
+        model, processor = load_model(str(toy_base_path()))
+    torch.manual_seed(0)
+    peft_model = apply_lora(model, _lora(4), ema_adapter=True)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model, STUDENT).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    work = tmp_path_factory.mktemp("vllm_lora")
+    engine = VLLMServerEngine(
+        processor,
+        work_dir=work,
+        python=str(vllm_python),
+        server_args=CPU_SERVER_ARGS,
+        startup_timeout=900,  # a loaded 2-core machine can take minutes
+        adapters=peft_model,
+    )
+    try:
+        yield model, processor, engine
+    finally:
+        engine.close()
+
+
+def _max_logp_error(model, processor, batch, ro, **sampling) -> float:
+    ref = teacher_forced_logp(model, batch, ro, vision_token_ids(processor, model), **sampling)
+    assert torch.isfinite(ref[ro.mask_B_T]).all()
+    return float((ro.sampler_logp_B_T[ro.mask_B_T].double() - ref[ro.mask_B_T]).abs().max())
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_engine_logprobs_equal_trainer_logprobs_after_an_optimiser_step(lora_engine):
+    model, processor, engine = lora_engine
+    batch = build_prompts(processor, _images(), TEXTS)
+    sampling = RolloutConfig(n=4, temperature=1.0, max_new_tokens=12)
+    first = engine.sample(model, batch, sampling, generator_seed=3)
+    assert engine.pushes == 1 and engine.served_model == f"{SERVED_NAME}-lora-1"
+    assert _max_logp_error(model, processor, batch, first) <= LOGP_ATOL
+    base = sum(f.stat().st_size for f in engine.snapshot_dir.glob("*.safetensors"))
+    assert 0 < engine.lora.last_bytes < base / 5  # the push is the adapter, not the model
+
+    adapter = adapter_parameters(model, STUDENT)
+    before = {name: p.detach().clone() for name, p in adapter.items()}
+    optimiser = torch.optim.AdamW(adapter.values(), lr=0.05)
+    torch.manual_seed(1)
+    for p in adapter.values():
+        p.grad = torch.randn_like(p)
+    optimiser.step()  # bumps the adapter's version counters: the engine must push before sampling
+    optimiser.zero_grad(set_to_none=True)
+
+    second = engine.sample(model, batch, sampling, generator_seed=4)
+    assert engine.pushes == 2 and engine.served_model == f"{SERVED_NAME}-lora-2"
+    assert not (engine.work_dir / "adapter-1").exists() and (engine.work_dir / "adapter-2").is_dir()
+    assert _max_logp_error(model, processor, batch, second) <= LOGP_ATOL
+    engine.sample(model, batch, sampling, generator_seed=5)  # nothing changed since: no push
+    assert engine.pushes == 2
+    # The step moved the log-probs far beyond the tolerance: an engine still on the old adapter would fail.
+    after = {name: p.detach().clone() for name, p in adapter.items()}
+    with torch.no_grad():
+        for name, p in adapter.items():
+            p.copy_(before[name])
+        stale = _max_logp_error(model, processor, batch, second)
+        for name, p in adapter.items():
+            p.copy_(after[name])
+    assert stale > 20 * LOGP_ATOL, stale
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_training_with_lora_and_the_vllm_engine(tmp_path, vllm_python):
+    """Two steps of `vopd train` with rollout.engine=vllm and lora.r>0: adapter-only pushes, aligned."""
+    from vopd.trainer import train
+
+    args = ",".join(f"'{a}'" for a in CPU_SERVER_ARGS)
+    cfg = load_config(
+        None,
+        [
+            "model.path=toy-base",
+            "data.train=toyworld:8:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=6",
+            "prompts_per_step=2",
+            "micro_batch_prompts=2",
+            "max_steps=2",
+            "report_to=[jsonl]",
+            "threads=1",
+            "health.every=0",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "lora.r=8",
+            "teacher.kind=ema",
+            "loss.rollout_correction=true",
+            "rollout.engine=vllm",
+            f"rollout.vllm_python={vllm_python}",
+            f"rollout.vllm_args=[{args}]",
+            "rollout.vllm_start_timeout=900",  # a loaded 2-core machine can take minutes
+            f"output_dir={tmp_path}",
+        ],
+    )
+    result = train(cfg)
+    hist = result.history
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["divergence"])) for h in hist)
+    assert hist[0]["time_weight_sync"] == 0.0 and hist[1]["time_weight_sync"] > 0  # step 2 pushed the adapter
+    # Engine and trainer agree after the adapter moved: the correction weight min(pi_trainer / pi_engine, clip) ~1.
+    assert all(abs(h["rollout_weight"] - 1.0) < 1e-2 for h in hist), [h["rollout_weight"] for h in hist]
+    work = tmp_path / "vllm"
+    assert sorted(p.name for p in work.glob("adapter-*")) == ["adapter-2"]
+    served = json.loads((work / "adapter-2" / "adapter_config.json").read_text())
+    assert served["r"] == 8
+    assert not any("lora_" in k for k in load_file(work / "policy" / "model.safetensors"))  # the server's base
+    assert (result.checkpoint / "adapter_model.safetensors").is_file()
