@@ -338,11 +338,12 @@ def test_fsdp2_two_processes_train_with_one_server_and_push_the_sharded_student(
         "rollout.engine=vllm",
         f"rollout.vllm_python={vllm_python}",
         "rollout.vllm_args=[--max-model-len, '512', --enforce-eager]",
+        "rollout.vllm_start_timeout=900",  # two trainer processes share the cores with the starting server
         f"output_dir={tmp_path}",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     hist = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     hist = [h for h in hist if "divergence" in h]
