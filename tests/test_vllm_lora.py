@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,10 @@ from support.reference import teacher_forced_logp
 
 import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
 from vopd.config import RolloutConfig, load_config
-from vopd.lora import STUDENT, adapter_parameters, apply_lora
+from vopd.lora import STUDENT, TEACHER, adapter_parameters, apply_lora
 from vopd.models import build_prompts, load_model, vision_token_ids
 from vopd.rollout_vllm import SERVED_NAME, VLLMServerEngine
-from vopd.vllm_lora import lora_server_args, write_base_snapshot
+from vopd.vllm_lora import AdapterPush, lora_server_args, write_base_snapshot
 
 TEXTS = ["What color is the circle?", "How many boxes are there?"]
 LOGP_ATOL = 2e-3  # as tests/test_vllm_engine.py
@@ -64,6 +65,52 @@ def test_adapter_on_the_vision_tower_is_refused_naming_the_module(tmp_path, tiny
         VLLMServerEngine(processor, work_dir=tmp_path, adapters=peft_model)
     language_only = apply_lora(copy.deepcopy(model), _lora(4), ema_adapter=True)  # the default targets
     VLLMServerEngine(processor, work_dir=tmp_path, adapters=language_only)
+
+
+def test_adapter_push_loads_the_new_name_then_unloads_the_old_one(tmp_path, tiny_qwen2_vl):
+    """The route sequence against a scripted server, the fallback for a name an earlier run left
+    loaded, and what triggers a push (the student adapter, not the ema teacher's)."""
+    model, _ = tiny_qwen2_vl
+    policy = copy.deepcopy(model)
+    peft_model = apply_lora(policy, _lora(4), ema_adapter=True)
+    push = AdapterPush(peft_model, tmp_path, "srv")
+    calls: list[tuple[str, str | None]] = []
+    left_loaded = {"srv-lora-2"}  # e.g. a user's server that served an earlier run in this folder
+
+    def post(route: str, body: dict | None) -> str:
+        name = (body or {}).get("lora_name")
+        calls.append((route, name))
+        if route == "/v1/load_lora_adapter":
+            if name in left_loaded:
+                raise RuntimeError(f"HTTP 400: The lora adapter '{name}' has already been loaded.")
+            assert (Path(body["lora_path"]) / "adapter_model.safetensors").is_file()
+        if route == "/v1/unload_lora_adapter":
+            left_loaded.discard(name)
+        return "Success"
+
+    push.push(post)
+    assert calls == [("/v1/load_lora_adapter", "srv-lora-1"), ("/reset_prefix_cache", None)]
+    assert push.name == "srv-lora-1" and push.last_bytes > 0
+    calls.clear()
+    push.push(post)
+    assert calls == [
+        ("/v1/load_lora_adapter", "srv-lora-2"),  # refused: already loaded
+        ("/v1/unload_lora_adapter", "srv-lora-2"),
+        ("/v1/load_lora_adapter", "srv-lora-2"),
+        ("/v1/unload_lora_adapter", "srv-lora-1"),
+        ("/reset_prefix_cache", None),
+    ]
+    assert sorted(p.name for p in tmp_path.glob("adapter-*")) == ["adapter-2"]
+    saved = load_file(tmp_path / "adapter-2" / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved) and not any(".ema" in k for k in saved)
+    before = push.fingerprint()
+    with torch.no_grad():
+        next(iter(adapter_parameters(policy, TEACHER).values())).add_(1.0)  # the ema teacher moved
+    assert push.fingerprint() == before
+    with torch.no_grad():
+        next(iter(adapter_parameters(policy, STUDENT).values())).add_(1.0)  # the student moved
+    assert push.fingerprint() != before
+    assert push.advance() == "srv-lora-3"  # another training process counts the main one's push
 
 
 def test_base_snapshot_of_a_lora_policy_equals_the_plain_base(tmp_path, tiny_qwen2_vl):
