@@ -65,6 +65,9 @@ def test_adapter_on_the_vision_tower_is_refused_naming_the_module(tmp_path, tiny
         VLLMServerEngine(processor, work_dir=tmp_path, adapters=peft_model)
     language_only = apply_lora(copy.deepcopy(model), _lora(4), ema_adapter=True)  # the default targets
     VLLMServerEngine(processor, work_dir=tmp_path, adapters=language_only)
+    too_wide = apply_lora(copy.deepcopy(model), _lora(600), ema_adapter=False)
+    with pytest.raises(ValueError, match="lora.r=600 is above the largest LoRA rank vLLM serves"):
+        VLLMServerEngine(processor, work_dir=tmp_path, adapters=too_wide)  # before any server starts
 
 
 def test_adapter_push_loads_the_new_name_then_unloads_the_old_one(tmp_path, tiny_qwen2_vl):

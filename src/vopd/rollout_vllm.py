@@ -202,7 +202,8 @@ class VLLMServerEngine:
             port,
             self.work_dir / "passthrough_template.jinja",
             dtype=dtype,
-            extra=[*self.server_args, *(self.lora.server_args() if self.lora is not None else [])],
+            # rollout.vllm_args come last: a flag given there (e.g. --max-loras) wins over vopd's LoRA defaults
+            extra=[*(self.lora.server_args() if self.lora is not None else []), *self.server_args],
         )
         env = server_env()
         if self.lora is not None:

@@ -106,6 +106,7 @@ class AdapterPush:
         self.name: str | None = None
         self.last_bytes = 0
         check_adapter_targets(peft_model.base_model.model)
+        self.server_args()  # a rank vLLM cannot serve fails here, before any server starts
 
     def server_args(self) -> list[str]:
         return lora_server_args(int(self.peft_model.peft_config[STUDENT].r))
