@@ -15,8 +15,12 @@ the 2x crop. This script, deterministic at one thread, runs the experiment end t
    sources in ``--sources`` (attention by default), and report each one's share of the gold-box
    gain: (full_final - full_0) / (full_final(box) - full_0).
 
-    python benchmarks/bench_world_r.py [--work runs/world_r] [--base-steps 500] [--steps 100]
-        [--n-eval 500] [--sources attention] [--threads 1]
+    python benchmarks/bench_world_r.py [--work runs/world_r] [--base-steps 500] [--base-seed 0]
+        [--steps 100] [--n-eval 500] [--sources attention] [--threads 1]
+
+The demos train with the toy recipe as it was when the world-R results were first recorded
+(``--recipe``, default ``WORLD_R_RECIPE``: lr 1e-4, constant schedule, no crop replay), so that
+bases run later stay comparable with the recorded ones after the demo's default recipe changed.
 
 Every stage is skipped when its output is already in ``--work`` (rerun after an interruption).
 Writes benchmarks/results/world_r.{json,md}, the base's ``toy_base.json`` and each demo's
@@ -34,6 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+#: The `vopd demo` recipe of every recorded world-R result: the toy recipe before it moved to lr 2e-4,
+#: cosine and crop replay (what `vopd demo` trained when the first two bases were measured).
+WORLD_R_RECIPE = "optim.lr=1e-4,optim.schedule=constant,views.student_crop_share=0"
 
 
 def _run(cmd: list[str]) -> None:
@@ -57,6 +65,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="trainer seed of the demos (vopd demo --seed)")
+    parser.add_argument(
+        "--recipe",
+        default=WORLD_R_RECIPE,
+        help="comma-separated `vopd train` overrides on top of the shipped toy recipe for every demo",
+    )
     parser.add_argument("--premise-only", action="store_true", help="stop after the premise check (no training)")
     parser.add_argument("--out", default=str(RESULTS / "world_r"))
     args = parser.parse_args()
@@ -151,6 +164,7 @@ def main() -> None:
                     "--threads",
                     str(args.threads),
                     f"model.path={base}",
+                    *[o for o in args.recipe.split(",") if o],
                     f"views.crop_source={name}",
                     *([f"views.proposal_keep={keep}"] if keep else []),
                 ]
