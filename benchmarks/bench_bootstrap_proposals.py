@@ -180,7 +180,17 @@ def _summarise(args: argparse.Namespace, state: dict) -> None:
     )
     arms = [a for a in args.arms.split(",") if f"{a}/0" in state]
     start = state[f"{arms[0]}/0"]["full_at_round_start"] if arms else float("nan")
-    summary = {"command": command, **state}
+
+    def rel(path: str) -> str:  # paths in the recorded summary relative to the repository, not this machine
+        return str(Path(path).relative_to(ROOT)) if Path(path).is_relative_to(ROOT) else path
+
+    summary = {
+        "command": command,
+        **{
+            k: {**v, **{f: rel(v[f]) for f in ("trained_from", "checkpoint") if f in v}} if "/" in k else v
+            for k, v in state.items()
+        },
+    }
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def pct(x: float | None) -> str:
