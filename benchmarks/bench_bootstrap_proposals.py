@@ -122,6 +122,13 @@ def main() -> None:
         )
     progress = work / "progress.json"
     state = json.loads(progress.read_text()) if progress.exists() else {}
+    # What made the recorded stages: a rerun with other settings must not reuse them.
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "arms", "threads")}
+    if state.get("settings", settings) != settings:
+        raise SystemExit(
+            f"{progress} was made with {state['settings']}, not {settings}: pass another --work or delete it"
+        )
+    state["settings"] = settings
     if "base_localisation" not in state:
         state["base_localisation"] = _localisation(base, args.n_probe)
     fixed = work / "fixed" / "boxes.jsonl"
