@@ -253,3 +253,80 @@ def test_training_with_lora_and_the_vllm_engine(tmp_path, vllm_python):
     assert served["r"] == 8
     assert not any("lora_" in k for k in load_file(work / "policy" / "model.safetensors"))  # the server's base
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_ddp_two_processes_with_lora_and_a_server_the_user_started(tmp_path, vllm_python):
+    """parallel.strategy=ddp at 2 gloo processes, a LoRA server started by the user on the base
+    (rollout.vllm_url): rank 0 writes and loads each adapter, both ranks name the new one (a rank still
+    naming the unloaded adapter gets a 404 from vLLM) and match the trainer on both ranks' tokens."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from vopd.rollout_vllm import _free_port, server_command, server_env
+    from vopd.stock_processor import make_processor_stock
+    from vopd.toyworld.model import toy_base_path
+
+    base = tmp_path / "base"  # the base as a user serves it (stock processor class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, processor = load_model(str(toy_base_path()))
+    model.save_pretrained(base, safe_serialization=True)
+    processor.save_pretrained(base)
+    make_processor_stock(base)
+    port = _free_port()
+    cmd = server_command(vllm_python, base, port, tmp_path / "t.jinja", extra=[*lora_server_args(8), *CPU_SERVER_ARGS])
+    env = dict(server_env(), VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vLLM server not healthy after 900 s"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        run = tmp_path / "run"
+        args = [
+            "model.path=toy-base",
+            "data.train=toyworld:8:0",
+            "rollout.n=2",
+            "rollout.max_new_tokens=6",
+            "prompts_per_step=4",
+            "micro_batch_prompts=1",
+            "max_steps=2",
+            "report_to=[jsonl]",
+            "threads=1",
+            "health.every=0",
+            "optim.lr=5e-2",  # step 1 moves the adapter far: a rank sampling without it is off by > 1e-2
+            "optim.warmup_steps=0",
+            "loss.rollout_correction=true",
+            "device=cpu",
+            "parallel.strategy=ddp",
+            "lora.r=8",
+            "rollout.engine=vllm",
+            f"rollout.vllm_url={url}",
+            f"output_dir={run}",
+        ]
+        torchrun = Path(sys.executable).with_name("torchrun")
+        train_env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env, timeout=1500)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    hist = [h for h in hist if "divergence" in h]
+    assert len(hist) == 2 and hist[1]["time_weight_sync"] > 0
+    assert all(abs(h["rollout_weight"] - 1.0) < 1e-2 for h in hist), [h["rollout_weight"] for h in hist]
+    assert sorted(p.name for p in (run / "vllm").glob("adapter-*")) == ["adapter-2"]
