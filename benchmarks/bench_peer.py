@@ -15,6 +15,12 @@ the kernel's peak RSS over all W + K steps of the block minus the RSS after load
 teacher, data), in that fresh process.
 
     python benchmarks/bench_peer.py [--quick]
+    python benchmarks/bench_peer.py --quick --real tests/data/real_models/qwen2_5_vl_7b_instruct --hidden 1024
+
+``--real SRC`` trains a random model built from a real checkpoint's small files instead (`vopd model
+random`: SRC's vocabulary, tokenizer, chat template and processor; ``--layers`` text layers,
+``--vision-layers`` vision blocks, ``--hidden`` text width), written to
+``results/peer_trl_real_<SRC name>_h<H>[_quick]``.
 """
 
 from __future__ import annotations
@@ -194,10 +200,37 @@ def block(kind: str, model_dir: Path, out: Path, quick: bool) -> dict:
     return {"records": records, "memory": meter.stop()}
 
 
-def run(quick: bool) -> dict:
+def real_model(*, src: Path, out: Path, layers: int, vision_layers: int, hidden: int | None) -> tuple[Path, str]:
+    """A random fp32 model from a real checkpoint's config and small files; (folder, description)."""
+    from transformers import AutoConfig
+
+    from vopd.random_model import write_random_model
+
+    made = write_random_model(
+        src, out, layers=layers, vision_layers=vision_layers, hidden=hidden, dtype="float32", seed=0
+    )
+    cfg = AutoConfig.from_pretrained(out)
+    text = getattr(cfg, "text_config", cfg)
+    vision = cfg.vision_config
+    desc = (
+        f"random {made.model_type} from the real files of `{src.name}` ({made.parameters / 1e6:.0f}M parameters: "
+        f"text {text.hidden_size} x {text.num_hidden_layers} layers, intermediate {text.intermediate_size}, "
+        f"heads {text.num_attention_heads}/{text.num_key_value_heads} kv, vision "
+        f"{getattr(vision, 'hidden_size', getattr(vision, 'embed_dim', '?'))} x {vision.depth}, vocabulary "
+        f"{text.vocab_size:,}, tied head {bool(getattr(cfg, 'tie_word_embeddings', False))}; the real tokenizer, "
+        "chat template and image processor)"
+    )
+    return out, desc
+
+
+def run(quick: bool, real: dict | None = None) -> dict:
     work, (rounds, warmup, steps) = _settings(quick)
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_peer_"))
-    model_dir = build_workload_model(tmp / "model")
+    if real:
+        model_dir, desc = real_model(out=tmp / "model", **real)
+    else:
+        model_dir = build_workload_model(tmp / "model")
+        desc = "random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192)"
     out: dict[str, list] = {"trl": [], "vopd": [], "trl_memory": [], "vopd_memory": []}
     for r in range(rounds):
         for kind in ("trl", "vopd"):
@@ -222,7 +255,7 @@ def run(quick: bool) -> dict:
                 f"peak {res['memory']['peak_above_loaded_mb']:.0f} MB above loaded",
                 flush=True,
             )
-    return {"workload": work, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, **out}
+    return {"workload": work, "model": desc, "rounds": rounds, "warmup": warmup, "steps_per_round": steps, **out}
 
 
 def report(result: dict, mach: dict) -> str:
@@ -236,8 +269,8 @@ def report(result: dict, mach: dict) -> str:
         "",
         machine_markdown(mach),
         "",
-        f"Workload: random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192), 336 px images (144 image "
-        f"tokens, prompt ~166 tokens), P={w['P']} prompts x n={w['n']} rollouts, up to T={w['T']} sampled tokens, "
+        f"Workload: {result.get('model', 'random Qwen2-VL (text 256 x 4 layers, vision 128 x 4, vocab 8192)')}, "
+        f"336 px images (144 image tokens), P={w['P']} prompts x n={w['n']} rollouts, up to T={w['T']} sampled tokens, "
         f"JSD beta={w['beta']} over the full vocabulary, frozen teacher on the same image, fp32, AdamW. "
         f"{result['rounds']} alternating rounds x {result['steps_per_round']} measured steps "
         f"(+{result['warmup']} warm-up per block).",
@@ -274,14 +307,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", choices=("trl", "vopd"), help=argparse.SUPPRESS)  # child: one block
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--real", type=Path, help="a real checkpoint's folder (config + small files, no weights)")
+    parser.add_argument("--hidden", type=int, default=None, help="--real: text width (default: SRC's)")
+    parser.add_argument("--layers", type=int, default=2, help="--real: text layers (default 2)")
+    parser.add_argument("--vision-layers", type=int, default=1, help="--real: vision blocks (default 1)")
     args = parser.parse_args(argv)
     if args.block:
         print(json.dumps(block(args.block, args.model_dir, args.out, args.quick)))
         return
     mach = machine()
-    result = run(args.quick)
+    real = None
+    name = "peer_trl"
+    if args.real:
+        real = {"src": args.real, "layers": args.layers, "vision_layers": args.vision_layers, "hidden": args.hidden}
+        name += f"_real_{args.real.name}_h{args.hidden or 'src'}"
+    result = run(args.quick, real)
     result |= {"machine": mach, "quick": args.quick, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
-    write_results("peer_trl" + ("_quick" if args.quick else ""), result, report(result, mach))
+    write_results(name + ("_quick" if args.quick else ""), result, report(result, mach))
 
 
 if __name__ == "__main__":
