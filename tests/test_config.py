@@ -275,6 +275,9 @@ def test_vllm_with_lora_loads():
     """The server serves the base and each push is the adapter alone (docs/vllm.md, vopd.vllm_lora)."""
     cfg = load_config(None, ["rollout.engine=vllm", "lora.r=8"])
     assert (cfg.rollout.engine, cfg.lora.r) == ("vllm", 8)
+    with pytest.raises(ConfigError, match="rollout.engine=vllm with lora.r=600: vLLM serves LoRA ranks up to 512"):
+        load_config(None, ["rollout.engine=vllm", "lora.r=600"])  # at load, before anything is built
+    assert load_config(None, ["lora.r=600"]).lora.r == 600  # the HF engine has no such limit
 
 
 def test_vllm_with_fsdp2_loads():

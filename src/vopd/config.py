@@ -473,6 +473,11 @@ class TrainConfig:
                 "checkpoint.format=dcp writes the shards of a sharded model: it needs parallel.strategy=fsdp2 "
                 "(with ddp every process holds the whole model; use checkpoint.format=hf or auto)"
             )
+        if self.rollout.engine == "vllm" and self.lora.r > 512:  # vLLM 0.32's largest --max-lora-rank
+            raise ConfigError(
+                f"rollout.engine=vllm with lora.r={self.lora.r}: vLLM serves LoRA ranks up to 512 "
+                "(docs/vllm.md); use a smaller lora.r or rollout.engine=hf"
+            )
         if self.parallel.strategy == "fsdp2":
             if self.teacher.kind == "live":
                 raise ConfigError(
