@@ -134,10 +134,11 @@ def test_base_snapshot_of_a_lora_policy_equals_the_plain_base(tmp_path, tiny_qwe
 # ---------------------------------------------------------------- with the vLLM environment
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lora_engine(vllm_python, tmp_path_factory):
     """The toy base with a rank-4 adapter (random B: it changes the answers) and an engine that
-    starts its own LoRA server on the base at the first sample."""
+    starts its own LoRA server on the base at the first sample (stopped after the test: the other
+    tests start their own servers, and two at once strain a small machine's memory)."""
     from vopd.toyworld.model import toy_base_path
 
     with warnings.catch_warnings():
