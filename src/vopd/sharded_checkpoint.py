@@ -368,7 +368,7 @@ def save_sharded_checkpoint(
     rank = dist.get_rank()
     state, groups = sharded_state(policy, teacher, root, optimizer)
     bad = first_non_finite(state)
-    problem = _agree(f"rank {rank}: {bad} holds NaN or inf values" if bad else None)
+    problem = first_error(f"rank {rank}: {bad} holds NaN or inf values" if bad else None)
     if problem:
         raise CheckpointError(f"refusing to write checkpoint-{step}: {problem}")
     pid = [os.getpid()]
@@ -384,7 +384,7 @@ def save_sharded_checkpoint(
         error = None
     except Exception as err:  # DCP re-raises every rank's failure on every rank
         error = f"rank {rank}: {type(err).__name__}: {err}"
-    error = _agree(error)
+    error = first_error(error)
     path, final_error = None, error
     if rank == 0:
         if error:
@@ -416,8 +416,8 @@ def save_sharded_checkpoint(
     return path if path is not None else Path(output_dir) / f"checkpoint-{step}"
 
 
-def _agree(message: str | None) -> str | None:
-    """Every rank's message gathered: the first one (with how many ranks had one), or None on all."""
+def first_error(message: str | None) -> str | None:
+    """Every rank's message gathered (collective): the first one (with how many ranks had one), or None on all."""
     import torch.distributed as dist
 
     got: list[str | None] = [None] * dist.get_world_size()

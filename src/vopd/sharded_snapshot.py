@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vopd.sharded_checkpoint import first_error, hf_names, model_shards
+
 __all__ = ["WEIGHTS_FILE", "is_sharded", "snapshot_plan", "write_sharded_snapshot"]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,8 +66,6 @@ def snapshot_plan(model: nn.Module) -> tuple[bytes, list[tuple[str, Tensor, int]
     Computed from shapes and dtypes only (no communication, no copy); the same on every rank.
     The header is padded with spaces to a multiple of 8 bytes, as safetensors does.
     """
-    from vopd.sharded_checkpoint import hf_names, model_shards
-
     state = model_shards(model)
     try:
         names = hf_names(model)
@@ -112,18 +112,6 @@ def _pwrite(fd: int, t: Tensor, at: int) -> None:
         data, at = data[n:], at + n
 
 
-def _agree(message: str | None) -> str | None:
-    """Every rank's error gathered: the first (with how many ranks had one), or None on all."""
-    import torch.distributed as dist
-
-    got: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(got, message)
-    found = [m for m in got if m]
-    if not found:
-        return None
-    return found[0] + (f" (and {len(found) - 1} other rank(s))" if len(found) > 1 else "")
-
-
 def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = "auto") -> str:
     """Write ``model``'s weights (FSDP2-sharded) as ``folder/model.safetensors`` (collective).
 
@@ -157,16 +145,16 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
                 fh.write(header)
                 fh.truncate(size)  # sparse: the ranks fill it
             token.write_text(nonce[0])
-        except OSError as err:
-            error = f"rank 0: {err}"
-    _raise(_agree(error), folder)
+        except Exception as err:  # noqa: BLE001 - any kind: the other ranks wait in the agreement below
+            error = _failed(0, err)
+    _raise(first_error(error), folder)
     if mode == "auto":  # every rank sees rank 0's files (same machine or shared storage): direct
         # The nonce, not the path: another node's folder of the same name (an earlier run's) is not rank 0's.
         try:
             sees = token.read_text() == nonce[0] and tmp.stat().st_size == size
         except OSError:
             sees = False
-        mode = "gather" if _agree(None if sees else f"rank {rank} does not see {tmp}") else "direct"
+        mode = "gather" if first_error(None if sees else f"rank {rank} does not see {tmp}") else "direct"
     error = None
     if mode == "direct":
         try:
@@ -182,35 +170,36 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as err:
-            error = f"rank {rank}: {err}"
+        except Exception as err:  # noqa: BLE001 - not only OSError: a rank raising alone would hang the others
+            error = _failed(rank, err)
     else:  # rank 0 records its errors and keeps entering the gathers: the other ranks are in them too
         fd = -1
         if rank == 0:
             try:
                 fd = os.open(tmp, os.O_WRONLY)
             except OSError as err:
-                error = f"rank 0: {err}"
+                error = _failed(0, err)
         try:
             for _, t, offset in plan:
                 full = t.full_tensor() if hasattr(t, "device_mesh") else t  # collective: same order everywhere
                 if fd >= 0 and error is None:
                     try:
                         _pwrite(fd, full, base + offset)
-                    except OSError as err:
-                        error = f"rank 0: {err}"
+                    except Exception as err:  # noqa: BLE001 - rank 0 must keep entering the gathers
+                        error = _failed(0, err)
                 del full
             if fd >= 0 and error is None:
                 try:
                     os.fsync(fd)
                 except OSError as err:
-                    error = f"rank 0: {err}"
+                    error = _failed(0, err)
         finally:
             if fd >= 0:
                 os.close(fd)
-    error = _agree(error)
+    error = first_error(error)
     if rank == 0 and error is not None:
         tmp.unlink(missing_ok=True)
+        token.unlink(missing_ok=True)
     if rank == 0 and error is None:
         try:
             os.replace(tmp, final)
@@ -220,10 +209,14 @@ def write_sharded_snapshot(model: nn.Module, folder: str | Path, *, mode: str = 
             model.config.save_pretrained(folder)
             if getattr(model, "can_generate", lambda: False)():
                 model.generation_config.save_pretrained(folder)
-        except OSError as err:
-            error = f"rank 0: {err}"
-    _raise(_agree(error), folder)
+        except Exception as err:  # noqa: BLE001 - the other ranks wait in the agreement below
+            error = _failed(0, err)
+    _raise(first_error(error), folder)
     return mode
+
+
+def _failed(rank: int, err: BaseException) -> str:
+    return f"rank {rank}: {type(err).__name__}: {err}"
 
 
 def _raise(error: str | None, folder: Path) -> None:
