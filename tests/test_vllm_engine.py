@@ -84,6 +84,16 @@ def test_engine_knob_is_validated_and_missing_vllm_env_is_a_clear_error(tmp_path
         engine.sample(model, build_prompts(processor, list(tiny_images), TEXTS), RolloutConfig(n=1, max_new_tokens=2))
 
 
+def test_a_server_that_failed_to_start_leaves_no_url_behind(tmp_path, tiny_qwen2_vl):
+    """An interpreter without vLLM: the server exits at once. The engine must not keep its URL, or the
+    next sync would take the dead server for a user's one (push to it) instead of starting a new one."""
+    model, processor = tiny_qwen2_vl
+    engine = VLLMServerEngine(processor, work_dir=tmp_path, python=sys.executable, startup_timeout=120)
+    with pytest.raises(RuntimeError, match="the vLLM server exited"):
+        engine.start(model)
+    assert engine.url is None and engine.process is None
+
+
 @pytest.mark.slow
 def test_fsdp2_without_the_vllm_environment_fails_on_every_rank(tmp_path):
     """Rank 0 finds no vLLM interpreter before the first (collective) snapshot: both ranks stop with

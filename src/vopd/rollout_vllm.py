@@ -220,6 +220,7 @@ class VLLMServerEngine:
             self._wait_healthy()
         except BaseException:  # a timeout, a signal, Ctrl-C: the server must not outlive the wait
             self.close()
+            self.url = None  # else the next sync takes the dead server for a user's and pushes to it
             raise
 
     def _wait_healthy(self) -> None:

@@ -109,6 +109,7 @@ class AdapterPush:
         self.server_args()  # a rank vLLM cannot serve fails here, before any server starts
 
     def server_args(self) -> list[str]:
+        """The LoRA flags the server needs for the student adapter's rank (`lora_server_args`)."""
         return lora_server_args(int(self.peft_model.peft_config[STUDENT].r))
 
     def fingerprint(self) -> int:
