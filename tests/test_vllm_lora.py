@@ -70,6 +70,19 @@ def test_adapter_on_the_vision_tower_is_refused_naming_the_module(tmp_path, tiny
         VLLMServerEngine(processor, work_dir=tmp_path, adapters=too_wide)  # before any server starts
 
 
+def test_sharded_model_with_adapters_is_refused_before_any_collective(tmp_path, tiny_qwen2_vl, monkeypatch):
+    """The config refuses fsdp2 + LoRA; an engine given both anyway must not push the peft model's full
+    state (lora_A/base_layer names the server cannot load) while its requests name no adapter."""
+    import vopd.rollout_vllm as rv
+
+    model, processor = tiny_qwen2_vl
+    peft_model = apply_lora(copy.deepcopy(model), _lora(4), ema_adapter=False)
+    engine = VLLMServerEngine(processor, work_dir=tmp_path, adapters=peft_model)
+    monkeypatch.setattr(rv, "is_sharded", lambda _: True)  # no process group: a collective would fail otherwise
+    with pytest.raises(ValueError, match="LoRA student .* FSDP2-sharded model is not supported"):
+        engine.sample(peft_model.base_model.model, None, RolloutConfig(n=1, max_new_tokens=2))
+
+
 def test_adapter_push_loads_the_new_name_then_unloads_the_old_one(tmp_path, tiny_qwen2_vl):
     """The route sequence against a scripted server, the fallback for a name an earlier run left
     loaded, and what triggers a push (the student adapter, not the ema teacher's)."""

@@ -324,6 +324,11 @@ class VLLMServerEngine:
         """
         import torch.distributed as dist
 
+        if self.lora is not None:  # the same on every rank: all raise, none waits in a collective
+            raise ValueError(
+                "rollout.engine=vllm: a LoRA student (adapters) with an FSDP2-sharded model is not supported: "
+                "the sharded push writes the full snapshot, not the adapter; LoRA runs with parallel.strategy=ddp"
+            )
         fingerprint = (id(model), _optimizer_steps())
         changed = torch.tensor([int(fingerprint != self._fingerprint)], device=next(model.parameters()).device)
         dist.all_reduce(changed, op=dist.ReduceOp.MAX)
