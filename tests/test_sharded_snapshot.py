@@ -1,5 +1,6 @@
 """The vLLM weight snapshot written from an FSDP2-sharded student (`vopd.sharded_snapshot`): at 2 gloo
-processes, each mode writes exactly the file ``save_pretrained`` writes for the unsharded model."""
+processes, each mode writes exactly the file ``save_pretrained`` writes for the unsharded model. In a
+one-process group (no torchrun): a bf16 model's header and offsets, and a write error of any kind."""
 
 from __future__ import annotations
 
