@@ -131,3 +131,20 @@ def test_a_command_destroys_the_process_group_before_exit(fails, monkeypatch, ca
     monkeypatch.setattr(cli, "_config", command)
     assert main(["config"]) == (1 if fails else 0)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("argv, code", [(["config"], 0), (["train", "device=tpu"], 2)])
+def test_a_torchrun_rank_leaves_without_teardown_and_loses_no_output(argv, code):
+    """Under a launcher (WORLD_SIZE > 1) a rank ends with os._exit after its command (interpreter
+    teardown could abort it, see `_leave_if_a_rank`): same status, same complete output as one process."""
+    import os
+
+    runs = {}
+    for world in ("1", "2"):
+        env = dict(os.environ, WORLD_SIZE=world)
+        runs[world] = subprocess.run(
+            [sys.executable, "-m", "vopd.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert runs["1"].returncode == runs["2"].returncode == code
+    assert runs["2"].stdout == runs["1"].stdout and runs["2"].stderr == runs["1"].stderr
+    assert len(runs["1"].stdout) + len(runs["1"].stderr) > 0
