@@ -8,6 +8,7 @@ teacher (weights and fp32 masters) with `vopd.teacher.CopyTeacher` and writes th
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -71,3 +72,8 @@ def main(out: str, dtype_name: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # as vopd.cli does for a rank: no interpreter teardown, where gloo's C++ threads can abort a
+    # finished run (SIGABRT, "terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
