@@ -275,6 +275,20 @@ def _qwen_image_processor(patch_size: int, merge_size: int):
     return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_QWEN_PIXELS)
 
 
+def _tiny_qwen_vision(out_hidden: int) -> dict[str, Any]:
+    """The vision tower Qwen2.5-VL, Qwen3-VL and Qwen3.5 share at tiny size (14 px patches, 2x2 merge)."""
+    return {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": out_hidden,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+
+
 def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5: M-RoPE text model + patch/merge vision tower."""
     from transformers import AutoConfig
@@ -305,18 +319,7 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
         }
     elif family == "qwen2_5_vl":
         text_base["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        vision_base = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        }
+        vision_base = {**_tiny_qwen_vision(hidden), "window_size": 56, "fullatt_block_indexes": [1]}
     elif family == "qwen3_vl":
         text_base["head_dim"] = 16
         text_base["rope_parameters"] = {
@@ -325,18 +328,7 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
             "mrope_section": [4, 2, 2],
             "mrope_interleaved": True,
         }
-        vision_base = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        }
+        vision_base = {**_tiny_qwen_vision(hidden), "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
     elif family == "qwen3_5":
         # Hybrid: one Gated-DeltaNet (linear attention) layer, one full-attention layer.
         # head_dim 32 x partial_rotary_factor 0.25 -> rotary dim 8 -> mrope_section sums to 4.
@@ -358,17 +350,7 @@ def _build_qwen(family: str, tok, text: dict | None, vision: dict | None):
                 },
             }
         )
-        vision_base = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-        }
+        vision_base = {**_tiny_qwen_vision(hidden), "num_position_embeddings": 64}
     else:  # pragma: no cover - guarded by the caller
         raise AssertionError(family)
     text_cfg = _merge(text_base, text)
