@@ -143,7 +143,7 @@ def test_reload_in_fresh_offline_process(tiny_qwen2_vl, tiny_qwen2_vl_dir, tmp_p
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,  # 120 s ran out (subprocess.TimeoutExpired) beside three other jobs on 2 cores
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ImageOnlyQwen2VLProcessor")
