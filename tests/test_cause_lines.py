@@ -59,6 +59,9 @@ def test_ctrl_c_while_vopd_cli_itself_is_imported_is_the_one_interrupted_line():
 
     code = (
         "import os, signal, sys, time\n"
+        # Ctrl-C with its default meaning, as in a terminal's foreground job: a job started in the
+        # background (nohup ... &) inherits SIGINT ignored, and vopd then leaves it alone on purpose
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "sys.argv = ['/usr/bin/vopd', 'train']\n"  # what the installed `vopd` script sees
         "import vopd.cli\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"  # still before main(): the module's own handler answers
