@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_lora_toy_"))
     runs = {
-        "full fine-tuning (lr 1e-4, the toy recipe)": (),
+        "full fine-tuning (the toy recipe, configs/toy_demo.yaml)": (),
         f"LoRA r={args.lora_r} (lr {args.lora_lr:g})": (
             f"lora.r={args.lora_r}",
             f"lora.alpha={2 * args.lora_r}",

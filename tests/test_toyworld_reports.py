@@ -30,7 +30,7 @@ def test_configuration_follows_overrides_not_demo_defaults():
     sampled = _conf(*OPD_VARIANTS["sampled-token estimator"])
     assert (sampled["estimator"], sampled["beta"], sampled["support"]) == ("sampled", 1.0, "sampled token")
     boxed = _conf(*OPD_VARIANTS["red box + hint student"])
-    assert boxed["student_view"] == "full + red box + hint, crop replay 25%"  # the recipe's replay share
+    assert boxed["student_view"] == "full + red box + hint, crop replay 5%"  # the recipe's replay share
     assert _conf("views.student_crop_share=0")["student_view"] == "full"
     default = _conf()
     assert default == {
@@ -41,7 +41,7 @@ def test_configuration_follows_overrides_not_demo_defaults():
         "estimator": "topk",
         "beta": 0.5,
         "support": "student top-100 + tail",
-        "student_view": "full, crop replay 25%",
+        "student_view": "full, crop replay 5%",
         "crop_source": "box",
     }
     search = _conf("views.crop_source=search")
