@@ -18,8 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from support.reference import teacher_forced_logp
+from support.vllm_server import user_server
 
 import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
 from vopd.config import RolloutConfig, load_config
@@ -36,6 +35,7 @@ from vopd.rollout import HFGenerateEngine
 from vopd.rollout_vllm import (
     EngineMismatchError,
     VLLMServerEngine,
+    _free_port,
     check_engine_prompt,
     qwen_images_from_pixels,
     server_command,
@@ -155,32 +155,15 @@ def toy_checkpoint(tmp_path_factory, vllm_python) -> Path:
 def server_url(toy_checkpoint, vllm_python, tmp_path_factory):
     """A user-started vLLM server (the engine's connect mode) on the `vopd train` checkpoint."""
     work = tmp_path_factory.mktemp("vllm_server")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = server_command(
-        vllm_python, toy_checkpoint, port, work / "template.jinja", extra=["--max-model-len", "512", "--enforce-eager"]
+        vllm_python,
+        toy_checkpoint,
+        _free_port(),
+        work / "template.jinja",
+        extra=["--max-model-len", "512", "--enforce-eager"],
     )
-    log = (work / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert proc.poll() is None, (work / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM server not healthy after 900 s"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+    with user_server(cmd, server_env(), work / "server.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from support.reference import teacher_forced_logp
+from support.vllm_server import user_server
 
 import vopd.toyworld  # noqa: F401  (registers the toy-base model spec)
 from vopd.config import RolloutConfig, load_config
@@ -278,8 +279,6 @@ def test_ddp_two_processes_with_lora_and_a_server_the_user_started(tmp_path, vll
     import os
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     from vopd.rollout_vllm import _free_port, server_command, server_env
     from vopd.stock_processor import make_processor_stock
@@ -292,23 +291,11 @@ def test_ddp_two_processes_with_lora_and_a_server_the_user_started(tmp_path, vll
     model.save_pretrained(base, safe_serialization=True)
     processor.save_pretrained(base)
     make_processor_stock(base)
-    port = _free_port()
-    cmd = server_command(vllm_python, base, port, tmp_path / "t.jinja", extra=[*lora_server_args(8), *CPU_SERVER_ARGS])
+    cmd = server_command(
+        vllm_python, base, _free_port(), tmp_path / "t.jinja", extra=[*lora_server_args(8), *CPU_SERVER_ARGS]
+    )
     env = dict(server_env(), VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM server not healthy after 900 s"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+    with user_server(cmd, env, tmp_path / "server.log") as url:
         run = tmp_path / "run"
         args = [
             "model.path=toy-base",
@@ -336,9 +323,6 @@ def test_ddp_two_processes_with_lora_and_a_server_the_user_started(tmp_path, vll
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vopd.cli", "train", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env, timeout=1500)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     hist = [h for h in hist if "divergence" in h]
     assert len(hist) == 2 and hist[1]["time_weight_sync"] > 0
