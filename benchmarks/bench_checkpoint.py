@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_memory import SHAPE  # noqa: E402
-from common import ProcessPeak, machine, machine_markdown, rss_mb, write_results  # noqa: E402
+from common import ProcessPeak, machine, machine_markdown, rss_mb, run_ranks, toy_run_overrides, write_results  # noqa: E402
 
 
 def worker(model_dir: str, out: str, order: list[str], file_mb: int) -> None:
@@ -76,25 +75,7 @@ def worker(model_dir: str, out: str, order: list[str], file_mb: int) -> None:
         sys.stdout.flush()
         os._exit(0)
 
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            "data.train=toyworld:8:0",
-            "rollout.n=2",
-            "rollout.max_new_tokens=8",
-            "teacher.kind=ema",
-            "prompts_per_step=2",
-            "micro_batch_prompts=1",
-            "max_steps=2",
-            "save_every=0",
-            "report_to=[jsonl]",
-            "device=cpu",
-            "optim.warmup_steps=0",
-            "parallel.strategy=fsdp2",
-            f"output_dir={out}.run",
-        ],
-    )
+    cfg = load_config(None, toy_run_overrides(model_dir, f"{out}.run", extra=["parallel.strategy=fsdp2"]))
     trainer.train(cfg, callbacks=[after_step])
     raise RuntimeError("the run ended before step 1")
 
@@ -149,29 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="checkpoint_save", help="results file name")
     args = parser.parse_args(argv)
     from bench_memory import model_shape
-    from common import build_workload_model
+    from common import build_shaped_model
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_ckpt_"))
-    model_dir = build_workload_model(
-        tmp / "model",
-        text_hidden=SHAPE["text_hidden"],
-        text_layers=SHAPE["text_layers"],
-        vision_dim=SHAPE["vision_dim"],
-        vision_depth=SHAPE["vision_depth"],
-        vocab=SHAPE["vocab"],
-        max_pixels=256 * 28 * 28,
-    )
+    model_dir = build_shaped_model(tmp, SHAPE)
     _, params = model_shape(model_dir)
     mach = machine()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = tmp / "ckpt"
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "bench_checkpoint.py")]
-    worker_args = ["--worker", str(model_dir), str(out), args.order, str(args.file_mb)]
-    proc = subprocess.run([*cmd, *worker_args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    ranks = run_ranks(
+        HERE / "bench_checkpoint.py", model_dir, tmp / "ckpt", args.order, str(args.file_mb), threads=args.threads
+    )
     result = {"machine": mach, "params": params, "order": args.order.split(","), "ranks": ranks}
     result["file_mb"] = args.file_mb
     write_results(args.name, result, report(result, mach))

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_memory import SHAPE, model_shape  # noqa: E402
-from common import RESULTS, ProcessPeak, machine, machine_markdown, rss_mb, write_results  # noqa: E402
+from common import RESULTS, ProcessPeak, machine, machine_markdown, rss_mb, run_ranks, toy_run_overrides, write_results  # noqa: E402
 from memplan import load_bytes  # noqa: E402
 
 
@@ -37,20 +37,7 @@ def worker(model_dir: str, out: str) -> None:
     from vopd.train_setup import setup
 
     imported = rss_mb()
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            "data.train=toyworld:8:0",
-            "teacher.kind=ema",
-            "prompts_per_step=2",
-            "micro_batch_prompts=1",
-            "report_to=[jsonl]",
-            "device=cpu",
-            "parallel.strategy=fsdp2",
-            f"output_dir={out}.run",
-        ],
-    )
+    cfg = load_config(None, toy_run_overrides(model_dir, f"{out}.run", steps=False, extra=["parallel.strategy=fsdp2"]))
     meter = ProcessPeak()
     meter.start()
     setup(cfg)
@@ -102,28 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", required=True, help="names the code measured (e.g. before / after)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from common import build_workload_model
+    from common import build_shaped_model
     from memplan import ModelShape
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_loading_"))
-    model_dir = build_workload_model(
-        tmp / "model",
-        text_hidden=SHAPE["text_hidden"],
-        text_layers=SHAPE["text_layers"],
-        vision_dim=SHAPE["vision_dim"],
-        vision_depth=SHAPE["vision_depth"],
-        vocab=SHAPE["vocab"],
-        max_pixels=256 * 28 * 28,
-    )
+    model_dir = build_shaped_model(tmp, SHAPE)
     shape, params = model_shape(model_dir)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = tmp / "load"
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "bench_loading.py"), "--worker"]
-    proc = subprocess.run([*cmd, str(model_dir), str(out)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    ranks = run_ranks(HERE / "bench_loading.py", model_dir, tmp / "load", threads=args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     old = RESULTS / "loading_fsdp2.json"
     result = json.loads(old.read_text()) if old.is_file() else {"runs": {}}

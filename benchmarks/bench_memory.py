@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ProcessPeak, machine, machine_markdown, rss_mb, write_results  # noqa: E402
+from common import ProcessPeak, machine, machine_markdown, rss_mb, run_ranks, toy_run_overrides, write_results  # noqa: E402
 from memplan import ModelShape, state_bytes  # noqa: E402
 
 CONFIGS = {  # name: (processes, overrides)
@@ -64,43 +63,16 @@ def worker(model_dir: str, out: str, overrides: list[str]) -> None:
             os._exit(0)
         return {}
 
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            "data.train=toyworld:8:0",
-            "rollout.n=2",
-            "rollout.max_new_tokens=8",
-            "teacher.kind=ema",
-            "prompts_per_step=2",
-            "micro_batch_prompts=1",
-            "max_steps=2",
-            "save_every=0",
-            "report_to=[jsonl]",
-            "device=cpu",
-            "optim.warmup_steps=0",
-            f"output_dir={out}.run",
-            *overrides,
-        ],
-    )
+    cfg = load_config(None, [*toy_run_overrides(model_dir, f"{out}.run"), *overrides])
     trainer.train(cfg, callbacks=[after_step])
     raise RuntimeError("the run ended before step 2")
 
 
 def measure(model_dir: Path, tmp: Path, name: str, threads: int) -> list[dict]:
     nproc, overrides = CONFIGS[name]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = tmp / name
-    args = [str(HERE / "bench_memory.py"), "--worker", str(model_dir), str(out), *overrides]
-    cmd = (
-        [sys.executable, *args]
-        if nproc == 1
-        else [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc), *args]
+    return run_ranks(
+        HERE / "bench_memory.py", model_dir, tmp / name, *overrides, threads=threads, nproc=nproc, what=name
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
 
 
 def model_shape(model_dir: Path) -> tuple[ModelShape, int]:
@@ -168,18 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from common import build_workload_model
+    from common import build_shaped_model
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_memory_"))
-    model_dir = build_workload_model(
-        tmp / "model",
-        text_hidden=SHAPE["text_hidden"],
-        text_layers=SHAPE["text_layers"],
-        vision_dim=SHAPE["vision_dim"],
-        vision_depth=SHAPE["vision_depth"],
-        vocab=SHAPE["vocab"],
-        max_pixels=256 * 28 * 28,
-    )
+    model_dir = build_shaped_model(tmp, SHAPE)
     shape, _ = model_shape(model_dir)
     mach = machine()
     configs = {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_memory import SHAPE, model_shape  # noqa: E402
-from common import ProcessPeak, machine, machine_markdown, write_results  # noqa: E402
+from common import ProcessPeak, machine, machine_markdown, run_ranks, toy_run_overrides, write_results  # noqa: E402
 
 METHODS = ("direct", "gather", "full")
 
@@ -67,20 +66,8 @@ def worker(model_dir: str, out: str) -> None:
     from vopd.train_setup import setup
 
     try:
-        cfg = load_config(
-            None,
-            [
-                f"model.path={model_dir}",
-                "data.train=toyworld:8:0",
-                "teacher.kind=ema",
-                "prompts_per_step=2",
-                "micro_batch_prompts=1",
-                "report_to=[jsonl]",
-                "device=cpu",
-                "parallel.strategy=fsdp2",
-                f"output_dir={out}.run",
-            ],
-        )
+        overrides = toy_run_overrides(model_dir, f"{out}.run", steps=False, extra=["parallel.strategy=fsdp2"])
+        cfg = load_config(None, overrides)
         policy = setup(cfg).state.policy
         rank = dist.get_rank()
         shard_mb = sum(p.to_local().numel() * p.element_size() for p in policy.parameters()) / 2**20
@@ -147,30 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from common import build_workload_model
+    from common import build_shaped_model
     from safetensors import safe_open
 
     tmp = Path(tempfile.mkdtemp(prefix="vopd_bench_vllm_push_"))
-    model_dir = build_workload_model(
-        tmp / "model",
-        text_hidden=SHAPE["text_hidden"],
-        text_layers=SHAPE["text_layers"],
-        vision_dim=SHAPE["vision_dim"],
-        vision_depth=SHAPE["vision_depth"],
-        vocab=SHAPE["vocab"],
-        max_pixels=256 * 28 * 28,
-    )
+    model_dir = build_shaped_model(tmp, SHAPE)
     _, params = model_shape(model_dir)
     with safe_open(str(model_dir / "model.safetensors"), "pt") as fh:
         largest = max(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
     out = tmp / "push"
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "bench_vllm_push.py"), "--worker"]
-    proc = subprocess.run([*cmd, str(model_dir), str(out)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    ranks = run_ranks(HERE / "bench_vllm_push.py", model_dir, out, threads=args.threads)
     same = {m: (Path(f"{out}.{m}") / "model.safetensors").read_bytes() for m in ("direct", "gather")}
     if same["direct"] != same["gather"]:
         raise RuntimeError("the direct and the gathered snapshots differ")

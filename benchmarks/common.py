@@ -23,8 +23,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,47 @@ def build_workload_model(
     processor.image_processor.max_pixels = max_pixels
     processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": max_pixels}
     return save_tiny(model, processor, out_dir)
+
+
+def build_shaped_model(tmp: Path, shape: Mapping[str, int]) -> Path:
+    """The workload model of ``shape`` (`bench_memory.SHAPE`), 256-patch images, built in ``tmp``/model."""
+    return build_workload_model(tmp / "model", **shape, max_pixels=256 * 28 * 28)
+
+
+def toy_run_overrides(model_dir: str, output_dir: str, *, steps: bool = True, extra: Sequence[str] = ()) -> list[str]:
+    """`load_config` overrides shared by the workers' toy-world EMA runs (``steps``: a 2-step run, no saves)."""
+    train = ["rollout.n=2", "rollout.max_new_tokens=8"] if steps else []
+    budget = ["max_steps=2", "save_every=0"] if steps else []
+    warmup = ["optim.warmup_steps=0"] if steps else []
+    return [
+        f"model.path={model_dir}",
+        "data.train=toyworld:8:0",
+        *train,
+        "teacher.kind=ema",
+        "prompts_per_step=2",
+        "micro_batch_prompts=1",
+        *budget,
+        "report_to=[jsonl]",
+        "device=cpu",
+        *warmup,
+        *extra,  # per-script settings, just before the output folder
+        f"output_dir={output_dir}",
+    ]
+
+
+def run_ranks(
+    script: Path, model_dir: Path, out: Path, *args: str, threads: int, nproc: int = 2, what: str = "the run"
+) -> list[dict[str, Any]]:
+    """Launch ``script --worker model_dir out *args`` on ``nproc`` processes (torchrun if 2+); each rank's JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    argv = [str(script), "--worker", str(model_dir), str(out), *args]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
+    proc = subprocess.run(
+        [sys.executable, *argv] if nproc == 1 else [*torchrun, *argv], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
