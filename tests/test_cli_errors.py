@@ -136,7 +136,7 @@ def test_a_command_destroys_the_process_group_before_exit(fails, monkeypatch, ca
 @pytest.mark.parametrize("argv, code", [(["config"], 0), (["train", "device=tpu"], 2)])
 def test_a_torchrun_rank_leaves_without_teardown_and_loses_no_output(argv, code):
     """Under a launcher (WORLD_SIZE > 1) a rank ends with os._exit after its command (interpreter
-    teardown could abort it, see `_leave_if_a_rank`): same status, same complete output as one process."""
+    teardown could abort it, see `vopd.parallel.exit_rank`): same status, same complete output as one process."""
     import os
 
     runs = {}

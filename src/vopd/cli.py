@@ -412,31 +412,14 @@ def _close_process_group() -> None:
         close_process_group()
 
 
-def _leave_if_a_rank(code: int) -> int:
-    """Under a launcher with several processes, end this rank now with ``code``.
-
-    Even with its process group destroyed, a torchrun rank could abort during interpreter teardown
-    after a run that finished and saved ("terminate called without an active exception": a C++
-    thread of gloo or FSDP2's device mesh outlives Python), and torchrun then reports the run as
-    failed. Everything a run writes is already closed and fsynced by now; logging and the standard
-    streams are flushed, then the process exits without teardown. One process: a normal return.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return code
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed (e.g. after a broken pipe): nothing left to write
-            pass
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``vopd``; returns the exit status (see the module docstring)."""
-    return _leave_if_a_rank(_main(argv))
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a launcher's rank ends without teardown
+        from vopd.parallel import exit_rank
+
+        exit_rank(code)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:

@@ -35,7 +35,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,27 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this launcher rank now with ``code``, without interpreter teardown.
+
+    Even with its process group destroyed (`close_process_group`), a torchrun rank could abort in
+    teardown after a run that finished and saved ("terminate called without an active exception":
+    a C++ thread of gloo or FSDP2's device mesh outlives Python), and torchrun then reports the run
+    as failed. Everything a run writes is closed and fsynced before this; logging and the standard
+    streams are flushed here, then ``os._exit``.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed (e.g. after a broken pipe): nothing left to write
+            pass
+    os._exit(code)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -8,13 +8,12 @@ teacher (weights and fp32 masters) with `vopd.teacher.CopyTeacher` and writes th
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from vopd.parallel import build_sharded
+from vopd.parallel import build_sharded, exit_rank
 from vopd.scoring import ResponseHidden
 from vopd.teacher import make_teacher
 from vopd.tiny_models import build_tiny_model
@@ -72,8 +71,4 @@ def main(out: str, dtype_name: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # as vopd.cli does for a rank: no interpreter teardown, where gloo's C++ threads can abort a
-    # finished run (SIGABRT, "terminate called without an active exception")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank(0)  # as a vopd.cli rank: no interpreter teardown, which can abort a finished rank

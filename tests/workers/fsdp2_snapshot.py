@@ -9,14 +9,13 @@ another node, then into a folder rank 0 cannot write. The test compares the file
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from vopd.parallel import apply_fsdp2, close_process_group
+from vopd.parallel import apply_fsdp2, close_process_group, exit_rank
 from vopd.scoring import ResponseHidden
 from vopd.sharded_snapshot import write_sharded_snapshot
 from vopd.tiny_models import build_tiny_model
@@ -64,8 +63,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # as vopd.cli does for a rank: no interpreter teardown, where gloo's C++ threads can abort a
-    # finished run (SIGABRT, "terminate called without an active exception")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank(0)  # as a vopd.cli rank: no interpreter teardown, which can abort a finished rank
